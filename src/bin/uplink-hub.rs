@@ -1,0 +1,3 @@
+fn main() {
+    println!("uplink-hub {}", env!("CARGO_PKG_VERSION"));
+}

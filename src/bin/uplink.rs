@@ -1,0 +1,3 @@
+fn main() {
+    println!("uplink {}", env!("CARGO_PKG_VERSION"));
+}

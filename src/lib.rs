@@ -1,0 +1,17 @@
+//! uplink connects Kubernetes clusters that live anywhere to one central
+//! hub through a single outbound TLS connection made by a tiny agent.
+//!
+//! ```text
+//!  people ── kubectl / browser / REST ──► uplink-hub ◄── one TLS tunnel ── uplink (agent) ──► API server
+//! ```
+//!
+//! Module map:
+//! - [`proto`]: the sans-IO tunnel protocol (frame codec and multiplexer
+//!   state machine). No sockets, no clock, no async.
+//! - [`driver`]: runs a [`proto::Mux`] over any async byte stream on a
+//!   single-threaded smol executor; both binaries use it.
+//! - [`tls`]: rustls client and server configurations (webpki roots,
+//!   private CA, public-key pins).
+#![forbid(unsafe_code)]
+
+pub mod proto;

@@ -1,0 +1,199 @@
+//! Frame codec: a `u32` big-endian length, then the postcard encoding of a
+//! [`Frame`].
+//!
+//! Decoding never panics on peer input. The length is checked against the
+//! negotiated maximum as soon as its four bytes are in, before the body is
+//! buffered or anything is allocated for it. Input that ends mid-frame is
+//! `Ok(None)`: wait for more bytes.
+
+use super::frame::{Frame, MAX_FRAME_LEN, StreamId};
+use std::fmt;
+
+/// Bytes of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Why bytes could not be decoded into a frame. Any of these ends the
+/// session: after a framing error nothing later in the byte stream can be
+/// trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The length prefix announces more than the negotiated maximum.
+    TooLarge { len: u32, max: u32 },
+    /// A zero length: no frame is empty.
+    Empty,
+    /// The body is not a valid postcard frame (unknown tag, bad varint,
+    /// truncated field, invalid UTF-8 in a string).
+    Malformed(String),
+    /// The body decoded but left bytes unread inside its length.
+    TrailingBytes(usize),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::TooLarge { len, max } => {
+                write!(f, "frame length {len} exceeds the maximum of {max} bytes")
+            }
+            DecodeError::Empty => write!(f, "zero-length frame"),
+            DecodeError::Malformed(why) => write!(f, "malformed frame: {why}"),
+            DecodeError::TrailingBytes(n) => write!(f, "{n} trailing bytes inside a frame"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Why a frame could not be encoded (local misuse, never peer input).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EncodeError {
+    /// The encoded frame would exceed the peer's maximum frame length.
+    TooLarge { len: usize, max: u32 },
+}
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EncodeError::TooLarge { len, max } => {
+                write!(f, "encoded frame of {len} bytes exceeds the peer's maximum of {max}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EncodeError {}
+
+/// Appends the length-prefixed encoding of `frame` to `out`. On error `out`
+/// is left as it was.
+pub fn encode(frame: &Frame, max: u32, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    if let Frame::Data { id, data } = frame {
+        return encode_data(*id, data, max, out);
+    }
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_PREFIX]);
+    // Serializing into a Vec cannot fail: every field type is supported and
+    // the sink grows as needed.
+    let mut taken = std::mem::take(out);
+    taken = postcard::to_extend(frame, taken).expect("postcard into Vec is infallible");
+    *out = taken;
+    finish_prefix(out, start, max)
+}
+
+/// Appends a `Data` frame without building a [`Frame`] first, so payload
+/// bytes are copied once, straight into the transmit buffer. Byte for byte
+/// identical to `encode(&Frame::Data { .. })`.
+pub fn encode_data(id: StreamId, data: &[u8], max: u32, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_PREFIX]);
+    push_varint(out, DATA_TAG);
+    push_varint(out, id.0);
+    push_varint(out, data.len() as u32);
+    out.extend_from_slice(data);
+    finish_prefix(out, start, max)
+}
+
+/// The postcard variant index of `Frame::Data`.
+const DATA_TAG: u32 = 4;
+
+fn finish_prefix(out: &mut Vec<u8>, start: usize, max: u32) -> Result<(), EncodeError> {
+    let len = out.len() - start - LEN_PREFIX;
+    if len > max as usize {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge { len, max });
+    }
+    out[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+fn push_varint(out: &mut Vec<u8>, mut v: u32) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Decodes one frame from the front of `buf`.
+///
+/// Returns the frame and how many bytes it took, `Ok(None)` when `buf`
+/// holds only part of a frame, or an error when the bytes can never form
+/// a valid frame.
+pub fn decode(buf: &[u8], max: u32) -> Result<Option<(Frame, usize)>, DecodeError> {
+    let Some(prefix) = buf.get(..LEN_PREFIX) else { return Ok(None) };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+    let max = max.min(MAX_FRAME_LEN);
+    if len > max {
+        return Err(DecodeError::TooLarge { len, max });
+    }
+    if len == 0 {
+        return Err(DecodeError::Empty);
+    }
+    let end = LEN_PREFIX + len as usize;
+    let Some(body) = buf.get(LEN_PREFIX..end) else { return Ok(None) };
+    match postcard::take_from_bytes::<Frame>(body) {
+        Ok((frame, [])) => Ok(Some((frame, end))),
+        Ok((_, rest)) => Err(DecodeError::TrailingBytes(rest.len())),
+        Err(e) => Err(DecodeError::Malformed(e.to_string())),
+    }
+}
+
+/// A receive buffer that accumulates bytes from the socket and yields
+/// whole frames. It holds at most one partial frame plus whatever one read
+/// brought; consumed bytes are dropped lazily to avoid a shift per frame.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    start: usize,
+    max: u32,
+}
+
+impl Decoder {
+    pub fn new(max: u32) -> Self {
+        Decoder { buf: Vec::new(), start: 0, max }
+    }
+
+    /// Changes the accepted maximum (after negotiation).
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max;
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        match decode(&self.buf[self.start..], self.max)? {
+            Some((frame, used)) => {
+                self.start += used;
+                Ok(Some(frame))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Memory held by the buffer.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Drops an oversized idle allocation (after a burst of big frames).
+    pub fn shrink(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The frames of tunnel protocol v1 and the limits that bound them.
+//!
+//! A frame is what one side says to the other; [`super::codec`] turns it
+//! into bytes. Nothing here does I/O or keeps state.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks, sent in [`Hello`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Hard ceiling on a frame's encoded length (the `u32` prefix excluded).
+/// A peer may negotiate less; nobody may negotiate more. Checked before
+/// anything is allocated.
+pub const MAX_FRAME_LEN: u32 = 1 << 20;
+
+/// Largest payload carried by one `Data` frame. Larger writes are split.
+pub const MAX_DATA_CHUNK: usize = 32 * 1024;
+
+/// Most header fields one request or response head may carry.
+pub const MAX_HEADER_COUNT: usize = 256;
+
+/// Most bytes (names + values + identity strings) one head may carry.
+pub const MAX_HEADER_BYTES: usize = 256 * 1024;
+
+/// Most groups, and most extra keys, an identity may carry.
+pub const MAX_IDENTITY_ITEMS: usize = 256;
+
+/// Default for how many streams one side lets the other open at once.
+pub const DEFAULT_MAX_STREAMS: u32 = 4096;
+
+/// Default per-stream receive window in bytes.
+pub const DEFAULT_INITIAL_WINDOW: u32 = 256 * 1024;
+
+/// Largest window a stream may ever have; a `Window` frame that would push
+/// the credit past this is a protocol violation (it would overflow).
+pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// Identifies one stream within a session.
+///
+/// Hub-opened streams have odd ids, agent-opened streams even ids, so the
+/// two sides never pick the same id. Id 0 is never a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StreamId(pub u32);
+
+/// Which end of the tunnel a [`super::Mux`] drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The control plane: receives `Hello`, answers `Welcome`.
+    Hub,
+    /// The edge agent: dials out, sends `Hello`.
+    Agent,
+}
+
+impl StreamId {
+    /// The side that opened this stream.
+    pub fn opener(self) -> Side {
+        if self.0 % 2 == 1 { Side::Hub } else { Side::Agent }
+    }
+}
+
+/// One header field. Both parts are raw bytes: HTTP header values are
+/// not always UTF-8 (RFC 9110 §5.5 allows obs-text).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+impl Header {
+    pub fn new(name: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Header { name: name.into(), value: value.into() }
+    }
+}
+
+/// Who a request is made for: the name and groups the cluster will see in
+/// `Impersonate-User`, `Impersonate-Group`, `Impersonate-Uid` and
+/// `Impersonate-Extra-*`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub user: String,
+    pub groups: Vec<String>,
+    pub uid: Option<String>,
+    /// `(key, values)` pairs for `Impersonate-Extra-KEY`.
+    pub extra: Vec<(String, Vec<String>)>,
+}
+
+/// An HTTP request head as it travels from hub to agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestHead {
+    pub method: String,
+    /// Path and query, e.g. `/api/v1/pods?limit=500`.
+    pub path: String,
+    pub headers: Vec<Header>,
+    pub identity: Identity,
+}
+
+/// An HTTP response head as it travels from agent to hub.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub headers: Vec<Header>,
+}
+
+/// What the agent says first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub agent_version: String,
+    pub arch: String,
+    pub kube_version: String,
+    pub node_count: u32,
+    /// Bit set of optional features; none defined in v1.
+    pub capabilities: u64,
+    /// The agent's per-stream receive window (the hub's send credit).
+    pub initial_window: u32,
+    /// How many hub-opened streams the agent accepts at once.
+    pub max_streams: u32,
+    /// Largest frame the agent accepts.
+    pub max_frame: u32,
+}
+
+/// The hub's answer to [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub session_id: u64,
+    /// How often each side pings, in milliseconds.
+    pub keepalive_ms: u32,
+    /// The hub's per-stream receive window (the agent's send credit).
+    pub initial_window: u32,
+    /// How many agent-opened streams the hub accepts at once.
+    pub max_streams: u32,
+    /// Largest frame the hub accepts.
+    pub max_frame: u32,
+}
+
+/// Why a stream was reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResetCode {
+    /// The application gave up on the stream (client went away, ...).
+    Cancel,
+    /// The stream was refused before any processing: too many streams or
+    /// the session is going away. Safe to retry elsewhere.
+    Refused,
+    /// The peer broke the stream's rules (head twice, data before head).
+    StreamProtocol,
+    /// The request was refused by policy (empty identity, bad header).
+    Forbidden,
+    /// The agent could not reach the API server.
+    Upstream,
+    /// Anything else; the message says what.
+    Internal,
+}
+
+/// Why a session is ending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GoAwayCode {
+    /// The cluster was deregistered: the agent must stop and not retry.
+    Deregistered,
+    /// The sender is shutting down; reconnect (to another hub) at once.
+    ShuttingDown,
+    /// The peer broke the protocol; the message says how.
+    ProtocolError,
+    /// The peer speaks a protocol version this side does not.
+    UnsupportedVersion,
+    /// Nothing heard from the peer within the keepalive deadline.
+    Timeout,
+    /// The credential was revoked or is unknown.
+    Unauthorized,
+}
+
+/// One frame of tunnel protocol v1.
+///
+/// The variant order is the wire tag (postcard encodes the index as a
+/// varint); never reorder, only append.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    Hello(Hello),
+    Welcome(Welcome),
+    Open {
+        id: StreamId,
+        head: RequestHead,
+    },
+    Head {
+        id: StreamId,
+        head: ResponseHead,
+    },
+    Data {
+        id: StreamId,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    Window {
+        id: StreamId,
+        increment: u32,
+    },
+    End {
+        id: StreamId,
+    },
+    Reset {
+        id: StreamId,
+        code: ResetCode,
+        message: String,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    GoAway {
+        /// Highest peer-opened stream the sender accepted; streams above it
+        /// were not processed and may be retried.
+        last_id: StreamId,
+        code: GoAwayCode,
+        message: String,
+    },
+}
+
+impl Frame {
+    /// The stream a frame belongs to, if any.
+    pub fn stream_id(&self) -> Option<StreamId> {
+        match self {
+            Frame::Open { id, .. }
+            | Frame::Head { id, .. }
+            | Frame::Data { id, .. }
+            | Frame::Window { id, .. }
+            | Frame::End { id }
+            | Frame::Reset { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes a list of headers takes against [`MAX_HEADER_BYTES`].
+pub fn header_bytes(headers: &[Header]) -> usize {
+    headers.iter().map(|h| h.name.len() + h.value.len()).sum()
+}
+
+/// Bytes an identity takes against [`MAX_HEADER_BYTES`].
+pub fn identity_bytes(id: &Identity) -> usize {
+    id.user.len()
+        + id.groups.iter().map(String::len).sum::<usize>()
+        + id.uid.as_ref().map_or(0, String::len)
+        + id.extra.iter().map(|(k, v)| k.len() + v.iter().map(String::len).sum::<usize>()).sum::<usize>()
+}
+
+/// Checks a head against the header limits; `Err` names the limit broken.
+pub fn check_head_limits(headers: &[Header], identity: Option<&Identity>) -> Result<(), &'static str> {
+    if headers.len() > MAX_HEADER_COUNT {
+        return Err("too many header fields");
+    }
+    let mut bytes = header_bytes(headers);
+    if let Some(id) = identity {
+        if id.groups.len() > MAX_IDENTITY_ITEMS || id.extra.len() > MAX_IDENTITY_ITEMS {
+            return Err("too many identity groups or extras");
+        }
+        bytes += identity_bytes(id);
+    }
+    if bytes > MAX_HEADER_BYTES {
+        return Err("header bytes over limit");
+    }
+    Ok(())
+}
