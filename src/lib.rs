@@ -12,6 +12,9 @@
 //!   single-threaded smol executor; both binaries use it.
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins).
+//! - [`secret`]: redacted secret strings, constant-time comparison.
 #![forbid(unsafe_code)]
-
+pub mod driver;
 pub mod proto;
+pub mod secret;
+pub mod tls;

@@ -340,6 +340,20 @@ impl Mux {
         (self.goaway_sent || self.goaway_received.is_some()) && self.streams.is_empty()
     }
 
+    /// Ends a drained session (see [`Mux::is_drained`]) without another
+    /// frame: both sides already know it is going away.
+    pub fn shutdown_drained(&mut self) {
+        if self.state == State::Closed || !self.is_drained() {
+            return;
+        }
+        self.state = State::Closed;
+        let error = match &self.goaway_received {
+            Some((code, message)) => SessionError::GoAway { code: *code, message: message.clone() },
+            None => SessionError::Local { code: GoAwayCode::ShuttingDown, message: "drained after GoAway".into() },
+        };
+        self.events.push_back(Event::Closed { error });
+    }
+
     /// Live streams.
     pub fn stream_count(&self) -> usize {
         self.streams.len()

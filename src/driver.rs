@@ -1,0 +1,635 @@
+//! Runs a [`Mux`] over an async byte stream on a single-threaded executor.
+//!
+//! The driver is deliberately thin: it reads bytes into the mux, writes
+//! what the mux wants sent, re-arms one timer from [`Mux::poll_timeout`],
+//! and turns mux events into wake-ups of the [`Stream`] handles that the
+//! application reads and writes. All protocol rules live in the mux.
+//!
+//! ```text
+//!   socket ──read──► reader loop ──handle_input──► Mux ──events──► Stream handles
+//!   socket ◄─write── writer loop ◄──take_transmit── Mux ◄──send_*── Stream handles
+//!                    timer loop  ──handle_timeout──►
+//! ```
+//!
+//! It is `!Send` on purpose (`Rc<RefCell<..>>`): the agent runs everything
+//! on one thread, and the hub keeps each session on one executor. Borrows
+//! of the shared state never cross an `.await`.
+//!
+//! Not here: dialling, TLS handshakes, HTTP upgrades, reconnect policy.
+//! Callers hand [`Session::run`] a ready byte stream.
+
+use crate::proto::{
+    Event, GoAwayCode, Hello, Mux, RequestHead, ResetCode, ResponseHead, SessionError, StreamError, StreamId, Welcome,
+};
+use smol::Timer;
+use smol::future::{self, FutureExt};
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Bytes asked of the socket per read.
+const READ_BUF: usize = 64 * 1024;
+
+/// Why a stream can no longer be read or written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamClosed {
+    /// The peer reset the stream, or this side did because the peer broke
+    /// a stream rule.
+    Reset { code: ResetCode, message: String },
+    /// The whole session ended.
+    Session(SessionError),
+    /// This side already finished (half-closed) the stream.
+    Finished,
+}
+
+impl fmt::Display for StreamClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamClosed::Reset { code, message } => write!(f, "stream reset ({code:?}): {message}"),
+            StreamClosed::Session(e) => write!(f, "tunnel closed: {e}"),
+            StreamClosed::Finished => write!(f, "stream already finished"),
+        }
+    }
+}
+
+impl std::error::Error for StreamClosed {}
+
+impl From<StreamClosed> for io::Error {
+    fn from(e: StreamClosed) -> io::Error {
+        let kind = match e {
+            StreamClosed::Reset { .. } => io::ErrorKind::ConnectionReset,
+            StreamClosed::Session(_) => io::ErrorKind::ConnectionAborted,
+            StreamClosed::Finished => io::ErrorKind::BrokenPipe,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    head: Option<ResponseHead>,
+    recv: VecDeque<Vec<u8>>,
+    /// Bytes of `recv[0]` already read.
+    offset: usize,
+    ended: bool,
+    reset: Option<(ResetCode, String)>,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+}
+
+struct Shared {
+    mux: Mux,
+    slots: HashMap<StreamId, Slot>,
+    accept: VecDeque<(StreamId, RequestHead)>,
+    accept_waker: Option<Waker>,
+    connected: Option<(Option<Hello>, Welcome)>,
+    connected_wakers: Vec<Waker>,
+    goaway: Option<(GoAwayCode, String)>,
+    closed: Option<SessionError>,
+    /// The run loop's waker: woken whenever the mux may have bytes to send
+    /// or its deadline may have moved.
+    driver_waker: Option<Waker>,
+    /// Streams waiting for room in the transmit buffer.
+    room_wakers: Vec<Waker>,
+    last_rtt: Option<Duration>,
+}
+
+impl Shared {
+    /// Drains mux events into slots and wakes whoever waits on them.
+    fn dispatch(&mut self) {
+        while let Some(event) = self.mux.poll_event() {
+            match event {
+                Event::Connected { hello, welcome } => {
+                    self.connected = Some((hello, welcome));
+                    self.connected_wakers.drain(..).for_each(Waker::wake);
+                }
+                Event::Opened { id, head } => {
+                    self.slots.insert(id, Slot::default());
+                    self.accept.push_back((id, head));
+                    wake(&mut self.accept_waker);
+                }
+                Event::Head { id, head } => {
+                    if let Some(slot) = self.slots.get_mut(&id) {
+                        slot.head = Some(head);
+                        wake(&mut slot.read_waker);
+                    }
+                }
+                Event::Data { id, data } => match self.slots.get_mut(&id) {
+                    Some(slot) => {
+                        slot.recv.push_back(data);
+                        wake(&mut slot.read_waker);
+                    }
+                    // The handle is gone: nobody will read, hand the
+                    // credit back so the peer is not left waiting.
+                    None => self.mux.consume(id, data.len()),
+                },
+                Event::End { id } => {
+                    if let Some(slot) = self.slots.get_mut(&id) {
+                        slot.ended = true;
+                        wake(&mut slot.read_waker);
+                    }
+                }
+                Event::Reset { id, code, message } => {
+                    if let Some(slot) = self.slots.get_mut(&id) {
+                        slot.reset = Some((code, message));
+                        wake(&mut slot.read_waker);
+                        wake(&mut slot.write_waker);
+                    }
+                }
+                Event::Writable { id } => {
+                    if let Some(slot) = self.slots.get_mut(&id) {
+                        wake(&mut slot.write_waker);
+                    }
+                }
+                Event::Pong { rtt } => self.last_rtt = Some(rtt),
+                Event::GoAway { code, message } => {
+                    self.goaway = Some((code, message));
+                    wake(&mut self.accept_waker);
+                }
+                Event::Closed { error } => {
+                    self.closed = Some(error);
+                    wake(&mut self.accept_waker);
+                    self.connected_wakers.drain(..).for_each(Waker::wake);
+                    self.room_wakers.drain(..).for_each(Waker::wake);
+                    for slot in self.slots.values_mut() {
+                        wake(&mut slot.read_waker);
+                        wake(&mut slot.write_waker);
+                    }
+                }
+            }
+        }
+        if self.mux.pending_transmit() > 0 {
+            wake(&mut self.driver_waker);
+        }
+    }
+
+    fn session_error(&self) -> SessionError {
+        self.closed.clone().unwrap_or_else(|| SessionError::ConnectionLost("session closed".into()))
+    }
+}
+
+fn wake(slot: &mut Option<Waker>) {
+    if let Some(w) = slot.take() {
+        w.wake();
+    }
+}
+
+fn store(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
+    }
+}
+
+/// A handle to one tunnel session. Cheap to clone; all clones drive and
+/// observe the same session.
+#[derive(Clone)]
+pub struct Session {
+    shared: Rc<RefCell<Shared>>,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session").field("mux", &self.shared.borrow().mux).finish()
+    }
+}
+
+impl Session {
+    pub fn new(mux: Mux) -> Self {
+        Session {
+            shared: Rc::new(RefCell::new(Shared {
+                mux,
+                slots: HashMap::new(),
+                accept: VecDeque::new(),
+                accept_waker: None,
+                connected: None,
+                connected_wakers: Vec::new(),
+                goaway: None,
+                closed: None,
+                driver_waker: None,
+                room_wakers: Vec::new(),
+                last_rtt: None,
+            })),
+        }
+    }
+
+    /// Drives the session over `io` until it ends; returns why it ended.
+    /// Reading never waits on the application (credit bounds what can
+    /// arrive), so a stalled stream cannot stall the others or the
+    /// keepalive.
+    pub async fn run<IO>(&self, io: IO) -> SessionError
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (reader, writer) = smol::io::split(io);
+        let write = async {
+            if let Err(e) = self.write_loop(writer).await {
+                let mut s = self.shared.borrow_mut();
+                s.mux.handle_eof(&format!("write failed: {e}"));
+                s.dispatch();
+            }
+        };
+        let read = async {
+            self.read_loop(reader).or(self.timer_loop()).await;
+            // The session is closed; the writer now flushes the last frames
+            // (a GoAway that says why) and returns. A dead peer must not
+            // hold us here, so it gets a bounded moment.
+            Timer::after(Duration::from_secs(2)).await;
+        };
+        write.or(read).await;
+        self.shared.borrow().session_error()
+    }
+
+    async fn read_loop<R: AsyncRead + Unpin>(&self, mut reader: R) -> String {
+        let mut buf = vec![0u8; READ_BUF];
+        loop {
+            let result = reader.read(&mut buf).await;
+            let mut s = self.shared.borrow_mut();
+            match result {
+                Ok(0) => {
+                    s.mux.handle_eof("peer closed the connection");
+                    s.dispatch();
+                    return "peer closed the connection".into();
+                }
+                Ok(n) => {
+                    s.mux.handle_input(&buf[..n], Instant::now());
+                    if s.mux.is_drained() {
+                        s.mux.shutdown_drained();
+                    }
+                    s.dispatch();
+                    if s.mux.is_closed() {
+                        return "session closed".into();
+                    }
+                }
+                Err(e) => {
+                    let why = format!("read failed: {e}");
+                    s.mux.handle_eof(&why);
+                    s.dispatch();
+                    return why;
+                }
+            }
+        }
+    }
+
+    async fn write_loop<W: AsyncWrite + Unpin>(&self, mut writer: W) -> io::Result<()> {
+        let mut spare = Vec::new();
+        loop {
+            let out = future::poll_fn(|cx| {
+                let mut s = self.shared.borrow_mut();
+                if s.mux.pending_transmit() > 0 {
+                    let buf = s.mux.take_transmit(std::mem::take(&mut spare));
+                    Poll::Ready(Some(buf))
+                } else if s.mux.is_closed() {
+                    Poll::Ready(None)
+                } else {
+                    store(&mut s.driver_waker, cx);
+                    Poll::Pending
+                }
+            })
+            .await;
+            let Some(buf) = out else {
+                writer.flush().await?;
+                return writer.close().await;
+            };
+            writer.write_all(&buf).await?;
+            writer.flush().await?;
+            spare = buf;
+            // Shrink a buffer a burst blew up, keep a modest one for reuse.
+            if spare.capacity() > 1 << 20 {
+                spare = Vec::new();
+            }
+            let mut s = self.shared.borrow_mut();
+            s.room_wakers.drain(..).for_each(Waker::wake);
+        }
+    }
+
+    async fn timer_loop(&self) -> String {
+        let mut timer = Timer::never();
+        future::poll_fn(|cx| {
+            loop {
+                let mut s = self.shared.borrow_mut();
+                // Store first: any later change to the mux wakes us to re-arm.
+                store(&mut s.driver_waker, cx);
+                let Some(deadline) = s.mux.poll_timeout() else {
+                    return Poll::Ready("session closed".to_string());
+                };
+                let now = Instant::now();
+                if now >= deadline {
+                    s.mux.handle_timeout(now);
+                    if s.mux.is_drained() {
+                        s.mux.shutdown_drained();
+                    }
+                    s.dispatch();
+                    continue;
+                }
+                drop(s);
+                timer.set_at(deadline);
+                if Pin::new(&mut timer).poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits for the handshake. The hub gets the agent's `Hello`.
+    pub async fn connected(&self) -> Result<(Option<Hello>, Welcome), SessionError> {
+        future::poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            if let Some(c) = &s.connected {
+                return Poll::Ready(Ok(c.clone()));
+            }
+            if s.closed.is_some() {
+                return Poll::Ready(Err(s.session_error()));
+            }
+            s.connected_wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Opens a stream carrying `head`.
+    pub fn open(&self, head: RequestHead) -> Result<Stream, StreamError> {
+        let mut s = self.shared.borrow_mut();
+        let id = s.mux.open(head)?;
+        s.slots.insert(id, Slot::default());
+        s.dispatch();
+        Ok(Stream { id, shared: self.shared.clone(), opener: true })
+    }
+
+    /// The next stream the peer opened, or `None` once the session is
+    /// closed or the peer sent `GoAway`.
+    pub async fn accept(&self) -> Option<(Stream, RequestHead)> {
+        future::poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            if let Some((id, head)) = s.accept.pop_front() {
+                return Poll::Ready(Some((Stream { id, shared: self.shared.clone(), opener: false }, head)));
+            }
+            if s.closed.is_some() || s.goaway.is_some() {
+                return Poll::Ready(None);
+            }
+            store(&mut s.accept_waker, cx);
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Sends `GoAway`: in-flight streams finish, no new ones start; the
+    /// session closes once drained.
+    pub fn go_away(&self, code: GoAwayCode, message: &str) {
+        let mut s = self.shared.borrow_mut();
+        s.mux.go_away(code, message);
+        if s.mux.is_drained() {
+            s.mux.shutdown_drained();
+        }
+        s.dispatch();
+        wake(&mut s.driver_waker);
+    }
+
+    /// Ends the session now, with a reason the peer will see.
+    pub fn close(&self, code: GoAwayCode, message: &str) {
+        let mut s = self.shared.borrow_mut();
+        s.mux.close(code, message);
+        s.dispatch();
+        wake(&mut s.driver_waker);
+    }
+
+    /// The peer's `GoAway`, if it sent one.
+    pub fn goaway_received(&self) -> Option<(GoAwayCode, String)> {
+        self.shared.borrow().goaway.clone()
+    }
+
+    /// Why the session ended, once it has.
+    pub fn closed(&self) -> Option<SessionError> {
+        self.shared.borrow().closed.clone()
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.shared.borrow().mux.is_open()
+    }
+
+    /// Live streams in the mux.
+    pub fn stream_count(&self) -> usize {
+        self.shared.borrow().mux.stream_count()
+    }
+
+    /// Round-trip time of the last answered keepalive ping.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.shared.borrow().last_rtt
+    }
+}
+
+/// One stream of a session: a request/response exchange or, after an
+/// upgrade, a raw two-way byte stream. Reading returns credit to the peer
+/// as data is consumed. Dropping a stream that is still live resets it.
+pub struct Stream {
+    id: StreamId,
+    shared: Rc<RefCell<Shared>>,
+    opener: bool,
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream").field("id", &self.id.0).finish()
+    }
+}
+
+impl Stream {
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Opener: waits for the peer's response head.
+    pub async fn response_head(&mut self) -> Result<ResponseHead, StreamClosed> {
+        debug_assert!(self.opener, "only the opener receives a response head");
+        future::poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            let closed = s.closed.clone();
+            let Some(slot) = s.slots.get_mut(&self.id) else {
+                return Poll::Ready(Err(StreamClosed::Session(SessionError::ConnectionLost("stream gone".into()))));
+            };
+            if let Some(head) = slot.head.take() {
+                return Poll::Ready(Ok(head));
+            }
+            if let Some((code, message)) = slot.reset.clone() {
+                return Poll::Ready(Err(StreamClosed::Reset { code, message }));
+            }
+            if let Some(e) = closed {
+                return Poll::Ready(Err(StreamClosed::Session(e)));
+            }
+            store(&mut slot.read_waker, cx);
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Acceptor: sends the response head.
+    pub fn send_head(&mut self, head: ResponseHead) -> Result<(), StreamError> {
+        let mut s = self.shared.borrow_mut();
+        s.mux.send_head(self.id, head)?;
+        s.dispatch();
+        Ok(())
+    }
+
+    /// The next chunk of data as the peer sent it, `Ok(None)` at the end
+    /// of the stream. Avoids a copy compared with `AsyncRead`.
+    pub async fn read_chunk(&mut self) -> Result<Option<Vec<u8>>, StreamClosed> {
+        future::poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Vec<u8>>, StreamClosed>> {
+        let mut s = self.shared.borrow_mut();
+        let s = &mut *s;
+        let Some(slot) = s.slots.get_mut(&self.id) else {
+            return Poll::Ready(Err(StreamClosed::Session(s.session_error())));
+        };
+        if let Some(mut chunk) = slot.recv.pop_front() {
+            if slot.offset > 0 {
+                chunk.drain(..slot.offset);
+                slot.offset = 0;
+            }
+            s.mux.consume(self.id, chunk.len());
+            s.dispatch();
+            return Poll::Ready(Ok(Some(chunk)));
+        }
+        if let Some((code, message)) = slot.reset.clone() {
+            return Poll::Ready(Err(StreamClosed::Reset { code, message }));
+        }
+        if slot.ended {
+            return Poll::Ready(Ok(None));
+        }
+        if let Some(e) = &s.closed {
+            return Poll::Ready(Err(StreamClosed::Session(e.clone())));
+        }
+        store(&mut slot.read_waker, cx);
+        Poll::Pending
+    }
+
+    fn poll_send(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<Result<usize, StreamClosed>> {
+        let mut s = self.shared.borrow_mut();
+        let s = &mut *s;
+        let Some(slot) = s.slots.get_mut(&self.id) else {
+            return Poll::Ready(Err(StreamClosed::Session(s.session_error())));
+        };
+        if let Some((code, message)) = slot.reset.clone() {
+            return Poll::Ready(Err(StreamClosed::Reset { code, message }));
+        }
+        if let Some(e) = &s.closed {
+            return Poll::Ready(Err(StreamClosed::Session(e.clone())));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        match s.mux.send_data(self.id, data) {
+            Ok(0) => {
+                // Out of credit (woken by Writable) or the transmit buffer
+                // is full (woken when the writer drains it).
+                store(&mut slot.write_waker, cx);
+                s.room_wakers.push(cx.waker().clone());
+                Poll::Pending
+            }
+            Ok(n) => {
+                wake(&mut s.driver_waker);
+                Poll::Ready(Ok(n))
+            }
+            Err(StreamError::AlreadyFinished) => Poll::Ready(Err(StreamClosed::Finished)),
+            Err(e) => Poll::Ready(Err(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() })),
+        }
+    }
+
+    /// Writes all of `data`, waiting for credit as needed.
+    pub async fn write_all(&mut self, mut data: &[u8]) -> Result<(), StreamClosed> {
+        while !data.is_empty() {
+            let n = future::poll_fn(|cx| self.poll_send(cx, data)).await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Half-closes: no more data from this side. Idempotent.
+    pub fn finish(&mut self) {
+        let mut s = self.shared.borrow_mut();
+        if s.mux.finish(self.id).is_ok() {
+            s.dispatch();
+        }
+    }
+
+    /// Abandons the stream; the peer sees `Reset` with `code`.
+    pub fn reset(&mut self, code: ResetCode, message: &str) {
+        let mut s = self.shared.borrow_mut();
+        s.mux.reset(self.id, code, message);
+        if let Some(slot) = s.slots.get_mut(&self.id) {
+            slot.reset.get_or_insert((code, message.to_string()));
+        }
+        s.dispatch();
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let Ok(mut s) = self.shared.try_borrow_mut() else { return };
+        s.mux.reset(self.id, ResetCode::Cancel, "stream dropped");
+        s.slots.remove(&self.id);
+        if s.mux.is_drained() {
+            s.mux.shutdown_drained();
+        }
+        s.dispatch();
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let mut s = this.shared.borrow_mut();
+        let s = &mut *s;
+        let Some(slot) = s.slots.get_mut(&this.id) else {
+            return Poll::Ready(Err(StreamClosed::Session(s.session_error()).into()));
+        };
+        if let Some(front) = slot.recv.front() {
+            let avail = &front[slot.offset..];
+            let n = avail.len().min(buf.len());
+            buf[..n].copy_from_slice(&avail[..n]);
+            slot.offset += n;
+            if slot.offset == front.len() {
+                slot.recv.pop_front();
+                slot.offset = 0;
+            }
+            s.mux.consume(this.id, n);
+            s.dispatch();
+            return Poll::Ready(Ok(n));
+        }
+        if let Some((code, message)) = slot.reset.clone() {
+            return Poll::Ready(Err(StreamClosed::Reset { code, message }.into()));
+        }
+        if slot.ended {
+            return Poll::Ready(Ok(0));
+        }
+        if let Some(e) = &s.closed {
+            return Poll::Ready(Err(StreamClosed::Session(e.clone()).into()));
+        }
+        store(&mut slot.read_waker, cx);
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_send(cx, buf).map_err(io::Error::from)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Data is handed to the session's writer as soon as it is accepted.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().finish();
+        Poll::Ready(Ok(()))
+    }
+}
