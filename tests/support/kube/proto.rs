@@ -98,3 +98,66 @@ pub fn decode_review(body: &[u8]) -> Option<Value> {
     }
     Some(json!({"metadata": {"creationTimestamp": null}, "spec": spec}))
 }
+
+fn string_map(entries: &[Vec<u8>], bytes_as_base64: bool) -> Option<Value> {
+    use base64::Engine;
+    let mut m = Map::new();
+    for e in entries {
+        let f = fields(e)?;
+        let key = f.iter().find(|(n, _)| *n == 1).map(|(_, v)| String::from_utf8_lossy(v).into_owned())?;
+        let val = f.iter().find(|(n, _)| *n == 2).map(|(_, v)| v.clone()).unwrap_or_default();
+        let val = if bytes_as_base64 {
+            base64::engine::general_purpose::STANDARD.encode(val)
+        } else {
+            String::from_utf8_lossy(&val).into_owned()
+        };
+        m.insert(key, json!(val));
+    }
+    Some(Value::Object(m))
+}
+
+fn object_meta(msg: &[u8]) -> Option<Value> {
+    let f = fields(msg)?;
+    let mut m = strings(msg, &[(1, "name"), (2, "generateName"), (3, "namespace")])?;
+    for (num, key) in [(11, "labels"), (12, "annotations")] {
+        let entries: Vec<Vec<u8>> = f.iter().filter(|(n, _)| *n == num).map(|(_, v)| v.clone()).collect();
+        if !entries.is_empty() {
+            m.insert(key.into(), string_map(&entries, false)?);
+        }
+    }
+    Some(Value::Object(m))
+}
+
+/// Decodes an enveloped ConfigMap or Secret (what `kubectl create
+/// configmap|secret` sends) into JSON; other kinds give `None`.
+pub fn decode_object(body: &[u8]) -> Option<Value> {
+    let unknown = fields(body.strip_prefix(b"k8s\0")?)?;
+    let type_meta = unknown.iter().find(|(f, _)| *f == 1)?.1.clone();
+    let tm = strings(&type_meta, &[(1, "apiVersion"), (2, "kind")])?;
+    let raw = unknown.iter().find(|(f, _)| *f == 2)?.1.clone();
+    let f = fields(&raw)?;
+    let all = |n: u64| -> Vec<Vec<u8>> { f.iter().filter(|(x, _)| *x == n).map(|(_, v)| v.clone()).collect() };
+    let mut obj = json!({"apiVersion": tm.get("apiVersion")?, "kind": tm.get("kind")?});
+    obj["metadata"] = object_meta(all(1).first()?)?;
+    match tm.get("kind")?.as_str()? {
+        "ConfigMap" => {
+            obj["data"] = string_map(&all(2), false)?;
+            obj["binaryData"] = string_map(&all(3), true)?;
+        }
+        "Secret" => {
+            obj["data"] = string_map(&all(2), true)?;
+            if let Some(t) = all(3).first() {
+                obj["type"] = json!(String::from_utf8_lossy(t));
+            }
+            let sd = string_map(&all(4), true)?;
+            if let Some(m) = sd.as_object().filter(|m| !m.is_empty()) {
+                // stringData merges into data, as the API server does.
+                for (k, v) in m {
+                    obj["data"][k] = v.clone();
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(obj)
+}

@@ -593,6 +593,9 @@ fn check_ns(ex: &mut Ex, r: &ResDef, ns: &str) -> bool {
 fn parse_body(ex: &mut Ex, req: &Request) -> Option<Value> {
     let ct = req.header("content-type").unwrap_or("application/json");
     if ct.starts_with("application/vnd.kubernetes.protobuf") {
+        if let Some(v) = proto::decode_object(&req.body) {
+            return Some(v);
+        }
         ex.status(status(
             415,
             "UnsupportedMediaType",
