@@ -639,3 +639,26 @@ fn access_reviews_in_json_and_protobuf() {
     assert_eq!(r.json()["status"]["allowed"], true);
     assert_eq!(r.json()["spec"]["resourceAttributes"]["resource"], "deployments");
 }
+
+#[test]
+fn kubectl_port_forward_over_plain_spdy_and_attach() {
+    let Some((k, kc)) = cluster("spdy") else { return };
+    let mut cmd = kc.command(&["port-forward", "pod/db-0", ":5432", "-n", "default", "--as", "bob"]);
+    cmd.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false");
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let rx = lines(&mut child);
+    let l = wait_line(&rx, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
+    let port: u16 = l.trim_start_matches("Forwarding from 127.0.0.1:").split(' ').next().unwrap().parse().unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(b"over plain SPDY").unwrap();
+    let mut back = [0u8; 15];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"over plain SPDY");
+    kill(child);
+    let pf: Vec<_> = k.requests().into_iter().filter(|r| r.path.ends_with("/portforward")).collect();
+    assert!(pf.iter().any(|r| r.method == "POST" && r.status == 101 && r.verb == "create"), "{pf:#?}");
+    // attach: the stand-in's "main process" echoes stdin.
+    let attach = kc.run_with_stdin(&["attach", "-i", "db-0", "-n", "default", "--as", "bob"], b"attached\n");
+    assert!(ok(&attach).contains("attached"), "{}", stdout(&attach));
+}
