@@ -641,7 +641,7 @@ fn access_reviews_in_json_and_protobuf() {
 }
 
 #[test]
-fn kubectl_port_forward_over_plain_spdy_and_attach() {
+fn kubectl_spdy_fallbacks_and_attach() {
     let Some((k, kc)) = cluster("spdy") else { return };
     let mut cmd = kc.command(&["port-forward", "pod/db-0", ":5432", "-n", "default", "--as", "bob"]);
     cmd.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false");
@@ -658,6 +658,20 @@ fn kubectl_port_forward_over_plain_spdy_and_attach() {
     kill(child);
     let pf: Vec<_> = k.requests().into_iter().filter(|r| r.path.ends_with("/portforward")).collect();
     assert!(pf.iter().any(|r| r.method == "POST" && r.status == 101 && r.verb == "create"), "{pf:#?}");
+    // exec over SPDY (kubectl's fallback), with stdin and an exit code.
+    let spdy = |args: &[&str], stdin: &[u8]| {
+        let mut c = kc.command(args);
+        c.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false").stdin(std::process::Stdio::piped());
+        let mut child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let cat = spdy(&["exec", "-i", "db-0", "-n", "default", "--as", "bob", "--", "cat"], b"spdy stdin\n");
+    assert_eq!(ok(&cat), "spdy stdin\n");
+    let exit3 = spdy(&["exec", "db-0", "-n", "default", "--as", "bob", "--", "sh", "-c", "echo x >&2; exit 3"], b"");
+    assert_eq!((exit3.status.code(), stderr(&exit3).lines().next()), (Some(3), Some("x")));
+    let posts = k.requests().into_iter().filter(|r| r.path.ends_with("/exec") && r.method == "POST").count();
+    assert_eq!(posts, 2);
     // attach: the stand-in's "main process" echoes stdin.
     let attach = kc.run_with_stdin(&["attach", "-i", "db-0", "-n", "default", "--as", "bob"], b"attached\n");
     assert!(ok(&attach).contains("attached"), "{}", stdout(&attach));
