@@ -13,8 +13,12 @@
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins).
 //! - [`secret`]: redacted secret strings, constant-time comparison.
+//! - `hub` (feature `hub`): the control plane behind `uplink-hub`; the
+//!   agent binary never links it.
 #![forbid(unsafe_code)]
 pub mod driver;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod proto;
 pub mod secret;
 pub mod tls;
