@@ -301,6 +301,7 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
         }
     };
 
+    let upgrading = upgrade.is_some();
     // Upload the request body, then wait for the answer; the client
     // going away at any point cancels the stream (dropping it resets).
     let upload = async {
@@ -313,7 +314,11 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
                     }
                 }
                 Ok(None) => {
-                    stream.finish();
+                    // An upgrade request keeps its send side open: after a
+                    // 101 the same stream carries the client's raw bytes.
+                    if !upgrading {
+                        stream.finish();
+                    }
                     break;
                 }
                 Err(_) => return Err(0),
