@@ -12,6 +12,10 @@
 //!   single-threaded smol executor; both binaries use it.
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins).
+//! - [`render`] (hub only): the Kubernetes manifest, systemd activation
+//!   file and cleanup instructions the hub hands out for a cluster.
 #![forbid(unsafe_code)]
 
 pub mod proto;
+#[cfg(feature = "hub")]
+pub mod render;
