@@ -110,7 +110,7 @@ fn rest_api_crud_and_errors() {
     assert!(act["hub_ca_pem"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
     let manifest = reg["manifest"].as_str().unwrap();
     assert!(
-        manifest.contains("resourceNames: [\"alice\"]") && manifest.contains("name: uplink-activation"),
+        manifest.contains("resourceNames:\n      - \"alice\"") && manifest.contains("uplink-activation"),
         "{manifest}"
     );
     assert!(manifest.contains(act["activation_code"].as_str().unwrap()));

@@ -20,12 +20,13 @@
 
 use super::clock::{now_ms, parse_rfc3339, rfc3339};
 use super::http::{BodyState, Request, Response, query_params};
-use super::install::{ActivationDoc, ClusterInstall, render};
+use super::install::ActivationDoc;
 use super::server::In;
 use super::store::{AuditQuery, NewActivation, NewCluster, StoreError, Subject, User};
 use super::{
     Hub, cluster_json, grant_json, may_reach, new_token, status, user_json, valid_cluster_name, valid_subject_name,
 };
+use crate::render::{self, ClusterInstall};
 use crate::secret::{Secret, sha256_hex};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -287,26 +288,25 @@ async fn register(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
     )?;
     log::info!("cluster registered cluster={} by={} activation={activation_id}", c.name, admin.name);
     hub.bus.publish(&c.name, "registered", status(hub, &c));
-    let install = ClusterInstall {
-        activation: ActivationDoc {
-            cluster: c.name.clone(),
-            hub_url: hub.public_url.clone(),
-            activation_id,
-            activation_code: code.expose().to_string(),
-            expires_at: rfc3339(expires_at),
-            hub_ca_pem: hub.ca_pem.clone(),
-            hub_pin_sha256: None,
-        },
-        users: b.users,
-        groups: b.groups,
-        image: hub.agent_image.clone(),
+    let activation = ActivationDoc {
+        cluster: c.name.clone(),
+        hub_url: hub.public_url.clone(),
+        activation_id,
+        activation_code: code.expose().to_string(),
+        expires_at: rfc3339(expires_at),
+        hub_ca_pem: hub.ca_pem.clone(),
+        hub_pin_sha256: None,
     };
+    let mut install = ClusterInstall::new(&c.name, serde_json::to_string_pretty(&activation).unwrap_or_default());
+    install.image = hub.agent_image.clone();
+    install.impersonate_users = b.users;
+    install.impersonate_groups = b.groups;
     let file = format!("uplink-{}.yaml", c.name);
     Ok(Response::json(
         201,
         &json!({
             "cluster": cluster_json(hub, &c),
-            "activation": install.activation,
+            "activation": activation,
             "manifest": render::kubernetes_manifest(&install),
             "systemd_activation": render::systemd_activation_file(&install),
             "install": {
@@ -332,7 +332,7 @@ fn deregister(hub: &Hub, req: &Request, name: &str) -> ApiResult {
         &json!({
             "cluster": cluster_json(hub, &c),
             "agents_notified": notified,
-            "cleanup": render::cleanup_instructions(name),
+            "cleanup": render::cleanup_instructions(&ClusterInstall::new(name, "")),
         }),
     ))
 }

@@ -180,17 +180,20 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
     }
 
     /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
+    ///
+    /// Cancel-safe: the kube front end races it against a response (to
+    /// notice a client leaving), so a dropped call must leave the buffer
+    /// as it was. Reading into a scratch array and appending after the
+    /// read completes guarantees that.
     pub async fn fill(&mut self) -> io::Result<usize> {
         if self.start > 0 && self.start * 2 >= self.buf.len() {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        let len = self.buf.len();
-        self.buf.resize(len + 16 * 1024, 0);
-        let r = self.io.read(&mut self.buf[len..]).await;
-        let n = *r.as_ref().unwrap_or(&0);
-        self.buf.truncate(len + n);
-        r
+        let mut scratch = [0u8; 16 * 1024];
+        let n = self.io.read(&mut scratch).await?;
+        self.buf.extend_from_slice(&scratch[..n]);
+        Ok(n)
     }
 
     /// Buffered bytes not yet consumed.
