@@ -13,7 +13,9 @@
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins).
 //! - [`secret`]: redacted secret strings, constant-time comparison.
+//! - [`agent`]: the agent (`uplink`): activation, state, tunnel, kube proxy.
 #![forbid(unsafe_code)]
+pub mod agent;
 pub mod driver;
 pub mod proto;
 pub mod secret;
