@@ -418,7 +418,7 @@ impl Pool {
 
     /// Returns a connection whose last exchange completed cleanly.
     pub fn put(&self, mut conn: Conn) {
-        if !conn.reusable || !conn.buffered().is_empty() {
+        if !conn.reusable || !conn.buffered().is_empty() || self.max_idle == 0 {
             return;
         }
         conn.reusable = false;

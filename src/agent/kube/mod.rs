@@ -343,7 +343,12 @@ fn b64(field: &str, v: &str) -> Result<String, String> {
 /// Reads the current context of a kubeconfig; relative file paths are
 /// relative to `dir`.
 pub fn kubeconfig_settings(text: &str, dir: &Path) -> Result<KubeconfigSettings, String> {
-    let value = yaml::parse(text).map_err(|e| format!("not readable as YAML: {e}"))?;
+    // JSON is YAML too, and some tools write kubeconfigs as JSON.
+    let value = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| format!("not readable as JSON: {e}"))?
+    } else {
+        yaml::parse(text).map_err(|e| format!("not readable as YAML: {e}"))?
+    };
     let file: KubeconfigFile = serde_json::from_value(value).map_err(|e| format!("unexpected structure: {e}"))?;
     let ctx_name = file.current_context.clone().filter(|c| !c.is_empty());
     let ctx = match &ctx_name {
