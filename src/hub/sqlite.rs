@@ -7,12 +7,22 @@
 //!
 //! Lists (groups, users) are stored as JSON text: they are read whole and
 //! never queried inside.
+//!
+//! Audit entries are written by their own thread with its own connection,
+//! in one transaction per batch, so a proxied request never waits on the
+//! disk in the hub's single-threaded event loop (under write-back
+//! pressure one `INSERT` could stall every connection for milliseconds).
+//! An entry is committed within moments of its request ending; a query
+//! of the audit log first waits for what was appended before it, and
+//! dropping the store commits what is queued. `kill -9` may lose the
+//! entries of the last few milliseconds.
 
 use super::clock::Millis;
 use super::store::*;
 use crate::secret::ct_eq;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::Path;
+use std::sync::mpsc;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
@@ -49,6 +59,106 @@ const CLUSTER_COLS: &str = "id, name, users, groups, created_at, activated_at, d
 
 pub struct SqliteStore {
     db: Connection,
+    audit: AuditWriter,
+}
+
+/// Entries queued for the audit thread before `append_audit` waits.
+const AUDIT_QUEUE: usize = 4096;
+/// Most entries written in one transaction.
+const AUDIT_BATCH: usize = 512;
+
+enum AuditMsg {
+    Entry(AuditEntry),
+    /// Answered once everything queued before it is committed.
+    Flush(mpsc::Sender<()>),
+}
+
+/// The audit thread's queue; dropping it commits what is queued and
+/// joins the thread.
+struct AuditWriter {
+    tx: Option<mpsc::SyncSender<AuditMsg>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AuditWriter {
+    fn start(db: Connection) -> Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(AUDIT_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || audit_thread(db, rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start the audit writer: {e}")))?;
+        Ok(AuditWriter { tx: Some(tx), thread: Some(thread) })
+    }
+
+    fn send(&self, msg: AuditMsg) -> Result<()> {
+        let tx = self.tx.as_ref().ok_or_else(|| StoreError::Backend("audit writer stopped".into()))?;
+        tx.send(msg).map_err(|_| StoreError::Backend("audit writer stopped".into()))
+    }
+
+    /// Waits until every entry appended so far is committed.
+    fn flush(&self) -> Result<()> {
+        let (done, wait) = mpsc::channel();
+        self.send(AuditMsg::Flush(done))?;
+        wait.recv().map_err(|_| StoreError::Backend("audit writer stopped".into()))
+    }
+}
+
+impl Drop for AuditWriter {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn audit_thread(mut db: Connection, rx: mpsc::Receiver<AuditMsg>) {
+    while let Ok(first) = rx.recv() {
+        let mut entries = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                AuditMsg::Entry(e) => entries.push(e),
+                AuditMsg::Flush(done) => flushes.push(done),
+            }
+            next = if entries.len() < AUDIT_BATCH { rx.try_recv().ok() } else { None };
+        }
+        if entries.is_empty() {
+            // Only flushes: nothing to write.
+        } else if let Err(e) = write_audit(&mut db, &entries) {
+            log::error!("audit write failed entries={} error={e}", entries.len());
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+fn write_audit(db: &mut Connection, entries: &[AuditEntry]) -> rusqlite::Result<()> {
+    let tx = db.transaction()?;
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO audit(time, user, groups, cluster, method, path, status, bytes_in, bytes_out,
+             duration_ms, upgrade) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        for e in entries {
+            st.execute(params![
+                e.time,
+                e.user,
+                to_json(&e.groups),
+                e.cluster,
+                e.method,
+                e.path,
+                e.status,
+                e.bytes_in as i64,
+                e.bytes_out as i64,
+                e.duration_ms as i64,
+                e.upgrade
+            ])?;
+        }
+    }
+    tx.commit()
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
@@ -134,12 +244,16 @@ impl SqliteStore {
         db.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
         db.pragma_update(None, "foreign_keys", "ON").map_err(backend)?;
         db.execute_batch(SCHEMA).map_err(backend)?;
-        Ok(SqliteStore { db })
+        let writer = Connection::open(path).map_err(backend)?;
+        writer.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        writer.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
+        Ok(SqliteStore { db, audit: AuditWriter::start(writer)? })
     }
 
     fn cluster_where(&self, clause: &str, p: impl rusqlite::Params) -> Result<Option<Cluster>> {
+        // Cached: the kube front end looks a cluster up on every request.
         let sql = format!("SELECT {CLUSTER_COLS} FROM clusters WHERE {clause}");
-        self.db.query_row(&sql, p, cluster_row).optional().map_err(backend)
+        self.db.prepare_cached(&sql).and_then(|mut st| st.query_row(p, cluster_row).optional()).map_err(backend)
     }
 }
 
@@ -211,13 +325,15 @@ impl Store for SqliteStore {
     }
 
     fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {
+        // Cached: every authenticated request asks.
         let row = self
             .db
-            .query_row(
+            .prepare_cached(
                 "SELECT t.hash, u.name, u.groups, u.admin, u.created_at, u.revoked_at
                  FROM tokens t JOIN users u ON u.name = t.user WHERE t.hash = ?1 AND u.revoked_at IS NULL",
-                [token_hash],
-                |r| {
+            )
+            .and_then(|mut st| {
+                st.query_row([token_hash], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         User {
@@ -228,9 +344,9 @@ impl Store for SqliteStore {
                             revoked_at: r.get(5)?,
                         },
                     ))
-                },
-            )
-            .optional()
+                })
+                .optional()
+            })
             .map_err(backend)?;
         // The index found the row; compare once more in constant time so a
         // backend with looser matching could never let a near miss in.
@@ -497,31 +613,11 @@ impl Store for SqliteStore {
     }
 
     fn append_audit(&self, e: &AuditEntry) -> Result<()> {
-        self.db
-            .prepare_cached(
-                "INSERT INTO audit(time, user, groups, cluster, method, path, status, bytes_in, bytes_out,
-                 duration_ms, upgrade) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    e.time,
-                    e.user,
-                    to_json(&e.groups),
-                    e.cluster,
-                    e.method,
-                    e.path,
-                    e.status,
-                    e.bytes_in as i64,
-                    e.bytes_out as i64,
-                    e.duration_ms as i64,
-                    e.upgrade
-                ])
-            })
-            .map_err(backend)?;
-        Ok(())
+        self.audit.send(AuditMsg::Entry(e.clone()))
     }
 
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        self.audit.flush()?;
         let mut st = self
             .db
             .prepare_cached(
