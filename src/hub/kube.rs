@@ -19,7 +19,7 @@
 //! refused, never dropped silently.
 
 use super::clock::now_ms;
-use super::http::{self, BodyState, Request, Response, head_bytes, is_hop_by_hop, write_chunk};
+use super::http::{self, BodyState, Request, Response, head_bytes, is_hop_by_hop};
 use super::server::{In, Out, Reply};
 use super::store::{AuditEntry, Lifecycle, User};
 use super::{Hub, api, may_reach, valid_cluster_name};
@@ -390,34 +390,57 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
     if !keep {
         fields.push((b"Connection".to_vec(), b"close".to_vec()));
     }
-    if out.write_all(&head_bytes(audit.status, &fields)).await.is_err() || out.flush().await.is_err() {
-        audit.finish();
-        return Reply::Done(false);
-    }
+    // The head waits in `pending` with whatever body is already here, so
+    // a small answer leaves in one TLS record and one write; it is sent
+    // as soon as nothing more is ready (a watch's head goes out at once).
+    let mut pending = head_bytes(audit.status, &fields);
     let download = async {
         let mut sent: u64 = 0;
         loop {
-            match stream.read_chunk().await {
+            let next = match smol::future::poll_once(stream.read_chunk()).await {
+                Some(next) => next,
+                None => {
+                    // Nothing ready: flush every piece before waiting, so
+                    // watch events and log lines reach the client as they
+                    // happen.
+                    if send_pending(out, &mut pending).await.is_err() {
+                        return (sent, false);
+                    }
+                    stream.read_chunk().await
+                }
+            };
+            match next {
                 Ok(Some(chunk)) => {
                     if no_body {
                         continue;
                     }
                     sent += chunk.len() as u64;
-                    let w = if chunked { write_chunk(out, &chunk).await } else { out.write_all(&chunk).await };
-                    // Flush every piece: watch events and log lines must
-                    // reach the client as they happen.
-                    if w.is_err() || out.flush().await.is_err() {
+                    if chunked {
+                        push_chunk(&mut pending, &chunk);
+                    } else if pending.len() + chunk.len() <= PENDING_MAX {
+                        pending.extend_from_slice(&chunk);
+                    } else if send_pending(out, &mut pending).await.is_err()
+                        || out.write_all(&chunk).await.is_err()
+                        || out.flush().await.is_err()
+                    {
+                        return (sent, false);
+                    }
+                    if pending.len() >= PENDING_MAX && send_pending(out, &mut pending).await.is_err() {
                         return (sent, false);
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     log::warn!("response stream broke cluster={cluster_name} error={e}");
+                    let _ = send_pending(out, &mut pending).await;
                     return (sent, false);
                 }
             }
         }
-        if chunked && (out.write_all(b"0\r\n\r\n").await.is_err() || out.flush().await.is_err()) {
+        if chunked {
+            pending.extend_from_slice(b"0\r\n\r\n");
+        }
+        if send_pending(out, &mut pending).await.is_err() {
             return (sent, false);
         }
         let complete = length.is_none_or(|l| l == sent || no_body);
@@ -438,6 +461,28 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
     audit.bytes_out = sent;
     audit.finish();
     Reply::Done(keep && complete)
+}
+
+/// Most response bytes gathered before a write.
+const PENDING_MAX: usize = 64 * 1024;
+
+/// Writes and flushes what `pending` holds, leaving it empty.
+async fn send_pending(out: &mut Out, pending: &mut Vec<u8>) -> std::io::Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    out.write_all(pending).await?;
+    pending.clear();
+    out.flush().await
+}
+
+/// Appends `data` as one chunk of a chunked body (RFC 9112 §7.1).
+fn push_chunk(pending: &mut Vec<u8>, data: &[u8]) {
+    if !data.is_empty() {
+        pending.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        pending.extend_from_slice(data);
+        pending.extend_from_slice(b"\r\n");
+    }
 }
 
 fn is_hop_by_hop_bytes(name: &[u8]) -> bool {
