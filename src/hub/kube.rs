@@ -170,7 +170,10 @@ impl Audit<'_> {
         if let Err(e) = self.hub.store.append_audit(&entry) {
             log::error!("audit write failed error={e}");
         }
-        log::info!(
+        // Debug, not info: the audit log above already keeps every
+        // request, and a synchronous stderr line per request cost the
+        // event loop a file write (and, under write-back pressure, a stall).
+        log::debug!(
             "kube request user={} cluster={} method={} path={:?} status={} bytes_in={} bytes_out={} duration_ms={duration_ms} upgrade={}",
             entry.user,
             entry.cluster,
