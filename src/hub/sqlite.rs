@@ -12,10 +12,10 @@
 //! in one transaction per batch, so a proxied request never waits on the
 //! disk in the hub's single-threaded event loop (under write-back
 //! pressure one `INSERT` could stall every connection for milliseconds).
-//! An entry is committed within moments of its request ending; a query
-//! of the audit log first waits for what was appended before it, and
-//! dropping the store commits what is queued. `kill -9` may lose the
-//! entries of the last few milliseconds.
+//! An entry is committed within about 20 ms of its request ending; a
+//! query of the audit log first waits for what was appended before it,
+//! and dropping the store commits what is queued. `kill -9` may lose the
+//! entries of the last 20 ms.
 
 use super::clock::Millis;
 use super::store::*;
@@ -66,6 +66,8 @@ pub struct SqliteStore {
 const AUDIT_QUEUE: usize = 4096;
 /// Most entries written in one transaction.
 const AUDIT_BATCH: usize = 512;
+/// How long the writer gathers entries before committing them.
+const AUDIT_GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 enum AuditMsg {
     Entry(AuditEntry),
@@ -116,13 +118,17 @@ fn audit_thread(mut db: Connection, rx: mpsc::Receiver<AuditMsg>) {
     while let Ok(first) = rx.recv() {
         let mut entries = Vec::new();
         let mut flushes = Vec::new();
+        // Gather for a moment: one transaction per batch, not per
+        // request. A flush (an audit query waiting) commits at once.
+        let until = std::time::Instant::now() + AUDIT_GATHER;
         let mut next = Some(first);
         while let Some(msg) = next {
             match msg {
                 AuditMsg::Entry(e) => entries.push(e),
                 AuditMsg::Flush(done) => flushes.push(done),
             }
-            next = if entries.len() < AUDIT_BATCH { rx.try_recv().ok() } else { None };
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            next = if entries.len() < AUDIT_BATCH && flushes.is_empty() { rx.recv_timeout(left).ok() } else { None };
         }
         if entries.is_empty() {
             // Only flushes: nothing to write.
