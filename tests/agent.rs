@@ -397,8 +397,13 @@ fn dials_the_hub_through_an_https_proxy() {
 fn deregistration_stops_the_agent_with_status_4() {
     let w = World::new("dereg");
     let mut a = w.connected_agent();
+    // An open watch does not hold the agent up once deregistered.
+    let watch = w.hub.open("GET", "/api/v1/namespaces/default/pods?watch=1", bob(), &[], b"", true);
+    assert_eq!(watch.head().0, 200);
+    let started = Instant::now();
     w.hub.deregister();
     assert_eq!(a.wait_exit(PATIENCE), Some(4), "log:\n{}", a.log());
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?} to stop", started.elapsed());
     assert!(a.log().contains("deregistered"), "{}", a.log());
     // Started again with the revoked credential: 403 at the tunnel, exit 4,
     // no retry storm.
@@ -546,4 +551,28 @@ roleRef:
     assert_eq!(w.hub.activations(), 1);
     assert!(b.log().contains("using the registration saved in state Secret uplink/uplink-state"), "{}", b.log());
     assert_eq!(b.stop(), Some(0));
+}
+
+#[test]
+fn tells_systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let w = World::new("notify");
+    let sock_path = w.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    let n = w.hub.tunnels();
+    let mut a = w.spawn(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")]);
+    w.hub.wait_connected(n + 1);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(seen.iter().any(|m: &String| m == "READY=1") && seen.iter().any(|m| m == "WATCHDOG=1")) {
+        let len = sock.recv(&mut buf).expect("a notification");
+        seen.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    assert_eq!(a.stop(), Some(0));
+    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    while let Ok(len) = sock.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    assert!(seen.iter().any(|m| m == "STOPPING=1"), "{seen:?}");
 }
