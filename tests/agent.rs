@@ -576,3 +576,105 @@ fn tells_systemd_ready_watchdog_and_stopping() {
     }
     assert!(seen.iter().any(|m| m == "STOPPING=1"), "{seen:?}");
 }
+
+#[test]
+fn allow_lists_limit_who_is_impersonated() {
+    let w = World::new("allow");
+    let config = w.dir.join("agent.yaml");
+    std::fs::write(&config, "allowed_users: [alice]\nallowed_groups: []\n").unwrap();
+    let n = w.hub.tunnels();
+    let mut args = w.args();
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(n + 1);
+    assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", ident("alice", &[])).0, 200);
+    w.k.clear_requests();
+    let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", bob());
+    assert_eq!(status, 403);
+    assert!(
+        String::from_utf8_lossy(&body).contains("does not allow impersonating"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(w.k.requests().is_empty());
+}
+
+/// Footprint and latency, printed for the report. Run with
+/// `cargo test --test agent -- --ignored --nocapture measure`.
+#[test]
+#[ignore]
+fn measure_footprint_and_latency() {
+    use uplink::agent::http1::{self, Pool};
+    use uplink::agent::net::Target;
+    use uplink::proto::Header;
+    let w = World::new("measure");
+    let a = w.connected_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = a.rss_kib();
+
+    // p50 of a small GET: straight to the stand-in (keep-alive, same
+    // headers the agent would send) versus through hub → tunnel → agent.
+    let path = "/api/v1/namespaces/default/pods/db-0";
+    let rounds = 400;
+    let p50 = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let direct = smol::block_on(async {
+        let tls = uplink::tls::client_config(&uplink::tls::Trust::CaPem(w.k.ca_pem()), None, &[b"http/1.1"]).unwrap();
+        let pool = Pool::new(Target::parse(&w.k.url()).unwrap(), Some(tls), None, 4);
+        let headers = [
+            Header::new("Accept", "application/json"),
+            Header::new("Authorization", format!("Bearer {}", w.k.agent_token())),
+            Header::new("Impersonate-User", "bob"),
+            Header::new("Impersonate-Group", "uplink:debuggers"),
+        ];
+        let mut times = Vec::new();
+        for i in 0..rounds + 20 {
+            let t = Instant::now();
+            let a = http1::exchange(&pool, "GET", path, &headers, b"", 1 << 20).await.unwrap();
+            assert_eq!(a.status, 200);
+            if i >= 20 {
+                times.push(t.elapsed());
+            }
+        }
+        times
+    });
+    let mut tunnel = Vec::new();
+    for i in 0..rounds + 20 {
+        let t = Instant::now();
+        let (status, _) = w.hub.get(path, bob());
+        assert_eq!(status, 200);
+        if i >= 20 {
+            tunnel.push(t.elapsed());
+        }
+    }
+    let (d, t) = (p50(direct), p50(tunnel));
+    let after_requests = a.rss_kib();
+
+    // 1,000 open watches.
+    let watches: Vec<_> = (0..1000)
+        .map(|_| {
+            w.hub.open("GET", "/api/v1/namespaces/default/pods?watch=1&allowWatchBookmarks=true", bob(), &[], b"", true)
+        })
+        .collect();
+    for s in &watches {
+        assert_eq!(s.head().0, 200);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let with_watches = a.rss_kib();
+    eprintln!(
+        "MEASURE idle RSS: {idle} KiB; after {rounds} requests: {after_requests} KiB; with 1000 watches: {with_watches} KiB"
+    );
+    eprintln!(
+        "MEASURE p50 small GET: direct {:?}, through hub+tunnel+agent {:?}, ratio {:.2}, added {:?}",
+        d,
+        t,
+        t.as_secs_f64() / d.as_secs_f64(),
+        t.saturating_sub(d)
+    );
+    for s in &watches {
+        s.reset();
+    }
+}
