@@ -21,8 +21,10 @@ use std::time::{Duration, Instant};
 
 /// Largest response head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
-/// Bytes asked of the socket per read.
+/// Bytes asked of the socket per read while data streams in.
 const READ_CHUNK: usize = 32 * 1024;
+/// Bytes asked of the socket when it has been quiet.
+const SMALL_READ: usize = 4 * 1024;
 /// Longest chunk-size or trailer line accepted.
 const MAX_LINE: usize = 8 * 1024;
 
@@ -79,11 +81,13 @@ pub struct Conn {
     /// connection open: it may go back to the pool.
     reusable: bool,
     idle_since: Instant,
+    /// The last read filled its buffer: more is probably waiting.
+    big_reads: bool,
 }
 
 impl Conn {
     pub fn new(io: Io) -> Self {
-        Conn { io, buf: Vec::new(), pos: 0, reusable: false, idle_since: Instant::now() }
+        Conn { io, buf: Vec::new(), pos: 0, reusable: false, idle_since: Instant::now(), big_reads: false }
     }
 
     /// Bytes read from the socket but not yet consumed.
@@ -103,12 +107,19 @@ impl Conn {
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
-        if self.pos > 0 && self.pos == self.buf.len() {
+        if self.pos == self.buf.len() {
+            // Drained. An idle connection (a quiet watch) should not sit on
+            // a large buffer while it waits: start small again.
+            if self.buf.capacity() > SMALL_READ {
+                self.buf = Vec::new();
+            }
             self.buf.clear();
             self.pos = 0;
         }
         let old = self.buf.len();
-        self.buf.resize(old + READ_CHUNK, 0);
+        // Small reads until the server sends more than fits: then large.
+        let want = if self.big_reads { READ_CHUNK } else { SMALL_READ };
+        self.buf.resize(old + want, 0);
         let n = match self.io.read(&mut self.buf[old..]).await {
             Ok(n) => n,
             Err(e) => {
@@ -117,6 +128,7 @@ impl Conn {
             }
         };
         self.buf.truncate(old + n);
+        self.big_reads = n == want;
         Ok(n)
     }
 
