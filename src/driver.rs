@@ -498,11 +498,13 @@ impl Stream {
             s.dispatch();
             return Poll::Ready(Ok(Some(chunk)));
         }
-        if let Some((code, message)) = slot.reset.clone() {
-            return Poll::Ready(Err(StreamClosed::Reset { code, message }));
-        }
+        // A reset after the peer's End only refuses our further data: what
+        // the peer sent is complete, so reading ends cleanly.
         if slot.ended {
             return Poll::Ready(Ok(None));
+        }
+        if let Some((code, message)) = slot.reset.clone() {
+            return Poll::Ready(Err(StreamClosed::Reset { code, message }));
         }
         if let Some(e) = &s.closed {
             return Poll::Ready(Err(StreamClosed::Session(e.clone())));
@@ -629,11 +631,13 @@ impl AsyncRead for Stream {
             s.dispatch();
             return Poll::Ready(Ok(n));
         }
-        if let Some((code, message)) = slot.reset.clone() {
-            return Poll::Ready(Err(StreamClosed::Reset { code, message }.into()));
-        }
+        // A reset after the peer's End only refuses our further data: what
+        // the peer sent is complete, so reading ends cleanly.
         if slot.ended {
             return Poll::Ready(Ok(0));
+        }
+        if let Some((code, message)) = slot.reset.clone() {
+            return Poll::Ready(Err(StreamClosed::Reset { code, message }.into()));
         }
         if let Some(e) = &s.closed {
             return Poll::Ready(Err(StreamClosed::Session(e.clone()).into()));

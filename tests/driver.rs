@@ -299,3 +299,31 @@ mod tls {
         assert!(result.is_err());
     }
 }
+
+#[test]
+fn a_reset_after_the_peers_end_still_reads_to_a_clean_end() {
+    let ex = LocalExecutor::new();
+    smol::block_on(ex.run(async {
+        let (agent_io, hub_io) = tcp_pair().await;
+        let agent = Session::new(agent_mux(Config::default()));
+        let hub = Session::new(Mux::hub(Config::default(), 1, Instant::now()));
+        let a = agent.clone();
+        let _agent_task = ex.spawn(async move { a.run(agent_io).await });
+        let h = hub.clone();
+        let _hub_task = ex.spawn(async move { h.run(hub_io).await });
+        hub.connected().await.unwrap();
+        // The hub never finishes its side; the agent answers, finishes and
+        // drops the stream, which resets it.
+        let mut stream = hub.open(head("/early-answer")).unwrap();
+        let (mut accepted, _) = agent.accept().await.unwrap();
+        accepted.send_head(ResponseHead { status: 413, headers: vec![] }).unwrap();
+        accepted.write_all(b"too large").await.unwrap();
+        accepted.finish();
+        drop(accepted);
+        assert_eq!(stream.response_head().await.unwrap().status, 413);
+        // Let the Reset arrive too.
+        Timer::after(Duration::from_millis(50)).await;
+        assert_eq!(stream.read_chunk().await.unwrap().unwrap(), b"too large");
+        assert_eq!(stream.read_chunk().await.unwrap(), None);
+    }));
+}

@@ -294,3 +294,385 @@ fn kubectl_port_forward_reaches_the_echo_socket() {
     let out = alice.wait_with_output().unwrap();
     fails(&out, r#"User "alice" cannot"#);
 }
+
+// ---- Direct HTTP ------------------------------------------------------------------
+
+use support::https::{self, Response};
+
+fn call(k: &StandIn, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut h: Vec<(&str, &str)> = headers.to_vec();
+    if let Some(a) = auth.as_deref() {
+        h.push(("Authorization", a));
+    }
+    https::request(k.addr(), https::client_config(&k.ca_der(), None), method, path, &h, body)
+}
+
+#[track_caller]
+fn status_is(r: &Response, code: u16, reason: &str, message: &str) {
+    assert_eq!(r.status, code, "{}", r.text());
+    let s = r.json();
+    assert_eq!((s["kind"].as_str(), s["apiVersion"].as_str()), (Some("Status"), Some("v1")), "{s}");
+    assert_eq!(s["status"], "Failure");
+    assert_eq!(s["code"], code);
+    assert_eq!(s["reason"], reason, "{s}");
+    assert!(s["message"].as_str().unwrap_or("").contains(message), "{message:?} not in {s}");
+}
+
+fn with_rbac() -> StandIn {
+    let k = StandIn::start(Config::default());
+    for y in [ARTICLE_RBAC, AGENT_IMPERSONATION, DEBUG_ACCESS] {
+        k.load_rbac_yaml(y).expect("fixture yaml");
+    }
+    k
+}
+
+#[test]
+fn authentication_tokens_rotation_and_client_certificates() {
+    let k = with_rbac();
+    status_is(&call(&k, "GET", "/api/v1/namespaces", None, &[], b""), 401, "Unauthorized", "Unauthorized");
+    status_is(&call(&k, "GET", "/api/v1/namespaces", Some("nope"), &[], b""), 401, "Unauthorized", "Unauthorized");
+    let recs = k.requests();
+    assert_eq!(recs.iter().map(|r| r.had_authorization).collect::<Vec<_>>(), [false, true]);
+    assert!(recs.iter().all(|r| r.user.is_none() && r.status == 401));
+
+    let alice = [("Impersonate-User", "alice")];
+    let old = k.agent_token();
+    assert_eq!(call(&k, "GET", "/api/v1/namespaces/default/pods", Some(&old), &alice, b"").status, 200);
+    k.set_agent_token("rotated-token");
+    status_is(&call(&k, "GET", "/api/v1/namespaces/default/pods", Some(&old), &alice, b""), 401, "Unauthorized", "");
+    let r = call(&k, "GET", "/api/v1/namespaces/default/pods", Some("rotated-token"), &alice, b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["kind"], "PodList");
+
+    // Client certificates, as k3s's admin kubeconfig: CN is the user, O the groups.
+    let (cert, key) = k.client_cert_pem_for("system:admin", &["system:masters"]);
+    let cfg = https::client_config(&k.ca_der(), Some((&cert, &key)));
+    assert_eq!(https::request(k.addr(), cfg, "GET", "/api/v1/secrets", &[], b"").status, 200);
+    let (cert, key) = k.client_cert_pem_for("alice", &["team-a", "team-b"]);
+    let cfg = https::client_config(&k.ca_der(), Some((&cert, &key)));
+    assert_eq!(https::request(k.addr(), cfg.clone(), "GET", "/api/v1/namespaces", &[], b"").status, 200);
+    status_is(
+        &https::request(k.addr(), cfg.clone(), "GET", "/api/v1/namespaces/default/secrets", &[], b""),
+        403,
+        "Forbidden",
+        r#"secrets is forbidden: User "alice" cannot list resource "secrets" in API group "" in the namespace "default""#,
+    );
+    let ssr = br#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#;
+    let who = https::request(k.addr(), cfg, "POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", &[], ssr);
+    assert_eq!(who.status, 201, "{}", who.text());
+    let groups = who.json()["status"]["userInfo"]["groups"].clone();
+    assert_eq!(groups, json!(["team-a", "team-b", "system:authenticated"]));
+}
+
+#[test]
+fn impersonation_rules_and_the_request_record() {
+    let k = with_rbac();
+    let t = k.agent_token();
+    // Group without user: 400, as the real filter answers.
+    let r = call(&k, "GET", "/api", Some(&t), &[("Impersonate-Group", "uplink:debuggers")], b"");
+    status_is(&r, 400, "BadRequest", "without impersonating a user");
+    // An empty Impersonate-User is no impersonation at all (as the real
+    // server): the request runs as the agent, and the record shows it.
+    let r = call(&k, "GET", "/api/v1/namespaces/default/pods", Some(&t), &[("Impersonate-User", "")], b"");
+    status_is(&r, 403, "Forbidden", r#"User "system:serviceaccount:uplink:uplink-agent" cannot list resource "pods""#);
+    let rec = k.requests().pop().unwrap();
+    assert!(rec.empty_impersonate_user());
+    assert_eq!(rec.impersonated_user, None);
+    assert_eq!(rec.effective_user.as_deref(), Some(AGENT_USER));
+    // Uid and extras need their own grants.
+    let r = call(&k, "GET", "/api", Some(&t), &[("Impersonate-User", "alice"), ("Impersonate-Uid", "u-1")], b"");
+    status_is(
+        &r,
+        403,
+        "Forbidden",
+        r#"uids.authentication.k8s.io "u-1" is forbidden: User "system:serviceaccount:uplink:uplink-agent" cannot impersonate resource "uids" in API group "authentication.k8s.io" at the cluster scope"#,
+    );
+    let r =
+        call(&k, "GET", "/api", Some(&t), &[("Impersonate-User", "alice"), ("Impersonate-Extra-Scopes", "view")], b"");
+    status_is(
+        &r,
+        403,
+        "Forbidden",
+        r#"cannot impersonate resource "userextras/scopes" in API group "authentication.k8s.io""#,
+    );
+    k.load_rbac_yaml(
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: extras}
+rules:
+- {apiGroups: [authentication.k8s.io], resources: [uids, userextras/scopes], verbs: [impersonate]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: extras}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: extras}
+subjects: [{kind: ServiceAccount, name: uplink-agent, namespace: uplink}]
+"#,
+    )
+    .unwrap();
+    k.clear_requests();
+    let h = [
+        ("Impersonate-User", "alice"),
+        ("Impersonate-Group", "uplink:debuggers"),
+        ("Impersonate-Uid", "u-1"),
+        ("Impersonate-Extra-Scopes", "view"),
+    ];
+    let ssr = br#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#;
+    let r = call(&k, "POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", Some(&t), &h, ssr);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        r.json()["status"]["userInfo"],
+        json!({"username": "alice", "uid": "u-1", "groups": ["uplink:debuggers", "system:authenticated"], "extra": {"scopes": ["view"]}})
+    );
+    let rec = k.requests().pop().unwrap();
+    assert_eq!(rec.user.as_deref(), Some(AGENT_USER));
+    assert_eq!(rec.impersonated_user.as_deref(), Some("alice"));
+    assert_eq!(rec.impersonated_groups, ["uplink:debuggers"]);
+    assert_eq!(rec.effective_groups, ["uplink:debuggers", "system:authenticated"]);
+    assert_eq!(rec.impersonate_headers.len(), 4);
+    assert_eq!((rec.method.as_str(), rec.verb.as_str(), rec.status), ("POST", "create", 201));
+}
+
+#[test]
+fn bad_input_gets_real_statuses() {
+    let k = StandIn::start(Config::default());
+    let t = k.admin_token();
+    let json_ct = [("Content-Type", "application/json")];
+    let r = call(&k, "POST", "/api/v1/namespaces/default/configmaps", Some(&t), &json_ct, b"{not json");
+    status_is(&r, 400, "BadRequest", "error decoding");
+    let r = call(&k, "POST", "/api/v1/namespaces/default/configmaps", Some(&t), &json_ct, b"[1,2]");
+    status_is(&r, 400, "BadRequest", "");
+    status_is(
+        &call(&k, "GET", "/api/v1/widgets", Some(&t), &[], b""),
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    );
+    status_is(&call(&k, "GET", "/apis/nope.example.com/v1/things", Some(&t), &[], b""), 404, "NotFound", "");
+    status_is(
+        &call(&k, "GET", "/api/v1/namespaces/default/pods/nope", Some(&t), &[], b""),
+        404,
+        "NotFound",
+        r#"pods "nope" not found"#,
+    );
+    for sel in [
+        "labelSelector=app%20in%20(web",
+        "labelSelector=a%3D%3D%3Db%3D",
+        "fieldSelector=spec.bogus%3Dx",
+        "fieldSelector=nonsense",
+    ] {
+        let r = call(&k, "GET", &format!("/api/v1/pods?{sel}"), Some(&t), &[], b"");
+        status_is(&r, 400, "BadRequest", "");
+    }
+    // Create twice, then update with a stale resourceVersion.
+    let cm = br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"},"data":{"a":"1"}}"#;
+    let created = call(&k, "POST", "/api/v1/namespaces/foo/configmaps", Some(&t), &json_ct, cm);
+    assert_eq!(created.status, 201);
+    let r = call(&k, "POST", "/api/v1/namespaces/foo/configmaps", Some(&t), &json_ct, cm);
+    status_is(&r, 409, "AlreadyExists", r#"configmaps "c" already exists"#);
+    let stale = br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c","resourceVersion":"1"}}"#;
+    let r = call(&k, "PUT", "/api/v1/namespaces/foo/configmaps/c", Some(&t), &json_ct, stale);
+    status_is(&r, 409, "Conflict", "the object has been modified");
+    let r = call(&k, "POST", "/api/v1/namespaces/nowhere/configmaps", Some(&t), &json_ct, cm);
+    status_is(&r, 404, "NotFound", r#"namespaces "nowhere" not found"#);
+    let merge = [("Content-Type", "application/merge-patch+json")];
+    let r = call(&k, "PATCH", "/api/v1/namespaces/foo/configmaps/c", Some(&t), &merge, b"{oops");
+    status_is(&r, 400, "BadRequest", "");
+    let r =
+        call(&k, "PATCH", "/api/v1/namespaces/foo/configmaps/c", Some(&t), &merge, br#"{"data":{"a":null,"b":"2"}}"#);
+    assert_eq!(r.json()["data"], json!({"b": "2"}));
+    let jp = [("Content-Type", "application/json-patch+json")];
+    let r = call(
+        &k,
+        "PATCH",
+        "/api/v1/namespaces/foo/configmaps/c",
+        Some(&t),
+        &jp,
+        br#"[{"op":"add","path":"/data/c","value":"3"}]"#,
+    );
+    assert_eq!(r.json()["data"], json!({"b": "2", "c": "3"}));
+    let r = call(&k, "POST", "/api/v1/namespaces/default/pods/db-0/exec?command=ls", Some(&t), &[], b"");
+    status_is(&r, 400, "BadRequest", "Upgrade request required");
+
+    // Oversized: the limit is 3 MiB; the answer comes without reading it all.
+    let mut s = https::connect(k.addr(), https::client_config(&k.ca_der(), None));
+    let auth = format!("Bearer {t}");
+    let head = format!(
+        "POST /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{",
+        3 * 1024 * 1024 + 1
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.flush().unwrap();
+    let (mut r, rest) = https::read_head(&mut s);
+    https::read_body(&mut s, &mut r, rest);
+    status_is(&r, 413, "RequestEntityTooLarge", "Request entity too large: limit is 3145728");
+
+    // Garbage instead of HTTP: 400, never a hang.
+    let mut s = https::connect(k.addr(), https::client_config(&k.ca_der(), None));
+    s.write_all(b"\x01\x02 nonsense\r\n\r\n").unwrap();
+    s.flush().unwrap();
+    let (r, _) = https::read_head(&mut s);
+    assert_eq!(r.status, 400);
+    // Still serving.
+    assert_eq!(call(&k, "GET", "/version", Some(&t), &[], b"").json()["gitVersion"], "v1.32.3");
+}
+
+#[test]
+fn list_paging_and_selectors() {
+    let k = StandIn::start(Config::default());
+    let t = k.admin_token();
+    let all = call(&k, "GET", "/api/v1/pods", Some(&t), &[], b"").json();
+    let total = all["items"].as_array().unwrap().len();
+    assert!(total >= 8, "{total}");
+    let mut names = Vec::new();
+    let mut path = "/api/v1/pods?limit=3".to_string();
+    loop {
+        let page = call(&k, "GET", &path, Some(&t), &[], b"").json();
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 3);
+        names.extend(items.iter().map(|i| i["metadata"]["name"].as_str().unwrap().to_string()));
+        match page["metadata"]["continue"].as_str() {
+            Some(c) => path = format!("/api/v1/pods?limit=3&continue={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(names.len(), total);
+    let q = |sel: &str| {
+        let v = call(&k, "GET", &format!("/api/v1/pods?{sel}"), Some(&t), &[], b"").json();
+        let mut n: Vec<String> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(q("labelSelector=app%3Dweb").len(), 2);
+    assert_eq!(q("labelSelector=app%20in%20(db,node-exporter)").len(), 3);
+    assert_eq!(q("labelSelector=app,app!%3Dweb,app%20notin%20(foo-app,bar-app)").len(), 3);
+    assert_eq!(q("labelSelector=!app").len(), 2); // coredns and the job's pod
+    assert_eq!(q("fieldSelector=status.phase%3DSucceeded"), ["backup-7xk2p"]);
+    assert_eq!(q("fieldSelector=spec.nodeName%3Dedge-1,metadata.namespace%3Ddefault").len(), 3);
+    assert_eq!(q("fieldSelector=metadata.name%3Ddb-0"), ["db-0"]);
+}
+
+/// Reads a chunked stream until `needle` appears in what arrived.
+fn read_until(s: &mut https::Stream, got: &mut Vec<u8>, needle: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    let mut tmp = [0u8; 8192];
+    while !String::from_utf8_lossy(got).contains(needle) {
+        assert!(Instant::now() < deadline, "no {needle:?} in {}", String::from_utf8_lossy(got));
+        match s.read(&mut tmp) {
+            Ok(0) => panic!("stream ended before {needle:?}: {}", String::from_utf8_lossy(got)),
+            Ok(n) => got.extend_from_slice(&tmp[..n]),
+            Err(e) => panic!("{e}: {}", String::from_utf8_lossy(got)),
+        }
+    }
+}
+
+#[test]
+fn watch_streams_changes_bookmarks_and_times_out() {
+    let k = StandIn::start(Config::default());
+    let t = k.admin_token();
+    let auth = format!("Bearer {t}");
+    let mut s = https::connect(k.addr(), https::client_config(&k.ca_der(), None));
+    let path = "/api/v1/namespaces/foo/configmaps?watch=1&allowWatchBookmarks=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan";
+    https::send(&mut s, "GET", path, &[("Authorization", &auth)], b"");
+    let (r, mut got) = https::read_head(&mut s);
+    assert_eq!(r.status, 200);
+    read_until(&mut s, &mut got, "k8s.io/initial-events-end");
+    let json_ct = [("Content-Type", "application/json")];
+    let cm = br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"w"},"data":{"a":"1"}}"#;
+    assert_eq!(call(&k, "POST", "/api/v1/namespaces/foo/configmaps", Some(&t), &json_ct, cm).status, 201);
+    read_until(&mut s, &mut got, r#""type":"ADDED""#);
+    let merge = [("Content-Type", "application/merge-patch+json")];
+    assert_eq!(
+        call(&k, "PATCH", "/api/v1/namespaces/foo/configmaps/w", Some(&t), &merge, br#"{"data":{"a":"2"}}"#).status,
+        200
+    );
+    read_until(&mut s, &mut got, r#""type":"MODIFIED""#);
+    assert_eq!(call(&k, "DELETE", "/api/v1/namespaces/foo/configmaps/w", Some(&t), &[], b"").status, 200);
+    read_until(&mut s, &mut got, r#""type":"DELETED""#);
+    // A change in another namespace is not seen.
+    assert!(!String::from_utf8_lossy(&got).contains("kube-system"));
+
+    // ADDED for what exists, then the stream ends at timeoutSeconds.
+    let r = call(&k, "GET", "/api/v1/namespaces/default/pods?watch=true&timeoutSeconds=1", Some(&t), &[], b"");
+    assert_eq!(r.status, 200);
+    let events: Vec<serde_json::Value> =
+        r.text().lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect();
+    assert!(events.len() >= 6 && events.iter().all(|e| e["type"] == "ADDED"), "{events:?}");
+}
+
+#[test]
+fn access_reviews_in_json_and_protobuf() {
+    let k = with_rbac();
+    let t = k.agent_token();
+    let alice = [("Impersonate-User", "alice"), ("Content-Type", "application/json")];
+    let review = |ns: &str| {
+        format!(
+            r#"{{"apiVersion":"authorization.k8s.io/v1","kind":"SelfSubjectAccessReview","spec":{{"resourceAttributes":{{"namespace":"{ns}","verb":"list","resource":"pods"}}}}}}"#
+        )
+    };
+    let path = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews";
+    let yes = call(&k, "POST", path, Some(&t), &alice, review("default").as_bytes());
+    assert_eq!(yes.json()["status"]["allowed"], true, "{}", yes.text());
+    let no = call(&k, "POST", path, Some(&t), &alice, review("kube-system").as_bytes());
+    assert_eq!(no.json()["status"]["allowed"], false);
+
+    // The protobuf kubectl sends: k8s\0 + runtime.Unknown{typeMeta, raw}.
+    fn field(n: u8, v: &[u8]) -> Vec<u8> {
+        let mut out = vec![(n << 3) | 2, v.len() as u8];
+        out.extend_from_slice(v);
+        out
+    }
+    let attrs = [field(1, b"default"), field(2, b"get"), field(3, b"apps"), field(5, b"deployments")].concat();
+    let raw = field(2, &field(1, &attrs));
+    let type_meta = [field(1, b"authorization.k8s.io/v1"), field(2, b"SelfSubjectAccessReview")].concat();
+    let body = [b"k8s\0".to_vec(), field(1, &type_meta), field(2, &raw)].concat();
+    let pb = [("Impersonate-User", "alice"), ("Content-Type", "application/vnd.kubernetes.protobuf")];
+    let r = call(&k, "POST", path, Some(&t), &pb, &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["status"]["allowed"], true);
+    assert_eq!(r.json()["spec"]["resourceAttributes"]["resource"], "deployments");
+}
+
+#[test]
+fn kubectl_spdy_fallbacks_and_attach() {
+    let Some((k, kc)) = cluster("spdy") else { return };
+    let mut cmd = kc.command(&["port-forward", "pod/db-0", ":5432", "-n", "default", "--as", "bob"]);
+    cmd.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false");
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let rx = lines(&mut child);
+    let l = wait_line(&rx, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
+    let port: u16 = l.trim_start_matches("Forwarding from 127.0.0.1:").split(' ').next().unwrap().parse().unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(b"over plain SPDY").unwrap();
+    let mut back = [0u8; 15];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"over plain SPDY");
+    kill(child);
+    let pf: Vec<_> = k.requests().into_iter().filter(|r| r.path.ends_with("/portforward")).collect();
+    assert!(pf.iter().any(|r| r.method == "POST" && r.status == 101 && r.verb == "create"), "{pf:#?}");
+    // exec over SPDY (kubectl's fallback), with stdin and an exit code.
+    let spdy = |args: &[&str], stdin: &[u8]| {
+        let mut c = kc.command(args);
+        c.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false").stdin(std::process::Stdio::piped());
+        let mut child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let cat = spdy(&["exec", "-i", "db-0", "-n", "default", "--as", "bob", "--", "cat"], b"spdy stdin\n");
+    assert_eq!(ok(&cat), "spdy stdin\n");
+    let exit3 = spdy(&["exec", "db-0", "-n", "default", "--as", "bob", "--", "sh", "-c", "echo x >&2; exit 3"], b"");
+    assert_eq!((exit3.status.code(), stderr(&exit3).lines().next()), (Some(3), Some("x")));
+    let posts = k.requests().into_iter().filter(|r| r.path.ends_with("/exec") && r.method == "POST").count();
+    assert_eq!(posts, 2);
+    // attach: the stand-in's "main process" echoes stdin.
+    let attach = kc.run_with_stdin(&["attach", "-i", "db-0", "-n", "default", "--as", "bob"], b"attached\n");
+    assert!(ok(&attach).contains("attached"), "{}", stdout(&attach));
+}

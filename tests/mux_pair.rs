@@ -647,3 +647,15 @@ fn pick(live: &HashSet<StreamId>, i: usize) -> Option<StreamId> {
     ids.sort();
     Some(ids[i % ids.len()])
 }
+
+#[test]
+fn an_oversized_response_head_resets_the_stream() {
+    let mut p = Pair::new();
+    let id = p.hub.open(head("/a")).unwrap();
+    p.run();
+    p.take_hub_events();
+    let headers = (0..300).map(|i| Header::new(format!("x-{i}"), "v")).collect();
+    p.inject_to_hub(&Frame::Head { id, head: ResponseHead { status: 200, headers } });
+    assert!(matches!(&p.take_hub_events()[..], [Event::Reset { message, .. }] if message.contains("too many header")));
+    assert!(p.hub.is_open());
+}

@@ -687,6 +687,8 @@ impl Mux {
                 let s = self.streams.get_mut(&id).expect("checked above");
                 if id.opener() != side || s.head {
                     self.stream_violation(id, "response head on the wrong side or twice");
+                } else if let Err(why) = check_head_limits(&head.headers, None) {
+                    self.stream_violation(id, why);
                 } else {
                     s.head = true;
                     self.events.push_back(Event::Head { id, head });

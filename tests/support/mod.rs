@@ -2,5 +2,6 @@
 //! `mod support;`. Not every file uses every helper.
 #![allow(dead_code)]
 
+pub mod https;
 pub mod kube;
 pub mod kubectl;

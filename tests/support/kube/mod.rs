@@ -14,8 +14,8 @@
 //!            authenticate (bearer token | client cert CN/O) ─ 401
 //!            impersonate (Impersonate-User/Group/Uid/Extra-*) ─ 403 / 400
 //!            authorize (RBAC objects in the store)             ─ 403
-//!            serve: discovery, CRUD, Table, watch, logs, exec/attach (WebSocket),
-//!                   port-forward (SPDY/3.1, plain or tunnelled in WebSocket),
+//!            serve: discovery, CRUD, Table, watch, logs, exec/attach (WebSocket v5/v4,
+//!                   or SPDY/3.1 v4), port-forward (SPDY/3.1, plain or tunnelled in WebSocket),
 //!                   SelfSubjectAccessReview (JSON and protobuf), SelfSubjectReview
 //!            record every request ──► StandIn::requests()
 //! ```
@@ -51,6 +51,19 @@
 //!   [`RequestRecord`].
 //! - kubectl: [`StandIn::kubeconfig_for_token`],
 //!   [`StandIn::kubeconfig_for_cert`].
+//!
+//! Authorization follows kube up to 1.34: a WebSocket exec/attach/port-forward
+//! (GET) needs `get` on `pods/exec` (etc.), the SPDY one (POST) `create`.
+//! The exec'd container is a tiny shell: `echo`, `cat` (stdin echoed until
+//! it closes), `true`, `false`, `exit N`, `sleep N`, `sh -c 'a; b && c'`,
+//! `echo ... >&2`; attach behaves as `cat`. Port-forwards to any pod port
+//! reach [`StandIn::echo_port`] unless redirected.
+//!
+//! Things that behave as the real server does and may surprise: an empty
+//! `Impersonate-User` means no impersonation (the request runs as the real
+//! user; [`RequestRecord::empty_impersonate_user`] tells); when discovery is
+//! forbidden kubectl prints only `Error from server (Forbidden): unknown`;
+//! watch events are written `{"object":...,"type":...}` (keys sorted).
 //!
 //! Out of scope: HTTP/2, aggregated discovery, OpenAPI documents, server-side
 //! apply, admission, garbage collection, controllers (a Deployment never

@@ -455,3 +455,121 @@ pub fn serve_portforward(pipe: &mut dyn Pipe, shared: &Shared, ns: &str, pod: &s
         }
     }
 }
+
+// ---- exec over SPDY (remotecommand v4) ------------------------------------------
+
+/// Takes one complete frame off the front of `inbuf`.
+fn next_frame(inbuf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    if inbuf.len() < 8 {
+        return None;
+    }
+    let len = u32::from_be_bytes([0, inbuf[5], inbuf[6], inbuf[7]]) as usize;
+    (inbuf.len() >= 8 + len).then(|| inbuf.drain(..8 + len).collect())
+}
+
+struct SpdyExec<'a> {
+    pipe: RawPipe<'a>,
+    codec: Codec,
+    inbuf: Vec<u8>,
+    /// streamType -> stream id
+    streams: HashMap<String, u32>,
+    queue: std::collections::VecDeque<super::ws::Input>,
+}
+
+impl SpdyExec<'_> {
+    /// Reads once from the pipe and handles every complete frame.
+    fn pump(&mut self) -> io::Result<()> {
+        if let Some(b) = self.pipe.recv()? {
+            self.inbuf.extend(b);
+        }
+        while let Some(frame) = next_frame(&mut self.inbuf) {
+            let body = &frame[8..];
+            if frame[0] & 0x80 == 0 {
+                let sid = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) & 0x7fff_ffff;
+                if self.streams.get("stdin") == Some(&sid) {
+                    if !body.is_empty() {
+                        self.queue.push_back(super::ws::Input::Stdin(body.to_vec()));
+                    }
+                    if frame[4] & 1 != 0 {
+                        self.queue.push_back(super::ws::Input::StdinClosed);
+                    }
+                }
+                continue;
+            }
+            match u16::from_be_bytes([frame[2], frame[3]]) {
+                1 if body.len() >= 10 => {
+                    let sid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]) & 0x7fff_ffff;
+                    let headers = self.codec.decode_headers(&body[10..])?;
+                    if let Some((_, t)) = headers.iter().find(|(k, _)| k == "streamtype") {
+                        self.streams.insert(t.clone(), sid);
+                    }
+                    let mut reply = sid.to_be_bytes().to_vec();
+                    reply.extend(self.codec.encode_headers(&[])?);
+                    self.pipe.send(&control(2, 0, &reply))?;
+                }
+                6 => self.pipe.send(&frame)?,
+                7 => self.queue.push_back(super::ws::Input::Gone),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn send_on(&mut self, stream: &str, fin: bool, payload: &[u8]) -> io::Result<()> {
+        match self.streams.get(stream) {
+            Some(&sid) => self.pipe.send(&data(sid, fin, payload)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl super::ws::Channels for SpdyExec<'_> {
+    fn send(&mut self, channel: u8, payload: &[u8]) -> io::Result<()> {
+        let stream = match channel {
+            1 => "stdout",
+            2 => "stderr",
+            _ => "error",
+        };
+        self.send_on(stream, false, payload)
+    }
+    fn recv(&mut self) -> io::Result<Option<super::ws::Input>> {
+        if self.queue.is_empty() {
+            self.pump()?;
+        }
+        Ok(self.queue.pop_front())
+    }
+}
+
+/// Serves an exec after `101 SPDY/3.1` with `v4.channel.k8s.io`: waits for
+/// the client's streams (`want`: which of stdin/stdout/stderr it asked
+/// for), runs the shell, then writes the status and half-closes.
+pub fn serve_exec(conn: &mut Conn, command: &[String], want: &[(&str, bool)]) {
+    let mut s = SpdyExec {
+        pipe: RawPipe { conn },
+        codec: Codec::new(),
+        inbuf: Vec::new(),
+        streams: HashMap::new(),
+        queue: Default::default(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let ready =
+        |s: &SpdyExec| s.streams.contains_key("error") && want.iter().all(|(n, w)| !w || s.streams.contains_key(*n));
+    while !ready(&s) {
+        if std::time::Instant::now() > deadline || s.pump().is_err() {
+            return;
+        }
+    }
+    let stdin = want.iter().any(|(n, w)| *n == "stdin" && *w);
+    let code = super::ws::run_shell(&mut s, command, stdin);
+    let status = serde_json::to_vec(&super::ws::exit_status(command, code)).unwrap_or_default();
+    let _ = s.send_on("stdout", true, &[]);
+    let _ = s.send_on("stderr", true, &[]);
+    let _ = s.send_on("error", true, &status);
+    // Let the client read everything and hang up first.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        if s.pump().is_err() {
+            break;
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! WebSocket (RFC 6455) for `pods/exec`, `pods/attach` (the
 //! `v5.channel.k8s.io` / `v4.channel.k8s.io` stream protocols) and for the
-//! port-forward tunnel (`SPDY/3.1+portforward.k8s.io`).
+//! port-forward tunnel (`SPDY/3.1+portforward.k8s.io`); and the tiny shell
+//! behind exec, which also runs over SPDY ([`super::spdy::serve_exec`]).
 //!
 //! Channel protocol: every binary message starts with a channel byte:
 //! 0 stdin, 1 stdout, 2 stderr, 3 error (a `Status` JSON at the end),
@@ -228,12 +229,36 @@ pub fn exec_entry(ex: &mut Ex, req: &Request, ns: &str, name: &str, sub: &str) -
         ex.status(status(400, "BadRequest", "you must specify at least 1 command", json!({})));
         return true;
     }
+    let stdin = req.query_true("stdin") || req.query_true("input");
     match req.upgrade().as_deref() {
         Some("websocket") => {}
+        Some(u) if u.starts_with("spdy/3.1") => {
+            // kubectl's fallback when the WebSocket upgrade is refused.
+            let offered: Vec<String> = req
+                .headers
+                .iter()
+                .filter(|(n, _)| n == "x-stream-protocol-version")
+                .flat_map(|(_, v)| v.split(',').map(|p| p.trim().to_string()))
+                .collect();
+            if !offered.iter().any(|p| p == "v4.channel.k8s.io") {
+                let msg = format!("unable to upgrade: no supported protocol in {offered:?}");
+                ex.status(status(400, "BadRequest", &msg, json!({})));
+                return true;
+            }
+            let h = [
+                ("Connection", "Upgrade".to_string()),
+                ("Upgrade", "SPDY/3.1".to_string()),
+                ("X-Stream-Protocol-Version", "v4.channel.k8s.io".to_string()),
+            ];
+            if ex.head(101, &h, Some(0)).is_err() || ex.conn.write_all(b"").is_err() {
+                return false;
+            }
+            let want = [("stdin", stdin), ("stdout", req.query_true("stdout")), ("stderr", req.query_true("stderr"))];
+            super::spdy::serve_exec(ex.conn, &command, &want);
+            return false;
+        }
         Some(_) => {
-            // SPDY is not spoken for exec: kubectl only falls back to it when
-            // the WebSocket upgrade is refused, and this one never is.
-            ex.status(status(400, "BadRequest", "the stand-in speaks exec over WebSocket only", json!({})));
+            ex.status(status(400, "BadRequest", "unsupported upgrade", json!({})));
             return true;
         }
         None => {
@@ -243,40 +268,24 @@ pub fn exec_entry(ex: &mut Ex, req: &Request, ns: &str, name: &str, sub: &str) -
     }
     let offered = offered_protocols(req);
     let Some(proto) = offered.iter().find(|p| EXEC_PROTOCOLS.contains(&p.as_str())).cloned() else {
-        ex.status(status(
-            400,
-            "BadRequest",
-            &format!("unable to upgrade: no supported protocol in {offered:?}"),
-            json!({}),
-        ));
+        let msg = format!("unable to upgrade: no supported protocol in {offered:?}");
+        ex.status(status(400, "BadRequest", &msg, json!({})));
         return true;
     };
     if accept(ex, req, &proto).is_err() {
         return false;
     }
-    let stdin = req.query_true("stdin") || req.query_true("input");
-    let mut ws = WsPipe::new(ex.conn);
-    let mut sh = Shell { ws: &mut ws, v5: proto.starts_with("v5"), stdin_open: stdin, pending: Vec::new(), exit: None };
-    let code = sh.run(&command);
-    let st = if code == 0 {
-        json!({"metadata": {}, "status": "Success"})
-    } else {
-        json!({
-            "metadata": {},
-            "status": "Failure",
-            "message": format!("command terminated with non-zero exit code: error executing command [{}], exit code {code}", command.join(" ")),
-            "reason": "NonZeroExitCode",
-            "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
-        })
-    };
+    let ws = WsPipe::new(ex.conn);
+    let mut io = WsChannels { ws, v5: proto.starts_with("v5") };
+    let code = run_shell(&mut io, &command, stdin);
     let mut msg = vec![3u8];
-    msg.extend(serde_json::to_vec(&st).unwrap_or_default());
-    let _ = ws.send_binary(&msg);
-    ws.close();
+    msg.extend(serde_json::to_vec(&exit_status(&command, code)).unwrap_or_default());
+    let _ = io.ws.send_binary(&msg);
+    io.ws.close();
     // Give the client a moment to read the close before the TLS close.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
-        match ws.recv_msg() {
+        match io.ws.recv_msg() {
             Ok(Some(Msg::Close)) | Err(_) => break,
             _ => {}
         }
@@ -284,21 +293,74 @@ pub fn exec_entry(ex: &mut Ex, req: &Request, ns: &str, name: &str, sub: &str) -
     false
 }
 
-struct Shell<'a, 'b> {
-    ws: &'a mut WsPipe<'b>,
+/// The `Status` an exec ends with (what the kubelet writes).
+pub fn exit_status(command: &[String], code: i32) -> serde_json::Value {
+    if code == 0 {
+        return json!({"metadata": {}, "status": "Success"});
+    }
+    json!({
+        "metadata": {},
+        "status": "Failure",
+        "message": format!("command terminated with non-zero exit code: error executing command [{}], exit code {code}", command.join(" ")),
+        "reason": "NonZeroExitCode",
+        "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
+    })
+}
+
+/// What the shell reads from the client.
+pub enum Input {
+    Stdin(Vec<u8>),
+    StdinClosed,
+    Gone,
+}
+
+/// The stream channels of one exec, whatever carries them.
+pub trait Channels {
+    /// Writes to channel 1 (stdout), 2 (stderr) or 3 (error).
+    fn send(&mut self, channel: u8, data: &[u8]) -> io::Result<()>;
+    /// The next input; `Ok(None)` after a short wait with nothing.
+    fn recv(&mut self) -> io::Result<Option<Input>>;
+}
+
+struct WsChannels<'a> {
+    ws: WsPipe<'a>,
     v5: bool,
+}
+
+impl Channels for WsChannels<'_> {
+    fn send(&mut self, channel: u8, data: &[u8]) -> io::Result<()> {
+        let mut m = vec![channel];
+        m.extend_from_slice(data);
+        self.ws.send_binary(&m)
+    }
+    fn recv(&mut self) -> io::Result<Option<Input>> {
+        Ok(match self.ws.recv_msg()? {
+            None => None,
+            Some(Msg::Close) => Some(Input::Gone),
+            Some(Msg::Binary(m)) | Some(Msg::Text(m)) => match m.first() {
+                Some(0) => Some(Input::Stdin(m[1..].to_vec())),
+                Some(255) if self.v5 && m.get(1) == Some(&0) => Some(Input::StdinClosed),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// Runs `command` in the tiny shell; returns its exit status.
+pub fn run_shell(io: &mut dyn Channels, command: &[String], stdin: bool) -> i32 {
+    Shell { io, stdin_open: stdin, exit: None }.run(command)
+}
+
+struct Shell<'a> {
+    io: &'a mut dyn Channels,
     stdin_open: bool,
-    /// stdin that arrived before a `cat` asked for it.
-    pending: Vec<u8>,
     /// Set by `exit N`.
     exit: Option<i32>,
 }
 
-impl Shell<'_, '_> {
+impl Shell<'_> {
     fn out(&mut self, channel: u8, data: &[u8]) -> io::Result<()> {
-        let mut m = vec![channel];
-        m.extend_from_slice(data);
-        self.ws.send_binary(&m)
+        self.io.send(channel, data)
     }
 
     /// Runs the command, returning its exit status.
@@ -348,15 +410,11 @@ impl Shell<'_, '_> {
                 Ok(Some(0))
             }
             "cat" => {
-                let pending = std::mem::take(&mut self.pending);
-                self.out(1, &pending)?;
                 while self.stdin_open {
-                    match self.ws.recv_msg()? {
+                    match self.io.recv()? {
                         None => {}
-                        Some(Msg::Close) => {
-                            self.stdin_open = false;
-                        }
-                        Some(Msg::Binary(m)) | Some(Msg::Text(m)) => self.channel_msg(&m, true)?,
+                        Some(Input::Stdin(d)) => self.out(1, &d)?,
+                        Some(Input::StdinClosed) | Some(Input::Gone) => self.stdin_open = false,
                     }
                 }
                 Ok(Some(0))
@@ -365,21 +423,6 @@ impl Shell<'_, '_> {
                 self.out(2, format!("sh: {other}: not found\n").as_bytes())?;
                 Ok(Some(127))
             }
-        }
-    }
-
-    fn channel_msg(&mut self, m: &[u8], echo: bool) -> io::Result<()> {
-        match m.first() {
-            Some(0) if echo => self.out(1, &m[1..]),
-            Some(0) => {
-                self.pending.extend_from_slice(&m[1..]);
-                Ok(())
-            }
-            Some(255) if self.v5 && m.get(1) == Some(&0) => {
-                self.stdin_open = false;
-                Ok(())
-            }
-            _ => Ok(()),
         }
     }
 }

@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# Static, reproducible release builds of uplink (agent) and uplink-hub for
+# x86_64 and aarch64 Linux (musl), packed as release tarballs.
+#
+#   cross/build.sh [--target TRIPLE]... [--opt-level z|s|3] [--no-install]
+#                  [--no-pack] [--verify-reproducible]
+#
+# Output (dist/ at the repository top, git-ignored):
+#   dist/uplink-VERSION-TRIPLE/           the staged tree of each tarball
+#   dist/uplink-VERSION-TRIPLE.tar.gz     binaries, systemd units, config, README, LICENSE
+#   dist/SHA256SUMS                       sha256 of every tarball
+#
+# Toolchain choice: rustup's musl targets ship their own musl libc.a and
+# start files, so only a C compiler is needed for the C inside ring and
+# rusqlite's bundled SQLite. We use Debian's gcc (native for x86_64,
+# gcc-aarch64-linux-gnu for aarch64) with the musl-gcc specs file of
+# Debian's musl-dev for that architecture, so the C code is compiled against
+# musl's headers, not glibc's. (Plain glibc headers are not enough: SQLite
+# then calls open64/fstat64/..., which the static musl of Rust does not
+# export.) cargo-zigbuild would do the same job but needs zig, which is not a
+# Debian package; this way everything comes from apt and rustup.
+#
+# Reproducibility: the same commit gives the same bytes. Paths are remapped
+# (--remap-path-prefix for rustc, -ffile-prefix-map for gcc) so the checkout
+# and cargo home locations do not leak into the binaries; SOURCE_DATE_EPOCH is
+# the commit time; tarballs are packed sorted, with fixed owner and mtime, and
+# gzip -n. --verify-reproducible builds a second time from a copy of the tree
+# at another path with a fresh target directory and compares every sha256.
+#
+# Checks after each build: `file` must say statically linked; the agent must
+# not contain SQLite (hub-only code); sizes against cross/size-budget; and
+# each binary is run (aarch64 under qemu-aarch64-static) as a smoke test.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+TARGETS=()
+OPT_LEVEL=""
+INSTALL=1
+PACK=1
+VERIFY=0
+
+usage() {
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+}
+
+while (($#)); do
+    case "$1" in
+    --target)
+        TARGETS+=("${2:?--target needs a triple}")
+        shift 2
+        ;;
+    --opt-level)
+        OPT_LEVEL="${2:?--opt-level needs a value}"
+        shift 2
+        ;;
+    --no-install) INSTALL=0 && shift ;;
+    --no-pack) PACK=0 && shift ;;
+    --verify-reproducible) VERIFY=1 && shift ;;
+    -h | --help) usage ;;
+    *)
+        echo "unknown argument: $1" >&2
+        usage
+        ;;
+    esac
+done
+((${#TARGETS[@]})) || TARGETS=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl)
+
+log() { printf '\n=== %s\n' "$*" >&2; }
+die() {
+    printf 'cross/build.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)"
+[[ -n "$VERSION" ]] || die "cannot read the package version from Cargo.toml"
+
+# The commit time makes every timestamp (tar entries, anything a build script
+# stamps) a function of the commit. Outside git, fall back to a fixed epoch.
+if [[ -z "${SOURCE_DATE_EPOCH:-}" ]]; then
+    SOURCE_DATE_EPOCH="$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || echo 0)"
+fi
+export SOURCE_DATE_EPOCH
+
+# --- toolchain ---------------------------------------------------------------
+
+# Debian multiarch directory of each target (for musl-dev's specs file).
+musl_dir() {
+    case "$1" in
+    x86_64-unknown-linux-musl) echo x86_64-linux-musl ;;
+    aarch64-unknown-linux-musl) echo aarch64-linux-musl ;;
+    *) die "unsupported target $1 (x86_64-unknown-linux-musl, aarch64-unknown-linux-musl)" ;;
+    esac
+}
+
+gcc_for() {
+    case "$1" in
+    x86_64-unknown-linux-musl) echo x86_64-linux-gnu-gcc ;;
+    aarch64-unknown-linux-musl) echo aarch64-linux-gnu-gcc ;;
+    esac
+}
+
+deb_arch() {
+    case "$1" in
+    x86_64-unknown-linux-musl) echo amd64 ;;
+    aarch64-unknown-linux-musl) echo arm64 ;;
+    esac
+}
+
+install_toolchain() {
+    local t apt_pkgs=() arch
+    local installed
+    installed="$(rustup target list --installed)"
+    for t in "${TARGETS[@]}"; do
+        grep -qx "$t" <<<"$installed" || rustup target add "$t"
+        arch="$(deb_arch "$t")"
+        command -v "$(gcc_for "$t")" >/dev/null || apt_pkgs+=("gcc-$(gcc_for "$t" | sed 's/-gcc$//')")
+        if [[ ! -f "/usr/lib/$(musl_dir "$t")/musl-gcc.specs" ]]; then
+            if [[ "$arch" != "$(dpkg --print-architecture)" ]] &&
+                ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+                dpkg --add-architecture "$arch"
+            fi
+            apt_pkgs+=("musl-dev:$arch")
+        fi
+        if [[ "$t" == aarch64-* && "$(uname -m)" != aarch64 ]]; then
+            command -v qemu-aarch64-static >/dev/null || apt_pkgs+=(qemu-user-static)
+        fi
+    done
+    command -v file >/dev/null || apt_pkgs+=(file)
+    if ((${#apt_pkgs[@]})); then
+        log "apt-get install ${apt_pkgs[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
+    fi
+}
+
+# --- build -------------------------------------------------------------------
+
+# Environment for one cargo invocation for target $1. Everything is passed
+# through the environment so the repository needs no .cargo/config.toml.
+cargo_env() {
+    local t="$1" up cargo_home rustup_home target_dir
+    up="$(tr '[:lower:]-' '[:upper:]_' <<<"$t")"
+    cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+    rustup_home="${RUSTUP_HOME:-$HOME/.rustup}"
+    target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
+    local remap=(
+        "--remap-path-prefix=$ROOT=/build/uplink"
+        "--remap-path-prefix=$target_dir=/build/target"
+        "--remap-path-prefix=$cargo_home=/cargo"
+        "--remap-path-prefix=$rustup_home=/rustup"
+    )
+    local cmap="-ffile-prefix-map=$ROOT=/build/uplink -ffile-prefix-map=$target_dir=/build/target"
+    cmap+=" -ffile-prefix-map=$cargo_home=/cargo"
+    printf '%s\n' \
+        "CC_${t//-/_}=$(gcc_for "$t")" \
+        "CFLAGS_${t//-/_}=-specs=/usr/lib/$(musl_dir "$t")/musl-gcc.specs $cmap" \
+        "CARGO_TARGET_${up}_LINKER=$(gcc_for "$t")" \
+        "CARGO_TARGET_${up}_RUSTFLAGS=-C target-feature=+crt-static ${remap[*]}"
+    [[ -z "$OPT_LEVEL" ]] || echo "CARGO_PROFILE_RELEASE_OPT_LEVEL=$OPT_LEVEL"
+}
+
+build_target() {
+    local t="$1" envs=()
+    mapfile -t envs < <(cargo_env "$t")
+    # RUSTFLAGS would silently override the per-target flags above.
+    log "build uplink (agent, --no-default-features) for $t"
+    env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS "${envs[@]}" \
+        cargo build --release --locked --target "$t" --no-default-features --bin uplink
+    log "build uplink-hub for $t"
+    env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS "${envs[@]}" \
+        cargo build --release --locked --target "$t" --bin uplink-hub
+}
+
+bin_dir() { echo "${CARGO_TARGET_DIR:-$ROOT/target}/$1/release"; }
+
+# --- checks ------------------------------------------------------------------
+
+budget_for() {
+    awk -v n="$1" '$1 == n { print $2 }' "$ROOT/cross/size-budget"
+}
+
+run_bin() {
+    local t="$1"
+    shift
+    if [[ "$t" == "$(uname -m)"-* ]]; then
+        "$@"
+    elif [[ "$t" == aarch64-* ]]; then
+        qemu-aarch64-static "$@"
+    else
+        die "no way to run a $t binary on $(uname -m)"
+    fi
+}
+
+check_target() {
+    local t="$1" dir b size budget desc out
+    dir="$(bin_dir "$t")"
+    for b in uplink uplink-hub; do
+        [[ -x "$dir/$b" ]] || die "$dir/$b was not built"
+        desc="$(file -b "$dir/$b")"
+        [[ "$desc" == *"statically linked"* || "$desc" == *"static-pie linked"* ]] ||
+            die "$t/$b is not statically linked: $desc"
+        size="$(stat -c %s "$dir/$b")"
+        budget="$(budget_for "$b")"
+        [[ -n "$budget" ]] || die "no budget for $b in cross/size-budget"
+        printf '%-28s %-11s %9d bytes (budget %d)  %s\n' "$t" "$b" "$size" "$budget" \
+            "$(sha256sum "$dir/$b" | cut -c1-16)" >&2
+        ((size <= budget)) || die "$t/$b is $size bytes, over its budget of $budget (cross/size-budget)"
+    done
+    # The agent must not link what only the hub needs (DESIGN.md).
+    if grep -qa "SQLite format 3" "$dir/uplink"; then
+        die "$t/uplink contains SQLite: hub-only code leaked into the agent"
+    fi
+    out="$(run_bin "$t" "$dir/uplink" version)" || die "$t/uplink version failed"
+    [[ "$out" == *"$VERSION"* ]] || die "$t/uplink version printed '$out', not $VERSION"
+    run_bin "$t" "$dir/uplink-hub" --help >/dev/null || die "$t/uplink-hub --help failed"
+    printf '%-28s smoke test ok: %s\n' "$t" "$out" >&2
+}
+
+# --- pack --------------------------------------------------------------------
+
+pack_target() {
+    local t="$1" name stage dir
+    name="uplink-$VERSION-$t"
+    stage="$ROOT/dist/$name"
+    dir="$(bin_dir "$t")"
+    rm -rf "$stage"
+    mkdir -p "$stage/systemd" "$stage/config"
+    install -m 0755 "$dir/uplink" "$dir/uplink-hub" "$stage/"
+    install -m 0644 "$ROOT"/systemd/*.service "$stage/systemd/"
+    install -m 0644 "$ROOT"/config/* "$stage/config/"
+    install -m 0644 "$ROOT/README.md" "$ROOT/LICENSE" "$stage/"
+    chmod 0755 "$stage" "$stage/systemd" "$stage/config"
+    # Deterministic archive: sorted names, numeric root owner, the commit time
+    # as every mtime, no atime/ctime pax records, gzip without name or time.
+    tar --sort=name --format=posix \
+        --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
+        --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
+        -C "$ROOT/dist" -cf - "$name" | gzip -9n >"$ROOT/dist/$name.tar.gz"
+    echo "$name.tar.gz"
+}
+
+# --- main --------------------------------------------------------------------
+
+((INSTALL)) && install_toolchain
+
+for t in "${TARGETS[@]}"; do
+    musl_dir "$t" >/dev/null
+    build_target "$t"
+done
+
+log "checks"
+for t in "${TARGETS[@]}"; do
+    check_target "$t"
+done
+
+if ((PACK)); then
+    log "pack"
+    mkdir -p "$ROOT/dist"
+    tarballs=()
+    for t in "${TARGETS[@]}"; do
+        tarballs+=("$(pack_target "$t")")
+    done
+    (cd "$ROOT/dist" && sha256sum "${tarballs[@]}" >SHA256SUMS)
+    cat "$ROOT/dist/SHA256SUMS" >&2
+fi
+
+if ((VERIFY)); then
+    log "reproducibility: second build from a copy of the tree at another path"
+    copy="$(mktemp -d /tmp/uplink-repro.XXXXXX)"
+    trap 'rm -rf "$copy"' EXIT
+    # Only what the build reads: the sources as they are now (committed or not).
+    tar -C "$ROOT" --exclude=./target --exclude=./dist --exclude=./.git -cf - . | tar -C "$copy" -xf -
+    targs=()
+    for t in "${TARGETS[@]}"; do targs+=(--target "$t"); done
+    [[ -z "$OPT_LEVEL" ]] || targs+=(--opt-level "$OPT_LEVEL")
+    ((PACK)) || targs+=(--no-pack)
+    CARGO_TARGET_DIR="$copy/target" SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" \
+        bash "$copy/cross/build.sh" --no-install "${targs[@]}"
+    fail=0
+    for t in "${TARGETS[@]}"; do
+        for b in uplink uplink-hub; do
+            a="$(sha256sum <"$(bin_dir "$t")/$b")"
+            c="$(sha256sum <"$copy/target/$t/release/$b")"
+            if [[ "$a" == "$c" ]]; then
+                echo "reproducible: $t/$b ${a%% *}" >&2
+            else
+                echo "NOT reproducible: $t/$b ${a%% *} != ${c%% *}" >&2
+                fail=1
+            fi
+        done
+    done
+    if ((PACK)); then
+        if cmp -s "$ROOT/dist/SHA256SUMS" "$copy/dist/SHA256SUMS"; then
+            echo "reproducible: tarballs (SHA256SUMS identical)" >&2
+        else
+            diff "$ROOT/dist/SHA256SUMS" "$copy/dist/SHA256SUMS" >&2 || true
+            fail=1
+        fi
+    fi
+    ((fail == 0)) || die "the second build differs"
+fi

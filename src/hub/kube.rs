@@ -1,0 +1,589 @@
+//! The kube front end: `/k8s/clusters/NAME/...` for kubectl and any
+//! Kubernetes client.
+//!
+//! ```text
+//!  request ─► path check ─► authenticate ─► grant ─► no Impersonate-* ─►
+//!  cluster live? ─► open stream {head, identity} ─► upload body ─►
+//!  response head ─┬─ 101: raw bytes both ways, half-close
+//!                 └─ else: status + end-to-end headers, body streamed
+//!  ─► audit + metrics
+//! ```
+//!
+//! Errors made here are Kubernetes `Status` objects, so kubectl prints
+//! them as it prints the API server's own.
+//!
+//! Headers: hop-by-hop fields (RFC 9110 §7.6.1), `Authorization`, `Host`
+//! and the fields a `Connection` header names are not forwarded; an
+//! upgrade carries `Connection: Upgrade` and `Upgrade` so the agent can
+//! ask the API server for the same switch. Every `Impersonate-*` field is
+//! refused, never dropped silently.
+
+use super::clock::now_ms;
+use super::http::{self, BodyState, Request, Response, head_bytes, is_hop_by_hop, write_chunk};
+use super::server::{In, Out, Reply};
+use super::store::{AuditEntry, Lifecycle, User};
+use super::{Hub, api, may_reach, valid_cluster_name};
+use crate::driver::Stream;
+use crate::proto::{Header, Identity, RequestHead};
+use smol::future::FutureExt;
+use smol::io::{AsyncReadExt, AsyncWriteExt};
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "/k8s/clusters/";
+
+/// After the cluster side of an upgraded stream ends, how long the client
+/// side may keep sending before the connection is dropped.
+const UPGRADE_LINGER: Duration = Duration::from_secs(10);
+
+/// A Kubernetes `Status` failure (what the API server itself answers).
+pub fn status_response(code: u16, message: &str) -> Response {
+    let reason = match code {
+        400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "NotFound",
+        405 => "MethodNotAllowed",
+        409 => "Conflict",
+        503 => "ServiceUnavailable",
+        504 => "Timeout",
+        _ => "InternalError",
+    };
+    Response::json(
+        code,
+        &serde_json::json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }),
+    )
+}
+
+/// A hub-made error for a request whose forwarded path is `forward`.
+///
+/// client-go reads discovery answers (`/api`, `/apis`, `/version`,
+/// `/openapi/...`) raw and shows the body of a failed one only when it is
+/// `text/*` (otherwise kubectl prints "unknown"). Those paths get the
+/// message as text so `kubectl --as` or a missing grant reads clearly on
+/// a fresh discovery cache; everything else gets a `Status` object.
+pub fn error_for(forward: &str, code: u16, message: &str) -> Response {
+    let path = forward.split('?').next().unwrap_or("").trim_end_matches('/');
+    if matches!(path, "/api" | "/apis" | "/version" | "") || path.starts_with("/openapi") {
+        let mut r = status_response(code, message);
+        r.content_type = "text/plain; charset=utf-8";
+        r.body = format!("{message}\n").into_bytes();
+        return r;
+    }
+    status_response(code, message)
+}
+
+/// Splits `/k8s/clusters/NAME/REST?QUERY` into the cluster name and the
+/// path to forward (`/REST?QUERY`). Refuses anything that could make the
+/// forwarded path differ from what the hub checked: dot segments, empty
+/// segments, backslashes, encoded `/`, `\`, `.` or `%`, control bytes,
+/// and a second `/k8s/` prefix.
+pub fn split_target(target: &str) -> Result<(String, String), &'static str> {
+    if !target.starts_with('/') {
+        return Err("the request target must be a path");
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    if path.bytes().any(|b| b.is_ascii_control() || b == b'\\' || b == b' ' || b == b'#') {
+        return Err("control characters, spaces and backslashes are not allowed in the path");
+    }
+    let lower = path.to_ascii_lowercase();
+    for bad in ["%2f", "%5c", "%2e", "%25", "%00"] {
+        if lower.contains(bad) {
+            return Err("encoded '/', '\\', '.' or '%' are not allowed in the path");
+        }
+    }
+    let rest = path.strip_prefix(PREFIX).ok_or("kube paths look like /k8s/clusters/NAME/api/...")?;
+    let mut segments = rest.split('/');
+    let name = segments.next().unwrap_or("");
+    if !valid_cluster_name(name) {
+        return Err("the cluster name in the path is not a valid cluster name");
+    }
+    let segments: Vec<&str> = segments.collect();
+    for (i, s) in segments.iter().enumerate() {
+        if *s == "." || *s == ".." {
+            return Err("'.' and '..' path segments are not allowed");
+        }
+        if s.is_empty() && i + 1 != segments.len() {
+            return Err("empty path segments ('//') are not allowed");
+        }
+    }
+    let mut forward = format!("/{}", segments.join("/"));
+    if forward.starts_with("/k8s/") || forward == "/k8s" {
+        return Err("a second /k8s/ prefix is not allowed");
+    }
+    if let Some(q) = query {
+        if q.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err("control characters are not allowed in the query");
+        }
+        forward.push('?');
+        forward.push_str(q);
+    }
+    Ok((name.to_string(), forward))
+}
+
+/// What gets audited about a request.
+struct Audit<'a> {
+    hub: &'a Hub,
+    start: Instant,
+    time: i64,
+    user: &'a User,
+    groups: Vec<String>,
+    cluster: String,
+    method: String,
+    path: String,
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    upgrade: bool,
+}
+
+impl Audit<'_> {
+    fn finish(&self) {
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        self.hub.metrics.record(&self.cluster, self.status, self.bytes_in, self.bytes_out);
+        let entry = AuditEntry {
+            id: 0,
+            time: self.time,
+            user: self.user.name.clone(),
+            groups: self.groups.clone(),
+            cluster: self.cluster.clone(),
+            method: self.method.clone(),
+            path: self.path.clone(),
+            status: self.status,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            duration_ms,
+            upgrade: self.upgrade,
+        };
+        if let Err(e) = self.hub.store.append_audit(&entry) {
+            log::error!("audit write failed error={e}");
+        }
+        log::info!(
+            "kube request user={} cluster={} method={} path={:?} status={} bytes_in={} bytes_out={} duration_ms={duration_ms} upgrade={}",
+            entry.user,
+            entry.cluster,
+            entry.method,
+            entry.path,
+            entry.status,
+            entry.bytes_in,
+            entry.bytes_out,
+            entry.upgrade
+        );
+    }
+}
+
+/// Serves one kube front-end request.
+pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In, out: &mut Out) -> Reply {
+    let (cluster_name, forward) = match split_target(&req.target) {
+        Ok(x) => x,
+        Err(why) => return Reply::Send(status_response(400, &format!("path rejected by uplink-hub: {why}"))),
+    };
+    let user = match api::authenticate(hub, req) {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            return Reply::Send(error_for(
+                &forward,
+                401,
+                "Unauthorized: uplink-hub needs a valid bearer token (get a kubeconfig with `uplink-hub kubeconfig --cluster NAME`)",
+            ));
+        }
+        Err(e) => return Reply::Send(error_for(&forward, 503, &format!("uplink-hub store failed: {e}"))),
+    };
+    let grants = hub.store.grants().unwrap_or_default();
+    let mut audit = Audit {
+        hub,
+        start: Instant::now(),
+        time: now_ms(),
+        user: &user,
+        groups: user.groups.clone(),
+        cluster: cluster_name.clone(),
+        method: req.method.clone(),
+        path: forward.clone(),
+        status: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        upgrade: req.upgrade().is_some(),
+    };
+    let refuse = |audit: &mut Audit<'_>, code: u16, message: String| {
+        audit.status = code;
+        audit.finish();
+        Reply::Send(error_for(&audit.path, code, &message))
+    };
+    if !may_reach(&user, &grants, &cluster_name) {
+        return refuse(
+            &mut audit,
+            403,
+            format!(
+                "uplink-hub: user \"{}\" has no grant for cluster \"{cluster_name}\"; ask a hub admin for one (`uplink-hub grant add`)",
+                user.name
+            ),
+        );
+    }
+    if let Some((name, _)) =
+        req.headers.iter().find(|(n, _)| n.len() >= 12 && n[..12].eq_ignore_ascii_case("impersonate-"))
+    {
+        return refuse(
+            &mut audit,
+            403,
+            format!(
+                "uplink-hub refuses impersonation ({name} header): requests reach cluster \"{cluster_name}\" as your hub user \"{}\"{}; remove --as/--as-group",
+                user.name,
+                if user.groups.is_empty() { String::new() } else { format!(" (groups {})", user.groups.join(", ")) }
+            ),
+        );
+    }
+    let cluster = match hub.store.cluster(&cluster_name) {
+        Ok(Some(c)) if c.lifecycle != Lifecycle::Deregistered => c,
+        Ok(_) => return refuse(&mut audit, 404, format!("uplink-hub: no registered cluster \"{cluster_name}\"")),
+        Err(e) => return refuse(&mut audit, 503, format!("uplink-hub store failed: {e}")),
+    };
+    if !cluster.users.is_empty() && !cluster.users.iter().any(|u| *u == user.name || u == "*") {
+        return refuse(
+            &mut audit,
+            403,
+            format!(
+                "uplink-hub: cluster \"{cluster_name}\" was registered to impersonate only [{}], not \"{}\"; an admin can register it again with that user",
+                cluster.users.join(", "),
+                user.name
+            ),
+        );
+    }
+    // Only groups the cluster's RBAC lets the agent impersonate: asking
+    // for more would fail the whole request. Dropping one only narrows.
+    let groups: Vec<String> = if cluster.groups.is_empty() {
+        user.groups.clone()
+    } else {
+        user.groups.iter().filter(|g| cluster.groups.iter().any(|c| c == *g || c == "*")).cloned().collect()
+    };
+    audit.groups = groups.clone();
+    if cluster.lifecycle == Lifecycle::Pending {
+        return refuse(
+            &mut audit,
+            503,
+            format!(
+                "cluster \"{cluster_name}\" is registered but no agent has activated it yet; install its manifest or activation file"
+            ),
+        );
+    }
+    let Some(session) = hub.tunnels.pick(&cluster.id) else {
+        return refuse(
+            &mut audit,
+            503,
+            format!(
+                "cluster \"{cluster_name}\" is not connected to uplink-hub (DISCONNECTED): its agent is not running or cannot reach the hub"
+            ),
+        );
+    };
+
+    let upgrade = req.upgrade().map(str::to_string);
+    let head = RequestHead {
+        method: req.method.clone(),
+        path: forward.clone(),
+        headers: forward_headers(req, upgrade.as_deref()),
+        identity: Identity { user: user.name.clone(), groups, uid: None, extra: Vec::new() },
+    };
+    let mut stream = match session.open(head) {
+        Ok(s) => s,
+        Err(e) => {
+            return refuse(&mut audit, 503, format!("cluster \"{cluster_name}\" could not take the request: {e}"));
+        }
+    };
+
+    let upgrading = upgrade.is_some();
+    // Upload the request body, then wait for the answer; the client
+    // going away at any point cancels the stream (dropping it resets).
+    let upload = async {
+        loop {
+            match inb.read_body(body).await {
+                Ok(Some(chunk)) => {
+                    audit.bytes_in += chunk.len() as u64;
+                    if stream.write_all(&chunk).await.is_err() {
+                        return Err(502);
+                    }
+                }
+                Ok(None) => {
+                    // An upgrade request keeps its send side open: after a
+                    // 101 the same stream carries the client's raw bytes.
+                    if !upgrading {
+                        stream.finish();
+                    }
+                    break;
+                }
+                Err(_) => return Err(0),
+            }
+        }
+        match stream.response_head().await {
+            Ok(h) => Ok(h),
+            Err(e) => {
+                log::warn!("no response head cluster={cluster_name} error={e}");
+                Err(502)
+            }
+        }
+    };
+    let resp_head = match upload.await {
+        Ok(h) => h,
+        Err(0) => {
+            audit.status = 499;
+            audit.finish();
+            return Reply::Done(false);
+        }
+        Err(code) => {
+            drop(stream);
+            return refuse(
+                &mut audit,
+                code,
+                format!("cluster \"{cluster_name}\" stopped answering (tunnel or API server failed)"),
+            );
+        }
+    };
+    audit.status = resp_head.status;
+
+    if resp_head.status == 101 {
+        if upgrade.is_none() {
+            return refuse(&mut audit, 502, "the cluster switched protocols without being asked".into());
+        }
+        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = resp_head
+            .headers
+            .into_iter()
+            .filter(|h| !is_hop_by_hop_bytes(&h.name))
+            .map(|h| (h.name, h.value))
+            .collect();
+        fields.push((b"Connection".to_vec(), b"Upgrade".to_vec()));
+        fields.push((b"Upgrade".to_vec(), upgrade.unwrap_or_default().into_bytes()));
+        if out.write_all(&head_bytes(101, &fields)).await.is_err() || out.flush().await.is_err() {
+            audit.finish();
+            return Reply::Done(false);
+        }
+        let (up, down) = pipe(stream, inb, out).await;
+        audit.bytes_in += up;
+        audit.bytes_out += down;
+        audit.finish();
+        return Reply::Done(false);
+    }
+
+    // Status and end-to-end headers pass through; framing is ours.
+    let no_body = req.method == "HEAD" || resp_head.status == 204 || resp_head.status == 304 || resp_head.status < 200;
+    let length: Option<u64> = resp_head
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(b"content-length"))
+        .and_then(|h| std::str::from_utf8(&h.value).ok()?.trim().parse().ok());
+    let chunked = !no_body && length.is_none() && req.minor >= 1;
+    let keep = req.keep_alive() && (no_body || length.is_some() || chunked);
+    let mut fields: Vec<(Vec<u8>, Vec<u8>)> =
+        resp_head.headers.into_iter().filter(|h| !is_hop_by_hop_bytes(&h.name)).map(|h| (h.name, h.value)).collect();
+    if chunked {
+        fields.push((b"Transfer-Encoding".to_vec(), b"chunked".to_vec()));
+    }
+    if !keep {
+        fields.push((b"Connection".to_vec(), b"close".to_vec()));
+    }
+    if out.write_all(&head_bytes(audit.status, &fields)).await.is_err() || out.flush().await.is_err() {
+        audit.finish();
+        return Reply::Done(false);
+    }
+    let download = async {
+        let mut sent: u64 = 0;
+        loop {
+            match stream.read_chunk().await {
+                Ok(Some(chunk)) => {
+                    if no_body {
+                        continue;
+                    }
+                    sent += chunk.len() as u64;
+                    let w = if chunked { write_chunk(out, &chunk).await } else { out.write_all(&chunk).await };
+                    // Flush every piece: watch events and log lines must
+                    // reach the client as they happen.
+                    if w.is_err() || out.flush().await.is_err() {
+                        return (sent, false);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("response stream broke cluster={cluster_name} error={e}");
+                    return (sent, false);
+                }
+            }
+        }
+        if chunked && (out.write_all(b"0\r\n\r\n").await.is_err() || out.flush().await.is_err()) {
+            return (sent, false);
+        }
+        let complete = length.is_none_or(|l| l == sent || no_body);
+        (sent, complete)
+    };
+    let client_gone = async {
+        // The client sends nothing while it waits; EOF means it left
+        // (kubectl stops a watch or `logs -f` by closing the connection).
+        loop {
+            match inb.fill().await {
+                Ok(0) | Err(_) => return (0, false),
+                Ok(_) if inb.buffered() > http::MAX_HEAD => std::future::pending::<()>().await,
+                Ok(_) => {}
+            }
+        }
+    };
+    let (sent, complete) = download.or(client_gone).await;
+    audit.bytes_out = sent;
+    audit.finish();
+    Reply::Done(keep && complete)
+}
+
+fn is_hop_by_hop_bytes(name: &[u8]) -> bool {
+    std::str::from_utf8(name).map_or(true, is_hop_by_hop)
+}
+
+/// The request fields that travel to the agent.
+fn forward_headers(req: &Request, upgrade: Option<&str>) -> Vec<Header> {
+    // Fields the client's Connection header marks hop-by-hop (RFC 9110 §7.6.1).
+    let named: Vec<String> = req
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .collect();
+    let mut out: Vec<Header> = req
+        .headers
+        .iter()
+        .filter(|(n, _)| {
+            !is_hop_by_hop(n)
+                && !n.eq_ignore_ascii_case("authorization")
+                && !n.eq_ignore_ascii_case("host")
+                && !named.iter().any(|t| n.eq_ignore_ascii_case(t))
+        })
+        .map(|(n, v)| Header::new(n.as_bytes(), v.clone()))
+        .collect();
+    if let Some(u) = upgrade {
+        out.push(Header::new("Connection", "Upgrade"));
+        out.push(Header::new("Upgrade", u));
+    }
+    out
+}
+
+async fn stream_read(s: &RefCell<Stream>, buf: &mut [u8]) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| smol::io::AsyncRead::poll_read(Pin::new(&mut *s.borrow_mut()), cx, buf)).await
+}
+
+async fn stream_write(s: &RefCell<Stream>, data: &[u8]) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| smol::io::AsyncWrite::poll_write(Pin::new(&mut *s.borrow_mut()), cx, data)).await
+}
+
+/// Pipes an upgraded connection: client bytes to the stream, stream bytes
+/// to the client, each direction half-closing on its own. Returns the
+/// bytes (up, down).
+async fn pipe(stream: Stream, inb: &mut In, out: &mut Out) -> (u64, u64) {
+    let stream = RefCell::new(stream);
+    let up_bytes = std::cell::Cell::new(0u64);
+    let down_bytes = std::cell::Cell::new(0u64);
+    let up = async {
+        let mut buf = vec![0u8; http::BODY_CHUNK];
+        loop {
+            match inb.read(&mut buf).await {
+                Ok(0) => {
+                    stream.borrow_mut().finish();
+                    return true;
+                }
+                Ok(n) => {
+                    let mut data = &buf[..n];
+                    while !data.is_empty() {
+                        match stream_write(&stream, data).await {
+                            Ok(k) => data = &data[k..],
+                            Err(_) => return false,
+                        }
+                    }
+                    up_bytes.set(up_bytes.get() + n as u64);
+                }
+                Err(_) => return false,
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; http::BODY_CHUNK];
+        loop {
+            match stream_read(&stream, &mut buf).await {
+                Ok(0) => {
+                    // close(): TLS close_notify, then TCP write shutdown;
+                    // the client may still send (half-close).
+                    let _ = out.close().await;
+                    return true;
+                }
+                Ok(n) => {
+                    if out.write_all(&buf[..n]).await.is_err() || out.flush().await.is_err() {
+                        return false;
+                    }
+                    down_bytes.set(down_bytes.get() + n as u64);
+                }
+                Err(_) => return false,
+            }
+        }
+    };
+    // Whichever side ends first: a clean client EOF waits for the cluster
+    // side; a clean cluster EOF gives the client a moment to finish.
+    let mut up = std::pin::pin!(up);
+    let mut down = std::pin::pin!(down);
+    enum First {
+        Up(bool),
+        Down(bool),
+    }
+    let first = async { First::Up(up.as_mut().await) }.or(async { First::Down(down.as_mut().await) }).await;
+    match first {
+        First::Up(true) => {
+            down.await;
+        }
+        First::Down(true) => {
+            up.or(async {
+                smol::Timer::after(UPGRADE_LINGER).await;
+                false
+            })
+            .await;
+        }
+        _ => {}
+    }
+    (up_bytes.get(), down_bytes.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_target;
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            split_target("/k8s/clusters/edge-1/api/v1/pods?watch=1").unwrap(),
+            ("edge-1".into(), "/api/v1/pods?watch=1".into())
+        );
+        assert_eq!(split_target("/k8s/clusters/edge-1").unwrap(), ("edge-1".into(), "/".into()));
+        assert_eq!(split_target("/k8s/clusters/edge-1/").unwrap(), ("edge-1".into(), "/".into()));
+        assert_eq!(split_target("/k8s/clusters/edge-1/api/").unwrap(), ("edge-1".into(), "/api/".into()));
+        for bad in [
+            "/k8s/clusters/edge-1/../edge-2/api",
+            "/k8s/clusters/edge-1/api/%2e%2e/x",
+            "/k8s/clusters/edge-1%2Fapi",
+            "/k8s/clusters/edge-1/api%2F..%2F",
+            "/k8s/clusters/edge-1/k8s/clusters/edge-2/api",
+            "/k8s/clusters/edge-1//api",
+            "/k8s/clusters/../clusters/edge-2/api",
+            "/k8s/clusters/edge-1/api/./v1",
+            "/k8s/clusters/edge-1\\..\\edge-2",
+            "/k8s/clusters/%65dge-1/api",
+            "/k8s/clusters/edge-1/api/%252e%252e",
+            "/k8s/clusters//edge-1/api",
+            "/k8s/clusters/Edge-1/api",
+            "http://x/k8s/clusters/edge-1/api",
+        ] {
+            assert!(split_target(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Counters for `/metrics` (Prometheus text format 0.0.4).
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+#[derive(Default)]
+pub struct Metrics {
+    /// (cluster, status code) → proxied requests.
+    requests: RefCell<BTreeMap<(String, u16), u64>>,
+    /// cluster → (bytes from clients, bytes to clients).
+    bytes: RefCell<BTreeMap<String, (u64, u64)>>,
+    pub tunnels_accepted: Cell<u64>,
+    pub activations: Cell<u64>,
+    pub http_requests: Cell<u64>,
+}
+
+impl Metrics {
+    pub fn record(&self, cluster: &str, status: u16, bytes_in: u64, bytes_out: u64) {
+        *self.requests.borrow_mut().entry((cluster.to_string(), status)).or_default() += 1;
+        let mut b = self.bytes.borrow_mut();
+        let e = b.entry(cluster.to_string()).or_default();
+        e.0 += bytes_in;
+        e.1 += bytes_out;
+    }
+
+    pub fn bump(c: &Cell<u64>) {
+        c.set(c.get() + 1);
+    }
+
+    /// Renders everything; `agents` is (cluster, connected agents).
+    pub fn render(&self, agents: &[(String, usize)], streams: usize) -> String {
+        let mut s = String::new();
+        let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        s +=
+            "# HELP uplink_hub_agents_connected Agents with a live tunnel.\n# TYPE uplink_hub_agents_connected gauge\n";
+        let total: usize = agents.iter().map(|(_, n)| n).sum();
+        let _ = writeln!(s, "uplink_hub_agents_connected {total}");
+        s += "# HELP uplink_hub_cluster_agents Agents with a live tunnel per cluster.\n# TYPE uplink_hub_cluster_agents gauge\n";
+        for (c, n) in agents {
+            let _ = writeln!(s, "uplink_hub_cluster_agents{{cluster=\"{}\"}} {n}", esc(c));
+        }
+        s += "# HELP uplink_hub_streams_open Streams open on all tunnels.\n# TYPE uplink_hub_streams_open gauge\n";
+        let _ = writeln!(s, "uplink_hub_streams_open {streams}");
+        s += "# HELP uplink_hub_kube_requests_total Kube front-end requests by cluster and status.\n# TYPE uplink_hub_kube_requests_total counter\n";
+        for ((c, code), n) in self.requests.borrow().iter() {
+            let _ = writeln!(s, "uplink_hub_kube_requests_total{{cluster=\"{}\",code=\"{code}\"}} {n}", esc(c));
+        }
+        s += "# HELP uplink_hub_kube_bytes_total Kube front-end body bytes by cluster and direction.\n# TYPE uplink_hub_kube_bytes_total counter\n";
+        for (c, (i, o)) in self.bytes.borrow().iter() {
+            let _ = writeln!(s, "uplink_hub_kube_bytes_total{{cluster=\"{}\",direction=\"in\"}} {i}", esc(c));
+            let _ = writeln!(s, "uplink_hub_kube_bytes_total{{cluster=\"{}\",direction=\"out\"}} {o}", esc(c));
+        }
+        for (name, help, v) in [
+            ("uplink_hub_tunnels_accepted_total", "Agent tunnels accepted.", self.tunnels_accepted.get()),
+            ("uplink_hub_activations_total", "Successful activations.", self.activations.get()),
+            ("uplink_hub_http_requests_total", "HTTP requests served.", self.http_requests.get()),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        s
+    }
+}

@@ -1,0 +1,208 @@
+//! `uplink-hub`: the control plane. It registers and deregisters clusters,
+//! holds their agents' tunnels, and serves people (REST, kubectl) as
+//! themselves through those tunnels.
+//!
+//! ```text
+//!  client ─TLS─► server (accept, HTTP/1.1 keep-alive, routing)
+//!                 ├─ /api/v1/...            api      REST for the CLI and console
+//!                 ├─ /k8s/clusters/NAME/..  kube     authn, grant, open stream, pipe
+//!                 ├─ /v1/activate, /v1/tunnel agents activation, tunnel sessions
+//!                 └─ /healthz, /metrics
+//!  state: Store (sqlite) · Tunnels (live sessions) · Bus (status events) · Metrics
+//! ```
+//!
+//! Runs on one thread (`smol::LocalExecutor`): the tunnel driver is `!Send`
+//! by design, and one core serves many agents because every connection
+//! is I/O bound. The store is called synchronously from that thread; a
+//! SQLite commit in WAL mode is a short write, but a remote database
+//! (PostgreSQL for several replicas) will want its calls moved off the
+//! loop.
+//!
+//! Not here: the agent (never linked into it), the web console assets.
+
+pub mod agents;
+pub mod api;
+pub mod cert;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod events;
+pub mod http;
+pub mod install;
+pub mod kube;
+pub mod logger;
+pub mod metrics;
+pub mod server;
+pub mod sqlite;
+pub mod store;
+pub mod tunnels;
+
+use crate::secret::{Secret, sha256_hex};
+use clock::{Millis, now_ms, rfc3339};
+use events::Bus;
+use metrics::Metrics;
+use serde_json::{Value, json};
+use std::cell::Cell;
+use std::rc::Rc;
+use store::{Cluster, Grant, Lifecycle, Store, Subject, User};
+use tunnels::Tunnels;
+
+/// Everything the request handlers share.
+pub struct Hub {
+    pub store: Rc<dyn Store>,
+    pub tunnels: Tunnels,
+    pub bus: Bus,
+    pub metrics: Metrics,
+    /// How agents and people reach this hub, e.g. `https://hub.example.com:8443`.
+    pub public_url: String,
+    /// The private CA clients should trust, if the hub made its own.
+    pub ca_pem: Option<String>,
+    /// Set on SIGTERM: new connections are told to close.
+    pub draining: Cell<bool>,
+    /// Agent image named in rendered manifests.
+    pub agent_image: String,
+}
+
+/// The status a person sees for a cluster.
+pub fn status(hub: &Hub, c: &Cluster) -> &'static str {
+    match c.lifecycle {
+        Lifecycle::Pending => "PENDING",
+        Lifecycle::Deregistered => "DEREGISTERED",
+        Lifecycle::Activated if hub.tunnels.is_connected(&c.id) => "ACTIVE",
+        Lifecycle::Activated => "DISCONNECTED",
+    }
+}
+
+fn opt_time(t: Option<Millis>) -> Value {
+    t.map_or(Value::Null, |t| Value::String(rfc3339(t)))
+}
+
+/// A cluster as the REST API shows it.
+pub fn cluster_json(hub: &Hub, c: &Cluster) -> Value {
+    let agents = hub.tunnels.agents(&c.id);
+    let connected_since = agents.iter().map(|a| a.connected_at).min();
+    // The newest live agent's own words beat what the store remembers.
+    let facts = agents.iter().max_by_key(|a| a.connected_at).map(|a| a.facts.clone()).or_else(|| c.agent.clone());
+    let last_seen = if agents.is_empty() { c.last_seen_at } else { Some(now_ms()) };
+    json!({
+        "id": c.id,
+        "name": c.name,
+        "status": status(hub, c),
+        "agents": agents.len(),
+        "agent_version": facts.as_ref().map(|f| f.agent_version.clone()),
+        "arch": facts.as_ref().map(|f| f.arch.clone()),
+        "kube_version": facts.as_ref().map(|f| f.kube_version.clone()),
+        "node_count": facts.as_ref().map(|f| f.node_count),
+        "users": c.users,
+        "groups": c.groups,
+        "registered_at": rfc3339(c.created_at),
+        "activated_at": opt_time(c.activated_at),
+        "deregistered_at": opt_time(c.deregistered_at),
+        "connected_since": opt_time(connected_since),
+        "last_seen": opt_time(last_seen),
+    })
+}
+
+pub fn user_json(u: &User) -> Value {
+    json!({
+        "name": u.name,
+        "groups": u.groups,
+        "admin": u.admin,
+        "created_at": rfc3339(u.created_at),
+        "revoked_at": opt_time(u.revoked_at),
+    })
+}
+
+pub fn grant_json(g: &Grant) -> Value {
+    let mut v = json!({ "id": g.id, "clusters": g.clusters, "created_at": rfc3339(g.created_at) });
+    match &g.subject {
+        Subject::User(u) => v["user"] = json!(u),
+        Subject::Group(gr) => v["group"] = json!(gr),
+    }
+    v
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// Whether `user` may reach the cluster named `cluster`: admins reach
+/// every cluster; others through a grant to them or one of their groups.
+pub fn may_reach(user: &User, grants: &[Grant], cluster: &str) -> bool {
+    user.admin
+        || grants.iter().any(|g| {
+            let subject = match &g.subject {
+                Subject::User(u) => *u == user.name,
+                Subject::Group(gr) => user.groups.contains(gr),
+            };
+            subject && glob_match(&g.clusters, cluster)
+        })
+}
+
+/// A new bearer token for a person: its value (shown once) and its hash.
+pub fn new_token() -> (Secret, String) {
+    let token = Secret::new(format!("uh_{}", Secret::random(32).expose()));
+    let hash = sha256_hex(token.expose());
+    (token, hash)
+}
+
+/// Cluster names are DNS labels: they appear in URLs and kube objects.
+pub fn valid_cluster_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// User and group names travel in `Impersonate-*` header values.
+pub fn valid_subject_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 253 && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"._@:-".contains(&c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "edge-1"));
+        assert!(glob_match("edge-*", "edge-1"));
+        assert!(!glob_match("edge-*", "prod-1"));
+        assert!(glob_match("*-1", "edge-1"));
+        assert!(glob_match("e*e*1", "edge-1"));
+        assert!(!glob_match("edge", "edge-1"));
+        assert!(glob_match("edge-1", "edge-1"));
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_cluster_name("edge-1"));
+        for bad in ["", "-a", "a-", "Edge", "a/b", "a..b", &"x".repeat(64)] {
+            assert!(!valid_cluster_name(bad), "{bad}");
+        }
+        assert!(valid_subject_name("alice@example.com"));
+        assert!(!valid_subject_name("a,b"));
+        assert!(!valid_subject_name("a b"));
+    }
+}

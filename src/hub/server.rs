@@ -1,0 +1,339 @@
+//! `uplink-hub serve`: one HTTPS port, one thread.
+//!
+//! Start-up: data directory → store → TLS material → listener → (first
+//! start only) admin user, whose token is printed once. Then an accept
+//! loop on a `LocalExecutor`; each connection is a task that reads
+//! requests in turn (keep-alive) and routes them. SIGTERM/SIGINT: agents
+//! get `GoAway(ShuttingDown)` so they reconnect at once (to another hub),
+//! and in-flight requests get a short drain.
+
+use super::http::{BodyState, HttpError, Inbound, Request, Response};
+use super::store::Store;
+use super::{Hub, agents, api, cert, kube, new_token};
+use crate::proto::GoAwayCode;
+use futures_rustls::TlsAcceptor;
+use log::{info, warn};
+use smol::future::FutureExt;
+use smol::io::AsyncWriteExt;
+use smol::net::{TcpListener, TcpStream};
+use smol::{LocalExecutor, Timer};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+pub type Tls = futures_rustls::server::TlsStream<TcpStream>;
+/// The reading side of a client connection, with its buffer.
+pub type In = Inbound<smol::io::ReadHalf<Tls>>;
+/// The writing side of a client connection.
+pub type Out = smol::io::WriteHalf<Tls>;
+
+/// How long a kept-alive connection may sit idle between requests.
+const IDLE: Duration = Duration::from_secs(120);
+/// How long a TLS handshake may take.
+const HANDSHAKE: Duration = Duration::from_secs(15);
+/// How long shutdown waits for agents to leave and requests to finish.
+const DRAIN: Duration = Duration::from_secs(5);
+/// Largest request body left unread by a handler that is skipped to keep
+/// the connection; a larger one closes it.
+const DRAIN_BODY: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub public_url: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// What a handler hands back to the connection loop.
+pub enum Reply {
+    /// A complete response for the loop to write.
+    Send(Response),
+    /// The handler wrote (or abandoned) the response itself; `true` if
+    /// the connection may carry another request.
+    Done(bool),
+}
+
+/// Runs the hub until SIGTERM or SIGINT.
+pub fn serve(cfg: ServeConfig) -> Result<(), String> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let store: Rc<dyn Store> =
+        Rc::new(super::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?);
+
+    let listener =
+        std::net::TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let public_url = match &cfg.public_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let host = if local.ip().is_loopback() || local.ip().is_unspecified() && cert::hostname().is_none() {
+                "localhost".to_string()
+            } else if local.ip().is_unspecified() {
+                cert::hostname().unwrap_or_else(|| "localhost".into())
+            } else {
+                local.ip().to_string()
+            };
+            format!("https://{host}:{}", local.port())
+        }
+    };
+
+    let material = match (&cfg.cert, &cfg.key) {
+        (Some(c), Some(k)) => cert::TlsMaterial {
+            cert_pem: std::fs::read_to_string(c).map_err(|e| format!("{}: {e}", c.display()))?,
+            key_pem: std::fs::read_to_string(k).map_err(|e| format!("{}: {e}", k.display()))?,
+            ca_pem: None,
+        },
+        (None, None) => {
+            let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            names.extend(cert::hostname());
+            if let Some(h) = url_host(&public_url) {
+                names.push(h);
+            }
+            names.sort();
+            names.dedup();
+            cert::self_signed(&cfg.data_dir, &names)?
+        }
+        _ => return Err("--cert and --key go together".into()),
+    };
+    let tls = crate::tls::server_config(&material.cert_pem, &material.key_pem).map_err(|e| e.to_string())?;
+    let acceptor = TlsAcceptor::from(tls);
+
+    // `listening on` is a stable line: tests and scripts read the port from it.
+    println!("uplink-hub {} listening on https://{local}", env!("CARGO_PKG_VERSION"));
+    println!("public URL: {public_url}");
+    if store.user_count().map_err(|e| e.to_string())? == 0 {
+        let (token, hash) = new_token();
+        store.create_user("admin", &[], true, &hash, super::clock::now_ms()).map_err(|e| e.to_string())?;
+        println!("first start: created admin user \"admin\"");
+        println!("admin token (shown only this once; keep it safe): {}", token.expose());
+        println!("console: {public_url}/");
+        println!("CLI:     export UPLINK_HUB_URL={public_url} UPLINK_TOKEN=<the token above>");
+    }
+    if let Some(ca) = &material.ca_pem {
+        let pin = crate::tls::certs_from_pem(&material.cert_pem, "hub cert")
+            .ok()
+            .and_then(|c| c.first().and_then(|c| crate::tls::spki_pin(c)));
+        println!(
+            "hub CA: {} (export UPLINK_HUB_CA={})",
+            cfg.data_dir.join("ca.pem").display(),
+            cfg.data_dir.join("ca.pem").display()
+        );
+        if let Some(pin) = pin {
+            println!("hub key pin (sha256 SPKI): {pin}");
+        }
+        let _ = ca;
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+
+    let hub = Rc::new(Hub {
+        store,
+        tunnels: Default::default(),
+        bus: Default::default(),
+        metrics: Default::default(),
+        public_url,
+        ca_pem: material.ca_pem,
+        draining: Default::default(),
+        agent_image: format!("ghcr.io/uplink/uplink:{}", env!("CARGO_PKG_VERSION")),
+    });
+
+    let ex = LocalExecutor::new();
+    smol::block_on(ex.run(async {
+        let listener = TcpListener::try_from(listener).map_err(|e| e.to_string())?;
+        let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
+            .map_err(|e| format!("cannot watch signals: {e}"))?;
+        let accept = accept_loop(&ex, &hub, &listener, &acceptor);
+        let signal = async {
+            use smol::stream::StreamExt;
+            let mut signals = signals;
+            let sig = signals.next().await;
+            info!("shutting down signal={sig:?} agents={}", hub.tunnels.agent_count());
+        };
+        accept.or(signal).await;
+        hub.draining.set(true);
+        hub.tunnels.go_away_all(GoAwayCode::ShuttingDown, "hub shutting down; reconnect");
+        let drained = async {
+            while hub.tunnels.agent_count() > 0 {
+                Timer::after(Duration::from_millis(50)).await;
+            }
+        };
+        drained
+            .or(async {
+                Timer::after(DRAIN).await;
+            })
+            .await;
+        info!("stopped");
+        Ok::<(), String>(())
+    }))
+}
+
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next()?
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListener, acceptor: &TlsAcceptor) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!("accept failed error={e:?}");
+                Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let hub = hub.clone();
+        let acceptor = acceptor.clone();
+        // Detached: a connection task owns its socket and ends with it
+        // (EOF, error, idle timeout); dropping the executor at shutdown
+        // cancels any left.
+        ex.spawn(async move {
+            let tls = match acceptor
+                .accept(tcp)
+                .or(async {
+                    Timer::after(HANDSHAKE).await;
+                    Err(std::io::ErrorKind::TimedOut.into())
+                })
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    log::debug!("tls handshake failed peer={peer} error={e}");
+                    return;
+                }
+            };
+            connection(hub, tls, peer).await;
+        })
+        .detach();
+    }
+}
+
+async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
+    let (r, mut out) = smol::io::split(tls);
+    let mut inb = Inbound::new(r);
+    loop {
+        let head = inb
+            .read_head()
+            .or(async {
+                Timer::after(IDLE).await;
+                Ok(None)
+            })
+            .await;
+        let req = match head {
+            Ok(Some(req)) => req,
+            Ok(None) | Err(HttpError::Io(_)) => break,
+            Err(HttpError::HeadTooLarge) => {
+                let _ = api::error(431, "head_too_large", "request head too large").write(&mut out, false, false).await;
+                break;
+            }
+            Err(HttpError::Malformed(m)) => {
+                let _ = api::error(400, "bad_request", m).write(&mut out, false, false).await;
+                break;
+            }
+        };
+        super::metrics::Metrics::bump(&hub.metrics.http_requests);
+        let mut body = match req.framing() {
+            Ok(f) => BodyState::from(f),
+            Err(e) => {
+                let _ = api::error(400, "bad_request", &e.to_string()).write(&mut out, false, false).await;
+                break;
+            }
+        };
+        let keep = req.keep_alive() && !hub.draining.get();
+        match route(&hub, &req, &mut body, &mut inb, &mut out, peer).await {
+            Reply::Send(resp) => {
+                let keep = keep && drain_body(&mut inb, &mut body).await;
+                if resp.write(&mut out, keep, req.method == "HEAD").await.is_err() || !keep {
+                    break;
+                }
+            }
+            Reply::Done(k) => {
+                if !(k && keep) {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = out.close().await;
+}
+
+/// Skips what a handler left of a small body; false if the connection
+/// cannot be reused.
+async fn drain_body(inb: &mut In, body: &mut BodyState) -> bool {
+    let mut skipped = 0;
+    loop {
+        match inb.read_body(body).await {
+            Ok(None) => return true,
+            Ok(Some(c)) => {
+                skipped += c.len();
+                if skipped > DRAIN_BODY {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn route(
+    hub: &Rc<Hub>,
+    req: &Request,
+    body: &mut BodyState,
+    inb: &mut In,
+    out: &mut Out,
+    peer: SocketAddr,
+) -> Reply {
+    let path = req.target.split('?').next().unwrap_or("");
+    if path == "/k8s/clusters" || path.starts_with("/k8s/clusters/") || path.starts_with("/k8s/") {
+        return kube::proxy(hub, req, body, inb, out).await;
+    }
+    match (req.method.as_str(), path) {
+        ("GET" | "HEAD", "/healthz") => Reply::Send(Response::new(200, "text/plain", "ok\n")),
+        ("GET" | "HEAD", "/metrics") => Reply::Send(Response::new(
+            200,
+            "text/plain; version=0.0.4",
+            hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count()),
+        )),
+        ("POST", "/v1/activate") => Reply::Send(agents::activate(hub, req, body, inb).await),
+        ("GET", "/v1/tunnel") => agents::tunnel(hub, req, inb, out, peer).await,
+        (_, "/v1/activate" | "/v1/tunnel") => Reply::Send(api::error(405, "method_not_allowed", "wrong method")),
+        (_, p) if p == "/api/v1" || p.starts_with("/api/v1/") => Reply::Send(api::handle(hub, req, body, inb).await),
+        ("GET" | "HEAD", "/") => Reply::Send(Response::new(200, "text/html; charset=utf-8", CONSOLE_PLACEHOLDER)),
+        _ => Reply::Send(api::error(404, "not_found", &format!("no route for {} {path}", req.method))),
+    }
+}
+
+fn agents_by_name(hub: &Hub) -> Vec<(String, usize)> {
+    let names: std::collections::HashMap<String, String> =
+        hub.store.clusters().unwrap_or_default().into_iter().map(|c| (c.id, c.name)).collect();
+    hub.tunnels.per_cluster().into_iter().map(|(id, n)| (names.get(&id).cloned().unwrap_or(id), n)).collect()
+}
+
+const CONSOLE_PLACEHOLDER: &str = "<!doctype html><html><head><meta charset=utf-8><title>uplink hub</title></head>\
+<body><h1>uplink hub</h1><p>The web console is not built yet. Use <code>uplink-hub cluster list</code> \
+or the REST API under <code>/api/v1/</code>.</p></body></html>\n";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn url_hosts() {
+        assert_eq!(super::url_host("https://hub.example.com:8443/x").as_deref(), Some("hub.example.com"));
+        assert_eq!(super::url_host("https://[::1]:8443").as_deref(), Some("::1"));
+        assert_eq!(super::url_host("https://10.0.0.1").as_deref(), Some("10.0.0.1"));
+    }
+}

@@ -1,0 +1,247 @@
+//! What the hub remembers, as domain operations.
+//!
+//! [`Store`] speaks in clusters, activations, users, grants and audit
+//! entries, never in SQL, so that a PostgreSQL backend (several hub
+//! replicas sharing one database) can implement the same trait. The
+//! embedded default is [`super::sqlite::SqliteStore`].
+//!
+//! Secrets never reach the store: it keeps SHA-256 hashes of tokens,
+//! activation codes and agent credentials, and compares them in constant
+//! time where a lookup by hash returns a row.
+//!
+//! What is *live* (which agents are connected right now) is not stored:
+//! it lives in the hub process ([`super::tunnels`]).
+
+use super::clock::Millis;
+use std::fmt;
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The thing already exists (a user or live cluster of that name, the
+    /// same grant).
+    Conflict(String),
+    /// The thing named does not exist.
+    NotFound(String),
+    /// The database failed; the text says how. Not the caller's fault.
+    Backend(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Conflict(m) | StoreError::NotFound(m) => f.write_str(m),
+            StoreError::Backend(m) => write!(f, "store failed: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A person (or automation) that calls the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub groups: Vec<String>,
+    /// May manage clusters, users and grants, and reaches every cluster.
+    pub admin: bool,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+/// Who a grant is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    User(String),
+    Group(String),
+}
+
+/// `subject` may reach clusters whose name matches `clusters` (`*` glob).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub id: i64,
+    pub subject: Subject,
+    pub clusters: String,
+    pub created_at: Millis,
+}
+
+/// Where a cluster is in its life. Whether an activated cluster is
+/// `ACTIVE` or `DISCONNECTED` depends on live tunnels, not on the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Registered; its activation has not been used.
+    Pending,
+    /// An agent activated it and holds a credential.
+    Activated,
+    /// Gone: credential revoked, name free for a new registration.
+    Deregistered,
+}
+
+/// What an agent said about itself in its latest `Hello` or activation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentFacts {
+    pub agent_version: String,
+    pub arch: String,
+    pub kube_version: String,
+    pub node_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Stable id (`c_...`); names are reused after deregistration, ids not.
+    pub id: String,
+    pub name: String,
+    pub lifecycle: Lifecycle,
+    /// Users the cluster's RBAC lets the agent impersonate.
+    pub users: Vec<String>,
+    /// Groups the cluster's RBAC lets the agent impersonate.
+    pub groups: Vec<String>,
+    pub created_at: Millis,
+    pub activated_at: Option<Millis>,
+    pub deregistered_at: Option<Millis>,
+    pub agent: Option<AgentFacts>,
+    pub last_connected_at: Option<Millis>,
+    pub last_seen_at: Option<Millis>,
+}
+
+pub struct NewCluster<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub users: &'a [String],
+    pub groups: &'a [String],
+    pub now: Millis,
+}
+
+pub struct NewActivation<'a> {
+    pub id: &'a str,
+    pub code_hash: &'a str,
+    pub expires_at: Millis,
+}
+
+/// An activation as stored (no code).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activation {
+    pub id: String,
+    pub cluster_id: String,
+    pub expires_at: Millis,
+    pub used_at: Option<Millis>,
+}
+
+/// Why an activation was refused. Each maps to its own HTTP answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActivateError {
+    /// No such activation id, or the code does not match it.
+    Unknown,
+    Expired,
+    Used,
+    /// The cluster was deregistered before the agent activated.
+    Deregistered,
+    Store(StoreError),
+}
+
+impl From<StoreError> for ActivateError {
+    fn from(e: StoreError) -> Self {
+        ActivateError::Store(e)
+    }
+}
+
+/// What an agent credential is worth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialStatus {
+    Valid(Cluster),
+    /// It was valid once; its cluster has been deregistered.
+    Revoked(Cluster),
+    Unknown,
+}
+
+/// One line of a cluster's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterEvent {
+    pub time: Millis,
+    /// `registered`, `activated`, `connected`, `disconnected`, `deregistered`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// One proxied request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub time: Millis,
+    pub user: String,
+    pub groups: Vec<String>,
+    pub cluster: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: u64,
+    pub upgrade: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub user: Option<String>,
+    pub cluster: Option<String>,
+    pub since: Option<Millis>,
+    pub limit: u32,
+}
+
+/// The hub's memory. Every method is one atomic domain operation; a
+/// method that returns `Ok` has made its change durable.
+pub trait Store {
+    // People.
+    fn user_count(&self) -> Result<u64>;
+    /// Creates a user with a first token. `Conflict` if the name exists.
+    fn create_user(&self, name: &str, groups: &[String], admin: bool, token_hash: &str, now: Millis) -> Result<User>;
+    fn users(&self) -> Result<Vec<User>>;
+    fn user(&self, name: &str) -> Result<Option<User>>;
+    /// Adds another token to a live user.
+    fn add_token(&self, user: &str, token_hash: &str, now: Millis) -> Result<()>;
+    /// Revokes the user and every token of theirs.
+    fn revoke_user(&self, name: &str, now: Millis) -> Result<User>;
+    /// The live user holding this token.
+    fn user_by_token(&self, token_hash: &str) -> Result<Option<User>>;
+
+    // Grants.
+    fn add_grant(&self, subject: &Subject, clusters: &str, now: Millis) -> Result<Grant>;
+    fn grants(&self) -> Result<Vec<Grant>>;
+    fn remove_grant(&self, id: i64) -> Result<()>;
+
+    // Clusters.
+    /// Records a `Pending` cluster and its activation. `Conflict` if a
+    /// live cluster has the name.
+    fn register_cluster(&self, cluster: &NewCluster<'_>, activation: &NewActivation<'_>) -> Result<Cluster>;
+    /// Every cluster, deregistered ones included, oldest first.
+    fn clusters(&self) -> Result<Vec<Cluster>>;
+    /// The live cluster of that name, else the latest deregistered one.
+    fn cluster(&self, name: &str) -> Result<Option<Cluster>>;
+    fn activations(&self, cluster_id: &str) -> Result<Vec<Activation>>;
+    /// Consumes an activation code (once) and stores the agent credential.
+    fn activate(
+        &self,
+        activation_id: &str,
+        code_hash: &str,
+        credential_hash: &str,
+        facts: &AgentFacts,
+        now: Millis,
+    ) -> std::result::Result<Cluster, ActivateError>;
+    fn credential(&self, credential_hash: &str) -> Result<CredentialStatus>;
+    /// An agent connected: remember what it said about itself.
+    fn agent_connected(&self, cluster_id: &str, facts: &AgentFacts, now: Millis) -> Result<()>;
+    /// The last agent of the cluster went away.
+    fn agents_gone(&self, cluster_id: &str, now: Millis) -> Result<()>;
+    fn add_event(&self, cluster_id: &str, kind: &str, message: &str, now: Millis) -> Result<()>;
+    /// The latest `limit` events, newest first.
+    fn events(&self, cluster_id: &str, limit: u32) -> Result<Vec<ClusterEvent>>;
+    /// Marks the live cluster of that name gone and revokes its credential.
+    fn deregister(&self, name: &str, now: Millis) -> Result<Cluster>;
+
+    // Audit.
+    fn append_audit(&self, entry: &AuditEntry) -> Result<()>;
+    /// Matching entries, newest first.
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;
+}

@@ -1,0 +1,104 @@
+//! The live tunnels: which agents of which cluster are connected now.
+//!
+//! Several agents of one cluster (replicas) may be connected at once; a
+//! new stream goes to the open session with the fewest streams. Sessions
+//! that received or sent `GoAway` take no new streams.
+
+use super::clock::Millis;
+use super::store::AgentFacts;
+use crate::driver::Session;
+use crate::proto::GoAwayCode;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// One connected agent.
+pub struct AgentConn {
+    pub session: Session,
+    pub session_id: u64,
+    pub connected_at: Millis,
+    pub facts: AgentFacts,
+    pub peer: String,
+}
+
+#[derive(Default)]
+pub struct Tunnels {
+    by_cluster: RefCell<HashMap<String, Vec<Rc<AgentConn>>>>,
+    next_session: Cell<u64>,
+}
+
+impl Tunnels {
+    pub fn next_session_id(&self) -> u64 {
+        let id = self.next_session.get() + 1;
+        self.next_session.set(id);
+        id
+    }
+
+    /// Adds a connected agent; true when it is the cluster's first.
+    pub fn add(&self, cluster_id: &str, conn: Rc<AgentConn>) -> bool {
+        let mut map = self.by_cluster.borrow_mut();
+        let list = map.entry(cluster_id.to_string()).or_default();
+        list.push(conn);
+        list.len() == 1
+    }
+
+    /// Removes an agent; true when the cluster has none left.
+    pub fn remove(&self, cluster_id: &str, session_id: u64) -> bool {
+        let mut map = self.by_cluster.borrow_mut();
+        let Some(list) = map.get_mut(cluster_id) else { return true };
+        list.retain(|c| c.session_id != session_id);
+        let empty = list.is_empty();
+        if empty {
+            map.remove(cluster_id);
+        }
+        empty
+    }
+
+    /// The session for a new stream: open, not going away, fewest streams.
+    pub fn pick(&self, cluster_id: &str) -> Option<Session> {
+        let map = self.by_cluster.borrow();
+        map.get(cluster_id)?
+            .iter()
+            .filter(|c| c.session.is_open() && c.session.goaway_received().is_none())
+            .min_by_key(|c| c.session.stream_count())
+            .map(|c| c.session.clone())
+    }
+
+    pub fn agents(&self, cluster_id: &str) -> Vec<Rc<AgentConn>> {
+        self.by_cluster.borrow().get(cluster_id).cloned().unwrap_or_default()
+    }
+
+    pub fn is_connected(&self, cluster_id: &str) -> bool {
+        self.by_cluster.borrow().get(cluster_id).is_some_and(|l| !l.is_empty())
+    }
+
+    /// Sends `GoAway` to every agent of a cluster.
+    pub fn go_away(&self, cluster_id: &str, code: GoAwayCode, message: &str) -> usize {
+        let list = self.agents(cluster_id);
+        for c in &list {
+            c.session.go_away(code, message);
+        }
+        list.len()
+    }
+
+    /// Sends `GoAway` to every agent of every cluster.
+    pub fn go_away_all(&self, code: GoAwayCode, message: &str) {
+        let all: Vec<Rc<AgentConn>> = self.by_cluster.borrow().values().flatten().cloned().collect();
+        for c in all {
+            c.session.go_away(code, message);
+        }
+    }
+
+    pub fn agent_count(&self) -> usize {
+        self.by_cluster.borrow().values().map(Vec::len).sum()
+    }
+
+    pub fn stream_count(&self) -> usize {
+        self.by_cluster.borrow().values().flatten().map(|c| c.session.stream_count()).sum()
+    }
+
+    /// (cluster id, agents) for every connected cluster.
+    pub fn per_cluster(&self) -> Vec<(String, usize)> {
+        self.by_cluster.borrow().iter().map(|(k, v)| (k.clone(), v.len())).collect()
+    }
+}

@@ -1,0 +1,315 @@
+//! Helpers for the hub's integration tests: a real `uplink-hub serve`
+//! process on a temporary data directory, and simulated agents that speak
+//! the tunnel protocol (driver + `Mux::agent`) over rustls.
+//!
+//! The simulated agent answers each stream by echoing what it received
+//! as JSON (method, path, identity, header names, body), streams a few
+//! chunks for `/watch`, and after a `101` echoes raw bytes until the hub
+//! half-closes, then says `bye` and half-closes itself.
+#![allow(dead_code)]
+
+use smol::future::FutureExt;
+use smol::io::{AsyncReadExt, AsyncWriteExt};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uplink::driver::Session;
+use uplink::hub::client::Client;
+use uplink::proto::{AgentInfo, Config, GoAwayCode, Header, Mux, RequestHead, ResponseHead};
+use uplink::tls::{Trust, client_config};
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "uplink-hub-test-{tag}-{}-{}",
+        std::process::id(),
+        uplink::secret::Secret::random(6).expose()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running `uplink-hub serve`.
+pub struct HubProc {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    /// `https://127.0.0.1:PORT`
+    pub url: String,
+    pub ca_pem: String,
+    /// Printed only on the first start.
+    pub admin_token: Option<String>,
+    pub stdout: Vec<String>,
+}
+
+impl HubProc {
+    pub fn start(dir: &Path) -> HubProc {
+        HubProc::start_with(dir, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// On a fixed port whose public URL is `https://127.0.0.1:PORT`, so
+    /// real agents dial exactly what the activation says.
+    pub fn start_on_free_port(dir: &Path) -> HubProc {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let listen = format!("127.0.0.1:{port}");
+        let url = format!("https://127.0.0.1:{port}");
+        HubProc::start_with(dir, &["--listen", &listen, "--public-url", &url])
+    }
+
+    pub fn start_with(dir: &Path, args: &[&str]) -> HubProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_uplink-hub"))
+            .arg("serve")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("hub.log")).unwrap())
+            .spawn()
+            .expect("spawn uplink-hub");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut stdout = Vec::new();
+        let mut addr = None;
+        let mut admin_token = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(rest) = line.split("listening on https://").nth(1) {
+                addr = Some(rest.trim().parse::<SocketAddr>().unwrap());
+            }
+            if line.starts_with("admin token") {
+                admin_token = Some(line.rsplit(' ').next().unwrap().to_string());
+            }
+            let done = line.starts_with("hub CA:");
+            stdout.push(line);
+            if done {
+                break;
+            }
+        }
+        // Keep draining so the hub never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let addr = addr.unwrap_or_else(|| panic!("no listening line in {stdout:?}"));
+        let ca_pem = std::fs::read_to_string(dir.join("data/ca.pem")).unwrap();
+        HubProc { child, dir: dir.to_path_buf(), addr, url: format!("https://{addr}"), ca_pem, admin_token, stdout }
+    }
+
+    pub fn client(&self, token: Option<&str>) -> Client {
+        Client::new(&self.url, Some(&self.ca_pem), token).unwrap()
+    }
+
+    pub fn admin(&self) -> Client {
+        self.client(self.admin_token.as_deref())
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().unwrap()
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("hub.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` until it is true or `secs` pass.
+pub fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// What the simulated agents observed.
+#[derive(Default, Debug)]
+pub struct SimState {
+    /// Sessions that completed the handshake.
+    pub connected: usize,
+    /// HTTP status the hub answered instead of 101, per refused dial.
+    pub refused: Vec<u16>,
+    pub heads: Vec<RequestHead>,
+    pub goaways: Vec<(GoAwayCode, String)>,
+    pub ended: usize,
+}
+
+/// One thread running `n` simulated agent sessions.
+pub struct SimAgents {
+    pub state: Arc<Mutex<SimState>>,
+    stop: Option<smol::channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SimAgents {
+    pub fn start(addr: SocketAddr, ca_pem: &str, credential: &str, n: usize) -> SimAgents {
+        let state = Arc::new(Mutex::new(SimState::default()));
+        let (tx, rx) = smol::channel::bounded::<()>(1);
+        let (st, ca, cred) = (state.clone(), ca_pem.to_string(), credential.to_string());
+        let thread = std::thread::spawn(move || {
+            let ex = smol::LocalExecutor::new();
+            smol::block_on(ex.run(async {
+                let tasks: Vec<_> =
+                    (0..n).map(|_| ex.spawn(run_agent(addr, ca.clone(), cred.clone(), st.clone()))).collect();
+                let all = async {
+                    for t in tasks {
+                        t.await;
+                    }
+                };
+                all.or(async {
+                    let _ = rx.recv().await;
+                })
+                .await;
+            }));
+        });
+        SimAgents { state, stop: Some(tx), thread: Some(thread) }
+    }
+
+    /// Stops every session abruptly (like a killed agent).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.try_send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SimAgents {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn run_agent(addr: SocketAddr, ca: String, credential: String, state: Arc<Mutex<SimState>>) {
+    let tls = client_config(&Trust::CaPem(ca), None, &[b"http/1.1"]).unwrap();
+    let tcp = smol::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut io = futures_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
+    let req = format!(
+        "GET /v1/tunnel HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: uplink/1\r\nAuthorization: Bearer {credential}\r\n\r\n"
+    );
+    io.write_all(req.as_bytes()).await.unwrap();
+    io.flush().await.unwrap();
+    // Byte by byte, so nothing after the head is read ahead.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if io.read(&mut b).await.unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let status: u16 = String::from_utf8_lossy(&head).split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    if status != 101 {
+        state.lock().unwrap().refused.push(status);
+        return;
+    }
+    let info = AgentInfo {
+        agent_version: "sim-0.1".into(),
+        arch: "x86_64".into(),
+        kube_version: "v1.32.0".into(),
+        node_count: 3,
+    };
+    let session = Session::new(Mux::agent(Config::default(), info, Instant::now()));
+    let serve = async {
+        if session.connected().await.is_ok() {
+            state.lock().unwrap().connected += 1;
+        }
+        let ex = Rc::new(smol::LocalExecutor::new());
+        let streams = async {
+            while let Some((stream, head)) = session.accept().await {
+                state.lock().unwrap().heads.push(head.clone());
+                ex.spawn(answer(stream, head)).detach();
+            }
+            std::future::pending::<()>().await
+        };
+        ex.run(streams).await
+    };
+    async {
+        session.run(io).await;
+    }
+    .or(serve)
+    .await;
+    let mut st = state.lock().unwrap();
+    if let Some(g) = session.goaway_received() {
+        st.goaways.push(g);
+    }
+    st.ended += 1;
+}
+
+async fn answer(mut stream: uplink::driver::Stream, head: RequestHead) {
+    let upgrade = head.headers.iter().any(|h| h.name.eq_ignore_ascii_case(b"upgrade"));
+    if upgrade {
+        let _ = stream.send_head(ResponseHead { status: 101, headers: vec![Header::new("X-Sim", "upgraded")] });
+        while let Ok(Some(chunk)) = stream.read_chunk().await {
+            if stream.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = stream.write_all(b"bye").await;
+        stream.finish();
+        // Keep the handle until the hub has seen End.
+        smol::Timer::after(Duration::from_millis(200)).await;
+        return;
+    }
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = stream.read_chunk().await {
+        body.extend_from_slice(&chunk);
+    }
+    if head.path.starts_with("/watch") {
+        let _ = stream
+            .send_head(ResponseHead { status: 200, headers: vec![Header::new("Content-Type", "application/json")] });
+        for i in 0..3 {
+            let _ = stream.write_all(format!("{{\"type\":\"ADDED\",\"n\":{i}}}\n").as_bytes()).await;
+            smol::Timer::after(Duration::from_millis(150)).await;
+        }
+        stream.finish();
+        smol::Timer::after(Duration::from_millis(200)).await;
+        return;
+    }
+    let names: Vec<String> = head.headers.iter().map(|h| String::from_utf8_lossy(&h.name).to_lowercase()).collect();
+    let reply = serde_json::json!({
+        "method": head.method,
+        "path": head.path,
+        "user": head.identity.user,
+        "groups": head.identity.groups,
+        "headers": names,
+        "body": String::from_utf8_lossy(&body),
+    });
+    let bytes = serde_json::to_vec(&reply).unwrap();
+    let mut headers = vec![Header::new("Content-Type", "application/json"), Header::new("X-Sim", "yes")];
+    if head.path.starts_with("/cl") {
+        headers.push(Header::new("Content-Length", bytes.len().to_string()));
+    }
+    let _ =
+        stream.send_head(ResponseHead { status: if head.path.starts_with("/missing") { 404 } else { 200 }, headers });
+    let _ = stream.write_all(&bytes).await;
+    stream.finish();
+    smol::Timer::after(Duration::from_millis(200)).await;
+}
