@@ -398,7 +398,7 @@ impl Pool {
     /// A warm idle connection (`true`) or a fresh one (`false`).
     pub async fn get(&self) -> io::Result<(Conn, bool)> {
         while let Some(conn) = self.idle.borrow_mut().pop() {
-            if conn.idle_since.elapsed() < self.idle_timeout {
+            if conn.idle_since.elapsed() < self.idle_timeout && conn.io.idle_alive() {
                 return Ok((conn, true));
             }
         }
@@ -406,6 +406,7 @@ impl Pool {
     }
 
     pub async fn connect(&self) -> io::Result<Conn> {
+        log::debug!("new connection to {}", self.target);
         if let Some(proxy) = &self.proxy {
             return Ok(Conn::new(net::dial(&self.target, self.tls.as_ref(), Some(proxy)).await?));
         }
@@ -540,6 +541,33 @@ mod tests {
         assert_eq!(head, b"GET /api?x=1 HTTP/1.1\r\nHost: h:6443\r\nAccept: application/json\r\n\r\n");
         assert_eq!(chunk(b"hello world!!!!!!"), b"11\r\nhello world!!!!!!\r\n");
         assert!(has_token(&[Header::new("Connection", "keep-alive, Upgrade")], "connection", "upgrade"));
+    }
+
+    /// A pooled connection the server closed is not handed out again.
+    #[test]
+    fn pool_skips_connections_the_server_closed() {
+        smol::block_on(async {
+            let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let target = Target::parse(&format!("http://{addr}")).unwrap();
+            let pool = Pool::new(target, None, None, 4);
+            let mut conn = pool.connect().await.unwrap();
+            let (server_side, _) = listener.accept().await.unwrap();
+            conn.mark_reusable(true);
+            pool.put(conn);
+            assert_eq!(pool.idle_count(), 1);
+            let (alive, reused) = pool.get().await.unwrap();
+            assert!(reused);
+            let mut alive = alive;
+            alive.mark_reusable(true);
+            pool.put(alive);
+            drop(server_side);
+            smol::Timer::after(Duration::from_millis(50)).await;
+            let accept = smol::spawn(async move { listener.accept().await.unwrap() });
+            let (_fresh, reused) = pool.get().await.unwrap();
+            assert!(!reused, "the closed connection was skipped");
+            accept.await;
+        });
     }
 
     /// A chunked body split at awkward places, over a real socket pair.
