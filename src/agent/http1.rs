@@ -24,7 +24,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// Bytes asked of the socket per read while data streams in.
 const READ_CHUNK: usize = 32 * 1024;
 /// Bytes asked of the socket when it has been quiet.
-const SMALL_READ: usize = 4 * 1024;
+const SMALL_READ: usize = 1024;
 /// Longest chunk-size or trailer line accepted.
 const MAX_LINE: usize = 8 * 1024;
 

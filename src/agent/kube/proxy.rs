@@ -51,6 +51,7 @@ impl From<StreamClosed> for Failure {
 /// outcome is counted in the metrics.
 pub async fn serve(ctx: Rc<AgentCtx>, mut stream: Stream, head: RequestHead) {
     let _active = ctx.metrics.stream_started();
+    let started = std::time::Instant::now();
     let status = match forward(&ctx, &mut stream, &head).await {
         Ok(Outcome::Done(status)) => status,
         Ok(Outcome::Upgraded(conn)) => {
@@ -90,6 +91,13 @@ pub async fn serve(ctx: Rc<AgentCtx>, mut stream: Stream, head: RequestHead) {
         }
     };
     ctx.metrics.request_done(status);
+    log::debug!(
+        "{} {} as {:?}: {status} in {} ms",
+        head.method,
+        path_only(&head.path),
+        head.identity.user,
+        started.elapsed().as_millis()
+    );
 }
 
 /// The path without its query (queries may carry names worth not logging
