@@ -600,6 +600,31 @@ fn allow_lists_limit_who_is_impersonated() {
     assert!(w.k.requests().is_empty());
 }
 
+#[test]
+fn sigterm_drains_in_flight_streams_briefly_then_exits_0() {
+    let w = World::new("drain");
+    let config = w.dir.join("agent.yaml");
+    std::fs::write(&config, "drain_seconds: 1\n").unwrap();
+    let mut args = w.args();
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(1);
+    w.k.append_log("default", "db-0", "before");
+    let logs = w.hub.open("GET", "/api/v1/namespaces/default/pods/db-0/log?follow=true", bob(), &[], b"", true);
+    assert_eq!(logs.head().0, 200);
+    logs.until("before", PATIENCE);
+    let started = Instant::now();
+    a.signal("TERM");
+    // Still streaming while draining.
+    w.k.append_log("default", "db-0", "during the drain");
+    logs.until("during the drain", Duration::from_secs(5));
+    assert_eq!(a.wait_exit(PATIENCE), Some(0), "{}", a.log());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(6), "drain took {took:?}");
+    assert!(a.log().contains("draining 1 in-flight streams"), "{}", a.log());
+}
+
 /// Footprint and latency, printed for the report. Run with
 /// `cargo test --test agent -- --ignored --nocapture measure`.
 #[test]

@@ -157,6 +157,8 @@ pub struct AgentCtx {
     pub proxies: ProxyEnv,
     /// The live session, for the drain on SIGTERM.
     pub session: RefCell<Option<Session>>,
+    /// Set on SIGTERM: a tunnel that ends now is not dialled again.
+    pub stopping: std::cell::Cell<bool>,
     info: RefCell<Option<(AgentInfo, Instant)>>,
 }
 
@@ -277,6 +279,7 @@ async fn main_loop(
         credential: reg.credential.clone(),
         proxies,
         session: RefCell::new(None),
+        stopping: std::cell::Cell::new(false),
         info: RefCell::new(None),
     });
     log::info!("cluster {:?} ({}), hub {}", reg.cluster, reg.cluster_id, ctx.hub);
@@ -294,7 +297,10 @@ async fn main_loop(
         Deregistered(String),
         Signal,
     }
-    let end = async { End::Deregistered(tunnel::run(ctx.clone()).await.0) }
+    // A task, not a future raced and dropped: on SIGTERM the tunnel must
+    // keep running while in-flight streams drain.
+    let mut tunnel = ex.spawn(tunnel::run(ctx.clone()));
+    let end = async { End::Deregistered((&mut tunnel).await.0) }
         .or(async {
             signals.next().await;
             End::Signal
@@ -311,6 +317,7 @@ async fn main_loop(
         }
         End::Signal => {
             notify::notify("STOPPING=1");
+            ctx.stopping.set(true);
             let session = ctx.session.borrow().clone();
             if let Some(session) = session {
                 log::info!("stopping: draining {} in-flight streams (up to {:?})", metrics.active_streams(), drain);

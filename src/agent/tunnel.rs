@@ -102,7 +102,12 @@ pub async fn run(ctx: Rc<AgentCtx>) -> Deregistered {
             ctx.metrics.reconnects.set(ctx.metrics.reconnects.get() + 1);
         }
         first = false;
-        match attempt(&ctx).await {
+        let result = attempt(&ctx).await;
+        if ctx.stopping.get() {
+            // The agent is stopping: whatever ended the session, stay down.
+            return std::future::pending().await;
+        }
+        match result {
             Attempt::Stop(why) => return Deregistered(why),
             Attempt::Ended { lasted, immediate, why } => {
                 if lasted >= STABLE_AFTER {
