@@ -353,11 +353,20 @@ fn reconnects_after_hub_restart_and_follows_token_rotation() {
     assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", bob()).0, 200);
     wait_for("reconnect metric", || a.metric("uplink_tunnel_reconnects_total").is_some_and(|v| v >= 1.0));
 
-    // ShuttingDown: reconnect at once.
+    // ShuttingDown: a new tunnel at once, while a stream in flight on the
+    // old one goes on to its end.
+    w.k.append_log("default", "db-0", "one");
+    let logs = w.hub.open("GET", "/api/v1/namespaces/default/pods/db-0/log?follow=true", bob(), &[], b"", true);
+    assert_eq!(logs.head().0, 200);
+    logs.until("one", PATIENCE);
     let before = Instant::now();
     w.hub.go_away(GoAwayCode::ShuttingDown);
     w.hub.wait_connected(3);
     assert!(before.elapsed() < Duration::from_secs(5), "reconnect after ShuttingDown took {:?}", before.elapsed());
+    w.k.append_log("default", "db-0", "two");
+    logs.until("two", PATIENCE);
+    assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", bob()).0, 200, "new tunnel serves");
+    logs.reset();
 
     // Token rotation: the old token stops working at the API server; the
     // agent picks up the new file content without a restart.

@@ -156,14 +156,28 @@ async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
         // `accept` ends on the hub's GoAway. ShuttingDown lets in-flight
         // streams finish; a deregistered cluster serves nothing more, so
         // the session ends now instead of when the last watch does.
-        if let Some((code @ (GoAwayCode::Deregistered | GoAwayCode::Unauthorized), message)) = session.goaway_received()
-        {
-            session.close(code, "agent stopping: cluster deregistered");
-            return SessionError::GoAway { code, message };
+        match session.goaway_received() {
+            Some((code @ (GoAwayCode::Deregistered | GoAwayCode::Unauthorized), message)) => {
+                session.close(code, "agent stopping: cluster deregistered");
+                SessionError::GoAway { code, message }
+            }
+            // The hub is going away but its in-flight streams (long
+            // watches, exec sessions) finish on this connection: a new
+            // tunnel comes up beside it at once.
+            Some((code @ GoAwayCode::ShuttingDown, message)) if !ctx.stopping.get() => {
+                SessionError::GoAway { code, message }
+            }
+            _ => std::future::pending::<SessionError>().await,
         }
-        std::future::pending::<SessionError>().await
     };
-    let error = smol::future::or(session.run(io), ready).await;
+    let s2 = session.clone();
+    let mut run = ctx.ex.spawn(async move { s2.run(io).await });
+    let error = smol::future::or(&mut run, ready).await;
+    if matches!(error, SessionError::GoAway { code: GoAwayCode::ShuttingDown, .. }) && !run.is_finished() {
+        // Detached: the old session ends by itself once its last stream
+        // does, or when the hub closes the connection.
+        run.detach();
+    }
     ctx.metrics.tunnel_up.set(false);
     ctx.session.borrow_mut().take();
     let lasted = started.elapsed();
