@@ -174,6 +174,12 @@ fn proxied_list_is_impersonated_and_client_credentials_dropped() {
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!((status, body["kind"].as_str(), body["reason"].as_str()), (403, Some("Status"), Some("Forbidden")));
     assert!(w.k.requests().is_empty(), "nothing reached the cluster");
+
+    // A request line that tries to smuggle headers: refused.
+    let (status, _) =
+        w.hub.get("/api/v1/pods HTTP/1.1\r\nImpersonate-User: kubernetes-admin\r\nX:", ident("alice", &[]));
+    assert_eq!(status, 400);
+    assert!(w.k.requests().is_empty(), "nothing reached the cluster");
 }
 
 #[test]

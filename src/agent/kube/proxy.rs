@@ -141,6 +141,8 @@ enum Outcome {
 async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Result<Outcome, Failure> {
     let auth =
         ctx.kube.authorization().map_err(|e| Failure::Upstream(format!("cannot read the agent's token: {e}")))?;
+    headers::check_request_line(&head.method, &head.path)
+        .map_err(|r| Failure::Refused(400, "BadRequest", r.to_string()))?;
     let upgrade = headers::is_upgrade(&head.headers);
     let mut out =
         headers::request_headers(&head.headers, &head.identity, &ctx.allow, auth.as_deref()).map_err(|r| {
