@@ -560,6 +560,31 @@ impl Stream {
         }
     }
 
+    /// Resolves once the stream is reset (by either side) or the session
+    /// closes; never on a clean `End`. Lets a task blocked elsewhere (an
+    /// idle watch waiting on the API server) notice that nobody listens
+    /// any more. Do not poll it while another task reads this stream: both
+    /// wait on the same waker slot.
+    pub async fn closed(&self) -> StreamClosed {
+        future::poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            let s = &mut *s;
+            let closed = s.closed.clone();
+            let Some(slot) = s.slots.get_mut(&self.id) else {
+                return Poll::Ready(StreamClosed::Session(s.session_error()));
+            };
+            if let Some((code, message)) = slot.reset.clone() {
+                return Poll::Ready(StreamClosed::Reset { code, message });
+            }
+            if let Some(e) = closed {
+                return Poll::Ready(StreamClosed::Session(e));
+            }
+            store(&mut slot.read_waker, cx);
+            Poll::Pending
+        })
+        .await
+    }
+
     /// Abandons the stream; the peer sees `Reset` with `code`.
     pub fn reset(&mut self, code: ResetCode, message: &str) {
         let mut s = self.shared.borrow_mut();

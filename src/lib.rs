@@ -13,11 +13,13 @@
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins).
 //! - [`secret`]: redacted secret strings, constant-time comparison.
+//! - [`agent`]: the agent (`uplink`): activation, state, tunnel, kube proxy.
 //! - `hub` (feature `hub`): the control plane behind `uplink-hub`; the
 //!   agent binary never links it.
 //! - `render` (hub only): the Kubernetes manifest, systemd activation
 //!   file and cleanup instructions the hub hands out for a cluster.
 #![forbid(unsafe_code)]
+pub mod agent;
 pub mod driver;
 #[cfg(feature = "hub")]
 pub mod hub;

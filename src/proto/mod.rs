@@ -10,3 +10,6 @@ pub mod mux;
 pub use codec::{DecodeError, Decoder, EncodeError};
 pub use frame::*;
 pub use mux::{AgentInfo, Config, Event, Mux, SessionError, StreamError};
+
+#[cfg(test)]
+mod tests;

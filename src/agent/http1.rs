@@ -1,0 +1,571 @@
+//! A small HTTP/1.1 client: request heads out, response heads in (parsed
+//! with httparse), bodies framed by `Content-Length`, chunked coding or
+//! connection close (RFC 9112 §6), and a bounded keep-alive pool.
+//!
+//! It serves three callers: the kube proxy (streaming both ways), the
+//! agent's own API calls (state Secret, version, nodes) and the hub calls
+//! (activation, tunnel upgrade). Bodies are handed out chunk by chunk as
+//! they arrive, so a caller can forward them without buffering.
+//!
+//! Not here: redirects, cookies, compression, HTTP/2.
+
+use super::net::{self, Io, Proxy, Target};
+use crate::proto::Header;
+use rustls::ClientConfig;
+use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest response head accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 32 * 1024;
+/// Longest chunk-size or trailer line accepted.
+const MAX_LINE: usize = 8 * 1024;
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// How a message body is delimited (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// No body (HEAD, 1xx, 204, 304, or a request without one).
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the server closes the connection.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Clone, Debug)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub headers: Vec<Header>,
+    pub body: BodyKind,
+    /// The server asked to close the connection after this response.
+    pub close: bool,
+}
+
+impl ResponseHead {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        find_header(&self.headers, name)
+    }
+}
+
+pub fn find_header<'a>(headers: &'a [Header], name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|h| h.name.eq_ignore_ascii_case(name.as_bytes())).map(|h| h.value.as_slice())
+}
+
+/// Whether a comma-separated header (e.g. `Connection`) holds `token`.
+pub fn has_token(headers: &[Header], name: &str, token: &str) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name.as_bytes()))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// One connection to a server, with its read buffer.
+pub struct Conn {
+    io: Io,
+    buf: Vec<u8>,
+    pos: usize,
+    /// Set when a response was read completely and the server keeps the
+    /// connection open: it may go back to the pool.
+    reusable: bool,
+    idle_since: Instant,
+}
+
+impl Conn {
+    pub fn new(io: Io) -> Self {
+        Conn { io, buf: Vec::new(), pos: 0, reusable: false, idle_since: Instant::now() }
+    }
+
+    /// Bytes read from the socket but not yet consumed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Gives up the socket and any bytes already read past the last head
+    /// (for upgrades).
+    pub fn into_parts(self) -> (Io, Vec<u8>) {
+        let rest = self.buf[self.pos..].to_vec();
+        (self.io, rest)
+    }
+
+    pub fn io_mut(&mut self) -> &mut Io {
+        &mut self.io
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        if self.pos > 0 && self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        let old = self.buf.len();
+        self.buf.resize(old + READ_CHUNK, 0);
+        let n = match self.io.read(&mut self.buf[old..]).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.buf.truncate(old);
+                return Err(e);
+            }
+        };
+        self.buf.truncate(old + n);
+        Ok(n)
+    }
+
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.io.write_all(data).await?;
+        self.io.flush().await
+    }
+
+    /// Reads a response head. `head_request`: the request was HEAD, so no
+    /// body follows whatever the headers say. Interim 1xx answers other
+    /// than `101` are skipped.
+    pub async fn read_head(&mut self, head_request: bool) -> io::Result<ResponseHead> {
+        loop {
+            let head = self.read_one_head(head_request).await?;
+            if (100..200).contains(&head.status) && head.status != 101 {
+                continue;
+            }
+            return Ok(head);
+        }
+    }
+
+    async fn read_one_head(&mut self, head_request: bool) -> io::Result<ResponseHead> {
+        loop {
+            let avail = &self.buf[self.pos..];
+            if !avail.is_empty() {
+                let mut storage = [httparse::EMPTY_HEADER; 128];
+                let mut resp = httparse::Response::new(&mut storage);
+                match resp.parse(avail) {
+                    Ok(httparse::Status::Complete(len)) => {
+                        let status = resp.code.unwrap_or(0);
+                        let headers: Vec<Header> =
+                            resp.headers.iter().map(|h| Header::new(h.name.as_bytes(), h.value)).collect();
+                        let close = has_token(&headers, "connection", "close") || resp.version == Some(0);
+                        let body = response_body_kind(status, head_request, &headers)?;
+                        self.pos += len;
+                        return Ok(ResponseHead { status, headers, body, close });
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(e) => return Err(bad(format!("malformed response head: {e}"))),
+                }
+                if avail.len() > MAX_HEAD {
+                    return Err(bad("response head too large"));
+                }
+            }
+            if self.fill().await? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"));
+            }
+        }
+    }
+
+    /// Up to `max` bytes: what is buffered, else one socket read. Empty at EOF.
+    async fn read_some(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        if self.pos == self.buf.len() && self.fill().await? == 0 {
+            return Ok(Vec::new());
+        }
+        let n = (self.buf.len() - self.pos).min(max);
+        let out = self.buf[self.pos..self.pos + n].to_vec();
+        self.pos += n;
+        Ok(out)
+    }
+
+    async fn read_line(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf[self.pos..].iter().position(|&b| b == b'\n') {
+                let line =
+                    self.buf[self.pos..self.pos + i].strip_suffix(b"\r").unwrap_or(&self.buf[self.pos..self.pos + i]);
+                let line = line.to_vec();
+                self.pos += i + 1;
+                return Ok(line);
+            }
+            if self.buf.len() - self.pos > MAX_LINE {
+                return Err(bad("chunk line too long"));
+            }
+            if self.fill().await? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a chunked body"));
+            }
+        }
+    }
+}
+
+fn response_body_kind(status: u16, head_request: bool, headers: &[Header]) -> io::Result<BodyKind> {
+    if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(BodyKind::None);
+    }
+    if find_header(headers, "transfer-encoding").is_some() {
+        // RFC 9112 §6.3: chunked must be the final coding; otherwise the
+        // body runs to close.
+        return Ok(if has_token(headers, "transfer-encoding", "chunked") {
+            BodyKind::Chunked
+        } else {
+            BodyKind::Close
+        });
+    }
+    match find_header(headers, "content-length") {
+        Some(v) => {
+            let n = std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok());
+            n.map(BodyKind::Length).ok_or_else(|| bad("bad Content-Length"))
+        }
+        None => Ok(BodyKind::Close),
+    }
+}
+
+/// Reads one body chunk by chunk.
+pub struct BodyReader {
+    kind: BodyKind,
+    remaining: u64,
+    chunk: ChunkState,
+    done: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data,
+    DataEnd,
+}
+
+impl BodyReader {
+    pub fn new(kind: BodyKind) -> Self {
+        let remaining = if let BodyKind::Length(n) = kind { n } else { 0 };
+        BodyReader {
+            kind,
+            remaining,
+            chunk: ChunkState::Size,
+            done: matches!(kind, BodyKind::None | BodyKind::Length(0)),
+        }
+    }
+
+    /// The next piece of the body, `None` at its end. A body delimited by
+    /// close ends at EOF; any other body cut short is an error.
+    pub async fn next(&mut self, conn: &mut Conn) -> io::Result<Option<Vec<u8>>> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.kind {
+            BodyKind::None => Ok(None),
+            BodyKind::Length(_) => {
+                let data = conn.read_some(self.remaining.min(READ_CHUNK as u64) as usize).await?;
+                if data.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside the body"));
+                }
+                self.remaining -= data.len() as u64;
+                self.done = self.remaining == 0;
+                Ok(Some(data))
+            }
+            BodyKind::Close => {
+                let data = conn.read_some(READ_CHUNK).await?;
+                if data.is_empty() {
+                    self.done = true;
+                    return Ok(None);
+                }
+                Ok(Some(data))
+            }
+            BodyKind::Chunked => loop {
+                match self.chunk {
+                    ChunkState::Size => {
+                        let line = conn.read_line().await?;
+                        let hex = line.split(|&b| b == b';').next().unwrap_or(&[]).trim_ascii();
+                        let size = std::str::from_utf8(hex)
+                            .ok()
+                            .and_then(|h| u64::from_str_radix(h, 16).ok())
+                            .ok_or_else(|| bad("bad chunk size"))?;
+                        if size == 0 {
+                            // Trailer section: skip fields up to the blank line.
+                            while !conn.read_line().await?.is_empty() {}
+                            self.done = true;
+                            return Ok(None);
+                        }
+                        self.remaining = size;
+                        self.chunk = ChunkState::Data;
+                    }
+                    ChunkState::Data => {
+                        let data = conn.read_some(self.remaining.min(READ_CHUNK as u64) as usize).await?;
+                        if data.is_empty() {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "connection closed inside a chunk",
+                            ));
+                        }
+                        self.remaining -= data.len() as u64;
+                        if self.remaining == 0 {
+                            self.chunk = ChunkState::DataEnd;
+                        }
+                        return Ok(Some(data));
+                    }
+                    ChunkState::DataEnd => {
+                        if !conn.read_line().await?.is_empty() {
+                            return Err(bad("chunk not followed by CRLF"));
+                        }
+                        self.chunk = ChunkState::Size;
+                    }
+                }
+            },
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// True when the body was read to its end without relying on close.
+    pub fn allows_reuse(&self) -> bool {
+        self.done && self.kind != BodyKind::Close
+    }
+}
+
+/// Serialises a request head. `headers` must already be policy-checked.
+pub fn request_head(method: &str, path: &str, host: &str, headers: &[Header]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum::<usize>());
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(if path.is_empty() { b"/" } else { path.as_bytes() });
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in headers {
+        out.extend_from_slice(&h.name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Frames `data` as one chunk of a chunked body (RFC 9112 §7.1).
+pub fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The last chunk of a chunked body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Keep-alive connections to one server. Bounded: at most `max_idle`
+/// connections wait; older ones are closed.
+pub struct Pool {
+    pub target: Target,
+    tls: Option<Arc<ClientConfig>>,
+    proxy: Option<Proxy>,
+    addrs: RefCell<Option<(Vec<SocketAddr>, Instant)>>,
+    idle: RefCell<Vec<Conn>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+/// How long resolved addresses are reused.
+const RESOLVE_TTL: Duration = Duration::from_secs(30);
+
+impl Pool {
+    pub fn new(target: Target, tls: Option<Arc<ClientConfig>>, proxy: Option<Proxy>, max_idle: usize) -> Self {
+        Pool {
+            target,
+            tls,
+            proxy,
+            addrs: RefCell::new(None),
+            idle: RefCell::new(Vec::new()),
+            max_idle,
+            // Below the Go server's usual idle timeouts, so the server is
+            // not closing a connection just as we reuse it.
+            idle_timeout: Duration::from_secs(50),
+        }
+    }
+
+    /// A warm idle connection (`true`) or a fresh one (`false`).
+    pub async fn get(&self) -> io::Result<(Conn, bool)> {
+        while let Some(conn) = self.idle.borrow_mut().pop() {
+            if conn.idle_since.elapsed() < self.idle_timeout {
+                return Ok((conn, true));
+            }
+        }
+        Ok((self.connect().await?, false))
+    }
+
+    pub async fn connect(&self) -> io::Result<Conn> {
+        if let Some(proxy) = &self.proxy {
+            return Ok(Conn::new(net::dial(&self.target, self.tls.as_ref(), Some(proxy)).await?));
+        }
+        let cached = self.addrs.borrow().as_ref().filter(|(_, at)| at.elapsed() < RESOLVE_TTL).map(|(a, _)| a.clone());
+        let addrs = match cached {
+            Some(a) => a,
+            None => {
+                let a = self.target.resolve()?;
+                *self.addrs.borrow_mut() = Some((a.clone(), Instant::now()));
+                a
+            }
+        };
+        let tcp = match net::tcp_connect(&addrs).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.addrs.borrow_mut().take();
+                return Err(e);
+            }
+        };
+        Ok(Conn::new(net::tls_wrap(tcp, &self.target, self.tls.as_ref()).await?))
+    }
+
+    /// Returns a connection whose last exchange completed cleanly.
+    pub fn put(&self, mut conn: Conn) {
+        if !conn.reusable || !conn.buffered().is_empty() || self.max_idle == 0 {
+            return;
+        }
+        conn.reusable = false;
+        conn.idle_since = Instant::now();
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() >= self.max_idle {
+            idle.remove(0);
+        }
+        idle.push(conn);
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().len()
+    }
+}
+
+impl Conn {
+    /// Marks the connection fit for reuse after a fully read response.
+    pub fn mark_reusable(&mut self, yes: bool) {
+        self.reusable = yes;
+    }
+}
+
+/// A complete small exchange: the answer's status, headers and body.
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<Header>,
+    pub body: Vec<u8>,
+}
+
+/// Sends one request with a small body and reads the whole answer (at
+/// most `max_body` bytes). Retries once on a fresh connection when a
+/// pooled one turns out to be closed.
+pub async fn exchange(
+    pool: &Pool,
+    method: &str,
+    path: &str,
+    headers: &[Header],
+    body: &[u8],
+    max_body: usize,
+) -> io::Result<Answer> {
+    let mut hdrs = headers.to_vec();
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        hdrs.push(Header::new("Content-Length", body.len().to_string()));
+    }
+    let head = request_head(method, path, &pool.target.authority(), &hdrs);
+    let (mut conn, mut reused) = pool.get().await?;
+    loop {
+        match exchange_on(&mut conn, &head, body, method == "HEAD", max_body).await {
+            Ok(answer) => {
+                pool.put(conn);
+                return Ok(answer);
+            }
+            Err((e, false)) if reused => {
+                log::debug!("pooled connection to {} failed ({e}); retrying on a fresh one", pool.target);
+                conn = pool.connect().await?;
+                reused = false;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// `Err((e, true))` once any answer byte arrived (no retry then).
+async fn exchange_on(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &[u8],
+    head_request: bool,
+    max_body: usize,
+) -> Result<Answer, (io::Error, bool)> {
+    let mut msg = head.to_vec();
+    msg.extend_from_slice(body);
+    conn.write_all(&msg).await.map_err(|e| (e, false))?;
+    let resp = conn.read_head(head_request).await.map_err(|e| (e, false))?;
+    let mut reader = BodyReader::new(resp.body);
+    let mut out = Vec::new();
+    while let Some(piece) = reader.next(conn).await.map_err(|e| (e, true))? {
+        out.extend_from_slice(&piece);
+        if out.len() > max_body {
+            return Err((bad(format!("answer body over {max_body} bytes")), true));
+        }
+    }
+    conn.mark_reusable(reader.allows_reuse() && !resp.close);
+    Ok(Answer { status: resp.status, headers: resp.headers, body: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_kinds() {
+        let h = |n: &str, v: &str| vec![Header::new(n, v)];
+        assert_eq!(response_body_kind(200, false, &h("Content-Length", "5")).unwrap(), BodyKind::Length(5));
+        assert_eq!(response_body_kind(200, false, &h("Transfer-Encoding", "chunked")).unwrap(), BodyKind::Chunked);
+        assert_eq!(response_body_kind(200, false, &h("Transfer-Encoding", "gzip")).unwrap(), BodyKind::Close);
+        assert_eq!(response_body_kind(200, false, &[]).unwrap(), BodyKind::Close);
+        assert_eq!(response_body_kind(204, false, &[]).unwrap(), BodyKind::None);
+        assert_eq!(response_body_kind(200, true, &h("Content-Length", "5")).unwrap(), BodyKind::None);
+        assert!(response_body_kind(200, false, &h("Content-Length", "x")).is_err());
+    }
+
+    #[test]
+    fn heads_and_chunks() {
+        let head = request_head("GET", "/api?x=1", "h:6443", &[Header::new("Accept", "application/json")]);
+        assert_eq!(head, b"GET /api?x=1 HTTP/1.1\r\nHost: h:6443\r\nAccept: application/json\r\n\r\n");
+        assert_eq!(chunk(b"hello world!!!!!!"), b"11\r\nhello world!!!!!!\r\n");
+        assert!(has_token(&[Header::new("Connection", "keep-alive, Upgrade")], "connection", "upgrade"));
+    }
+
+    /// A chunked body split at awkward places, over a real socket pair.
+    #[test]
+    fn reads_chunked_body_across_reads() {
+        smol::block_on(async {
+            let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = smol::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let parts: [&[u8]; 5] = [
+                    b"HTTP/1.1 200 OK\r\nTransfer-Enc",
+                    b"oding: chunked\r\n\r\n5\r\nhel",
+                    b"lo\r\n6;ext=1\r\n world\r\n0\r",
+                    b"\nX-Trailer: 1\r\n\r\n",
+                    b"HTTP/1.1 204 No Content\r\n\r\n",
+                ];
+                for p in parts {
+                    s.write_all(p).await.unwrap();
+                    s.flush().await.unwrap();
+                    smol::Timer::after(Duration::from_millis(5)).await;
+                }
+                smol::Timer::after(Duration::from_millis(100)).await;
+            });
+            let tcp = net::tcp_connect(&[addr]).await.unwrap();
+            let mut conn = Conn::new(Io::Plain(tcp));
+            let head = conn.read_head(false).await.unwrap();
+            assert_eq!((head.status, head.body), (200, BodyKind::Chunked));
+            let mut reader = BodyReader::new(head.body);
+            let mut body = Vec::new();
+            while let Some(p) = reader.next(&mut conn).await.unwrap() {
+                body.extend(p);
+            }
+            assert_eq!(body, b"hello world");
+            assert!(reader.allows_reuse());
+            let next = conn.read_head(false).await.unwrap();
+            assert_eq!((next.status, next.body), (204, BodyKind::None));
+            server.await;
+        });
+    }
+}

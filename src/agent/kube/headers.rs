@@ -1,0 +1,340 @@
+//! Which headers go to the API server, and which come back.
+//!
+//! Requests: the hop-by-hop fields of RFC 9110 §7.6.1 are connection
+//! scoped and never forwarded — `Connection` and every field it names,
+//! `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`,
+//! `Upgrade` — nor are the proxy's own `Proxy-Authorization` and
+//! `Proxy-Authenticate` (§11.7). An upgrade request (exec, attach,
+//! port-forward) keeps `Upgrade` and sends `Connection: Upgrade`, since
+//! the upgrade is the point (§7.8). Every client `Authorization` and
+//! `Impersonate-*` is dropped: the agent's credential and the identity
+//! from the hub replace them, and a request without a user is refused
+//! (an empty `Impersonate-User` makes the API server skip impersonation
+//! and act as the agent). `Host` is the API server's. Everything else —
+//! `Accept` (with `as=Table` or protobuf), `Content-Type`,
+//! `Content-Length`, `Accept-Encoding`, `User-Agent` — goes on unchanged.
+
+use super::super::http1::has_token;
+use crate::proto::{Header, Identity};
+use std::fmt;
+
+/// Fields that are hop-by-hop whatever `Connection` says (RFC 9110
+/// §7.6.1), plus the proxy credentials (§11.7.1, §11.7.2).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Users and groups the agent agrees to impersonate; `None` allows any.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowLists {
+    pub users: Option<Vec<String>>,
+    pub groups: Option<Vec<String>>,
+}
+
+/// Why a request was refused before reaching the API server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No user to impersonate.
+    EmptyUser,
+    /// The agent's allow-list does not name this user.
+    UserNotAllowed(String),
+    /// The agent's allow-list does not name this group.
+    GroupNotAllowed(String),
+    /// A header or identity value that cannot travel in HTTP/1.1
+    /// (CR, LF, NUL, or a name that is not a token).
+    BadField(String),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::EmptyUser => {
+                write!(f, "request carries no user to impersonate; the agent never forwards such requests")
+            }
+            Refusal::UserNotAllowed(u) => {
+                write!(f, "the agent's configuration does not allow impersonating user {u:?}")
+            }
+            Refusal::GroupNotAllowed(g) => {
+                write!(f, "the agent's configuration does not allow impersonating group {g:?}")
+            }
+            Refusal::BadField(what) => write!(f, "invalid header field: {what}"),
+        }
+    }
+}
+
+/// Whether the request asks for a protocol upgrade.
+pub fn is_upgrade(headers: &[Header]) -> bool {
+    // A hub may strip `Connection` as hop-by-hop yet keep `Upgrade`: the
+    // presence of `Upgrade` decides.
+    headers.iter().any(|h| h.name.eq_ignore_ascii_case(b"upgrade"))
+}
+
+fn is_token(name: &[u8]) -> bool {
+    !name.is_empty() && name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn is_field_value(v: &[u8]) -> bool {
+    !v.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0)
+}
+
+/// The request headers for the API server, or why the request is refused.
+/// `authorization` is the agent's own `Authorization` value, if it uses a
+/// token.
+pub fn request_headers(
+    client: &[Header],
+    identity: &Identity,
+    allow: &AllowLists,
+    authorization: Option<&str>,
+) -> Result<Vec<Header>, Refusal> {
+    check_identity(identity, allow)?;
+    let upgrade = is_upgrade(client);
+    let named: Vec<Vec<u8>> = client
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(b"connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(|t| t.trim_ascii().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let mut out = Vec::with_capacity(client.len() + 4 + identity.groups.len());
+    for h in client {
+        if !is_token(&h.name) || !is_field_value(&h.value) {
+            return Err(Refusal::BadField(String::from_utf8_lossy(&h.name).into_owned()));
+        }
+        let lower = h.name.to_ascii_lowercase();
+        let keep_upgrade = upgrade && lower == b"upgrade";
+        if !keep_upgrade
+            && (HOP_BY_HOP.iter().any(|n| n.as_bytes() == lower.as_slice())
+                || named.iter().any(|n| *n == lower && n.as_slice() != b"upgrade")
+                || lower == b"host"
+                || lower == b"authorization"
+                || lower.starts_with(b"impersonate-"))
+        {
+            continue;
+        }
+        out.push(h.clone());
+    }
+    if upgrade {
+        out.push(Header::new("Connection", "Upgrade"));
+    }
+    if let Some(auth) = authorization {
+        out.push(Header::new("Authorization", auth));
+    }
+    out.extend(impersonation(identity));
+    Ok(out)
+}
+
+fn check_identity(identity: &Identity, allow: &AllowLists) -> Result<(), Refusal> {
+    if identity.user.trim().is_empty() {
+        return Err(Refusal::EmptyUser);
+    }
+    let values = std::iter::once(&identity.user)
+        .chain(&identity.groups)
+        .chain(&identity.uid)
+        .chain(identity.extra.iter().flat_map(|(_, v)| v));
+    for v in values {
+        if !is_field_value(v.as_bytes()) {
+            return Err(Refusal::BadField("identity value with a control character".into()));
+        }
+    }
+    if identity.extra.iter().any(|(k, _)| k.is_empty()) {
+        return Err(Refusal::BadField("empty Impersonate-Extra key".into()));
+    }
+    if let Some(users) = &allow.users {
+        if !users.contains(&identity.user) {
+            return Err(Refusal::UserNotAllowed(identity.user.clone()));
+        }
+    }
+    if let Some(groups) = &allow.groups {
+        if let Some(g) = identity.groups.iter().find(|g| !groups.contains(g)) {
+            return Err(Refusal::GroupNotAllowed(g.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// `Impersonate-User`, one `Impersonate-Group` per group, `-Uid`, and one
+/// `Impersonate-Extra-KEY` per value.
+fn impersonation(identity: &Identity) -> Vec<Header> {
+    let mut out = vec![Header::new("Impersonate-User", identity.user.as_str())];
+    for g in &identity.groups {
+        out.push(Header::new("Impersonate-Group", g.as_str()));
+    }
+    if let Some(uid) = identity.uid.as_ref().filter(|u| !u.is_empty()) {
+        out.push(Header::new("Impersonate-Uid", uid.as_str()));
+    }
+    for (key, values) in &identity.extra {
+        let name = format!("Impersonate-Extra-{}", escape_extra_key(key));
+        for v in values {
+            out.push(Header::new(name.as_str(), v.as_str()));
+        }
+    }
+    out
+}
+
+/// Percent-encodes an extra key as client-go does (`headerKeyEscape`):
+/// every byte that is not a header-token character, and `%` itself, as
+/// `%XX` in upper-case hex, so `example.com/scopes` becomes
+/// `example.com%2Fscopes`. The API server unescapes and lower-cases it.
+pub fn escape_extra_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for &b in key.as_bytes() {
+        if b != b'%' && (b.is_ascii_alphanumeric() || b"!#$&'*+-.^_`|~".contains(&b)) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Response headers for the hub: hop-by-hop fields dropped, except that a
+/// `101` keeps `Upgrade` and `Connection: Upgrade`.
+pub fn response_headers(status: u16, server: &[Header]) -> Vec<Header> {
+    let upgrade = status == 101;
+    let named: Vec<Vec<u8>> = server
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(b"connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(|t| t.trim_ascii().to_ascii_lowercase())
+        .collect();
+    let mut out: Vec<Header> = server
+        .iter()
+        .filter(|h| {
+            let lower = h.name.to_ascii_lowercase();
+            if upgrade && lower == b"upgrade" {
+                return true;
+            }
+            !(HOP_BY_HOP.iter().any(|n| n.as_bytes() == lower.as_slice())
+                || named.iter().any(|n| *n == lower && n.as_slice() != b"upgrade"))
+        })
+        .cloned()
+        .collect();
+    if upgrade && has_token(server, "connection", "upgrade") {
+        out.push(Header::new("Connection", "Upgrade"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(h: &[Header]) -> Vec<String> {
+        h.iter()
+            .map(|h| format!("{}: {}", String::from_utf8_lossy(&h.name), String::from_utf8_lossy(&h.value)))
+            .collect()
+    }
+
+    fn alice() -> Identity {
+        Identity {
+            user: "alice".into(),
+            groups: vec!["dev".into(), "ops".into()],
+            uid: Some("u-1".into()),
+            extra: vec![("example.com/scopes".into(), vec!["a".into(), "b".into()])],
+        }
+    }
+
+    #[test]
+    fn strips_hop_by_hop_auth_and_impersonation() {
+        let client = vec![
+            Header::new("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"),
+            Header::new("Connection", "keep-alive, X-Secret-Hop"),
+            Header::new("X-Secret-Hop", "1"),
+            Header::new("Keep-Alive", "timeout=5"),
+            Header::new("TE", "trailers"),
+            Header::new("Trailer", "X"),
+            Header::new("Transfer-Encoding", "chunked"),
+            Header::new("Proxy-Authorization", "Basic x"),
+            Header::new("Proxy-Connection", "keep-alive"),
+            Header::new("Authorization", "Bearer client-token"),
+            Header::new("impersonate-user", "root"),
+            Header::new("Impersonate-Group", "system:masters"),
+            Header::new("Host", "hub.example.com"),
+            Header::new("Content-Type", "application/strategic-merge-patch+json"),
+            Header::new("Accept-Encoding", "gzip"),
+        ];
+        let out = request_headers(&client, &alice(), &AllowLists::default(), Some("Bearer agent")).unwrap();
+        assert_eq!(
+            names(&out),
+            vec![
+                "Accept: application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+                "Content-Type: application/strategic-merge-patch+json",
+                "Accept-Encoding: gzip",
+                "Authorization: Bearer agent",
+                "Impersonate-User: alice",
+                "Impersonate-Group: dev",
+                "Impersonate-Group: ops",
+                "Impersonate-Uid: u-1",
+                "Impersonate-Extra-example.com%2Fscopes: a",
+                "Impersonate-Extra-example.com%2Fscopes: b",
+            ]
+        );
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade() {
+        let client = vec![
+            Header::new("Connection", "Upgrade"),
+            Header::new("Upgrade", "SPDY/3.1"),
+            Header::new("X-Stream-Protocol-Version", "v4.channel.k8s.io"),
+        ];
+        let out = request_headers(&client, &alice(), &AllowLists::default(), None).unwrap();
+        let n = names(&out);
+        assert_eq!(
+            &n[..3],
+            ["Upgrade: SPDY/3.1", "X-Stream-Protocol-Version: v4.channel.k8s.io", "Connection: Upgrade"]
+        );
+        assert!(!n.iter().any(|h| h.starts_with("Authorization")));
+    }
+
+    #[test]
+    fn refuses_empty_user_and_bad_fields() {
+        let mut id = alice();
+        id.user = " ".into();
+        assert_eq!(request_headers(&[], &id, &AllowLists::default(), None), Err(Refusal::EmptyUser));
+        let mut id = alice();
+        id.groups.push("evil\r\nImpersonate-User: root".into());
+        assert!(matches!(request_headers(&[], &id, &AllowLists::default(), None), Err(Refusal::BadField(_))));
+        let bad = vec![Header::new("X-A", "1\r\nX-B: 2")];
+        assert!(matches!(request_headers(&bad, &alice(), &AllowLists::default(), None), Err(Refusal::BadField(_))));
+    }
+
+    #[test]
+    fn allow_lists() {
+        let allow = AllowLists { users: Some(vec!["alice".into()]), groups: Some(vec!["dev".into()]) };
+        assert_eq!(request_headers(&[], &alice(), &allow, None), Err(Refusal::GroupNotAllowed("ops".into())));
+        let mut id = alice();
+        id.groups.truncate(1);
+        assert!(request_headers(&[], &id, &allow, None).is_ok());
+        id.user = "bob".into();
+        assert_eq!(request_headers(&[], &id, &allow, None), Err(Refusal::UserNotAllowed("bob".into())));
+    }
+
+    #[test]
+    fn extra_key_escaping() {
+        assert_eq!(escape_extra_key("scopes"), "scopes");
+        assert_eq!(escape_extra_key("example.com/a b%"), "example.com%2Fa%20b%25");
+        assert_eq!(escape_extra_key("ü"), "%C3%BC");
+    }
+
+    #[test]
+    fn response_filtering() {
+        let server = vec![
+            Header::new("Content-Type", "application/json"),
+            Header::new("Transfer-Encoding", "chunked"),
+            Header::new("Connection", "close"),
+            Header::new("Audit-Id", "x"),
+        ];
+        assert_eq!(names(&response_headers(200, &server)), vec!["Content-Type: application/json", "Audit-Id: x"]);
+        let up = vec![Header::new("Connection", "Upgrade"), Header::new("Upgrade", "SPDY/3.1")];
+        assert_eq!(names(&response_headers(101, &up)), vec!["Upgrade: SPDY/3.1", "Connection: Upgrade"]);
+    }
+}

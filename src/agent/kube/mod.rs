@@ -1,0 +1,499 @@
+//! Reaching the cluster's API server: where it is, how the agent
+//! authenticates to it, and the few calls the agent makes as itself.
+//!
+//! Discovery, first match wins:
+//! 1. explicit flags (`--kube-url`, `--kube-token-file`, `--kube-ca`);
+//! 2. `--kubeconfig PATH`;
+//! 3. in-cluster: `KUBERNETES_SERVICE_HOST`/`_PORT` and the service
+//!    account's token and CA under
+//!    `/var/run/secrets/kubernetes.io/serviceaccount`;
+//! 4. `/etc/rancher/k3s/k3s.yaml` when readable (k3s's admin kubeconfig,
+//!    client certificate);
+//! 5. `$KUBECONFIG` (first entry), then `~/.kube/config`.
+//!
+//! A token file is re-read whenever its modification time or size changes
+//! (projected service-account tokens rotate, by an atomic symlink swap),
+//! so a rotated token is used without a restart.
+//!
+//! Submodules: [`headers`] (what is forwarded), [`proxy`] (one tunnel
+//! stream to one API-server exchange).
+
+pub mod headers;
+pub mod proxy;
+
+use super::http1::{self, Pool};
+use super::net::Target;
+use super::yaml;
+use crate::proto::Header;
+use crate::secret::Secret;
+use crate::tls::{self, ClientIdentity, Trust};
+use base64::Engine as _;
+use serde::Deserialize;
+use std::cell::RefCell;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// The service account's files in a pod.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// k3s's admin kubeconfig.
+pub const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
+
+/// Most warm connections kept to the API server.
+pub const POOL_IDLE: usize = 32;
+
+/// How the agent was told to reach the API server.
+#[derive(Clone, Debug, Default)]
+pub struct KubeFlags {
+    pub kubeconfig: Option<PathBuf>,
+    pub url: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+/// A bearer token that follows its file.
+pub struct TokenFile {
+    path: PathBuf,
+    cache: RefCell<Option<(Option<SystemTime>, u64, Secret)>>,
+}
+
+impl TokenFile {
+    pub fn new(path: PathBuf) -> Self {
+        TokenFile { path, cache: RefCell::new(None) }
+    }
+
+    /// The token now: re-read when the file changed since the last read.
+    pub fn current(&self) -> io::Result<Secret> {
+        let meta = std::fs::metadata(&self.path)?;
+        let stamp = (meta.modified().ok(), meta.len());
+        if let Some((m, len, tok)) = &*self.cache.borrow() {
+            if (*m, *len) == stamp {
+                return Ok(tok.clone());
+            }
+        }
+        let text = std::fs::read_to_string(&self.path)?;
+        let tok = Secret::new(text.trim());
+        if self.cache.borrow().is_some() {
+            log::info!("token file {} changed; using the new token", self.path.display());
+        }
+        *self.cache.borrow_mut() = Some((stamp.0, stamp.1, tok.clone()));
+        Ok(tok)
+    }
+}
+
+/// How the agent authenticates to the API server.
+pub enum Auth {
+    /// A client certificate in the TLS configuration (k3s), or nothing.
+    Tls,
+    Token(Secret),
+    TokenFile(TokenFile),
+}
+
+/// The API server and the agent's way in.
+pub struct Kube {
+    pub pool: Pool,
+    pub auth: Auth,
+    /// Where the settings came from, for logs.
+    pub source: String,
+}
+
+impl fmt::Debug for Kube {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Kube({} via {})", self.pool.target, self.source)
+    }
+}
+
+/// Why the API server settings could not be found or used.
+#[derive(Debug)]
+pub struct KubeError(pub String);
+
+impl fmt::Display for KubeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn read_text(path: &Path, what: &str) -> Result<String, KubeError> {
+    std::fs::read_to_string(path).map_err(|e| KubeError(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+impl Kube {
+    /// Finds the API server as the module docs describe.
+    pub fn discover(flags: &KubeFlags) -> Result<Kube, KubeError> {
+        if let Some(url) = &flags.url {
+            let target = Target::parse(url).map_err(|e| KubeError(format!("--kube-url: {e}")))?;
+            let trust = match &flags.ca {
+                Some(p) => Trust::CaPem(read_text(p, "the API server CA (--kube-ca)")?),
+                None => Trust::WebPki,
+            };
+            let auth = match &flags.token_file {
+                Some(p) => {
+                    let tf = TokenFile::new(p.clone());
+                    tf.current()
+                        .map_err(|e| KubeError(format!("cannot read --kube-token-file {}: {e}", p.display())))?;
+                    Auth::TokenFile(tf)
+                }
+                None => Auth::Tls,
+            };
+            return Kube::build(target, &trust, None, auth, "command-line flags".into());
+        }
+        if let Some(p) = &flags.kubeconfig {
+            return Kube::from_kubeconfig(p);
+        }
+        if let Ok(host) = std::env::var("KUBERNETES_SERVICE_HOST") {
+            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            let target = Target::parse(&format!("https://{host}:{port}")).map_err(KubeError)?;
+            let dir = Path::new(SERVICE_ACCOUNT_DIR);
+            let ca = read_text(&dir.join("ca.crt"), "the service-account CA")?;
+            let tf = TokenFile::new(dir.join("token"));
+            tf.current().map_err(|e| KubeError(format!("cannot read the service-account token: {e}")))?;
+            return Kube::build(
+                target,
+                &Trust::CaPem(ca),
+                None,
+                Auth::TokenFile(tf),
+                "in-cluster service account".into(),
+            );
+        }
+        let k3s = Path::new(K3S_KUBECONFIG);
+        if std::fs::File::open(k3s).is_ok() {
+            return Kube::from_kubeconfig(k3s);
+        }
+        if let Some(first) = std::env::var_os("KUBECONFIG").and_then(|v| std::env::split_paths(&v).next()) {
+            if !first.as_os_str().is_empty() {
+                return Kube::from_kubeconfig(&first);
+            }
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            let p = Path::new(&home).join(".kube/config");
+            if p.exists() {
+                return Kube::from_kubeconfig(&p);
+            }
+        }
+        Err(KubeError(
+            "no way to reach the Kubernetes API server: not in a pod, no /etc/rancher/k3s/k3s.yaml, no $KUBECONFIG or \
+             ~/.kube/config; pass --kubeconfig PATH or --kube-url URL"
+                .into(),
+        ))
+    }
+
+    pub fn from_kubeconfig(path: &Path) -> Result<Kube, KubeError> {
+        let text = read_text(path, "kubeconfig")?;
+        let s = kubeconfig_settings(&text, path.parent().unwrap_or(Path::new(".")))
+            .map_err(|e| KubeError(format!("kubeconfig {}: {e}", path.display())))?;
+        let target =
+            Target::parse(&s.server).map_err(|e| KubeError(format!("kubeconfig {}: server {e}", path.display())))?;
+        let trust = s.ca_pem.map(Trust::CaPem).unwrap_or(Trust::WebPki);
+        let identity = match (s.client_cert_pem, s.client_key_pem) {
+            (Some(c), Some(k)) => {
+                let chain = tls::certs_from_pem(&c, "the kubeconfig's client certificate")
+                    .map_err(|e| KubeError(format!("kubeconfig {}: {e}", path.display())))?;
+                let key = tls::key_from_pem(&k, "the kubeconfig's client key")
+                    .map_err(|e| KubeError(format!("kubeconfig {}: {e}", path.display())))?;
+                Some(ClientIdentity { chain, key })
+            }
+            _ => None,
+        };
+        let auth = match (s.token, s.token_file) {
+            (Some(t), _) => Auth::Token(t),
+            (None, Some(f)) => Auth::TokenFile(TokenFile::new(f)),
+            _ => Auth::Tls,
+        };
+        Kube::build(target, &trust, identity, auth, format!("kubeconfig {}", path.display()))
+    }
+
+    fn build(
+        target: Target,
+        trust: &Trust,
+        identity: Option<ClientIdentity>,
+        auth: Auth,
+        source: String,
+    ) -> Result<Kube, KubeError> {
+        let tls = if target.tls {
+            Some(tls::client_config(trust, identity, &[b"http/1.1"]).map_err(|e| KubeError(format!("{source}: {e}")))?)
+        } else {
+            None
+        };
+        Ok(Kube { pool: Pool::new(target, tls, None, POOL_IDLE), auth, source })
+    }
+
+    /// The `Authorization` value to send now, if the agent uses a token.
+    pub fn authorization(&self) -> io::Result<Option<String>> {
+        Ok(match &self.auth {
+            Auth::Tls => None,
+            Auth::Token(t) => Some(format!("Bearer {}", t.expose())),
+            Auth::TokenFile(f) => Some(format!("Bearer {}", f.current()?.expose())),
+        })
+    }
+
+    /// A request as the agent itself (no impersonation); whole answer.
+    pub async fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> io::Result<http1::Answer> {
+        let mut headers = vec![Header::new("Accept", "application/json"), Header::new("User-Agent", user_agent())];
+        if body.is_some() {
+            headers.push(Header::new("Content-Type", "application/json"));
+        }
+        if let Some(a) = self.authorization()? {
+            headers.push(Header::new("Authorization", a));
+        }
+        http1::exchange(&self.pool, method, path, &headers, body.unwrap_or(&[]), 8 << 20).await
+    }
+
+    /// The server's `gitVersion`, e.g. `v1.31.2+k3s1`.
+    pub async fn version(&self) -> io::Result<String> {
+        let a = self.call("GET", "/version", None).await?;
+        if a.status != 200 {
+            return Err(io::Error::other(format!("GET /version answered {}", a.status)));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&a.body).map_err(io::Error::other)?;
+        Ok(v["gitVersion"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// How many nodes the cluster has, from one small list call
+    /// (`limit=1` plus `remainingItemCount`).
+    pub async fn node_count(&self) -> io::Result<u32> {
+        let a = self.call("GET", "/api/v1/nodes?limit=1", None).await?;
+        if a.status != 200 {
+            return Err(io::Error::other(format!("listing nodes answered {}", a.status)));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&a.body).map_err(io::Error::other)?;
+        let items = v["items"].as_array().map_or(0, Vec::len) as u64;
+        let rest = v["metadata"]["remainingItemCount"].as_u64().unwrap_or(0);
+        Ok((items + rest).min(u32::MAX as u64) as u32)
+    }
+}
+
+pub fn user_agent() -> String {
+    format!("uplink/{} ({}; {})", env!("CARGO_PKG_VERSION"), std::env::consts::OS, std::env::consts::ARCH)
+}
+
+/// What a kubeconfig's current context says.
+#[derive(Debug, Default)]
+pub struct KubeconfigSettings {
+    pub server: String,
+    pub ca_pem: Option<String>,
+    pub client_cert_pem: Option<String>,
+    pub client_key_pem: Option<String>,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct KubeconfigFile {
+    clusters: Vec<Named<ClusterEntry>>,
+    users: Vec<NamedUser>,
+    contexts: Vec<Named<ContextEntry>>,
+    #[serde(rename = "current-context")]
+    current_context: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Named<T> {
+    name: String,
+    #[serde(alias = "cluster", alias = "context")]
+    inner: Option<T>,
+}
+
+#[derive(Deserialize)]
+struct NamedUser {
+    name: String,
+    user: Option<UserEntry>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "kebab-case")]
+struct ClusterEntry {
+    server: Option<String>,
+    certificate_authority_data: Option<String>,
+    certificate_authority: Option<String>,
+    insecure_skip_tls_verify: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ContextEntry {
+    cluster: Option<String>,
+    user: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "kebab-case")]
+struct UserEntry {
+    client_certificate_data: Option<String>,
+    client_key_data: Option<String>,
+    client_certificate: Option<String>,
+    client_key: Option<String>,
+    token: Option<String>,
+    #[serde(rename = "tokenFile")]
+    token_file: Option<String>,
+    exec: Option<serde_json::Value>,
+    #[serde(rename = "auth-provider")]
+    auth_provider: Option<serde_json::Value>,
+}
+
+fn b64(field: &str, v: &str) -> Result<String, String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v.split_whitespace().collect::<String>())
+        .map_err(|_| format!("{field} is not valid base64"))?;
+    String::from_utf8(raw).map_err(|_| format!("{field} is not PEM text"))
+}
+
+/// Reads the current context of a kubeconfig; relative file paths are
+/// relative to `dir`.
+pub fn kubeconfig_settings(text: &str, dir: &Path) -> Result<KubeconfigSettings, String> {
+    // JSON is YAML too, and some tools write kubeconfigs as JSON.
+    let value = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| format!("not readable as JSON: {e}"))?
+    } else {
+        yaml::parse(text).map_err(|e| format!("not readable as YAML: {e}"))?
+    };
+    let file: KubeconfigFile = serde_json::from_value(value).map_err(|e| format!("unexpected structure: {e}"))?;
+    let ctx_name = file.current_context.clone().filter(|c| !c.is_empty());
+    let ctx = match &ctx_name {
+        Some(n) => file
+            .contexts
+            .iter()
+            .find(|c| &c.name == n)
+            .ok_or_else(|| format!("current-context {n:?} is not among the contexts"))?
+            .inner
+            .as_ref(),
+        None if file.contexts.len() == 1 => file.contexts[0].inner.as_ref(),
+        None if file.contexts.is_empty() && file.clusters.len() == 1 => None,
+        None => return Err("no current-context set and several contexts to choose from".into()),
+    };
+    let cluster_name = ctx.and_then(|c| c.cluster.clone());
+    let cluster = match &cluster_name {
+        Some(n) => file.clusters.iter().find(|c| &c.name == n).ok_or_else(|| format!("cluster {n:?} not found"))?,
+        None => file.clusters.first().ok_or("no clusters")?,
+    };
+    let cluster = cluster.inner.as_ref().ok_or("cluster entry without settings")?;
+    let server = cluster.server.clone().ok_or("cluster has no server")?;
+    if cluster.insecure_skip_tls_verify.as_deref() == Some("true") {
+        return Err("insecure-skip-tls-verify is set; the agent always verifies the API server: give it the CA".into());
+    }
+    let resolve = |p: &str| -> PathBuf { if Path::new(p).is_absolute() { PathBuf::from(p) } else { dir.join(p) } };
+    let read = |p: &str, what: &str| -> Result<String, String> {
+        let path = resolve(p);
+        std::fs::read_to_string(&path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+    };
+    let ca_pem = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
+        (Some(d), _) => Some(b64("certificate-authority-data", d)?),
+        (None, Some(p)) => Some(read(p, "certificate-authority")?),
+        _ => None,
+    };
+    let mut s = KubeconfigSettings { server, ca_pem, ..Default::default() };
+    let user_name = ctx.and_then(|c| c.user.clone());
+    let user = match &user_name {
+        Some(n) => Some(file.users.iter().find(|u| &u.name == n).ok_or_else(|| format!("user {n:?} not found"))?),
+        None => file.users.first(),
+    };
+    if let Some(u) = user.and_then(|u| u.user.as_ref()) {
+        if u.exec.is_some() || u.auth_provider.is_some() {
+            return Err(
+                "exec and auth-provider credentials are not supported; use a token or client certificate".into()
+            );
+        }
+        s.client_cert_pem = match (&u.client_certificate_data, &u.client_certificate) {
+            (Some(d), _) => Some(b64("client-certificate-data", d)?),
+            (None, Some(p)) => Some(read(p, "client-certificate")?),
+            _ => None,
+        };
+        s.client_key_pem = match (&u.client_key_data, &u.client_key) {
+            (Some(d), _) => Some(b64("client-key-data", d)?),
+            (None, Some(p)) => Some(read(p, "client-key")?),
+            _ => None,
+        };
+        if s.client_cert_pem.is_some() != s.client_key_pem.is_some() {
+            return Err("a client certificate needs both the certificate and the key".into());
+        }
+        s.token = u.token.clone().filter(|t| !t.is_empty()).map(Secret::new);
+        s.token_file = u.token_file.as_deref().map(resolve);
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K3S: &str = "apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t
+    server: https://127.0.0.1:6443
+  name: default
+contexts:
+- context:
+    cluster: default
+    user: default
+  name: default
+current-context: default
+kind: Config
+preferences: {}
+users:
+- name: default
+  user:
+    client-certificate-data: Y2VydA==
+    client-key-data: a2V5
+";
+
+    #[test]
+    fn k3s_kubeconfig() {
+        let s = kubeconfig_settings(K3S, Path::new("/etc/rancher/k3s")).unwrap();
+        assert_eq!(s.server, "https://127.0.0.1:6443");
+        assert_eq!(s.ca_pem.as_deref(), Some("-----BEGIN CERTIFICATE-----"));
+        assert_eq!(s.client_cert_pem.as_deref(), Some("cert"));
+        assert_eq!(s.client_key_pem.as_deref(), Some("key"));
+        assert!(s.token.is_none());
+    }
+
+    #[test]
+    fn token_contexts_and_errors() {
+        let doc = "clusters:
+- name: a
+  cluster: {server: x}
+- name: b
+  cluster:
+    server: https://b.example:443
+    certificate-authority: ca.pem
+users:
+- name: u
+  user:
+    tokenFile: tok
+contexts:
+- name: one
+  context:
+    cluster: b
+    user: u
+current-context: one
+";
+        // The flow mapping above is refused: the reader supports only `{}`.
+        assert!(kubeconfig_settings(doc, Path::new("/x")).is_err());
+        let doc = doc.replace("  cluster: {server: x}", "  cluster:\n    server: x");
+        let err = kubeconfig_settings(&doc, Path::new("/nonexistent")).unwrap_err();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        let doc = doc.replace("    certificate-authority: ca.pem\n", "");
+        let s = kubeconfig_settings(&doc, Path::new("/x")).unwrap();
+        assert_eq!(s.server, "https://b.example:443");
+        assert_eq!(s.token_file, Some(PathBuf::from("/x/tok")));
+        let bad = doc.replace("current-context: one", "current-context: two");
+        assert!(kubeconfig_settings(&bad, Path::new("/x")).unwrap_err().contains("\"two\""));
+        let exec = doc.replace("    tokenFile: tok", "    exec:\n      command: aws");
+        assert!(kubeconfig_settings(&exec, Path::new("/x")).unwrap_err().contains("exec"));
+    }
+
+    #[test]
+    fn token_file_follows_changes() {
+        let dir = std::env::temp_dir().join(format!("uplink-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("token");
+        std::fs::write(&p, "one\n").unwrap();
+        let tf = TokenFile::new(p.clone());
+        assert_eq!(tf.current().unwrap().expose(), "one");
+        std::fs::write(&p, "two-longer\n").unwrap();
+        assert_eq!(tf.current().unwrap().expose(), "two-longer");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

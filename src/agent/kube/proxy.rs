@@ -1,0 +1,317 @@
+//! One tunnel stream → one exchange with the API server.
+//!
+//! ```text
+//!  hub ── Open{head, identity} ──► policy (headers.rs) ──refused──► Head 403 + Status JSON, End
+//!                                      │ ok
+//!                                      ▼
+//!            pool connection ◄── request head, body streamed from Data frames
+//!                                      │
+//!           response head ───► Head{status, headers}
+//!           body pieces   ───► Data (waits for tunnel credit: a slow
+//!                                     reader slows the API-server read)
+//!           end of body   ───► End; connection back to the pool
+//!           101           ───► raw bytes both ways, half-close each way
+//! ```
+//!
+//! A reset from the hub (the person went away) is noticed even while the
+//! API server is silent (an idle watch), and the connection is dropped.
+
+use super::super::AgentCtx;
+use super::super::http1::{self, BodyKind, BodyReader, Conn};
+use super::headers::{self, Refusal};
+use crate::driver::{Stream, StreamClosed};
+use crate::proto::{Header, RequestHead, ResetCode, ResponseHead};
+use smol::future::FutureExt as _;
+use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use std::io;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// How long to wait for the hub's `End` after the answer went out.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+enum Failure {
+    /// Refused by policy: answered with this status and message.
+    Refused(u16, &'static str, String),
+    /// The API server could not be reached or broke off before a head.
+    Upstream(String),
+    /// The API server broke off after the head went out.
+    UpstreamAfterHead(String),
+    /// The tunnel stream is gone.
+    Tunnel(StreamClosed),
+}
+
+impl From<StreamClosed> for Failure {
+    fn from(e: StreamClosed) -> Self {
+        Failure::Tunnel(e)
+    }
+}
+
+/// Serves one stream to its end. Never panics on peer input; every
+/// outcome is counted in the metrics.
+pub async fn serve(ctx: Rc<AgentCtx>, mut stream: Stream, head: RequestHead) {
+    let _active = ctx.metrics.stream_started();
+    let status = match forward(&ctx, &mut stream, &head).await {
+        Ok(Outcome::Done(status)) => status,
+        Ok(Outcome::Upgraded(conn)) => {
+            ctx.metrics.request_done(101);
+            splice(&ctx, stream, conn).await;
+            return;
+        }
+        Err(Failure::Refused(code, reason, message)) => {
+            log::info!(
+                "refused {} {} for user {:?}: {message}",
+                head.method,
+                path_only(&head.path),
+                head.identity.user
+            );
+            let _ = send_status(&mut stream, code, reason, &message).await;
+            code
+        }
+        Err(Failure::Upstream(message)) => {
+            log::warn!("{} {}: API server unreachable: {message}", head.method, path_only(&head.path));
+            let _ = send_status(
+                &mut stream,
+                502,
+                "ServiceUnavailable",
+                &format!("the agent could not reach the API server: {message}"),
+            )
+            .await;
+            502
+        }
+        Err(Failure::UpstreamAfterHead(message)) => {
+            log::warn!("{} {}: API server broke off: {message}", head.method, path_only(&head.path));
+            stream.reset(ResetCode::Upstream, &message);
+            0
+        }
+        Err(Failure::Tunnel(e)) => {
+            log::debug!("{} {}: stream ended early: {e}", head.method, path_only(&head.path));
+            0
+        }
+    };
+    ctx.metrics.request_done(status);
+}
+
+/// The path without its query (queries may carry names worth not logging
+/// at info level, never secrets, but keep lines short).
+fn path_only(p: &str) -> &str {
+    p.split('?').next().unwrap_or(p)
+}
+
+/// How the request body travels to the API server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReqBody {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+fn request_body(head: &RequestHead, upgrade: bool) -> Result<ReqBody, Failure> {
+    if upgrade {
+        return Ok(ReqBody::None);
+    }
+    if let Some(v) = http1::find_header(&head.headers, "content-length") {
+        let n = std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        return n.map(ReqBody::Length).ok_or_else(|| Failure::Refused(400, "BadRequest", "bad Content-Length".into()));
+    }
+    let chunked = http1::has_token(&head.headers, "transfer-encoding", "chunked");
+    if chunked || matches!(head.method.as_str(), "POST" | "PUT" | "PATCH") {
+        Ok(ReqBody::Chunked)
+    } else {
+        Ok(ReqBody::None)
+    }
+}
+
+/// How an exchange ended well.
+enum Outcome {
+    /// Answered with this status.
+    Done(u16),
+    /// `101`: the head went out; the connection is now a byte pipe.
+    Upgraded(Conn),
+}
+
+async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Result<Outcome, Failure> {
+    let auth =
+        ctx.kube.authorization().map_err(|e| Failure::Upstream(format!("cannot read the agent's token: {e}")))?;
+    let upgrade = headers::is_upgrade(&head.headers);
+    let mut out =
+        headers::request_headers(&head.headers, &head.identity, &ctx.allow, auth.as_deref()).map_err(|r| {
+            let code = if matches!(r, Refusal::BadField(_)) { 400 } else { 403 };
+            Failure::Refused(code, if code == 400 { "BadRequest" } else { "Forbidden" }, r.to_string())
+        })?;
+    let body = request_body(head, upgrade)?;
+    if body == ReqBody::Chunked {
+        out.push(Header::new("Transfer-Encoding", "chunked"));
+    }
+    let pool = &ctx.kube.pool;
+    let wire_head = http1::request_head(&head.method, &head.path, &pool.target.authority(), &out);
+    let head_request = head.method == "HEAD";
+
+    // Send the head (and body), read the answer's head. A pooled
+    // connection the server closed meanwhile fails here; a bodiless
+    // request is then retried once on a fresh connection.
+    let (mut conn, mut reused) = pool.get().await.map_err(|e| Failure::Upstream(e.to_string()))?;
+    let resp = loop {
+        let attempt = async {
+            conn.write_all(&wire_head).await.map_err(|e| (Failure::Upstream(e.to_string()), true))?;
+            send_body(ctx, stream, &mut conn, body).await.map_err(|f| (f, false))?;
+            conn.read_head(head_request).await.map_err(|e| (Failure::Upstream(e.to_string()), true))
+        };
+        match attempt.await {
+            Ok(r) => break r,
+            Err((Failure::Upstream(e), true)) if reused && body == ReqBody::None => {
+                log::debug!("pooled API-server connection failed ({e}); retrying on a fresh one");
+                conn = pool.connect().await.map_err(|e| Failure::Upstream(e.to_string()))?;
+                reused = false;
+            }
+            Err((f, _)) => return Err(f),
+        }
+    };
+
+    let status = resp.status;
+    if status == 101 {
+        if !upgrade {
+            return Err(Failure::Upstream("API server switched protocols without being asked".into()));
+        }
+        stream
+            .send_head(ResponseHead { status, headers: headers::response_headers(status, &resp.headers) })
+            .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
+        return Ok(Outcome::Upgraded(conn));
+    }
+    stream
+        .send_head(ResponseHead { status, headers: headers::response_headers(status, &resp.headers) })
+        .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
+    let mut reader = BodyReader::new(resp.body);
+    loop {
+        let piece = async { Ok(reader.next(&mut conn).await) }.or(async { Err(stream.closed().await) }).await?;
+        match piece {
+            Ok(Some(data)) => {
+                ctx.metrics.add_to_hub(data.len());
+                stream.write_all(&data).await?;
+            }
+            Ok(None) => break,
+            Err(e) => return Err(Failure::UpstreamAfterHead(e.to_string())),
+        }
+    }
+    stream.finish();
+    conn.mark_reusable(reader.allows_reuse() && !resp.close && resp.body != BodyKind::Close);
+    pool.put(conn);
+    if body == ReqBody::None {
+        // Let the hub's End arrive so the stream closes cleanly instead of
+        // being reset when this handle drops.
+        let drain = async { while let Ok(Some(_)) = stream.read_chunk().await {} };
+        drain
+            .or(async {
+                smol::Timer::after(DRAIN_WAIT).await;
+            })
+            .await;
+    }
+    Ok(Outcome::Done(status))
+}
+
+/// Copies the request body from the tunnel to the API server.
+async fn send_body(ctx: &AgentCtx, stream: &mut Stream, conn: &mut Conn, body: ReqBody) -> Result<(), Failure> {
+    match body {
+        ReqBody::None => Ok(()),
+        ReqBody::Length(mut left) => {
+            while left > 0 {
+                let Some(data) = stream.read_chunk().await? else {
+                    return Err(Failure::Refused(
+                        400,
+                        "BadRequest",
+                        "request body shorter than its Content-Length".into(),
+                    ));
+                };
+                let take = (data.len() as u64).min(left) as usize;
+                ctx.metrics.add_to_cluster(take);
+                conn.write_all(&data[..take]).await.map_err(|e| Failure::Upstream(e.to_string()))?;
+                left -= take as u64;
+            }
+            Ok(())
+        }
+        ReqBody::Chunked => {
+            while let Some(data) = stream.read_chunk().await? {
+                if data.is_empty() {
+                    continue;
+                }
+                ctx.metrics.add_to_cluster(data.len());
+                conn.write_all(&http1::chunk(&data)).await.map_err(|e| Failure::Upstream(e.to_string()))?;
+            }
+            conn.write_all(http1::LAST_CHUNK).await.map_err(|e| Failure::Upstream(e.to_string()))
+        }
+    }
+}
+
+/// After a `101`: bytes both ways until both directions have ended. When
+/// one side ends its direction, the other side's write half is closed
+/// (tunnel `End`, or TLS close_notify + TCP shutdown), and the other
+/// direction keeps flowing.
+async fn splice(ctx: &AgentCtx, stream: Stream, conn: Conn) {
+    let (io, leftover) = conn.into_parts();
+    let (mut from_hub, mut to_hub) = smol::io::split(stream);
+    let (mut from_cluster, mut to_cluster) = smol::io::split(io);
+    let up = async {
+        if !leftover.is_empty() {
+            ctx.metrics.add_to_hub(leftover.len());
+            to_hub.write_all(&leftover).await?;
+        }
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = from_cluster.read(&mut buf).await?;
+            if n == 0 {
+                to_hub.close().await?;
+                return Ok::<_, io::Error>(());
+            }
+            ctx.metrics.add_to_hub(n);
+            to_hub.write_all(&buf[..n]).await?;
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = from_hub.read(&mut buf).await?;
+            if n == 0 {
+                to_cluster.close().await?;
+                return Ok::<_, io::Error>(());
+            }
+            ctx.metrics.add_to_cluster(n);
+            to_cluster.write_all(&buf[..n]).await?;
+            to_cluster.flush().await?;
+        }
+    };
+    if let Err(e) = smol::future::try_zip(up, down).await {
+        // Dropping the halves resets the tunnel stream if it is still live.
+        log::debug!("upgraded stream ended: {e}");
+    }
+}
+
+/// Answers with a Kubernetes `Status` object, as the API server would.
+async fn send_status(stream: &mut Stream, code: u16, reason: &str, message: &str) -> Result<(), StreamClosed> {
+    let body = status_json(code, reason, message);
+    let head = ResponseHead {
+        status: code,
+        headers: vec![
+            Header::new("Content-Type", "application/json"),
+            Header::new("Content-Length", body.len().to_string()),
+        ],
+    };
+    stream.send_head(head).map_err(|e| StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() })?;
+    stream.write_all(&body).await?;
+    stream.finish();
+    Ok(())
+}
+
+/// A `Status` (meta/v1) with `status: Failure`.
+pub fn status_json(code: u16, reason: &str, message: &str) -> Vec<u8> {
+    serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+    .to_string()
+    .into_bytes()
+}

@@ -1,0 +1,451 @@
+//! Dialling: URLs, TCP with `TCP_NODELAY`, HTTP CONNECT through a proxy
+//! read from the environment as curl reads it, and TLS with our rustls
+//! configurations.
+//!
+//! Name resolution is a blocking `getaddrinfo` on the one thread. It runs
+//! only when the hub is (re)dialled, when no stream is live, and for API
+//! servers named by host name (in-cluster and k3s use IP literals); the
+//! kube pool caches its addresses so a busy proxy does not resolve per
+//! connection.
+
+use crate::secret::Secret;
+use base64::Engine as _;
+use futures_rustls::TlsConnector;
+use futures_rustls::client::TlsStream;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use smol::Async;
+use smol::future::FutureExt as _;
+use smol::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// How long a TCP connect (or a proxy's CONNECT answer) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where to connect: scheme, host and port of an `http(s)://` URL, plus
+/// the path prefix it carried (without a trailing slash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub tls: bool,
+    /// Host name or IP literal, without brackets.
+    pub host: String,
+    pub port: u16,
+    pub path_prefix: String,
+}
+
+impl Target {
+    /// Parses `https://host[:port][/prefix]` (or `http://`).
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("{url:?} is not an http:// or https:// URL"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        let (host, port) = split_host_port(authority).ok_or_else(|| format!("{url:?} has a bad host or port"))?;
+        if host.is_empty() {
+            return Err(format!("{url:?} has no host"));
+        }
+        let port = port.unwrap_or(if tls { 443 } else { 80 });
+        Ok(Target { tls, host, port, path_prefix: path.trim_end_matches('/').to_string() })
+    }
+
+    /// The `Host` header value: the port only when it is not the default.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        if (self.tls && self.port == 443) || (!self.tls && self.port == 80) {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    /// `host:port` with IPv6 brackets, as CONNECT wants it.
+    pub fn host_port(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Resolves the host (an IP literal needs no lookup).
+    pub fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, self.port)]);
+        }
+        let addrs: Vec<_> = (self.host.as_str(), self.port).to_socket_addrs()?.collect();
+        if addrs.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} resolved to no address", self.host)));
+        }
+        Ok(addrs)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", if self.tls { "https" } else { "http" }, self.authority())
+    }
+}
+
+/// Splits `host[:port]` / `[v6][:port]`.
+fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let host = &rest[..end];
+        let after = &rest[end + 1..];
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Some((h.to_string(), Some(p.parse().ok()?))),
+        Some(_) => Some((s.to_string(), None)), // bare IPv6
+        None => Some((s.to_string(), None)),
+    }
+}
+
+/// A connection to a server: plain TCP or TLS over TCP.
+pub enum Io {
+    Plain(Async<TcpStream>),
+    Tls(Box<TlsStream<Async<TcpStream>>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    /// TLS: sends close_notify, then shuts down the TCP write half, so the
+    /// peer reads end-of-stream while this side can still read.
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_close(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
+}
+
+/// Connects to the first address that answers, with `TCP_NODELAY` set.
+pub async fn tcp_connect(addrs: &[SocketAddr]) -> io::Result<Async<TcpStream>> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
+    for addr in addrs {
+        let attempt = Async::<TcpStream>::connect(*addr).or(async {
+            smol::Timer::after(CONNECT_TIMEOUT).await;
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))
+        });
+        match attempt.await {
+            Ok(s) => {
+                s.get_ref().set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Wraps a TCP connection in TLS when the target wants it.
+pub async fn tls_wrap(tcp: Async<TcpStream>, target: &Target, tls: Option<&Arc<ClientConfig>>) -> io::Result<Io> {
+    if !target.tls {
+        return Ok(Io::Plain(tcp));
+    }
+    let config = tls.ok_or_else(|| io::Error::other("https target without a TLS configuration"))?;
+    let name = ServerName::try_from(target.host.clone()).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{:?} is not a valid TLS name", target.host))
+    })?;
+    let stream = TlsConnector::from(config.clone()).connect(name, tcp).await?;
+    Ok(Io::Tls(Box::new(stream)))
+}
+
+/// An HTTP proxy for CONNECT tunnels.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Proxy {
+    pub target: Target,
+    /// `user:password` from the proxy URL, sent as Basic credentials.
+    pub credentials: Option<Secret>,
+}
+
+impl fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Proxy({})", self.target)
+    }
+}
+
+/// The proxy settings of the environment, as curl reads them for an
+/// `https://` URL: `https_proxy` then `HTTPS_PROXY`, then `all_proxy` /
+/// `ALL_PROXY`; exceptions from `no_proxy` / `NO_PROXY`.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyEnv {
+    pub proxy: Option<String>,
+    pub no_proxy: Option<String>,
+}
+
+impl ProxyEnv {
+    pub fn from_env() -> Self {
+        let get = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()));
+        ProxyEnv {
+            proxy: get(&["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]),
+            no_proxy: get(&["no_proxy", "NO_PROXY"]),
+        }
+    }
+
+    /// The proxy to use for `target`, if any.
+    pub fn for_target(&self, target: &Target) -> Result<Option<Proxy>, String> {
+        let Some(url) = &self.proxy else { return Ok(None) };
+        if let Some(no) = &self.no_proxy {
+            if no_proxy_matches(no, &target.host) {
+                return Ok(None);
+            }
+        }
+        parse_proxy(url).map(Some)
+    }
+}
+
+/// Parses a proxy URL; a missing scheme means `http://` (curl does so).
+pub fn parse_proxy(url: &str) -> Result<Proxy, String> {
+    let url = url.trim();
+    let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+    if full.starts_with("https://") {
+        return Err(format!("proxy {url:?}: only http:// proxies are supported"));
+    }
+    let rest = full.trim_start_matches("http://");
+    let authority = rest.split('/').next().unwrap_or("");
+    let credentials = authority.rsplit_once('@').map(|(userinfo, _)| Secret::new(percent_decode(userinfo)));
+    let mut target = Target::parse(&full).map_err(|e| format!("proxy URL: {e}"))?;
+    if !authority.rsplit('@').next().unwrap_or("").contains(':') || authority.ends_with(']') {
+        target.port = 1080; // curl's default proxy port
+    }
+    Ok(Proxy { target, credentials })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `host` is excluded from proxying by a `NO_PROXY` list, with
+/// curl's rules: entries separated by commas (or spaces); `*` alone
+/// matches every host; a name matches itself and its subdomains, a leading
+/// dot being optional (`example.com` and `.example.com` both match
+/// `api.example.com` and `example.com`); an IP matches itself, a CIDR
+/// (`10.0.0.0/8`) every address inside. Case-insensitive; a trailing
+/// `:port` in an entry is ignored.
+pub fn no_proxy_matches(no_proxy: &str, host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
+    let host_ip = host.parse::<IpAddr>().ok();
+    for entry in no_proxy.split([',', ' ', '\t']).map(str::trim).filter(|e| !e.is_empty()) {
+        if entry == "*" {
+            return true;
+        }
+        let entry = entry.to_ascii_lowercase();
+        if let Some(ip) = host_ip {
+            if let Some((net, bits)) = entry.split_once('/') {
+                let net = net.trim_start_matches('[').trim_end_matches(']');
+                if let (Ok(net), Ok(bits)) = (net.parse::<IpAddr>(), bits.parse::<u32>()) {
+                    if cidr_contains(net, bits, ip) {
+                        return true;
+                    }
+                }
+                continue;
+            }
+            let bare = strip_port(&entry);
+            if bare.parse::<IpAddr>().ok() == Some(ip) {
+                return true;
+            }
+            continue;
+        }
+        let name = strip_port(&entry);
+        let name = name.trim_start_matches('.').trim_end_matches('.');
+        if name.is_empty() {
+            continue;
+        }
+        if host == name
+            || (host.len() > name.len() && host.ends_with(name) && host[..host.len() - name.len()].ends_with('.'))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+fn strip_port(entry: &str) -> &str {
+    if let Some(rest) = entry.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match entry.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => entry,
+    }
+}
+
+fn cidr_contains(net: IpAddr, bits: u32, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) if bits <= 32 => {
+            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+            u32::from(n) & mask == u32::from(i) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(i)) if bits <= 128 => {
+            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            u128::from(n) & mask == u128::from(i) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Asks an HTTP proxy to open a tunnel to `target` (RFC 9110 §9.3.6).
+pub async fn proxy_connect(proxy: &Proxy, target: &Target) -> io::Result<Async<TcpStream>> {
+    let addrs = proxy.target.resolve()?;
+    let mut tcp = tcp_connect(&addrs).await?;
+    let hp = target.host_port();
+    let mut req = format!("CONNECT {hp} HTTP/1.1\r\nHost: {hp}\r\n");
+    if let Some(c) = &proxy.credentials {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c.expose());
+        req.push_str(&format!("Proxy-Authorization: Basic {b64}\r\n"));
+    }
+    req.push_str("\r\n");
+    tcp.write_all(req.as_bytes()).await?;
+    // Read the answer byte by byte up to the blank line: nothing after it
+    // may be consumed, it belongs to the TLS handshake.
+    let answer = async {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if head.len() > 16 * 1024 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "proxy answer head too long"));
+            }
+            if tcp.read(&mut byte).await? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "proxy closed the connection"));
+            }
+            head.push(byte[0]);
+        }
+        Ok(head)
+    }
+    .or(async {
+        smol::Timer::after(CONNECT_TIMEOUT).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "proxy did not answer CONNECT in time"))
+    })
+    .await?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&answer) {
+        Ok(httparse::Status::Complete(_)) if resp.code.is_some_and(|c| (200..300).contains(&c)) => Ok(tcp),
+        Ok(httparse::Status::Complete(_)) => Err(io::Error::other(format!(
+            "proxy {} refused CONNECT to {hp}: {} {}",
+            proxy.target,
+            resp.code.unwrap_or(0),
+            resp.reason.unwrap_or("")
+        ))),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "proxy answered CONNECT with a malformed head")),
+    }
+}
+
+/// Dials `target` (through `proxy` when given) and does the TLS handshake.
+pub async fn dial(target: &Target, tls: Option<&Arc<ClientConfig>>, proxy: Option<&Proxy>) -> io::Result<Io> {
+    let tcp = match proxy {
+        Some(p) => proxy_connect(p, target).await?,
+        None => tcp_connect(&target.resolve()?).await?,
+    };
+    tls_wrap(tcp, target, tls).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_targets() {
+        let t = Target::parse("https://hub.example.com:8443/base/").unwrap();
+        assert_eq!((t.tls, t.host.as_str(), t.port, t.path_prefix.as_str()), (true, "hub.example.com", 8443, "/base"));
+        assert_eq!(t.authority(), "hub.example.com:8443");
+        let t = Target::parse("https://[::1]:6443").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", 6443));
+        assert_eq!(t.host_port(), "[::1]:6443");
+        let t = Target::parse("http://10.0.0.1").unwrap();
+        assert_eq!((t.tls, t.port, t.authority()), (false, 80, "10.0.0.1".to_string()));
+        assert!(Target::parse("ftp://x").is_err());
+        assert!(Target::parse("https://host:notaport").is_err());
+    }
+
+    #[test]
+    fn no_proxy_follows_curl() {
+        assert!(no_proxy_matches("*", "anything.example"));
+        assert!(no_proxy_matches("example.com", "example.com"));
+        assert!(no_proxy_matches("example.com", "api.example.com"));
+        assert!(no_proxy_matches(".example.com", "api.example.com"));
+        assert!(no_proxy_matches(".example.com", "example.com"));
+        assert!(!no_proxy_matches("example.com", "badexample.com"));
+        assert!(no_proxy_matches("foo, EXAMPLE.com", "Api.Example.Com"));
+        assert!(no_proxy_matches("localhost,127.0.0.1", "127.0.0.1"));
+        assert!(!no_proxy_matches("127.0.0.1", "127.0.0.2"));
+        assert!(no_proxy_matches("10.0.0.0/8", "10.1.2.3"));
+        assert!(!no_proxy_matches("10.0.0.0/8", "11.1.2.3"));
+        assert!(no_proxy_matches("::1", "::1"));
+        assert!(no_proxy_matches("fd00::/8", "fd12::1"));
+        assert!(no_proxy_matches("hub.local:8443", "hub.local"));
+        assert!(!no_proxy_matches("", "hub.local"));
+        assert!(!no_proxy_matches("*.example.com", "api.other.com"));
+    }
+
+    #[test]
+    fn proxy_urls() {
+        let p = parse_proxy("proxy.corp:3128").unwrap();
+        assert_eq!((p.target.host.as_str(), p.target.port, p.credentials.is_none()), ("proxy.corp", 3128, true));
+        let p = parse_proxy("http://us%40er:p%3Ass@10.0.0.9:8080/").unwrap();
+        assert_eq!(p.credentials.unwrap().expose(), "us@er:p:ss");
+        assert_eq!(p.target.port, 8080);
+        let p = parse_proxy("http://proxy").unwrap();
+        assert_eq!(p.target.port, 1080);
+        assert!(parse_proxy("https://proxy:443").is_err());
+        let env = ProxyEnv { proxy: Some("http://p:3128".into()), no_proxy: Some("internal".into()) };
+        assert!(env.for_target(&Target::parse("https://hub.internal").unwrap()).unwrap().is_none());
+        assert!(env.for_target(&Target::parse("https://hub.example.com").unwrap()).unwrap().is_some());
+    }
+}

@@ -1,0 +1,320 @@
+//! The tunnel to the hub: dial (through a proxy when the environment
+//! says so), TLS, `GET /v1/tunnel` with `Upgrade: uplink/1` and the
+//! credential, then the mux until the session ends; and again, forever,
+//! with exponential backoff and full jitter between attempts.
+//!
+//! ```text
+//!        ┌──────────── backoff (full jitter, ≤ 30 s) ◄──────────────┐
+//!        ▼                                                           │ dial/TLS/HTTP error,
+//!  dial ─► TLS ─► GET /v1/tunnel ─101─► session ── ends ─────────────┤ timeout, lost
+//!                    │                    │ GoAway(ShuttingDown) ─────┘ (at once)
+//!                    │ 401 / 403           │ GoAway(Deregistered|Unauthorized)
+//!                    ▼                    ▼
+//!               stop: exit 4          stop: exit 4
+//! ```
+//!
+//! A session that stayed up for [`STABLE_AFTER`] resets the backoff.
+
+use super::AgentCtx;
+use super::activation::error_body;
+use super::http1::{self, Conn};
+use super::kube::proxy;
+use super::net::{self, Io, Target};
+use crate::driver::Session;
+use crate::proto::{AgentInfo, Config, GoAwayCode, Header, Mux, SessionError};
+use smol::io::{AsyncRead, AsyncWrite};
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// First backoff ceiling.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Largest backoff ceiling.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A session up this long resets the backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// Exponential backoff with full jitter: attempt `n` waits a uniformly
+/// random time in `[0, min(cap, base·2ⁿ)]` ("Exponential Backoff and
+/// Jitter", AWS architecture blog), so a fleet of agents that lost the
+/// hub at once does not come back at once.
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+    rng: u64,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        use ring::rand::SecureRandom as _;
+        let mut seed = [0u8; 8];
+        let _ = ring::rand::SystemRandom::new().fill(&mut seed);
+        Backoff { base, cap, attempt: 0, rng: u64::from_le_bytes(seed) | 1 }
+    }
+
+    /// The ceiling for the next wait.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        // xorshift64*: plenty for jitter.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let r = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let ms = ceiling.as_millis() as u64;
+        Duration::from_millis(if ms == 0 { 0 } else { r % (ms + 1) })
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Why the agent stops tunnelling for good.
+#[derive(Debug)]
+pub struct Deregistered(pub String);
+
+/// How one connection attempt ended.
+enum Attempt {
+    /// Session ran (for this long) and ended; reconnect, at once if the
+    /// hub said it was shutting down.
+    Ended { lasted: Duration, immediate: bool, why: String },
+    /// Could not establish a session.
+    Failed(String),
+    /// The hub says this cluster is gone.
+    Stop(String),
+}
+
+/// Keeps a tunnel up until the cluster is deregistered.
+pub async fn run(ctx: Rc<AgentCtx>) -> Deregistered {
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+    let mut first = true;
+    loop {
+        if !first {
+            ctx.metrics.reconnects.set(ctx.metrics.reconnects.get() + 1);
+        }
+        first = false;
+        match attempt(&ctx).await {
+            Attempt::Stop(why) => return Deregistered(why),
+            Attempt::Ended { lasted, immediate, why } => {
+                if lasted >= STABLE_AFTER {
+                    backoff.reset();
+                }
+                if immediate {
+                    log::info!("tunnel closed by the hub ({why}); reconnecting now");
+                    backoff.reset();
+                    continue;
+                }
+                let wait = backoff.next_delay();
+                log::warn!("tunnel lost ({why}); reconnecting in {} ms", wait.as_millis());
+                smol::Timer::after(wait).await;
+            }
+            Attempt::Failed(why) => {
+                let wait = backoff.next_delay();
+                log::warn!("cannot connect to the hub: {why}; retrying in {} ms", wait.as_millis());
+                smol::Timer::after(wait).await;
+            }
+        }
+    }
+}
+
+async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
+    let io = match open(ctx).await {
+        Ok(io) => io,
+        Err(Open::Stop(why)) => return Attempt::Stop(why),
+        Err(Open::Failed(why)) => return Attempt::Failed(why),
+    };
+    let info = ctx.agent_info().await;
+    let session = Session::new(Mux::agent(Config::default(), info, Instant::now()));
+    *ctx.session.borrow_mut() = Some(session.clone());
+    let started = Instant::now();
+    let ready = async {
+        if session.connected().await.is_ok() {
+            log::info!("tunnel up to {}", ctx.hub);
+            ctx.metrics.tunnel_up.set(true);
+            super::notify::notify("STATUS=tunnel up");
+        }
+        while let Some((stream, head)) = session.accept().await {
+            // Detached: the task owns its stream and ends with it — at the
+            // end of the exchange, or when the session closes (every
+            // stream operation then fails).
+            ctx.ex.spawn(proxy::serve(ctx.clone(), stream, head)).detach();
+        }
+        // `accept` ends on the hub's GoAway. ShuttingDown lets in-flight
+        // streams finish; a deregistered cluster serves nothing more, so
+        // the session ends now instead of when the last watch does.
+        if let Some((code @ (GoAwayCode::Deregistered | GoAwayCode::Unauthorized), message)) = session.goaway_received()
+        {
+            session.close(code, "agent stopping: cluster deregistered");
+            return SessionError::GoAway { code, message };
+        }
+        std::future::pending::<SessionError>().await
+    };
+    let error = smol::future::or(session.run(io), ready).await;
+    ctx.metrics.tunnel_up.set(false);
+    ctx.session.borrow_mut().take();
+    let lasted = started.elapsed();
+    match &error {
+        SessionError::GoAway { code: GoAwayCode::Deregistered | GoAwayCode::Unauthorized, message } => {
+            Attempt::Stop(format!("the hub closed the tunnel: {message}"))
+        }
+        SessionError::GoAway { code: GoAwayCode::ShuttingDown, .. } => {
+            Attempt::Ended { lasted, immediate: true, why: error.to_string() }
+        }
+        _ => Attempt::Ended { lasted, immediate: false, why: error.to_string() },
+    }
+}
+
+enum Open {
+    Failed(String),
+    Stop(String),
+}
+
+/// Dials the hub and upgrades to the tunnel protocol.
+async fn open(ctx: &AgentCtx) -> Result<Prefixed<Io>, Open> {
+    let target: &Target = &ctx.hub;
+    let proxy = ctx.proxies.for_target(target).map_err(Open::Failed)?;
+    let io = net::dial(target, Some(&ctx.hub_tls), proxy.as_ref()).await.map_err(|e| {
+        Open::Failed(format!("{target}{}: {e}", proxy.map(|p| format!(" via proxy {}", p.target)).unwrap_or_default()))
+    })?;
+    let mut conn = Conn::new(io);
+    let path = format!("{}/v1/tunnel", target.path_prefix);
+    let headers = [
+        Header::new("Connection", "Upgrade"),
+        Header::new("Upgrade", "uplink/1"),
+        Header::new("Authorization", format!("Bearer {}", ctx.credential.expose())),
+        Header::new("User-Agent", super::kube::user_agent()),
+    ];
+    let head = http1::request_head("GET", &path, &target.authority(), &headers);
+    let handshake = async {
+        conn.write_all(&head).await?;
+        conn.read_head(false).await
+    };
+    let resp = smol::future::or(handshake, async {
+        smol::Timer::after(Duration::from_secs(20)).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "no answer to the tunnel request"))
+    })
+    .await
+    .map_err(|e| Open::Failed(format!("tunnel request to {target}: {e}")))?;
+    if resp.status == 101 {
+        let ok = resp.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"uplink/1"));
+        if !ok {
+            return Err(Open::Failed("the hub switched to a protocol other than uplink/1".into()));
+        }
+        let (io, leftover) = conn.into_parts();
+        return Ok(Prefixed { prefix: leftover, pos: 0, io });
+    }
+    let mut reader = http1::BodyReader::new(resp.body);
+    let mut body = Vec::new();
+    while let Ok(Some(p)) = reader.next(&mut conn).await {
+        body.extend(p);
+        if body.len() > 64 * 1024 {
+            break;
+        }
+    }
+    let (code, message) = error_body(&body);
+    match resp.status {
+        401 | 403 => Err(Open::Stop(format!(
+            "the hub refused the agent's credential ({} {}{}): the cluster was deregistered or its credential revoked",
+            resp.status,
+            if code.is_empty() { "unauthorized" } else { &code },
+            if message.is_empty() || message == code { String::new() } else { format!(": {message}") },
+        ))),
+        s => Err(Open::Failed(format!("the hub answered the tunnel request with {s} {message}"))),
+    }
+}
+
+/// A byte stream with some bytes already read from it put back in front.
+pub struct Prefixed<T> {
+    prefix: Vec<u8>,
+    pos: usize,
+    io: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.len());
+            buf[..n].copy_from_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(n));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_close(cx)
+    }
+}
+
+/// What the agent reports about itself in `Hello` and at activation.
+pub fn agent_info(kube_version: String, node_count: u32) -> AgentInfo {
+    AgentInfo {
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        kube_version,
+        node_count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_capped_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let ceilings: Vec<u128> = (0..8)
+            .map(|_| {
+                let c = b.ceiling();
+                let d = b.next_delay();
+                assert!(d <= c, "{d:?} over {c:?}");
+                c.as_millis()
+            })
+            .collect();
+        assert_eq!(ceilings, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+        // Full jitter spreads over the whole range.
+        let mut b = Backoff::new(Duration::from_secs(10), Duration::from_secs(10));
+        let samples: Vec<Duration> = (0..200).map(|_| b.next_delay()).collect();
+        assert!(samples.iter().any(|d| *d < Duration::from_secs(2)));
+        assert!(samples.iter().any(|d| *d > Duration::from_secs(8)));
+        for _ in 0..100 {
+            b.next_delay();
+        }
+        assert!(b.ceiling() <= Duration::from_secs(10));
+    }
+
+    #[test]
+    fn prefixed_reads_prefix_first() {
+        smol::block_on(async {
+            use smol::io::AsyncReadExt as _;
+            let mut p = Prefixed { prefix: b"ab".to_vec(), pos: 0, io: smol::io::Cursor::new(b"cd".to_vec()) };
+            let mut out = Vec::new();
+            p.read_to_end(&mut out).await.unwrap();
+            assert_eq!(out, b"abcd");
+        });
+    }
+}

@@ -1,0 +1,291 @@
+//! Codec tests: golden bytes per frame, decoding split at every byte
+//! boundary, bad input, and proptest round-trips.
+
+use super::codec::{self, DecodeError, Decoder, LEN_PREFIX};
+use super::frame::*;
+use proptest::prelude::*;
+
+fn enc(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    codec::encode(frame, MAX_FRAME_LEN, &mut out).unwrap();
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sample_head() -> RequestHead {
+    RequestHead {
+        method: "GET".into(),
+        path: "/api".into(),
+        headers: vec![Header::new("a", vec![0xff])],
+        identity: Identity {
+            user: "al".into(),
+            groups: vec!["g".into()],
+            uid: Some("u".into()),
+            extra: vec![("k".into(), vec!["v".into()])],
+        },
+    }
+}
+
+/// One frame of every kind with its exact wire bytes. A change here is a
+/// wire-format change: bump PROTOCOL_VERSION instead.
+fn golden() -> Vec<(Frame, &'static str)> {
+    vec![
+        (
+            Frame::Hello(Hello {
+                protocol_version: 1,
+                agent_version: "0.1".into(),
+                arch: "arm".into(),
+                kube_version: "v1".into(),
+                node_count: 2,
+                capabilities: 0,
+                initial_window: 300,
+                max_streams: 10,
+                max_frame: 1024,
+            }),
+            "00000014 00 01 03302e31 0361726d 027631 02 00 ac02 0a 8008",
+        ),
+        (
+            Frame::Welcome(Welcome {
+                session_id: 7,
+                keepalive_ms: 15000,
+                initial_window: 65536,
+                max_streams: 4096,
+                max_frame: 1048576,
+            }),
+            "0000000c 01 07 9875 808004 8020 808040",
+        ),
+        (
+            Frame::Open { id: StreamId(1), head: sample_head() },
+            "0000001f 0201 03474554 042f617069 01 0161 01ff 02616c 010167 010175 01016b 010176",
+        ),
+        (
+            Frame::Head { id: StreamId(2), head: ResponseHead { status: 200, headers: vec![Header::new("x", "y")] } },
+            "00000009 0302 c801 01 0178 0179",
+        ),
+        (Frame::Data { id: StreamId(3), data: b"hi".to_vec() }, "00000005 0403 02 6869"),
+        (Frame::Window { id: StreamId(3), increment: 65536 }, "00000005 0503 808004"),
+        (Frame::End { id: StreamId(3) }, "00000002 0603"),
+        (Frame::Reset { id: StreamId(5), code: ResetCode::Refused, message: "no".into() }, "00000006 0705 01 026e6f"),
+        (Frame::Ping { nonce: 300 }, "00000003 08ac02"),
+        (Frame::Pong { nonce: 1 }, "00000002 0901"),
+        (
+            Frame::GoAway { last_id: StreamId(9), code: GoAwayCode::Deregistered, message: "bye".into() },
+            "00000007 0a09 00 03627965",
+        ),
+    ]
+}
+
+#[test]
+fn golden_bytes_for_every_frame() {
+    for (frame, want) in golden() {
+        let want: String = want.chars().filter(|c| !c.is_whitespace()).collect();
+        let got = enc(&frame);
+        assert_eq!(hex(&got), want, "{frame:?}");
+        let (back, used) = codec::decode(&got, MAX_FRAME_LEN).unwrap().unwrap();
+        assert_eq!(back, frame);
+        assert_eq!(used, got.len());
+    }
+}
+
+#[test]
+fn data_fast_path_matches_postcard() {
+    for len in [0usize, 1, 127, 128, 16_383, 16_384, MAX_DATA_CHUNK] {
+        let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let id = StreamId(300_001);
+        let mut fast = Vec::new();
+        codec::encode_data(id, &data, MAX_FRAME_LEN, &mut fast).unwrap();
+        let mut slow = vec![0; LEN_PREFIX];
+        slow.extend(postcard::to_allocvec(&Frame::Data { id, data: data.clone() }).unwrap());
+        let n = (slow.len() - LEN_PREFIX) as u32;
+        slow[..4].copy_from_slice(&n.to_be_bytes());
+        assert_eq!(fast, slow, "len {len}");
+    }
+}
+
+#[test]
+fn split_at_every_byte_boundary_yields_the_same_frames() {
+    let frames: Vec<Frame> = golden().into_iter().map(|(f, _)| f).collect();
+    let stream: Vec<u8> = frames.iter().flat_map(enc).collect();
+    for cut in 0..=stream.len() {
+        let mut dec = Decoder::new(MAX_FRAME_LEN);
+        let mut got = Vec::new();
+        for part in [&stream[..cut], &stream[cut..]] {
+            dec.push(part);
+            while let Some(f) = dec.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, frames, "cut at {cut}");
+        assert_eq!(dec.buffered(), 0);
+    }
+    // And byte by byte.
+    let mut dec = Decoder::new(MAX_FRAME_LEN);
+    let mut got = Vec::new();
+    for b in &stream {
+        dec.push(std::slice::from_ref(b));
+        while let Some(f) = dec.next_frame().unwrap() {
+            got.push(f);
+        }
+    }
+    assert_eq!(got, frames);
+}
+
+#[test]
+fn incomplete_input_is_none() {
+    let bytes = enc(&Frame::Ping { nonce: 1 });
+    for end in 0..bytes.len() {
+        assert_eq!(codec::decode(&bytes[..end], MAX_FRAME_LEN), Ok(None));
+    }
+}
+
+#[test]
+fn oversized_length_is_refused_before_the_body_arrives() {
+    let four_gib = [0xff, 0xff, 0xff, 0xff];
+    assert_eq!(
+        codec::decode(&four_gib, MAX_FRAME_LEN),
+        Err(DecodeError::TooLarge { len: u32::MAX, max: MAX_FRAME_LEN })
+    );
+    let just_over = (MAX_FRAME_LEN + 1).to_be_bytes();
+    assert!(matches!(codec::decode(&just_over, MAX_FRAME_LEN), Err(DecodeError::TooLarge { .. })));
+    // A negotiated smaller maximum is enforced too.
+    let mut dec = Decoder::new(1024);
+    dec.push(&2000u32.to_be_bytes());
+    assert_eq!(dec.next_frame(), Err(DecodeError::TooLarge { len: 2000, max: 1024 }));
+    assert!(dec.capacity() < 64, "nothing allocated for the announced body");
+}
+
+#[test]
+fn garbage_is_a_typed_error() {
+    assert_eq!(codec::decode(&[0, 0, 0, 0], MAX_FRAME_LEN), Err(DecodeError::Empty));
+    // Unknown variant tag 0x7f.
+    assert!(matches!(codec::decode(&[0, 0, 0, 1, 0x7f], MAX_FRAME_LEN), Err(DecodeError::Malformed(_))));
+    // Data announcing 5 payload bytes inside a 3-byte body.
+    assert!(matches!(codec::decode(&[0, 0, 0, 3, 4, 1, 5], MAX_FRAME_LEN), Err(DecodeError::Malformed(_))));
+    // A valid Ping followed by junk inside the same length.
+    assert_eq!(codec::decode(&[0, 0, 0, 3, 8, 1, 0], MAX_FRAME_LEN), Err(DecodeError::TrailingBytes(1)));
+    // Invalid UTF-8 in a string field (Reset message).
+    assert!(matches!(codec::decode(&[0, 0, 0, 5, 7, 1, 0, 1, 0xff], MAX_FRAME_LEN), Err(DecodeError::Malformed(_))));
+}
+
+#[test]
+fn encode_refuses_frames_over_the_peer_limit() {
+    let big = Frame::Data { id: StreamId(1), data: vec![0; 2000] };
+    let mut out = vec![1, 2, 3];
+    assert!(codec::encode(&big, 1024, &mut out).is_err());
+    assert_eq!(out, vec![1, 2, 3], "output untouched on error");
+}
+
+fn arb_bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..max)
+}
+
+fn arb_identity() -> impl Strategy<Value = Identity> {
+    (
+        ".{0,12}",
+        proptest::collection::vec(".{0,8}", 0..4),
+        proptest::option::of(".{0,8}"),
+        proptest::collection::vec((".{0,6}", proptest::collection::vec(".{0,6}", 0..3)), 0..3),
+    )
+        .prop_map(|(user, groups, uid, extra)| Identity { user, groups, uid, extra })
+}
+
+fn arb_headers() -> impl Strategy<Value = Vec<Header>> {
+    proptest::collection::vec((arb_bytes(12), arb_bytes(24)).prop_map(|(n, v)| Header { name: n, value: v }), 0..6)
+}
+
+fn arb_frame() -> impl Strategy<Value = Frame> {
+    let id = any::<u32>().prop_map(StreamId);
+    prop_oneof![
+        (
+            any::<u16>(),
+            ".{0,8}",
+            ".{0,8}",
+            ".{0,8}",
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(|(v, av, a, k, n, c, w, s, f)| Frame::Hello(Hello {
+                protocol_version: v,
+                agent_version: av,
+                arch: a,
+                kube_version: k,
+                node_count: n,
+                capabilities: c,
+                initial_window: w,
+                max_streams: s,
+                max_frame: f
+            })),
+        (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(i, k, w, s, f)| {
+            Frame::Welcome(Welcome { session_id: i, keepalive_ms: k, initial_window: w, max_streams: s, max_frame: f })
+        }),
+        (id.clone(), "[A-Z]{0,7}", ".{0,20}", arb_headers(), arb_identity()).prop_map(|(id, m, p, h, i)| Frame::Open {
+            id,
+            head: RequestHead { method: m, path: p, headers: h, identity: i }
+        }),
+        (id.clone(), any::<u16>(), arb_headers())
+            .prop_map(|(id, s, h)| Frame::Head { id, head: ResponseHead { status: s, headers: h } }),
+        (id.clone(), arb_bytes(300)).prop_map(|(id, data)| Frame::Data { id, data }),
+        (id.clone(), any::<u32>()).prop_map(|(id, increment)| Frame::Window { id, increment }),
+        id.clone().prop_map(|id| Frame::End { id }),
+        (id.clone(), 0..6u8, ".{0,16}").prop_map(|(id, c, message)| Frame::Reset {
+            id,
+            code: [
+                ResetCode::Cancel,
+                ResetCode::Refused,
+                ResetCode::StreamProtocol,
+                ResetCode::Forbidden,
+                ResetCode::Upstream,
+                ResetCode::Internal
+            ][c as usize],
+            message
+        }),
+        any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
+        any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
+        (id, 0..6u8, ".{0,16}").prop_map(|(last_id, c, message)| Frame::GoAway {
+            last_id,
+            code: [
+                GoAwayCode::Deregistered,
+                GoAwayCode::ShuttingDown,
+                GoAwayCode::ProtocolError,
+                GoAwayCode::UnsupportedVersion,
+                GoAwayCode::Timeout,
+                GoAwayCode::Unauthorized
+            ][c as usize],
+            message
+        }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn round_trip(frames in proptest::collection::vec(arb_frame(), 1..8), cuts in proptest::collection::vec(any::<usize>(), 0..4)) {
+        let stream: Vec<u8> = frames.iter().flat_map(enc).collect();
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+        cuts.push(stream.len());
+        cuts.sort();
+        let mut dec = Decoder::new(MAX_FRAME_LEN);
+        let mut got = Vec::new();
+        let mut at = 0;
+        for cut in cuts {
+            dec.push(&stream[at..cut]);
+            at = cut;
+            while let Some(f) = dec.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        prop_assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in arb_bytes(512)) {
+        let mut dec = Decoder::new(MAX_FRAME_LEN);
+        dec.push(&bytes);
+        while let Ok(Some(_)) = dec.next_frame() {}
+    }
+}

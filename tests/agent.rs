@@ -1,0 +1,680 @@
+//! The agent as a real process: the built `uplink` binary against the
+//! stand-in API server (tests/support/kube) and a hub built on the same
+//! mux (tests/agent_support).
+
+mod agent_support;
+mod support;
+
+use agent_support::{Agent, ConnectProxy, FakeHub, PATIENCE, ident, scratch, wait_for};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use support::kube::{AGENT_USER, Config, StandIn};
+use uplink::proto::GoAwayCode;
+
+const ARTICLE_RBAC: &str = include_str!("fixtures/kube/eks-console-restricted-access.yaml");
+const AGENT_IMPERSONATION: &str = include_str!("fixtures/kube/agent-impersonation.yaml");
+const DEBUG_ACCESS: &str = include_str!("fixtures/kube/debug-access.yaml");
+
+/// A stand-in cluster, a hub, and the files an agent needs.
+struct World {
+    k: StandIn,
+    hub: FakeHub,
+    dir: PathBuf,
+    token: PathBuf,
+    ca: PathBuf,
+    activation: PathBuf,
+    state: PathBuf,
+}
+
+impl World {
+    fn new(name: &str) -> World {
+        let k = StandIn::start(Config::default());
+        for y in [ARTICLE_RBAC, AGENT_IMPERSONATION, DEBUG_ACCESS] {
+            k.load_rbac_yaml(y).expect("fixture yaml");
+        }
+        let hub = FakeHub::start();
+        let dir = scratch(name);
+        let w = World {
+            token: dir.join("token"),
+            ca: dir.join("ca.pem"),
+            activation: dir.join("activation.json"),
+            state: dir.join("lib/state"),
+            k,
+            hub,
+            dir,
+        };
+        std::fs::write(&w.token, w.k.agent_token()).unwrap();
+        std::fs::write(&w.ca, w.k.ca_pem()).unwrap();
+        std::fs::write(&w.activation, w.hub.activation_json()).unwrap();
+        w
+    }
+
+    fn args(&self) -> Vec<String> {
+        let p = |p: &PathBuf| p.display().to_string();
+        vec![
+            "run".into(),
+            "--activation".into(),
+            p(&self.activation),
+            "--state".into(),
+            p(&self.state),
+            "--kube-url".into(),
+            self.k.url(),
+            "--kube-token-file".into(),
+            p(&self.token),
+            "--kube-ca".into(),
+            p(&self.ca),
+        ]
+    }
+
+    fn spawn(&self, env: &[(&str, &str)]) -> Agent {
+        let args = self.args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::spawn(&self.dir, &args, env)
+    }
+
+    /// An agent with its tunnel up.
+    fn connected_agent(&self) -> Agent {
+        let n = self.hub.tunnels();
+        let a = self.spawn(&[]);
+        self.hub.wait_connected(n + 1);
+        a
+    }
+}
+
+fn bob() -> uplink::proto::Identity {
+    ident("bob", &["uplink:debuggers"])
+}
+
+#[test]
+fn activates_once_across_restarts_and_stops_cleanly() {
+    let w = World::new("once");
+    let mut a = w.connected_agent();
+    assert_eq!(w.hub.activations(), 1);
+    {
+        let st = w.hub.state.lock().unwrap();
+        let req = &st.activate_requests[0];
+        assert_eq!(req["agent_version"], json!(env!("CARGO_PKG_VERSION")));
+        assert_eq!(req["arch"], json!(std::env::consts::ARCH));
+        let hello = st.hello.as_ref().expect("hello");
+        assert!(!hello.kube_version.is_empty(), "Hello carries the kube version");
+        assert_eq!(st.tunnel_auth.last().unwrap(), &format!("Bearer {}", st.credential));
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&w.state).unwrap().permissions().mode() & 0o777, 0o600);
+    wait_for("/readyz", || a.health_get("/readyz").is_some_and(|(c, _)| c == 200));
+    assert_eq!(a.health_get("/healthz").unwrap().0, 200);
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_uplink"))
+        .args(["status", "--health-addr", &a.health])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "uplink status: {status:?}");
+    assert!(String::from_utf8_lossy(&status.stdout).contains("uplink_tunnel_up 1"));
+    assert_eq!(a.stop(), Some(0), "SIGTERM stops with 0; log:\n{}", a.log());
+
+    // Restarted: uses the saved registration, never activates again.
+    let mut b = w.connected_agent();
+    assert_eq!(w.hub.activations(), 1);
+    assert_eq!(w.hub.state.lock().unwrap().activate_requests.len(), 1, "no second POST /v1/activate");
+    assert!(b.log().contains("using the registration saved in state file"), "{}", b.log());
+    assert_eq!(b.stop(), Some(0));
+    // Stopped: status says so.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_uplink"))
+        .args(["status", "--live", "--health-addr", &b.health])
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(1));
+}
+
+#[test]
+fn proxied_list_is_impersonated_and_client_credentials_dropped() {
+    let w = World::new("list");
+    let _a = w.connected_agent();
+    w.k.clear_requests();
+    let s = w.hub.open(
+        "GET",
+        "/api/v1/namespaces/default/pods?limit=500",
+        ident("alice", &[]),
+        &[
+            ("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"),
+            ("Authorization", "Bearer client-token"),
+            ("Impersonate-User", "kubernetes-admin"),
+            ("Impersonate-Group", "system:masters"),
+            ("Connection", "X-Hop"),
+            ("X-Hop", "1"),
+        ],
+        b"",
+        true,
+    );
+    let (status, headers) = s.head();
+    let body: Value = serde_json::from_slice(&s.body()).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["kind"], json!("Table"), "Accept with as=Table is kept");
+    assert!(headers.iter().any(|(n, v)| n.eq_ignore_ascii_case("content-type") && v.contains("json")));
+    let recs = w.k.requests();
+    let r = recs.iter().find(|r| r.path == "/api/v1/namespaces/default/pods").expect("request reached the cluster");
+    assert_eq!(r.user.as_deref(), Some(AGENT_USER), "authenticated with the agent's token");
+    assert_eq!(r.impersonated_user.as_deref(), Some("alice"));
+    assert_eq!(r.effective_user.as_deref(), Some("alice"));
+    assert_eq!(r.query, "limit=500");
+    assert!(
+        r.impersonate_headers.iter().all(|(n, v)| n != "impersonate-group" && v != "kubernetes-admin"),
+        "client impersonation dropped: {:?}",
+        r.impersonate_headers
+    );
+    assert_eq!(r.status, 200);
+
+    // RBAC decides: alice may not read secrets.
+    let (status, body) = w.hub.get("/api/v1/namespaces/default/secrets", ident("alice", &[]));
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+
+    // No user: refused by the agent, never forwarded.
+    w.k.clear_requests();
+    let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", ident("", &["system:masters"]));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, body["kind"].as_str(), body["reason"].as_str()), (403, Some("Status"), Some("Forbidden")));
+    assert!(w.k.requests().is_empty(), "nothing reached the cluster");
+}
+
+#[test]
+fn watch_and_logs_follow_stream_as_they_happen() {
+    let w = World::new("watch");
+    let _a = w.connected_agent();
+    let watch = w.hub.open("GET", "/api/v1/namespaces/default/pods?watch=1", bob(), &[], b"", true);
+    assert_eq!(watch.head().0, 200);
+    watch.until("db-0", PATIENCE); // initial ADDED events
+    let started = Instant::now();
+    w.k.apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "late-pod", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        "status": {"phase": "Running"},
+    }))
+    .unwrap();
+    watch.until("late-pod", Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(5), "watch event took {:?}", started.elapsed());
+
+    w.k.append_log("default", "db-0", "first line");
+    let logs = w.hub.open("GET", "/api/v1/namespaces/default/pods/db-0/log?follow=true", bob(), &[], b"", true);
+    assert_eq!(logs.head().0, 200);
+    logs.until("first line", PATIENCE);
+    let started = Instant::now();
+    w.k.append_log("default", "db-0", "second line");
+    logs.until("second line", Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The person goes away: the agent drops its API-server request.
+    watch.reset();
+    logs.reset();
+    wait_for("streams to end", || _a.metric("uplink_streams_active").is_some_and(|v| v == 0.0));
+}
+
+/// A WebSocket frame from the client (masked, RFC 6455 §5.3).
+fn ws_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    let key = [7u8, 1, 9, 3];
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+/// Splits server frames (unmasked) off the front of `buf`.
+fn ws_frames(buf: &mut Vec<u8>) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        if buf.len() < 2 {
+            return out;
+        }
+        let (op, len7) = (buf[0] & 0x0f, (buf[1] & 0x7f) as usize);
+        let (len, start) = match len7 {
+            126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+            127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
+            126 | 127 => return out,
+            n => (n, 2),
+        };
+        if buf.len() < start + len {
+            return out;
+        }
+        out.push((op, buf[start..start + len].to_vec()));
+        buf.drain(..start + len);
+    }
+}
+
+#[test]
+fn exec_with_stdin_through_an_upgrade() {
+    let w = World::new("exec");
+    let _a = w.connected_agent();
+    let s = w.hub.open(
+        "GET",
+        "/api/v1/namespaces/default/pods/db-0/exec?command=cat&stdin=true&stdout=true&stderr=true",
+        bob(),
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
+        ],
+        b"",
+        false,
+    );
+    let (status, headers) = s.head();
+    assert_eq!(status, 101, "{headers:?}");
+    let h = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+    assert_eq!(h("upgrade").as_deref(), Some("websocket"));
+    assert_eq!(h("sec-websocket-protocol").as_deref(), Some("v5.channel.k8s.io"));
+    s.send(&ws_frame(2, b"\x00hello through the tunnel\n"));
+    let mut buf = Vec::new();
+    let mut stdout = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while !String::from_utf8_lossy(&stdout).contains("hello through the tunnel") {
+        assert!(Instant::now() < deadline, "no echo; got {:?}", String::from_utf8_lossy(&stdout));
+        if let Some(d) = s.next(PATIENCE) {
+            buf.extend(d);
+        }
+        for (op, p) in ws_frames(&mut buf) {
+            if op == 2 && p.first() == Some(&1) {
+                stdout.extend_from_slice(&p[1..]);
+            }
+        }
+    }
+    // Close stdin (v5: [255, 0]); cat ends, the status arrives, the
+    // server closes: the stream ends from the cluster's side.
+    s.send(&ws_frame(2, &[255, 0]));
+    let mut status_json = None;
+    while let Some(d) = s.next(PATIENCE) {
+        buf.extend(d);
+        for (op, p) in ws_frames(&mut buf) {
+            if op == 2 && p.first() == Some(&3) {
+                status_json = Some(String::from_utf8_lossy(&p[1..]).into_owned());
+            }
+        }
+    }
+    let st = status_json.expect("exec status on channel 3");
+    assert!(st.contains("Success"), "{st}");
+    s.finish();
+}
+
+#[test]
+fn many_streams_proceed_while_one_reader_stalls() {
+    let w = World::new("many");
+    let a = w.connected_agent();
+    // A log bigger than the tunnel window (256 KiB) for the stalled reader.
+    let line = "x".repeat(1000);
+    for _ in 0..1200 {
+        w.k.append_log("default", "web-7d4b9c8f6d-abcde", &line);
+    }
+    let pods: Value = serde_json::from_slice(&w.hub.get("/api/v1/namespaces/default/pods", bob()).1).unwrap();
+    let pod = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .find(|n| n.starts_with("web-"))
+        .unwrap();
+    if pod != "web-7d4b9c8f6d-abcde" {
+        for _ in 0..1200 {
+            w.k.append_log("default", &pod, &line);
+        }
+    }
+    let stalled = w.hub.open("GET", &format!("/api/v1/namespaces/default/pods/{pod}/log"), bob(), &[], b"", true);
+    stalled.pause();
+    assert_eq!(stalled.head().0, 200);
+    let started = Instant::now();
+    let streams: Vec<_> =
+        (0..200).map(|_| w.hub.open("GET", "/api/v1/namespaces/default/pods/db-0", bob(), &[], b"", true)).collect();
+    for s in &streams {
+        assert_eq!(s.head().0, 200);
+        let body: Value = serde_json::from_slice(&s.body()).unwrap();
+        assert_eq!(body["metadata"]["name"], json!("db-0"));
+    }
+    eprintln!("200 streams beside a stalled one: {:?}", started.elapsed());
+    assert!(a.metric("uplink_streams_active").unwrap() >= 1.0, "the stalled stream is still in flight");
+    stalled.resume();
+    let body = stalled.body();
+    assert!(body.len() >= 1200 * 1001, "stalled stream delivered {} bytes", body.len());
+}
+
+#[test]
+fn reconnects_after_hub_restart_and_follows_token_rotation() {
+    let mut w = World::new("reconnect");
+    let a = w.connected_agent();
+    assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", bob()).0, 200);
+
+    w.hub.restart();
+    w.hub.wait_connected(2);
+    assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", bob()).0, 200);
+    wait_for("reconnect metric", || a.metric("uplink_tunnel_reconnects_total").is_some_and(|v| v >= 1.0));
+
+    // ShuttingDown: reconnect at once.
+    let before = Instant::now();
+    w.hub.go_away(GoAwayCode::ShuttingDown);
+    w.hub.wait_connected(3);
+    assert!(before.elapsed() < Duration::from_secs(5), "reconnect after ShuttingDown took {:?}", before.elapsed());
+
+    // Token rotation: the old token stops working at the API server; the
+    // agent picks up the new file content without a restart.
+    let new = format!("rotated-{}", std::process::id());
+    w.k.set_agent_token(&new);
+    std::fs::write(&w.token, &new).unwrap();
+    w.k.clear_requests();
+    let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", bob());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(w.k.requests().iter().all(|r| r.user.as_deref() == Some(AGENT_USER)));
+    assert!(a.log().contains("token file"), "{}", a.log());
+}
+
+#[test]
+fn dials_the_hub_through_an_https_proxy() {
+    let w = World::new("proxy");
+    let proxy = ConnectProxy::start();
+    let n = w.hub.tunnels();
+    let proxy_url = format!("http://{}", proxy.addr);
+    let _a = w.spawn(&[("https_proxy", proxy_url.as_str()), ("NO_PROXY", "example.com")]);
+    w.hub.wait_connected(n + 1);
+    let seen = proxy.seen.lock().unwrap().clone();
+    let hub = w.hub.addr.to_string();
+    assert!(seen.iter().filter(|t| **t == hub).count() >= 2, "activation and tunnel went through the proxy: {seen:?}");
+    assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", bob()).0, 200);
+
+    // NO_PROXY naming the hub: direct.
+    let w2 = World::new("noproxy");
+    let proxy2 = ConnectProxy::start();
+    let url2 = format!("http://{}", proxy2.addr);
+    let _b = w2.spawn(&[("HTTPS_PROXY", url2.as_str()), ("no_proxy", "localhost,127.0.0.0/8")]);
+    w2.hub.wait_connected(1);
+    assert!(proxy2.seen.lock().unwrap().is_empty());
+}
+
+#[test]
+fn deregistration_stops_the_agent_with_status_4() {
+    let w = World::new("dereg");
+    let mut a = w.connected_agent();
+    // An open watch does not hold the agent up once deregistered.
+    let watch = w.hub.open("GET", "/api/v1/namespaces/default/pods?watch=1", bob(), &[], b"", true);
+    assert_eq!(watch.head().0, 200);
+    let started = Instant::now();
+    w.hub.deregister();
+    assert_eq!(a.wait_exit(PATIENCE), Some(4), "log:\n{}", a.log());
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?} to stop", started.elapsed());
+    assert!(a.log().contains("deregistered"), "{}", a.log());
+    // Started again with the revoked credential: 403 at the tunnel, exit 4,
+    // no retry storm.
+    let mut b = w.spawn(&[]);
+    assert_eq!(b.wait_exit(PATIENCE), Some(4), "log:\n{}", b.log());
+    assert!(b.log().contains("deregistered"));
+    let tunnels = w.hub.state.lock().unwrap().tunnel_auth.len();
+    assert!(tunnels <= 2, "{tunnels} tunnel attempts");
+}
+
+#[test]
+fn bad_or_expired_activation_exits_2_and_reregistration_reactivates() {
+    let w = World::new("badact");
+    // Missing file.
+    let missing = w.dir.join("nope.json");
+    let mut a = Agent::spawn(
+        &w.dir,
+        &[
+            "run",
+            "--activation",
+            missing.to_str().unwrap(),
+            "--state",
+            w.state.to_str().unwrap(),
+            "--kube-url",
+            &w.k.url(),
+            "--kube-ca",
+            w.ca.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(a.wait_exit(PATIENCE), Some(2));
+    assert!(a.log().contains(&format!("activation {}: no such file", missing.display())), "{}", a.log());
+    // Malformed.
+    std::fs::write(&w.activation, "{\"cluster\": 1}").unwrap();
+    let mut a = w.spawn(&[]);
+    assert_eq!(a.wait_exit(PATIENCE), Some(2));
+    assert!(
+        a.log().contains(&format!("activation {}: not a valid activation JSON", w.activation.display())),
+        "{}",
+        a.log()
+    );
+    // Expired.
+    let mut act: Value = serde_json::from_str(&w.hub.activation_json()).unwrap();
+    act["expires_at"] = json!("2020-01-01T00:00:00Z");
+    std::fs::write(&w.activation, act.to_string()).unwrap();
+    let mut a = w.spawn(&[]);
+    assert_eq!(a.wait_exit(PATIENCE), Some(2));
+    assert!(a.log().contains("expired at 2020-01-01T00:00:00Z"), "{}", a.log());
+    assert_eq!(w.hub.activations(), 0);
+
+    // Good activation; then `uplink activate` says it is already done.
+    std::fs::write(&w.activation, w.hub.activation_json()).unwrap();
+    let mut args = w.args();
+    args[0] = "activate".into();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_uplink")).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_uplink")).args(&args).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(w.hub.activations(), 1);
+
+    // The cluster is registered again: a new activation replaces the state.
+    w.hub.reregister();
+    std::fs::write(&w.activation, w.hub.activation_json()).unwrap();
+    let a = w.connected_agent();
+    assert_eq!(w.hub.activations(), 2);
+    assert!(a.log().contains("registered again"), "{}", a.log());
+    drop(a);
+    // A stale (expired) different activation beside a saved state: refused.
+    let mut act: Value = serde_json::from_str(&w.hub.activation_json()).unwrap();
+    act["activation_id"] = json!("act_other");
+    act["expires_at"] = json!("2020-01-01T00:00:00Z");
+    std::fs::write(&w.activation, act.to_string()).unwrap();
+    let mut a = w.spawn(&[]);
+    assert_eq!(a.wait_exit(PATIENCE), Some(2));
+    assert!(a.log().contains("which expired at"), "{}", a.log());
+}
+
+#[test]
+fn secret_mode_activates_once_across_restarts() {
+    let w = World::new("secret");
+    w.k.load_rbac_yaml(
+        "apiVersion: v1
+kind: Namespace
+metadata:
+  name: uplink
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: uplink-state
+  namespace: uplink
+type: Opaque
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: uplink-state
+  namespace: uplink
+rules:
+- apiGroups: [\"\"]
+  resources: [\"secrets\"]
+  resourceNames: [\"uplink-state\"]
+  verbs: [\"get\", \"update\"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: uplink-state
+  namespace: uplink
+subjects:
+- kind: ServiceAccount
+  name: uplink-agent
+  namespace: uplink
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: uplink-state
+",
+    )
+    .unwrap();
+    // The activation as a mounted Secret: a directory with activation.json.
+    let mount = w.dir.join("activation-mount");
+    std::fs::create_dir_all(&mount).unwrap();
+    std::fs::write(mount.join("activation.json"), w.hub.activation_json()).unwrap();
+    let args = [
+        "run",
+        "--activation",
+        mount.to_str().unwrap(),
+        "--state-secret",
+        "uplink/uplink-state",
+        "--kube-url",
+        &w.k.url(),
+        "--kube-token-file",
+        w.token.to_str().unwrap(),
+        "--kube-ca",
+        w.ca.to_str().unwrap(),
+    ];
+    let mut a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(1);
+    let secret = w.k.object("v1", "Secret", "uplink", "uplink-state").unwrap();
+    assert!(secret["data"]["state"].as_str().is_some_and(|s| !s.is_empty()), "{secret}");
+    assert_eq!(a.stop(), Some(0));
+    let mut b = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(2);
+    assert_eq!(w.hub.activations(), 1);
+    assert!(b.log().contains("using the registration saved in state Secret uplink/uplink-state"), "{}", b.log());
+    assert_eq!(b.stop(), Some(0));
+}
+
+#[test]
+fn tells_systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let w = World::new("notify");
+    let sock_path = w.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    let n = w.hub.tunnels();
+    let mut a = w.spawn(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")]);
+    w.hub.wait_connected(n + 1);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(seen.iter().any(|m: &String| m == "READY=1") && seen.iter().any(|m| m == "WATCHDOG=1")) {
+        let len = sock.recv(&mut buf).expect("a notification");
+        seen.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    assert_eq!(a.stop(), Some(0));
+    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    while let Ok(len) = sock.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    assert!(seen.iter().any(|m| m == "STOPPING=1"), "{seen:?}");
+}
+
+#[test]
+fn allow_lists_limit_who_is_impersonated() {
+    let w = World::new("allow");
+    let config = w.dir.join("agent.yaml");
+    std::fs::write(&config, "allowed_users: [alice]\nallowed_groups: []\n").unwrap();
+    let n = w.hub.tunnels();
+    let mut args = w.args();
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(n + 1);
+    assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", ident("alice", &[])).0, 200);
+    w.k.clear_requests();
+    let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", bob());
+    assert_eq!(status, 403);
+    assert!(
+        String::from_utf8_lossy(&body).contains("does not allow impersonating"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(w.k.requests().is_empty());
+}
+
+/// Footprint and latency, printed for the issue's report. Run with
+/// `cargo test --test agent -- --ignored --nocapture measure`.
+#[test]
+#[ignore]
+fn measure_footprint_and_latency() {
+    use uplink::agent::http1::{self, Pool};
+    use uplink::agent::net::Target;
+    use uplink::proto::Header;
+    let w = World::new("measure");
+    let a = w.connected_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = a.rss_kib();
+
+    // p50 of a small GET: straight to the stand-in (keep-alive, same
+    // headers the agent would send) versus through hub → tunnel → agent.
+    let path = "/api/v1/namespaces/default/pods/db-0";
+    let rounds = 400;
+    let p50 = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let direct = smol::block_on(async {
+        let tls = uplink::tls::client_config(&uplink::tls::Trust::CaPem(w.k.ca_pem()), None, &[b"http/1.1"]).unwrap();
+        let pool = Pool::new(Target::parse(&w.k.url()).unwrap(), Some(tls), None, 4);
+        let headers = [
+            Header::new("Accept", "application/json"),
+            Header::new("Authorization", format!("Bearer {}", w.k.agent_token())),
+            Header::new("Impersonate-User", "bob"),
+            Header::new("Impersonate-Group", "uplink:debuggers"),
+        ];
+        let mut times = Vec::new();
+        for i in 0..rounds + 20 {
+            let t = Instant::now();
+            let a = http1::exchange(&pool, "GET", path, &headers, b"", 1 << 20).await.unwrap();
+            assert_eq!(a.status, 200);
+            if i >= 20 {
+                times.push(t.elapsed());
+            }
+        }
+        times
+    });
+    let mut tunnel = Vec::new();
+    for i in 0..rounds + 20 {
+        let t = Instant::now();
+        let (status, _) = w.hub.get(path, bob());
+        assert_eq!(status, 200);
+        if i >= 20 {
+            tunnel.push(t.elapsed());
+        }
+    }
+    let (d, t) = (p50(direct), p50(tunnel));
+    let after_requests = a.rss_kib();
+
+    // 1,000 open watches.
+    let watches: Vec<_> = (0..1000)
+        .map(|_| {
+            w.hub.open("GET", "/api/v1/namespaces/default/pods?watch=1&allowWatchBookmarks=true", bob(), &[], b"", true)
+        })
+        .collect();
+    for s in &watches {
+        assert_eq!(s.head().0, 200);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let with_watches = a.rss_kib();
+    eprintln!(
+        "MEASURE idle RSS: {idle} KiB; after {rounds} requests: {after_requests} KiB; with 1000 watches: {with_watches} KiB"
+    );
+    eprintln!(
+        "MEASURE p50 small GET: direct {:?}, through hub+tunnel+agent {:?}, ratio {:.2}, added {:?}",
+        d,
+        t,
+        t.as_secs_f64() / d.as_secs_f64(),
+        t.saturating_sub(d)
+    );
+    for s in &watches {
+        s.reset();
+    }
+}

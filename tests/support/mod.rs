@@ -1,0 +1,6 @@
+//! Shared test support, used by several integration-test files through
+//! `mod support;`. Not every file uses every helper.
+#![allow(dead_code)]
+
+pub mod kube;
+pub mod kubectl;
