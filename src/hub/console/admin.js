@@ -44,7 +44,7 @@ async function busy(button, status, what, fn) {
 export function registerView(ctx) {
   if (adminOnly(ctx)) return;
   ctx.title('Register a cluster');
-  const name = h('input', { name: 'name', required: true, pattern: '[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?', autocomplete: 'off', spellcheck: 'false', placeholder: 'edge-1' });
+  const name = h('input', { name: 'name', required: true, pattern: '[a-z0-9]([a-z0-9\\-]{0,61}[a-z0-9])?', autocomplete: 'off', spellcheck: 'false', placeholder: 'edge-1' });
   const expiry = h('select', { name: 'expiry' }, [[1, '1 hour'], [24, '24 hours'], [72, '72 hours'], [168, '7 days'], [720, '30 days']]
     .map(([v, t]) => h('option', { value: v, selected: v === 72 }, t)));
   const users = h('input', { name: 'users', autocomplete: 'off', spellcheck: 'false', placeholder: 'alice, bob' });
