@@ -47,8 +47,23 @@ pub struct HubProc {
 
 impl HubProc {
     pub fn start(dir: &Path) -> HubProc {
+        HubProc::start_with(dir, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// On a fixed port whose public URL is `https://127.0.0.1:PORT`, so
+    /// real agents dial exactly what the activation says.
+    pub fn start_on_free_port(dir: &Path) -> HubProc {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let listen = format!("127.0.0.1:{port}");
+        let url = format!("https://127.0.0.1:{port}");
+        HubProc::start_with(dir, &["--listen", &listen, "--public-url", &url])
+    }
+
+    pub fn start_with(dir: &Path, args: &[&str]) -> HubProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_uplink-hub"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg("serve")
+            .args(args)
+            .arg("--data-dir")
             .arg(dir.join("data"))
             .stdout(Stdio::piped())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("hub.log")).unwrap())
