@@ -153,6 +153,20 @@ fn console_in_headless_chromium() {
     }
     let started = Instant::now();
 
+    // A syntax error in a module would only show as a page that never
+    // loads; say which file and line instead.
+    for entry in std::fs::read_dir(repo().join("src/hub/console")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "js") {
+            let out = Command::new("node")
+                .args(["--input-type=module", "--check"])
+                .stdin(std::fs::File::open(&path).unwrap())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
     // The cluster, with the article's RBAC.
     let k = StandIn::start(Config::default());
     for y in [ARTICLE_RBAC, AGENT_IMPERSONATION, ALICE_LOGS] {

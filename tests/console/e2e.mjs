@@ -54,7 +54,7 @@ async function newPage(viewport = { width: 1280, height: 860 }) {
   const page = await browser.newPage();
   await page.setViewportSize(viewport);
   page.setDefaultTimeout(T);
-  page.on('pageerror', (e) => pageErrors.push(`${step}: ${e.message}`));
+  page.on('pageerror', (e) => { pageErrors.push(`${step}: ${e.message}`); console.log(`page error during "${step}": ${e.message}`); });
   page.on('console', (m) => { if (m.type() === 'error' && !/status of (401|403|404|503)/.test(m.text())) pageErrors.push(`${step}: console: ${m.text()}`); });
   return page;
 }

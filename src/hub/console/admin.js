@@ -190,10 +190,9 @@ export async function usersView(ctx) {
         h('td', u.admin ? 'admin' : 'user'),
         h('td', when(u.created_at)),
         h('td', u.revoked_at ? h('span', { class: 'state bad' }, 'revoked') : h('span', { class: 'state ok' }, 'active')),
-        h('td', { class: 'row-actions' }, u.revoked_at ? null : [
-          h('button', { type: 'button', class: 'small', onclick: () => newToken(u.name) }, 'New token'),
-          u.name === ctx.me.name ? null : h('button', { type: 'button', class: 'small danger', onclick: () => revoke(u.name) }, 'Revoke…'),
-        ])))));
+        h('td', { class: 'row-actions' }, u.revoked_at ? null : h('div',
+          h('button', { type: 'button', class: 'small', 'aria-label': `New token for ${u.name}`, onclick: () => newToken(u.name) }, 'New token'),
+          u.name === ctx.me.name ? null : h('button', { type: 'button', class: 'small danger', 'aria-label': `Revoke ${u.name}`, onclick: () => revoke(u.name) }, 'Revoke…')))))));
     } catch (e) {
       if (!signal.aborted) put(usersBox, errorBox(e, 'Could not load users'));
     }
