@@ -490,3 +490,34 @@ impl log::Log for Logger {
 
     fn flush(&self) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_yaml_or_json() {
+        let dir = std::env::temp_dir().join(format!("uplink-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.yaml");
+        std::fs::write(
+            &p,
+            "# who may be impersonated\nallowed_users: [alice, bob]\nallowed_groups:\n  - dev\ndrain_seconds: 2\n",
+        )
+        .unwrap();
+        let c = FileConfig::load(&p).unwrap();
+        assert_eq!(c.allowed_users, Some(vec!["alice".to_string(), "bob".to_string()]));
+        assert_eq!(c.allowed_groups, Some(vec!["dev".to_string()]));
+        assert_eq!(c.drain_seconds.as_deref(), Some("2"));
+        std::fs::write(&p, r#"{"allowed_groups": ["ops"], "drain_seconds": 1.5}"#).unwrap();
+        let c = FileConfig::load(&p).unwrap();
+        assert_eq!((c.allowed_users, c.drain_seconds.as_deref()), (None, Some("1.5")));
+        std::fs::write(&p, "allowed_user: [typo]\n").unwrap();
+        let e = FileConfig::load(&p).unwrap_err();
+        assert_eq!(e.code, exit::CONFIG);
+        assert!(e.message.contains(&p.display().to_string()) && e.message.contains("allowed_user"), "{e}");
+        std::fs::write(&p, "").unwrap();
+        assert!(FileConfig::load(&p).unwrap().allowed_users.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -148,6 +148,14 @@ async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
             // stream operation then fails).
             ctx.ex.spawn(proxy::serve(ctx.clone(), stream, head)).detach();
         }
+        // `accept` ends on the hub's GoAway. ShuttingDown lets in-flight
+        // streams finish; a deregistered cluster serves nothing more, so
+        // the session ends now instead of when the last watch does.
+        if let Some((code @ (GoAwayCode::Deregistered | GoAwayCode::Unauthorized), message)) = session.goaway_received()
+        {
+            session.close(code, "agent stopping: cluster deregistered");
+            return SessionError::GoAway { code, message };
+        }
         std::future::pending::<SessionError>().await
     };
     let error = smol::future::or(session.run(io), ready).await;

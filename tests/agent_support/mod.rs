@@ -608,7 +608,9 @@ impl Agent {
         let health = format!("127.0.0.1:{}", free_port());
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let log = dir.join(format!("agent-{n}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uplink"));
+        // UPLINK_TEST_BIN: measure another build (e.g. the static release).
+        let bin = std::env::var("UPLINK_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_uplink").to_string());
+        let mut cmd = Command::new(bin);
         cmd.args(args).arg("--health-addr").arg(&health);
         cmd.env_remove("HTTPS_PROXY").env_remove("https_proxy").env_remove("ALL_PROXY").env_remove("all_proxy");
         cmd.env_remove("KUBERNETES_SERVICE_HOST").env_remove("NOTIFY_SOCKET");
