@@ -613,6 +613,17 @@ fn allow_lists_limit_who_is_impersonated() {
         String::from_utf8_lossy(&body)
     );
     assert!(w.k.requests().is_empty());
+
+    // An API server that cannot be reached: a Status saying so, not a hang.
+    let w = World::new("noapi");
+    let mut args = w.args();
+    args[6] = format!("https://127.0.0.1:{}", agent_support::free_port());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(1);
+    let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", ident("alice", &[]));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, body["reason"].as_str()), (503, Some("ServiceUnavailable")), "{body}");
 }
 
 #[test]

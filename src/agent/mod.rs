@@ -503,6 +503,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn example_config_file_reads() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.example.yaml");
+        let c = FileConfig::load(&p).unwrap();
+        assert!(c.allowed_users.is_none() && c.allowed_groups.is_none());
+        let text = std::fs::read_to_string(&p).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|l| l.strip_prefix('#').unwrap_or(l))
+            .filter(|l| !l.starts_with(' ') || l.starts_with("  -"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let v = yaml::parse(&uncommented).unwrap();
+        assert_eq!(v["allowed_users"], serde_json::json!(["alice", "bob"]));
+        assert_eq!(v["allowed_groups"], serde_json::json!(["uplink:debuggers"]));
+    }
+
+    #[test]
     fn config_file_yaml_or_json() {
         let dir = std::env::temp_dir().join(format!("uplink-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

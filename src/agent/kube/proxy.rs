@@ -73,12 +73,12 @@ pub async fn serve(ctx: Rc<AgentCtx>, mut stream: Stream, head: RequestHead) {
             log::warn!("{} {}: API server unreachable: {message}", head.method, path_only(&head.path));
             let _ = send_status(
                 &mut stream,
-                502,
+                503,
                 "ServiceUnavailable",
                 &format!("the agent could not reach the API server: {message}"),
             )
             .await;
-            502
+            503
         }
         Err(Failure::UpstreamAfterHead(message)) => {
             log::warn!("{} {}: API server broke off: {message}", head.method, path_only(&head.path));
