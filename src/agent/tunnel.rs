@@ -240,15 +240,19 @@ async fn open(ctx: &AgentCtx) -> Result<Prefixed<Io>, Open> {
         }
     }
     let (code, message) = error_body(&body);
-    match resp.status {
-        401 | 403 => Err(Open::Stop(format!(
+    // The contract: 401 (credential unknown) and 403 cluster_deregistered
+    // (revoked) are final. Another 403 may come from something in between
+    // (a proxy, a WAF) and is retried like any other failure.
+    let final_refusal = resp.status == 401 || (resp.status == 403 && code == "cluster_deregistered");
+    if final_refusal {
+        return Err(Open::Stop(format!(
             "the hub refused the agent's credential ({} {}{}): the cluster was deregistered or its credential revoked",
             resp.status,
             if code.is_empty() { "unauthorized" } else { &code },
             if message.is_empty() || message == code { String::new() } else { format!(": {message}") },
-        ))),
-        s => Err(Open::Failed(format!("the hub answered the tunnel request with {s} {message}"))),
+        )));
     }
+    Err(Open::Failed(format!("the hub answered the tunnel request with {} {message}", resp.status)))
 }
 
 /// A byte stream with some bytes already read from it put back in front.
