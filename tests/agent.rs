@@ -651,6 +651,76 @@ fn sigterm_drains_in_flight_streams_briefly_then_exits_0() {
     assert!(a.log().contains("draining 1 in-flight streams"), "{}", a.log());
 }
 
+#[test]
+fn request_bodies_stream_to_the_api_server() {
+    let w = World::new("writes");
+    w.k.load_rbac_yaml(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: cm-writer
+  namespace: default
+rules:
+- apiGroups: [\"\"]
+  resources: [\"configmaps\"]
+  verbs: [\"get\", \"create\", \"patch\", \"update\"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: cm-writer
+  namespace: default
+subjects:
+- kind: User
+  name: bob
+  apiGroup: rbac.authorization.k8s.io
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: cm-writer
+",
+    )
+    .unwrap();
+    let _a = w.connected_agent();
+    // Without Content-Length: streamed to the API server chunked, in
+    // several Data frames.
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "written", "namespace": "default"}, "data": {"k": "x".repeat(100_000)}})
+        .to_string();
+    let s = w.hub.open(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        bob(),
+        &[("Content-Type", "application/json")],
+        b"",
+        false,
+    );
+    for part in cm.as_bytes().chunks(7000) {
+        s.send(part);
+    }
+    s.finish();
+    let (status, _) = s.head();
+    let body = String::from_utf8_lossy(&s.body()).into_owned();
+    assert_eq!(status, 201, "{body}");
+    // With Content-Length: a merge patch, Content-Type kept.
+    let patch = br#"{"data":{"k":"patched"}}"#;
+    let len = patch.len().to_string();
+    let s = w.hub.open(
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/written",
+        bob(),
+        &[("Content-Type", "application/merge-patch+json"), ("Content-Length", &len)],
+        patch,
+        true,
+    );
+    let (status, _) = s.head();
+    let body: Value = serde_json::from_slice(&s.body()).unwrap();
+    assert_eq!((status, body["data"]["k"].as_str()), (200, Some("patched")), "{body}");
+    let obj = w.k.object("v1", "ConfigMap", "default", "written").unwrap();
+    assert_eq!(obj["data"]["k"], json!("patched"));
+    let rec = w.k.requests().into_iter().rev().find(|r| r.method == "PATCH").unwrap();
+    assert_eq!((rec.effective_user.as_deref(), rec.verb.as_str()), (Some("bob"), "patch"));
+}
+
 /// Footprint and latency, printed for the issue's report. Run with
 /// `cargo test --test agent -- --ignored --nocapture measure`.
 #[test]

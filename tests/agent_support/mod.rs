@@ -391,7 +391,28 @@ async fn run_stream(current: Rc<RefCell<Option<Session>>>, open: Box<OpenCmd>) {
     if open.finish {
         stream.finish();
     }
-    match stream.response_head().await {
+    // Wait for the head, meanwhile writing what the test sends (a request
+    // body that streams in after the open).
+    let head = loop {
+        enum H {
+            Head(Result<uplink::proto::ResponseHead, uplink::driver::StreamClosed>),
+            Input(Option<In>),
+        }
+        let input = &open.input;
+        let h = async { H::Head(stream.response_head().await) }.or(async { H::Input(input.recv().await.ok()) }).await;
+        match h {
+            H::Head(r) => break r,
+            H::Input(Some(In::Data(d))) => {
+                if stream.write_all(&d).await.is_err() {
+                    return;
+                }
+            }
+            H::Input(Some(In::Finish)) => stream.finish(),
+            H::Input(Some(In::Reset)) | H::Input(None) => return,
+            H::Input(Some(_)) => {}
+        }
+    };
+    match head {
         Ok(h) => {
             let headers = h
                 .headers
