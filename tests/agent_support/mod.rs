@@ -393,6 +393,7 @@ async fn run_stream(current: Rc<RefCell<Option<Session>>>, open: Box<OpenCmd>) {
     }
     // Wait for the head, meanwhile writing what the test sends (a request
     // body that streams in after the open).
+    let mut paused = false;
     let head = loop {
         enum H {
             Head(Result<uplink::proto::ResponseHead, uplink::driver::StreamClosed>),
@@ -409,7 +410,8 @@ async fn run_stream(current: Rc<RefCell<Option<Session>>>, open: Box<OpenCmd>) {
             }
             H::Input(Some(In::Finish)) => stream.finish(),
             H::Input(Some(In::Reset)) | H::Input(None) => return,
-            H::Input(Some(_)) => {}
+            H::Input(Some(In::Pause)) => paused = true,
+            H::Input(Some(In::Resume)) => paused = false,
         }
     };
     match head {
@@ -428,7 +430,6 @@ async fn run_stream(current: Rc<RefCell<Option<Session>>>, open: Box<OpenCmd>) {
             return;
         }
     }
-    let mut paused = false;
     let mut input_open = true;
     loop {
         enum X {
