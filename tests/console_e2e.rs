@@ -16,6 +16,7 @@
 //! missing, unless `UPLINK_REQUIRE_BROWSER=1` (as `.ci/run` and
 //! `tests/console/run.sh` set it). Screenshots go to
 //! `target/console-screenshots/`.
+#![cfg(feature = "hub")]
 
 mod hub_support;
 mod support;
