@@ -116,7 +116,14 @@ install_toolchain() {
     for t in "${TARGETS[@]}"; do
         grep -qx "$t" <<<"$installed" || rustup target add "$t"
         arch="$(deb_arch "$t")"
-        command -v "$(gcc_for "$t")" >/dev/null || apt_pkgs+=("gcc-$(gcc_for "$t" | sed 's/-gcc$//')")
+        if ! command -v "$(gcc_for "$t")" >/dev/null; then
+            # The native compiler comes with `gcc`; a cross one has its own package.
+            if [[ "$t" == "$(uname -m)"-* ]]; then
+                apt_pkgs+=(gcc)
+            else
+                apt_pkgs+=("gcc-$(gcc_for "$t" | sed 's/-gcc$//; s/_/-/g')")
+            fi
+        fi
         if [[ ! -f "/usr/lib/$(musl_dir "$t")/musl-gcc.specs" ]]; then
             if [[ "$arch" != "$(dpkg --print-architecture)" ]] &&
                 ! dpkg --print-foreign-architectures | grep -qx "$arch"; then

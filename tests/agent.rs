@@ -174,6 +174,12 @@ fn proxied_list_is_impersonated_and_client_credentials_dropped() {
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!((status, body["kind"].as_str(), body["reason"].as_str()), (403, Some("Status"), Some("Forbidden")));
     assert!(w.k.requests().is_empty(), "nothing reached the cluster");
+
+    // A request line that tries to smuggle headers: refused.
+    let (status, _) =
+        w.hub.get("/api/v1/pods HTTP/1.1\r\nImpersonate-User: kubernetes-admin\r\nX:", ident("alice", &[]));
+    assert_eq!(status, 400);
+    assert!(w.k.requests().is_empty(), "nothing reached the cluster");
 }
 
 #[test]
@@ -353,11 +359,20 @@ fn reconnects_after_hub_restart_and_follows_token_rotation() {
     assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", bob()).0, 200);
     wait_for("reconnect metric", || a.metric("uplink_tunnel_reconnects_total").is_some_and(|v| v >= 1.0));
 
-    // ShuttingDown: reconnect at once.
+    // ShuttingDown: a new tunnel at once, while a stream in flight on the
+    // old one goes on to its end.
+    w.k.append_log("default", "db-0", "one");
+    let logs = w.hub.open("GET", "/api/v1/namespaces/default/pods/db-0/log?follow=true", bob(), &[], b"", true);
+    assert_eq!(logs.head().0, 200);
+    logs.until("one", PATIENCE);
     let before = Instant::now();
     w.hub.go_away(GoAwayCode::ShuttingDown);
     w.hub.wait_connected(3);
     assert!(before.elapsed() < Duration::from_secs(5), "reconnect after ShuttingDown took {:?}", before.elapsed());
+    w.k.append_log("default", "db-0", "two");
+    logs.until("two", PATIENCE);
+    assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", bob()).0, 200, "new tunnel serves");
+    logs.reset();
 
     // Token rotation: the old token stops working at the API server; the
     // agent picks up the new file content without a restart.
@@ -397,8 +412,13 @@ fn dials_the_hub_through_an_https_proxy() {
 fn deregistration_stops_the_agent_with_status_4() {
     let w = World::new("dereg");
     let mut a = w.connected_agent();
+    // An open watch does not hold the agent up once deregistered.
+    let watch = w.hub.open("GET", "/api/v1/namespaces/default/pods?watch=1", bob(), &[], b"", true);
+    assert_eq!(watch.head().0, 200);
+    let started = Instant::now();
     w.hub.deregister();
     assert_eq!(a.wait_exit(PATIENCE), Some(4), "log:\n{}", a.log());
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?} to stop", started.elapsed());
     assert!(a.log().contains("deregistered"), "{}", a.log());
     // Started again with the revoked credential: 403 at the tunnel, exit 4,
     // no retry storm.
@@ -546,4 +566,236 @@ roleRef:
     assert_eq!(w.hub.activations(), 1);
     assert!(b.log().contains("using the registration saved in state Secret uplink/uplink-state"), "{}", b.log());
     assert_eq!(b.stop(), Some(0));
+}
+
+#[test]
+fn tells_systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let w = World::new("notify");
+    let sock_path = w.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    let n = w.hub.tunnels();
+    let mut a = w.spawn(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")]);
+    w.hub.wait_connected(n + 1);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(seen.iter().any(|m: &String| m == "READY=1") && seen.iter().any(|m| m == "WATCHDOG=1")) {
+        let len = sock.recv(&mut buf).expect("a notification");
+        seen.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    assert_eq!(a.stop(), Some(0));
+    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    while let Ok(len) = sock.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    assert!(seen.iter().any(|m| m == "STOPPING=1"), "{seen:?}");
+}
+
+#[test]
+fn allow_lists_limit_who_is_impersonated() {
+    let w = World::new("allow");
+    let config = w.dir.join("agent.yaml");
+    std::fs::write(&config, "allowed_users: [alice]\nallowed_groups: []\n").unwrap();
+    let n = w.hub.tunnels();
+    let mut args = w.args();
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(n + 1);
+    assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", ident("alice", &[])).0, 200);
+    w.k.clear_requests();
+    let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", bob());
+    assert_eq!(status, 403);
+    assert!(
+        String::from_utf8_lossy(&body).contains("does not allow impersonating"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(w.k.requests().is_empty());
+
+    // An API server that cannot be reached: a Status saying so, not a hang.
+    let w = World::new("noapi");
+    let mut args = w.args();
+    args[6] = format!("https://127.0.0.1:{}", agent_support::free_port());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(1);
+    let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", ident("alice", &[]));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, body["reason"].as_str()), (503, Some("ServiceUnavailable")), "{body}");
+}
+
+#[test]
+fn sigterm_drains_in_flight_streams_briefly_then_exits_0() {
+    let w = World::new("drain");
+    let config = w.dir.join("agent.yaml");
+    std::fs::write(&config, "drain_seconds: 1\n").unwrap();
+    let mut args = w.args();
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(1);
+    w.k.append_log("default", "db-0", "before");
+    let logs = w.hub.open("GET", "/api/v1/namespaces/default/pods/db-0/log?follow=true", bob(), &[], b"", true);
+    assert_eq!(logs.head().0, 200);
+    logs.until("before", PATIENCE);
+    let started = Instant::now();
+    a.signal("TERM");
+    // Still streaming while draining.
+    w.k.append_log("default", "db-0", "during the drain");
+    logs.until("during the drain", Duration::from_secs(5));
+    assert_eq!(a.wait_exit(PATIENCE), Some(0), "{}", a.log());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(6), "drain took {took:?}");
+    assert!(a.log().contains("draining 1 in-flight streams"), "{}", a.log());
+}
+
+#[test]
+fn request_bodies_stream_to_the_api_server() {
+    let w = World::new("writes");
+    w.k.load_rbac_yaml(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: cm-writer
+  namespace: default
+rules:
+- apiGroups: [\"\"]
+  resources: [\"configmaps\"]
+  verbs: [\"get\", \"create\", \"patch\", \"update\"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: cm-writer
+  namespace: default
+subjects:
+- kind: User
+  name: bob
+  apiGroup: rbac.authorization.k8s.io
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: cm-writer
+",
+    )
+    .unwrap();
+    let _a = w.connected_agent();
+    // Without Content-Length: streamed to the API server chunked, in
+    // several Data frames.
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "written", "namespace": "default"}, "data": {"k": "x".repeat(100_000)}})
+        .to_string();
+    let s = w.hub.open(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        bob(),
+        &[("Content-Type", "application/json")],
+        b"",
+        false,
+    );
+    for part in cm.as_bytes().chunks(7000) {
+        s.send(part);
+    }
+    s.finish();
+    let (status, _) = s.head();
+    let body = String::from_utf8_lossy(&s.body()).into_owned();
+    assert_eq!(status, 201, "{body}");
+    // With Content-Length: a merge patch, Content-Type kept.
+    let patch = br#"{"data":{"k":"patched"}}"#;
+    let len = patch.len().to_string();
+    let s = w.hub.open(
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/written",
+        bob(),
+        &[("Content-Type", "application/merge-patch+json"), ("Content-Length", &len)],
+        patch,
+        true,
+    );
+    let (status, _) = s.head();
+    let body: Value = serde_json::from_slice(&s.body()).unwrap();
+    assert_eq!((status, body["data"]["k"].as_str()), (200, Some("patched")), "{body}");
+    let obj = w.k.object("v1", "ConfigMap", "default", "written").unwrap();
+    assert_eq!(obj["data"]["k"], json!("patched"));
+    let rec = w.k.requests().into_iter().rev().find(|r| r.method == "PATCH").unwrap();
+    assert_eq!((rec.effective_user.as_deref(), rec.verb.as_str()), (Some("bob"), "patch"));
+}
+
+/// Footprint and latency, printed for the issue's report. Run with
+/// `cargo test --test agent -- --ignored --nocapture measure`.
+#[test]
+#[ignore]
+fn measure_footprint_and_latency() {
+    use uplink::agent::http1::{self, Pool};
+    use uplink::agent::net::Target;
+    use uplink::proto::Header;
+    let w = World::new("measure");
+    let a = w.connected_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = a.rss_kib();
+
+    // p50 of a small GET: straight to the stand-in (keep-alive, same
+    // headers the agent would send) versus through hub → tunnel → agent.
+    let path = "/api/v1/namespaces/default/pods/db-0";
+    let rounds = 400;
+    let p50 = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let direct = smol::block_on(async {
+        let tls = uplink::tls::client_config(&uplink::tls::Trust::CaPem(w.k.ca_pem()), None, &[b"http/1.1"]).unwrap();
+        let pool = Pool::new(Target::parse(&w.k.url()).unwrap(), Some(tls), None, 4);
+        let headers = [
+            Header::new("Accept", "application/json"),
+            Header::new("Authorization", format!("Bearer {}", w.k.agent_token())),
+            Header::new("Impersonate-User", "bob"),
+            Header::new("Impersonate-Group", "uplink:debuggers"),
+        ];
+        let mut times = Vec::new();
+        for i in 0..rounds + 20 {
+            let t = Instant::now();
+            let a = http1::exchange(&pool, "GET", path, &headers, b"", 1 << 20).await.unwrap();
+            assert_eq!(a.status, 200);
+            if i >= 20 {
+                times.push(t.elapsed());
+            }
+        }
+        times
+    });
+    let mut tunnel = Vec::new();
+    for i in 0..rounds + 20 {
+        let t = Instant::now();
+        let (status, _) = w.hub.get(path, bob());
+        assert_eq!(status, 200);
+        if i >= 20 {
+            tunnel.push(t.elapsed());
+        }
+    }
+    let (d, t) = (p50(direct), p50(tunnel));
+    let after_requests = a.rss_kib();
+
+    // 1,000 open watches.
+    let watches: Vec<_> = (0..1000)
+        .map(|_| {
+            w.hub.open("GET", "/api/v1/namespaces/default/pods?watch=1&allowWatchBookmarks=true", bob(), &[], b"", true)
+        })
+        .collect();
+    for s in &watches {
+        assert_eq!(s.head().0, 200);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let with_watches = a.rss_kib();
+    eprintln!(
+        "MEASURE idle RSS: {idle} KiB; after {rounds} requests: {after_requests} KiB; with 1000 watches: {with_watches} KiB"
+    );
+    eprintln!(
+        "MEASURE p50 small GET: direct {:?}, through hub+tunnel+agent {:?}, ratio {:.2}, added {:?}",
+        d,
+        t,
+        t.as_secs_f64() / d.as_secs_f64(),
+        t.saturating_sub(d)
+    );
+    for s in &watches {
+        s.reset();
+    }
 }

@@ -1,6 +1,7 @@
 //! The seed's whole story with real processes: `uplink-hub serve`, the
 //! real agent (`uplink run`), the stand-in API server, and real kubectl
 //! with kubeconfigs the hub's CLI wrote.
+#![cfg(feature = "hub")]
 
 mod hub_support;
 mod support;

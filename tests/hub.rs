@@ -1,5 +1,6 @@
 //! The hub as a real process: REST API, activation, tunnels with
 //! simulated agents, the kube front end, audit, durability.
+#![cfg(feature = "hub")]
 
 mod hub_support;
 

@@ -21,8 +21,10 @@ use std::time::{Duration, Instant};
 
 /// Largest response head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
-/// Bytes asked of the socket per read.
+/// Bytes asked of the socket per read while data streams in.
 const READ_CHUNK: usize = 32 * 1024;
+/// Bytes asked of the socket when it has been quiet.
+const SMALL_READ: usize = 1024;
 /// Longest chunk-size or trailer line accepted.
 const MAX_LINE: usize = 8 * 1024;
 
@@ -81,11 +83,13 @@ pub struct Conn {
     /// connection open: it may go back to the pool.
     reusable: bool,
     idle_since: Instant,
+    /// The last read filled its buffer: more is probably waiting.
+    big_reads: bool,
 }
 
 impl Conn {
     pub fn new(io: Io) -> Self {
-        Conn { io, buf: Vec::new(), pos: 0, end: 0, reusable: false, idle_since: Instant::now() }
+        Conn { io, buf: Vec::new(), pos: 0, end: 0, reusable: false, idle_since: Instant::now(), big_reads: false }
     }
 
     /// Bytes read from the socket but not yet consumed.
@@ -104,25 +108,35 @@ impl Conn {
         &mut self.io
     }
 
-    /// Reads once into the free end of the buffer. The buffer keeps its
-    /// length between reads and is zeroed only when it grows: resizing
-    /// it per read zeroed 32 KiB for every response (a third of the
-    /// agent's CPU per small request).
+    /// Reads once into the free end of the buffer: small reads until the
+    /// server sends more than fits, then large. The buffer keeps its
+    /// length between reads and is zeroed only when it grows (resizing
+    /// and truncating it per read re-zeroed the read size every time, a
+    /// third of the agent's CPU per small request at opt-level z).
     async fn fill(&mut self) -> io::Result<usize> {
         if self.pos == self.end {
             self.pos = 0;
             self.end = 0;
+            // Drained and quiet (the last read did not fill its buffer):
+            // an idle connection (a quiet watch) should not sit on a large
+            // buffer while it waits, so start small again. A bulk body
+            // (every read full) keeps its buffer.
+            if !self.big_reads && self.buf.len() > SMALL_READ {
+                self.buf = Vec::new();
+            }
         }
-        if self.buf.len() - self.end < READ_CHUNK {
+        let want = if self.big_reads { READ_CHUNK } else { SMALL_READ };
+        if self.buf.len() - self.end < want {
             self.buf.copy_within(self.pos..self.end, 0);
             self.end -= self.pos;
             self.pos = 0;
-            if self.buf.len() - self.end < READ_CHUNK {
-                self.buf.resize(self.end + READ_CHUNK, 0);
+            if self.buf.len() - self.end < want {
+                self.buf.resize(self.end + want, 0);
             }
         }
-        let n = self.io.read(&mut self.buf[self.end..]).await?;
+        let n = self.io.read(&mut self.buf[self.end..self.end + want]).await?;
         self.end += n;
+        self.big_reads = n == want;
         Ok(n)
     }
 
@@ -392,7 +406,7 @@ impl Pool {
     /// A warm idle connection (`true`) or a fresh one (`false`).
     pub async fn get(&self) -> io::Result<(Conn, bool)> {
         while let Some(conn) = self.idle.borrow_mut().pop() {
-            if conn.idle_since.elapsed() < self.idle_timeout {
+            if conn.idle_since.elapsed() < self.idle_timeout && conn.io.idle_alive() {
                 return Ok((conn, true));
             }
         }
@@ -400,6 +414,7 @@ impl Pool {
     }
 
     pub async fn connect(&self) -> io::Result<Conn> {
+        log::debug!("new connection to {}", self.target);
         if let Some(proxy) = &self.proxy {
             return Ok(Conn::new(net::dial(&self.target, self.tls.as_ref(), Some(proxy)).await?));
         }
@@ -534,6 +549,33 @@ mod tests {
         assert_eq!(head, b"GET /api?x=1 HTTP/1.1\r\nHost: h:6443\r\nAccept: application/json\r\n\r\n");
         assert_eq!(chunk(b"hello world!!!!!!"), b"11\r\nhello world!!!!!!\r\n");
         assert!(has_token(&[Header::new("Connection", "keep-alive, Upgrade")], "connection", "upgrade"));
+    }
+
+    /// A pooled connection the server closed is not handed out again.
+    #[test]
+    fn pool_skips_connections_the_server_closed() {
+        smol::block_on(async {
+            let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let target = Target::parse(&format!("http://{addr}")).unwrap();
+            let pool = Pool::new(target, None, None, 4);
+            let mut conn = pool.connect().await.unwrap();
+            let (server_side, _) = listener.accept().await.unwrap();
+            conn.mark_reusable(true);
+            pool.put(conn);
+            assert_eq!(pool.idle_count(), 1);
+            let (alive, reused) = pool.get().await.unwrap();
+            assert!(reused);
+            let mut alive = alive;
+            alive.mark_reusable(true);
+            pool.put(alive);
+            drop(server_side);
+            smol::Timer::after(Duration::from_millis(50)).await;
+            let accept = smol::spawn(async move { listener.accept().await.unwrap() });
+            let (_fresh, reused) = pool.get().await.unwrap();
+            assert!(!reused, "the closed connection was skipped");
+            accept.await;
+        });
     }
 
     /// A chunked body split at awkward places, over a real socket pair.

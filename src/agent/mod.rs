@@ -157,6 +157,8 @@ pub struct AgentCtx {
     pub proxies: ProxyEnv,
     /// The live session, for the drain on SIGTERM.
     pub session: RefCell<Option<Session>>,
+    /// Set on SIGTERM: a tunnel that ends now is not dialled again.
+    pub stopping: std::cell::Cell<bool>,
     info: RefCell<Option<(AgentInfo, Instant)>>,
 }
 
@@ -277,6 +279,7 @@ async fn main_loop(
         credential: reg.credential.clone(),
         proxies,
         session: RefCell::new(None),
+        stopping: std::cell::Cell::new(false),
         info: RefCell::new(None),
     });
     log::info!("cluster {:?} ({}), hub {}", reg.cluster, reg.cluster_id, ctx.hub);
@@ -294,7 +297,10 @@ async fn main_loop(
         Deregistered(String),
         Signal,
     }
-    let end = async { End::Deregistered(tunnel::run(ctx.clone()).await.0) }
+    // A task, not a future raced and dropped: on SIGTERM the tunnel must
+    // keep running while in-flight streams drain.
+    let mut tunnel = ex.spawn(tunnel::run(ctx.clone()));
+    let end = async { End::Deregistered((&mut tunnel).await.0) }
         .or(async {
             signals.next().await;
             End::Signal
@@ -311,6 +317,7 @@ async fn main_loop(
         }
         End::Signal => {
             notify::notify("STOPPING=1");
+            ctx.stopping.set(true);
             let session = ctx.session.borrow().clone();
             if let Some(session) = session {
                 log::info!("stopping: draining {} in-flight streams (up to {:?})", metrics.active_streams(), drain);
@@ -489,4 +496,52 @@ impl log::Log for Logger {
     }
 
     fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_file_reads() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.example.yaml");
+        let c = FileConfig::load(&p).unwrap();
+        assert!(c.allowed_users.is_none() && c.allowed_groups.is_none());
+        let text = std::fs::read_to_string(&p).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|l| l.strip_prefix('#').unwrap_or(l))
+            .filter(|l| !l.starts_with(' ') || l.starts_with("  -"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let v = yaml::parse(&uncommented).unwrap();
+        assert_eq!(v["allowed_users"], serde_json::json!(["alice", "bob"]));
+        assert_eq!(v["allowed_groups"], serde_json::json!(["uplink:debuggers"]));
+    }
+
+    #[test]
+    fn config_file_yaml_or_json() {
+        let dir = std::env::temp_dir().join(format!("uplink-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.yaml");
+        std::fs::write(
+            &p,
+            "# who may be impersonated\nallowed_users: [alice, bob]\nallowed_groups:\n  - dev\ndrain_seconds: 2\n",
+        )
+        .unwrap();
+        let c = FileConfig::load(&p).unwrap();
+        assert_eq!(c.allowed_users, Some(vec!["alice".to_string(), "bob".to_string()]));
+        assert_eq!(c.allowed_groups, Some(vec!["dev".to_string()]));
+        assert_eq!(c.drain_seconds.as_deref(), Some("2"));
+        std::fs::write(&p, r#"{"allowed_groups": ["ops"], "drain_seconds": 1.5}"#).unwrap();
+        let c = FileConfig::load(&p).unwrap();
+        assert_eq!((c.allowed_users, c.drain_seconds.as_deref()), (None, Some("1.5")));
+        std::fs::write(&p, "allowed_user: [typo]\n").unwrap();
+        let e = FileConfig::load(&p).unwrap_err();
+        assert_eq!(e.code, exit::CONFIG);
+        assert!(e.message.contains(&p.display().to_string()) && e.message.contains("allowed_user"), "{e}");
+        std::fs::write(&p, "").unwrap();
+        assert!(FileConfig::load(&p).unwrap().allowed_users.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

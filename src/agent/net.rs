@@ -160,6 +160,24 @@ impl AsyncWrite for Io {
     }
 }
 
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s.get_ref(),
+            Io::Tls(s) => s.get_ref().0.get_ref(),
+        }
+    }
+
+    /// Whether an idle connection can still carry a request: the server
+    /// has neither closed it nor sent anything unasked (which, on an idle
+    /// HTTP/1.1 connection, is a close or an error). One non-blocking
+    /// `peek`; the socket is non-blocking already.
+    pub fn idle_alive(&self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.tcp().peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
 /// Connects to the first address that answers, with `TCP_NODELAY` set.
 pub async fn tcp_connect(addrs: &[SocketAddr]) -> io::Result<Async<TcpStream>> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");

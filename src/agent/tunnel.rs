@@ -102,7 +102,12 @@ pub async fn run(ctx: Rc<AgentCtx>) -> Deregistered {
             ctx.metrics.reconnects.set(ctx.metrics.reconnects.get() + 1);
         }
         first = false;
-        match attempt(&ctx).await {
+        let result = attempt(&ctx).await;
+        if ctx.stopping.get() {
+            // The agent is stopping: whatever ended the session, stay down.
+            return std::future::pending().await;
+        }
+        match result {
             Attempt::Stop(why) => return Deregistered(why),
             Attempt::Ended { lasted, immediate, why } => {
                 if lasted >= STABLE_AFTER {
@@ -148,9 +153,31 @@ async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
             // stream operation then fails).
             ctx.ex.spawn(proxy::serve(ctx.clone(), stream, head)).detach();
         }
-        std::future::pending::<SessionError>().await
+        // `accept` ends on the hub's GoAway. ShuttingDown lets in-flight
+        // streams finish; a deregistered cluster serves nothing more, so
+        // the session ends now instead of when the last watch does.
+        match session.goaway_received() {
+            Some((code @ (GoAwayCode::Deregistered | GoAwayCode::Unauthorized), message)) => {
+                session.close(code, "agent stopping: cluster deregistered");
+                SessionError::GoAway { code, message }
+            }
+            // The hub is going away but its in-flight streams (long
+            // watches, exec sessions) finish on this connection: a new
+            // tunnel comes up beside it at once.
+            Some((code @ GoAwayCode::ShuttingDown, message)) if !ctx.stopping.get() => {
+                SessionError::GoAway { code, message }
+            }
+            _ => std::future::pending::<SessionError>().await,
+        }
     };
-    let error = smol::future::or(session.run(io), ready).await;
+    let s2 = session.clone();
+    let mut run = ctx.ex.spawn(async move { s2.run(io).await });
+    let error = smol::future::or(&mut run, ready).await;
+    if matches!(error, SessionError::GoAway { code: GoAwayCode::ShuttingDown, .. }) && !run.is_finished() {
+        // Detached: the old session ends by itself once its last stream
+        // does, or when the hub closes the connection.
+        run.detach();
+    }
     ctx.metrics.tunnel_up.set(false);
     ctx.session.borrow_mut().take();
     let lasted = started.elapsed();
@@ -213,15 +240,19 @@ async fn open(ctx: &AgentCtx) -> Result<Prefixed<Io>, Open> {
         }
     }
     let (code, message) = error_body(&body);
-    match resp.status {
-        401 | 403 => Err(Open::Stop(format!(
+    // The contract: 401 (credential unknown) and 403 cluster_deregistered
+    // (revoked) are final. Another 403 may come from something in between
+    // (a proxy, a WAF) and is retried like any other failure.
+    let final_refusal = resp.status == 401 || (resp.status == 403 && code == "cluster_deregistered");
+    if final_refusal {
+        return Err(Open::Stop(format!(
             "the hub refused the agent's credential ({} {}{}): the cluster was deregistered or its credential revoked",
             resp.status,
             if code.is_empty() { "unauthorized" } else { &code },
             if message.is_empty() || message == code { String::new() } else { format!(": {message}") },
-        ))),
-        s => Err(Open::Failed(format!("the hub answered the tunnel request with {s} {message}"))),
+        )));
     }
+    Err(Open::Failed(format!("the hub answered the tunnel request with {} {message}", resp.status)))
 }
 
 /// A byte stream with some bytes already read from it put back in front.

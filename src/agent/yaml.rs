@@ -346,6 +346,20 @@ empty:
         assert_eq!(v["empty"], json!(null));
     }
 
+    proptest::proptest! {
+        /// Kubeconfigs are operator input: any text gives a value or an
+        /// error, never a panic.
+        #[test]
+        fn never_panics(text in "([ a-z:#'\"\\\\\\[\\]{},|>&*!-]{0,12}\n){0,12}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn never_panics_on_any_string(text in ".{0,200}") {
+            let _ = parse(&text);
+        }
+    }
+
     #[test]
     fn errors_name_the_line() {
         assert_eq!(parse("a: |\n  x\n").unwrap_err().line, 1);

@@ -21,7 +21,6 @@ enum Command {
     Version(Version),
 }
 
-/// Flags shared by `run` and `activate`.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "run")]
 /// Run the agent: activate once if needed, then keep the tunnel to the hub

@@ -427,9 +427,12 @@ impl Response {
         let mut fields: Vec<(&str, String)> = vec![
             ("Content-Type", self.content_type.to_string()),
             ("Content-Length", self.body.len().to_string()),
-            ("Cache-Control", "no-store".into()),
             ("X-Content-Type-Options", "nosniff".into()),
         ];
+        // API answers are never cached; a handler may say otherwise.
+        if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("cache-control")) {
+            fields.push(("Cache-Control", "no-store".into()));
+        }
         if !keep_alive {
             fields.push(("Connection", "close".into()));
         }

@@ -7,6 +7,7 @@
 //!                 ├─ /api/v1/...            api      REST for the CLI and console
 //!                 ├─ /k8s/clusters/NAME/..  kube     authn, grant, open stream, pipe
 //!                 ├─ /v1/activate, /v1/tunnel agents activation, tunnel sessions
+//!                 ├─ /, /assets/...         console  the web console, embedded
 //!                 └─ /healthz, /metrics
 //!  state: Store (sqlite) · Tunnels (live sessions) · Bus (status events) · Metrics
 //! ```
@@ -18,7 +19,7 @@
 //! (PostgreSQL for several replicas) will want its calls moved off the
 //! loop.
 //!
-//! Not here: the agent (never linked into it), the web console assets.
+//! Not here: the agent (never linked into it).
 
 pub mod agents;
 pub mod api;
@@ -26,6 +27,7 @@ pub mod cert;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod console;
 pub mod events;
 pub mod http;
 pub mod install;

@@ -9,7 +9,7 @@
 
 use super::http::{BodyState, HttpError, Inbound, Request, Response};
 use super::store::Store;
-use super::{Hub, agents, api, cert, kube, new_token};
+use super::{Hub, agents, api, cert, console, kube, new_token};
 use crate::proto::GoAwayCode;
 use futures_rustls::TlsAcceptor;
 use log::{info, warn};
@@ -313,7 +313,7 @@ async fn route(
         ("GET", "/v1/tunnel") => agents::tunnel(hub, req, inb, out, peer).await,
         (_, "/v1/activate" | "/v1/tunnel") => Reply::Send(api::error(405, "method_not_allowed", "wrong method")),
         (_, p) if p == "/api/v1" || p.starts_with("/api/v1/") => Reply::Send(api::handle(hub, req, body, inb).await),
-        ("GET" | "HEAD", "/") => Reply::Send(Response::new(200, "text/html; charset=utf-8", CONSOLE_PLACEHOLDER)),
+        ("GET" | "HEAD", p) if console::is_console_path(p) => Reply::Send(console::serve(req)),
         _ => Reply::Send(api::error(404, "not_found", &format!("no route for {} {path}", req.method))),
     }
 }
@@ -323,10 +323,6 @@ fn agents_by_name(hub: &Hub) -> Vec<(String, usize)> {
         hub.store.clusters().unwrap_or_default().into_iter().map(|c| (c.id, c.name)).collect();
     hub.tunnels.per_cluster().into_iter().map(|(id, n)| (names.get(&id).cloned().unwrap_or(id), n)).collect()
 }
-
-const CONSOLE_PLACEHOLDER: &str = "<!doctype html><html><head><meta charset=utf-8><title>uplink hub</title></head>\
-<body><h1>uplink hub</h1><p>The web console is not built yet. Use <code>uplink-hub cluster list</code> \
-or the REST API under <code>/api/v1/</code>.</p></body></html>\n";
 
 #[cfg(test)]
 mod tests {

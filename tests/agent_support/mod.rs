@@ -391,7 +391,30 @@ async fn run_stream(current: Rc<RefCell<Option<Session>>>, open: Box<OpenCmd>) {
     if open.finish {
         stream.finish();
     }
-    match stream.response_head().await {
+    // Wait for the head, meanwhile writing what the test sends (a request
+    // body that streams in after the open).
+    let mut paused = false;
+    let head = loop {
+        enum H {
+            Head(Result<uplink::proto::ResponseHead, uplink::driver::StreamClosed>),
+            Input(Option<In>),
+        }
+        let input = &open.input;
+        let h = async { H::Head(stream.response_head().await) }.or(async { H::Input(input.recv().await.ok()) }).await;
+        match h {
+            H::Head(r) => break r,
+            H::Input(Some(In::Data(d))) => {
+                if stream.write_all(&d).await.is_err() {
+                    return;
+                }
+            }
+            H::Input(Some(In::Finish)) => stream.finish(),
+            H::Input(Some(In::Reset)) | H::Input(None) => return,
+            H::Input(Some(In::Pause)) => paused = true,
+            H::Input(Some(In::Resume)) => paused = false,
+        }
+    };
+    match head {
         Ok(h) => {
             let headers = h
                 .headers
@@ -407,7 +430,6 @@ async fn run_stream(current: Rc<RefCell<Option<Session>>>, open: Box<OpenCmd>) {
             return;
         }
     }
-    let mut paused = false;
     let mut input_open = true;
     loop {
         enum X {
@@ -608,7 +630,9 @@ impl Agent {
         let health = format!("127.0.0.1:{}", free_port());
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let log = dir.join(format!("agent-{n}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uplink"));
+        // UPLINK_TEST_BIN: measure another build (e.g. the static release).
+        let bin = std::env::var("UPLINK_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_uplink").to_string());
+        let mut cmd = Command::new(bin);
         cmd.args(args).arg("--health-addr").arg(&health);
         cmd.env_remove("HTTPS_PROXY").env_remove("https_proxy").env_remove("ALL_PROXY").env_remove("all_proxy");
         cmd.env_remove("KUBERNETES_SERVICE_HOST").env_remove("NOTIFY_SOCKET");

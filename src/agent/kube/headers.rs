@@ -85,6 +85,19 @@ fn is_field_value(v: &[u8]) -> bool {
     !v.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0)
 }
 
+/// Checks the request line: the method a token, the target an
+/// origin-form path and query (RFC 9112 §3.2.1) of visible ASCII, so
+/// neither can smuggle a second line into the request to the API server.
+pub fn check_request_line(method: &str, path: &str) -> Result<(), Refusal> {
+    if !is_token(method.as_bytes()) {
+        return Err(Refusal::BadField("method is not an HTTP token".into()));
+    }
+    if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Refusal::BadField("request target is not an origin-form path".into()));
+    }
+    Ok(())
+}
+
 /// The request headers for the API server, or why the request is refused.
 /// `authorization` is the agent's own `Authorization` value, if it uses a
 /// token.
@@ -316,6 +329,17 @@ mod tests {
         assert!(request_headers(&[], &id, &allow, None).is_ok());
         id.user = "bob".into();
         assert_eq!(request_headers(&[], &id, &allow, None), Err(Refusal::UserNotAllowed("bob".into())));
+    }
+
+    #[test]
+    fn request_line_cannot_smuggle() {
+        assert!(check_request_line("GET", "/api/v1/pods?labelSelector=app%3Dweb").is_ok());
+        assert!(check_request_line("GET", "/api HTTP/1.1\r\nX-Evil: 1").is_err());
+        assert!(check_request_line("GET", "/a b").is_err());
+        assert!(check_request_line("GET", "http://elsewhere/").is_err());
+        assert!(check_request_line("GET", "").is_err());
+        assert!(check_request_line("GE T", "/").is_err());
+        assert!(check_request_line("", "/").is_err());
     }
 
     #[test]

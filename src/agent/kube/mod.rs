@@ -121,6 +121,19 @@ fn read_text(path: &Path, what: &str) -> Result<String, KubeError> {
 impl Kube {
     /// Finds the API server as the module docs describe.
     pub fn discover(flags: &KubeFlags) -> Result<Kube, KubeError> {
+        let env = |name: &str| std::env::var_os(name);
+        Kube::discover_in(flags, &env, Path::new(SERVICE_ACCOUNT_DIR), Path::new(K3S_KUBECONFIG))
+    }
+
+    /// [`Kube::discover`] with the environment and the well-known paths
+    /// given, so each branch can be tested.
+    pub fn discover_in(
+        flags: &KubeFlags,
+        env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+        service_account_dir: &Path,
+        k3s: &Path,
+    ) -> Result<Kube, KubeError> {
+        let var = |name: &str| env(name).and_then(|v| v.into_string().ok()).filter(|v| !v.is_empty());
         if let Some(url) = &flags.url {
             let target = Target::parse(url).map_err(|e| KubeError(format!("--kube-url: {e}")))?;
             let trust = match &flags.ca {
@@ -141,11 +154,11 @@ impl Kube {
         if let Some(p) = &flags.kubeconfig {
             return Kube::from_kubeconfig(p);
         }
-        if let Ok(host) = std::env::var("KUBERNETES_SERVICE_HOST") {
-            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        if let Some(host) = var("KUBERNETES_SERVICE_HOST") {
+            let port = var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".into());
             let host = if host.contains(':') { format!("[{host}]") } else { host };
             let target = Target::parse(&format!("https://{host}:{port}")).map_err(KubeError)?;
-            let dir = Path::new(SERVICE_ACCOUNT_DIR);
+            let dir = service_account_dir;
             let ca = read_text(&dir.join("ca.crt"), "the service-account CA")?;
             let tf = TokenFile::new(dir.join("token"));
             tf.current().map_err(|e| KubeError(format!("cannot read the service-account token: {e}")))?;
@@ -157,16 +170,15 @@ impl Kube {
                 "in-cluster service account".into(),
             );
         }
-        let k3s = Path::new(K3S_KUBECONFIG);
         if std::fs::File::open(k3s).is_ok() {
             return Kube::from_kubeconfig(k3s);
         }
-        if let Some(first) = std::env::var_os("KUBECONFIG").and_then(|v| std::env::split_paths(&v).next()) {
+        if let Some(first) = env("KUBECONFIG").and_then(|v| std::env::split_paths(&v).next()) {
             if !first.as_os_str().is_empty() {
                 return Kube::from_kubeconfig(&first);
             }
         }
-        if let Some(home) = std::env::var_os("HOME") {
+        if let Some(home) = env("HOME") {
             let p = Path::new(&home).join(".kube/config");
             if p.exists() {
                 return Kube::from_kubeconfig(&p);
@@ -482,6 +494,58 @@ current-context: one
         assert!(kubeconfig_settings(&bad, Path::new("/x")).unwrap_err().contains("\"two\""));
         let exec = doc.replace("    tokenFile: tok", "    exec:\n      command: aws");
         assert!(kubeconfig_settings(&exec, Path::new("/x")).unwrap_err().contains("exec"));
+    }
+
+    #[test]
+    fn discovery_order() {
+        let dir = std::env::temp_dir().join(format!("uplink-discover-{}", std::process::id()));
+        let sa = dir.join("sa");
+        std::fs::create_dir_all(&sa).unwrap();
+        std::fs::write(sa.join("token"), "sa-token\n").unwrap();
+        // Any PEM certificate will do for the trust store.
+        let ca = rcgen::generate_simple_self_signed(vec!["x".to_string()]).unwrap().cert.pem();
+        std::fs::write(sa.join("ca.crt"), &ca).unwrap();
+        let no_k3s = dir.join("no-k3s.yaml");
+        let flags = KubeFlags::default();
+
+        // In a pod.
+        let pod_env = |n: &str| match n {
+            "KUBERNETES_SERVICE_HOST" => Some("10.43.0.1".into()),
+            "KUBERNETES_SERVICE_PORT" => Some("443".into()),
+            _ => None,
+        };
+        let k = Kube::discover_in(&flags, &pod_env, &sa, &no_k3s).unwrap();
+        assert_eq!(k.pool.target.authority(), "10.43.0.1");
+        assert_eq!(k.authorization().unwrap().as_deref(), Some("Bearer sa-token"));
+        assert_eq!(k.source, "in-cluster service account");
+        let v6 = |n: &str| (n == "KUBERNETES_SERVICE_HOST").then(|| "fd00::1".into());
+        assert_eq!(Kube::discover_in(&flags, &v6, &sa, &no_k3s).unwrap().pool.target.host, "fd00::1");
+
+        // Beside k3s: its kubeconfig, client certificate.
+        let k3s = dir.join("k3s.yaml");
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["admin".to_string()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(
+            &k3s,
+            K3S.replace("LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t", &b64(&ca))
+                .replace("Y2VydA==", &b64(&cert.pem()))
+                .replace("a2V5", &b64(&key.serialize_pem())),
+        )
+        .unwrap();
+        let none = |_: &str| None;
+        let k = Kube::discover_in(&flags, &none, &sa, &k3s).unwrap();
+        assert_eq!(k.pool.target.authority(), "127.0.0.1:6443");
+        assert!(k.authorization().unwrap().is_none(), "k3s authenticates with its client certificate");
+
+        // Nothing at all: says what to pass.
+        let home = |n: &str| (n == "HOME").then(|| dir.join("home").into_os_string());
+        let e = Kube::discover_in(&flags, &home, &sa, &no_k3s).unwrap_err();
+        assert!(e.0.contains("--kubeconfig"), "{e}");
+        // Flags win over everything.
+        let f = KubeFlags { url: Some("https://10.0.0.5:6443".into()), ..Default::default() };
+        assert_eq!(Kube::discover_in(&f, &pod_env, &sa, &k3s).unwrap().source, "command-line flags");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl From<StreamClosed> for Failure {
 /// outcome is counted in the metrics.
 pub async fn serve(ctx: Rc<AgentCtx>, mut stream: Stream, head: RequestHead) {
     let _active = ctx.metrics.stream_started();
+    let started = std::time::Instant::now();
     let status = match forward(&ctx, &mut stream, &head).await {
         Ok(Outcome::Done(status)) => status,
         Ok(Outcome::Upgraded(conn)) => {
@@ -72,12 +73,12 @@ pub async fn serve(ctx: Rc<AgentCtx>, mut stream: Stream, head: RequestHead) {
             log::warn!("{} {}: API server unreachable: {message}", head.method, path_only(&head.path));
             let _ = send_status(
                 &mut stream,
-                502,
+                503,
                 "ServiceUnavailable",
                 &format!("the agent could not reach the API server: {message}"),
             )
             .await;
-            502
+            503
         }
         Err(Failure::UpstreamAfterHead(message)) => {
             log::warn!("{} {}: API server broke off: {message}", head.method, path_only(&head.path));
@@ -90,6 +91,13 @@ pub async fn serve(ctx: Rc<AgentCtx>, mut stream: Stream, head: RequestHead) {
         }
     };
     ctx.metrics.request_done(status);
+    log::debug!(
+        "{} {} as {:?}: {status} in {} ms",
+        head.method,
+        path_only(&head.path),
+        head.identity.user,
+        started.elapsed().as_millis()
+    );
 }
 
 /// The path without its query (queries may carry names worth not logging
@@ -133,6 +141,8 @@ enum Outcome {
 async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Result<Outcome, Failure> {
     let auth =
         ctx.kube.authorization().map_err(|e| Failure::Upstream(format!("cannot read the agent's token: {e}")))?;
+    headers::check_request_line(&head.method, &head.path)
+        .map_err(|r| Failure::Refused(400, "BadRequest", r.to_string()))?;
     let upgrade = headers::is_upgrade(&head.headers);
     let mut out =
         headers::request_headers(&head.headers, &head.identity, &ctx.allow, auth.as_deref()).map_err(|r| {
