@@ -136,7 +136,11 @@ impl Conn {
         }
         let n = self.io.read(&mut self.buf[self.end..self.end + want]).await?;
         self.end += n;
-        self.big_reads = n == want;
+        // Large reads while the server keeps more than a small read's
+        // worth coming. Not "filled the large buffer": a TLS read returns
+        // at most one record (16 KiB) and would drop a bulk body back to
+        // 1 KiB reads every other read.
+        self.big_reads = n >= SMALL_READ;
         Ok(n)
     }
 
