@@ -253,6 +253,9 @@ impl SqliteStore {
         let writer = Connection::open(path).map_err(backend)?;
         writer.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
         writer.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
+        // It only appends: a small page cache (256 KiB, not the default
+        // 2 MiB) keeps the hub's memory where it was before this thread.
+        writer.pragma_update(None, "cache_size", -256).map_err(backend)?;
         Ok(SqliteStore { db, audit: AuditWriter::start(writer)? })
     }
 
