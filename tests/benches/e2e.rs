@@ -275,8 +275,14 @@ struct Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM, not SIGKILL: the master then stops its workers, which a
+    /// killed master would leave running.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let stopped = wait_for(5, || matches!(self.child.try_wait(), Ok(Some(_))));
+        if !stopped {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
@@ -469,6 +475,13 @@ fn main() {
     let (hub_pid, agent_pid) = (hub.child.id(), agent.0.id());
     let rss_idle = (proc_status_kib(hub_pid, "VmRSS:"), proc_status_kib(agent_pid, "VmRSS:"));
 
+    // The bench profile aborts on panic, so no Drop runs then: say what
+    // to stop by hand if an assertion fails.
+    eprintln!(
+        "e2e bench: nginx pid {}, hub pid {hub_pid}, agent pid {agent_pid}, data in {}",
+        nginx.child.id(),
+        dir.display()
+    );
     let phase = |name: &str| eprintln!("e2e bench: {name}");
     phase("warm latency");
     let lat = (warm_latency(&direct, plan.latency_requests), warm_latency(&via, plan.latency_requests));
