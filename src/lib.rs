@@ -10,6 +10,8 @@
 //!   state machine). No sockets, no clock, no async.
 //! - [`driver`]: runs a [`proto::Mux`] over any async byte stream on a
 //!   single-threaded smol executor; both binaries use it.
+//! - [`http`]: HTTP/1.1 field rules the agent and the hub share
+//!   (hop-by-hop fields, list-valued fields). No I/O, no framing.
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins).
 //! - [`secret`]: redacted secret strings, constant-time comparison.
@@ -21,6 +23,7 @@
 #![forbid(unsafe_code)]
 pub mod agent;
 pub mod driver;
+pub mod http;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod proto;

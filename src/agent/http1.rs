@@ -10,6 +10,7 @@
 //! Not here: redirects, cookies, compression, HTTP/2.
 
 use super::net::{self, Io, Proxy, Target};
+use crate::http::{find as find_header, has_token};
 use crate::proto::Header;
 use rustls::ClientConfig;
 use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -57,19 +58,6 @@ impl ResponseHead {
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         find_header(&self.headers, name)
     }
-}
-
-pub fn find_header<'a>(headers: &'a [Header], name: &str) -> Option<&'a [u8]> {
-    headers.iter().find(|h| h.name.eq_ignore_ascii_case(name.as_bytes())).map(|h| h.value.as_slice())
-}
-
-/// Whether a comma-separated header (e.g. `Connection`) holds `token`.
-pub fn has_token(headers: &[Header], name: &str, token: &str) -> bool {
-    headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case(name.as_bytes()))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// One connection to a server, with its read buffer.

@@ -81,12 +81,7 @@ impl Request {
 
     /// Whether a comma-separated field (e.g. `Connection`) lists `token`.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+        crate::http::has_token(&self.headers, name, token)
     }
 
     /// The body framing (RFC 9112 §6.1–6.3). Transfer-Encoding wins; one
@@ -457,21 +452,6 @@ pub async fn write_chunk<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> io::R
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
     w.write_all(&out).await
-}
-
-/// Hop-by-hop fields (RFC 9110 §7.6.1), never forwarded as such.
-pub fn is_hop_by_hop(name: &str) -> bool {
-    const HOP: [&str; 8] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// Splits a request target into decoded query parameters.

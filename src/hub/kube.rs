@@ -19,11 +19,12 @@
 //! refused, never dropped silently.
 
 use super::clock::now_ms;
-use super::http::{self, BodyState, Request, Response, head_bytes, is_hop_by_hop};
+use super::http::{self, BodyState, Request, Response, head_bytes};
 use super::server::{In, Out, Reply};
 use super::store::{AuditEntry, Lifecycle, User};
 use super::{Hub, api, may_reach, valid_cluster_name};
 use crate::driver::Stream;
+use crate::http::{connection_options, is_hop_by_hop};
 use crate::proto::{Header, Identity, RequestHead};
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
@@ -489,27 +490,21 @@ fn push_chunk(pending: &mut Vec<u8>, data: &[u8]) {
 }
 
 fn is_hop_by_hop_bytes(name: &[u8]) -> bool {
-    std::str::from_utf8(name).map_or(true, is_hop_by_hop)
+    std::str::from_utf8(name).is_err() || is_hop_by_hop(name)
 }
 
 /// The request fields that travel to the agent.
 fn forward_headers(req: &Request, upgrade: Option<&str>) -> Vec<Header> {
     // Fields the client's Connection header marks hop-by-hop (RFC 9110 §7.6.1).
-    let named: Vec<String> = req
-        .headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .collect();
+    let named = connection_options(&req.headers);
     let mut out: Vec<Header> = req
         .headers
         .iter()
         .filter(|(n, _)| {
-            !is_hop_by_hop(n)
+            !is_hop_by_hop(n.as_bytes())
                 && !n.eq_ignore_ascii_case("authorization")
                 && !n.eq_ignore_ascii_case("host")
-                && !named.iter().any(|t| n.eq_ignore_ascii_case(t))
+                && !named.iter().any(|t| n.as_bytes().eq_ignore_ascii_case(t))
         })
         .map(|(n, v)| Header::new(n.as_bytes(), v.clone()))
         .collect();

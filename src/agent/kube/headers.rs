@@ -14,23 +14,9 @@
 //! `Accept` (with `as=Table` or protobuf), `Content-Type`,
 //! `Content-Length`, `Accept-Encoding`, `User-Agent` — goes on unchanged.
 
-use super::super::http1::has_token;
+use crate::http::{connection_options, has_token, is_hop_by_hop};
 use crate::proto::{Header, Identity};
 use std::fmt;
-
-/// Fields that are hop-by-hop whatever `Connection` says (RFC 9110
-/// §7.6.1), plus the proxy credentials (§11.7.1, §11.7.2).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
 
 /// Users and groups the agent agrees to impersonate; `None` allows any.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -109,13 +95,7 @@ pub fn request_headers(
 ) -> Result<Vec<Header>, Refusal> {
     check_identity(identity, allow)?;
     let upgrade = is_upgrade(client);
-    let named: Vec<Vec<u8>> = client
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case(b"connection"))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(|t| t.trim_ascii().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
+    let named = connection_options(client);
     let mut out = Vec::with_capacity(client.len() + 4 + identity.groups.len());
     for h in client {
         if !is_token(&h.name) || !is_field_value(&h.value) {
@@ -124,7 +104,7 @@ pub fn request_headers(
         let lower = h.name.to_ascii_lowercase();
         let keep_upgrade = upgrade && lower == b"upgrade";
         if !keep_upgrade
-            && (HOP_BY_HOP.iter().any(|n| n.as_bytes() == lower.as_slice())
+            && (is_hop_by_hop(&lower)
                 || named.iter().any(|n| *n == lower && n.as_slice() != b"upgrade")
                 || lower == b"host"
                 || lower == b"authorization"
@@ -212,12 +192,7 @@ pub fn escape_extra_key(key: &str) -> String {
 /// `101` keeps `Upgrade` and `Connection: Upgrade`.
 pub fn response_headers(status: u16, server: &[Header]) -> Vec<Header> {
     let upgrade = status == 101;
-    let named: Vec<Vec<u8>> = server
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case(b"connection"))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(|t| t.trim_ascii().to_ascii_lowercase())
-        .collect();
+    let named = connection_options(server);
     let mut out: Vec<Header> = server
         .iter()
         .filter(|h| {
@@ -225,8 +200,7 @@ pub fn response_headers(status: u16, server: &[Header]) -> Vec<Header> {
             if upgrade && lower == b"upgrade" {
                 return true;
             }
-            !(HOP_BY_HOP.iter().any(|n| n.as_bytes() == lower.as_slice())
-                || named.iter().any(|n| *n == lower && n.as_slice() != b"upgrade"))
+            !(is_hop_by_hop(&lower) || named.iter().any(|n| *n == lower && n.as_slice() != b"upgrade"))
         })
         .cloned()
         .collect();

@@ -118,11 +118,11 @@ fn request_body(head: &RequestHead, upgrade: bool) -> Result<ReqBody, Failure> {
     if upgrade {
         return Ok(ReqBody::None);
     }
-    if let Some(v) = http1::find_header(&head.headers, "content-length") {
+    if let Some(v) = crate::http::find(&head.headers, "content-length") {
         let n = std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok());
         return n.map(ReqBody::Length).ok_or_else(|| Failure::Refused(400, "BadRequest", "bad Content-Length".into()));
     }
-    let chunked = http1::has_token(&head.headers, "transfer-encoding", "chunked");
+    let chunked = crate::http::has_token(&head.headers, "transfer-encoding", "chunked");
     if chunked || matches!(head.method.as_str(), "POST" | "PUT" | "PATCH") {
         Ok(ReqBody::Chunked)
     } else {

@@ -1,0 +1,112 @@
+//! HTTP/1.1 field rules both ends of a proxied request apply: which
+//! fields are hop-by-hop (RFC 9110 §7.6.1) and how list-valued fields
+//! such as `Connection` and `Transfer-Encoding` are read (RFC 9110
+//! §5.6.1), over either side's representation of a field ([`Field`]).
+//!
+//! The agent's client (`agent::http1`) and the hub's server (`hub::http`)
+//! keep their own reading loops and buffers — they read different
+//! messages and fail in different ways — but share these rules, so the
+//! hub and the agent agree on what is connection-scoped.
+//!
+//! Not here: what each side adds or refuses (the agent's impersonation
+//! policy in `agent::kube::headers`, the hub's refusal of client
+//! `Impersonate-*`), body framing, I/O.
+
+use crate::proto::Header;
+
+/// Fields that are hop-by-hop whatever `Connection` says (RFC 9110
+/// §7.6.1), plus the proxy credentials (§11.7.1, §11.7.2), which are
+/// meant for the next hop only.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Whether a field name (any case) is in [`HOP_BY_HOP`].
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
+/// A header field as one side holds it: the tunnel's [`Header`] or the
+/// hub server's `(name, value)` pair.
+pub trait Field {
+    fn name(&self) -> &[u8];
+    fn value(&self) -> &[u8];
+}
+
+impl Field for Header {
+    fn name(&self) -> &[u8] {
+        &self.name
+    }
+    fn value(&self) -> &[u8] {
+        &self.value
+    }
+}
+
+impl Field for (String, Vec<u8>) {
+    fn name(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+    fn value(&self) -> &[u8] {
+        &self.1
+    }
+}
+
+/// The value of the first field called `name` (any case).
+pub fn find<'a, F: Field>(fields: &'a [F], name: &str) -> Option<&'a [u8]> {
+    fields.iter().find(|f| f.name().eq_ignore_ascii_case(name.as_bytes())).map(Field::value)
+}
+
+/// The members of every comma-separated list field called `name`,
+/// trimmed of optional white space (RFC 9110 §5.6.1); empty members are
+/// skipped.
+fn members<'a, F: Field>(fields: &'a [F], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fields
+        .iter()
+        .filter(move |f| f.name().eq_ignore_ascii_case(name.as_bytes()))
+        .flat_map(|f| f.value().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether a comma-separated field (e.g. `Connection`) lists `token`, in
+/// any case.
+pub fn has_token<F: Field>(fields: &[F], name: &str, token: &str) -> bool {
+    members(fields, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The field names `Connection` lists, lower-cased: hop-by-hop for this
+/// message only (RFC 9110 §7.6.1).
+pub fn connection_options<F: Field>(fields: &[F]) -> Vec<Vec<u8>> {
+    members(fields, "connection").map(<[u8]>::to_ascii_lowercase).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_and_hop_by_hop() {
+        let fields = vec![
+            Header::new("Connection", "keep-alive, X-Hop ,"),
+            Header::new("connection", "Upgrade"),
+            Header::new("Transfer-Encoding", "gzip,chunked"),
+        ];
+        assert_eq!(connection_options(&fields), [&b"keep-alive"[..], b"x-hop", b"upgrade"]);
+        assert!(has_token(&fields, "connection", "upgrade"));
+        assert!(has_token(&fields, "transfer-encoding", "CHUNKED"));
+        assert!(!has_token(&fields, "transfer-encoding", "deflate"));
+        assert_eq!(find(&fields, "CONNECTION"), Some(&b"keep-alive, X-Hop ,"[..]));
+        let pairs = vec![("TE".to_string(), b"trailers".to_vec())];
+        assert_eq!(find(&pairs, "te"), Some(&b"trailers"[..]));
+        assert!(is_hop_by_hop(b"Proxy-Connection") && is_hop_by_hop(b"TE"));
+        assert!(!is_hop_by_hop(b"Content-Length") && !is_hop_by_hop(b"Authorization"));
+    }
+}
