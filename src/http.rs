@@ -1,16 +1,18 @@
-//! HTTP/1.1 field rules both ends of a proxied request apply: which
-//! fields are hop-by-hop (RFC 9110 §7.6.1) and how list-valued fields
-//! such as `Connection` and `Transfer-Encoding` are read (RFC 9110
-//! §5.6.1), over either side's representation of a field ([`Field`]).
+//! HTTP/1.1 rules both ends of a proxied request apply: which fields are
+//! hop-by-hop (RFC 9110 §7.6.1), how list-valued fields such as
+//! `Connection` and `Transfer-Encoding` are read (RFC 9110 §5.6.1, over
+//! either side's representation of a field, [`Field`]), the pieces of
+//! chunked coding (RFC 9112 §7.1) and percent-decoding (RFC 3986 §2.1).
 //!
 //! The agent's client (`agent::http1`) and the hub's server (`hub::http`)
 //! keep their own reading loops and buffers — they read different
-//! messages and fail in different ways — but share these rules, so the
-//! hub and the agent agree on what is connection-scoped.
+//! messages, from different peers, and fail in different ways — but
+//! share these rules, so the hub and the agent agree on what is
+//! connection-scoped and how a chunk is framed.
 //!
 //! Not here: what each side adds or refuses (the agent's impersonation
 //! policy in `agent::kube::headers`, the hub's refusal of client
-//! `Impersonate-*`), body framing, I/O.
+//! `Impersonate-*`), reading or buffering bodies, I/O.
 
 use crate::proto::Header;
 
@@ -88,6 +90,54 @@ pub fn connection_options<F: Field>(fields: &[F]) -> Vec<Vec<u8>> {
     members(fields, "connection").map(<[u8]>::to_ascii_lowercase).collect()
 }
 
+/// Appends `data` as one chunk of a chunked body (RFC 9112 §7.1).
+/// Nothing for empty data: an empty chunk is the last chunk, which only
+/// [`LAST_CHUNK`] sends.
+pub fn push_chunk(dst: &mut Vec<u8>, data: &[u8]) {
+    if !data.is_empty() {
+        dst.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        dst.extend_from_slice(data);
+        dst.extend_from_slice(b"\r\n");
+    }
+}
+
+/// `data` as one chunk (see [`push_chunk`]).
+pub fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 12);
+    push_chunk(&mut out, data);
+    out
+}
+
+/// The last chunk of a chunked body, with no trailer fields.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// The size a chunk-size line (without its line ending) announces;
+/// chunk extensions after `;` are ignored (RFC 9112 §7.1.1).
+pub fn chunk_size(line: &[u8]) -> Option<u64> {
+    let hex = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    std::str::from_utf8(hex).ok().and_then(|h| u64::from_str_radix(h, 16).ok())
+}
+
+/// Decodes `%XX` escapes (RFC 3986 §2.1); an invalid escape is kept as
+/// it is. `+` stays `+`: form decoding replaces it first.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +158,17 @@ mod tests {
         assert_eq!(find(&pairs, "te"), Some(&b"trailers"[..]));
         assert!(is_hop_by_hop(b"Proxy-Connection") && is_hop_by_hop(b"TE"));
         assert!(!is_hop_by_hop(b"Content-Length") && !is_hop_by_hop(b"Authorization"));
+    }
+
+    #[test]
+    fn chunks_and_escapes() {
+        assert_eq!(chunk(b"hello world!!!!!!"), b"11\r\nhello world!!!!!!\r\n");
+        assert_eq!(chunk(b""), b"");
+        assert!(has_token(&[Header::new("Connection", "keep-alive, Upgrade")], "connection", "upgrade"));
+        assert_eq!(chunk_size(b"1aF"), Some(0x1af));
+        assert_eq!(chunk_size(b"6 ;ext=1"), Some(6));
+        assert_eq!(chunk_size(b""), None);
+        assert_eq!(chunk_size(b"x"), None);
+        assert_eq!(percent_decode("a%20b+c%2B%zz%4"), "a b+c+%zz%4");
     }
 }

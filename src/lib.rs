@@ -10,8 +10,9 @@
 //!   state machine). No sockets, no clock, no async.
 //! - [`driver`]: runs a [`proto::Mux`] over any async byte stream on a
 //!   single-threaded smol executor; both binaries use it.
-//! - [`http`]: HTTP/1.1 field rules the agent and the hub share
-//!   (hop-by-hop fields, list-valued fields). No I/O, no framing.
+//! - [`http`]: HTTP/1.1 rules the agent and the hub share (hop-by-hop
+//!   and list-valued fields, chunk framing, percent-decoding). No I/O,
+//!   no reading loops: each side keeps its own.
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins).
 //! - [`secret`]: redacted secret strings, constant-time comparison.

@@ -10,7 +10,7 @@
 //! Not here: redirects, cookies, compression, HTTP/2.
 
 use super::net::{self, Io, Proxy, Target};
-use crate::http::{find as find_header, has_token};
+use crate::http::{chunk_size, find as find_header, has_token};
 use crate::proto::Header;
 use rustls::ClientConfig;
 use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -286,11 +286,7 @@ impl BodyReader {
                 match self.chunk {
                     ChunkState::Size => {
                         let line = conn.read_line().await?;
-                        let hex = line.split(|&b| b == b';').next().unwrap_or(&[]).trim_ascii();
-                        let size = std::str::from_utf8(hex)
-                            .ok()
-                            .and_then(|h| u64::from_str_radix(h, 16).ok())
-                            .ok_or_else(|| bad("bad chunk size"))?;
+                        let size = chunk_size(&line).ok_or_else(|| bad("bad chunk size"))?;
                         if size == 0 {
                             // Trailer section: skip fields up to the blank line.
                             while !conn.read_line().await?.is_empty() {}
@@ -353,17 +349,6 @@ pub fn request_head(method: &str, path: &str, host: &str, headers: &[Header]) ->
     out.extend_from_slice(b"\r\n");
     out
 }
-
-/// Frames `data` as one chunk of a chunked body (RFC 9112 §7.1).
-pub fn chunk(data: &[u8]) -> Vec<u8> {
-    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-/// The last chunk of a chunked body.
-pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// Keep-alive connections to one server. Bounded: at most `max_idle`
 /// connections wait; older ones are closed.
@@ -536,11 +521,9 @@ mod tests {
     }
 
     #[test]
-    fn heads_and_chunks() {
+    fn heads() {
         let head = request_head("GET", "/api?x=1", "h:6443", &[Header::new("Accept", "application/json")]);
         assert_eq!(head, b"GET /api?x=1 HTTP/1.1\r\nHost: h:6443\r\nAccept: application/json\r\n\r\n");
-        assert_eq!(chunk(b"hello world!!!!!!"), b"11\r\nhello world!!!!!!\r\n");
-        assert!(has_token(&[Header::new("Connection", "keep-alive, Upgrade")], "connection", "upgrade"));
     }
 
     /// A pooled connection the server closed is not handed out again.

@@ -263,30 +263,13 @@ pub fn parse_proxy(url: &str) -> Result<Proxy, String> {
     }
     let rest = full.trim_start_matches("http://");
     let authority = rest.split('/').next().unwrap_or("");
-    let credentials = authority.rsplit_once('@').map(|(userinfo, _)| Secret::new(percent_decode(userinfo)));
+    let credentials =
+        authority.rsplit_once('@').map(|(userinfo, _)| Secret::new(crate::http::percent_decode(userinfo)));
     let mut target = Target::parse(&full).map_err(|e| format!("proxy URL: {e}"))?;
     if !authority.rsplit('@').next().unwrap_or("").contains(':') || authority.ends_with(']') {
         target.port = 1080; // curl's default proxy port
     }
     Ok(Proxy { target, credentials })
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether `host` is excluded from proxying by a `NO_PROXY` list, with

@@ -188,8 +188,7 @@ pub fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let i = b.windows(2).position(|w| w == b"\r\n")?;
-        let size = std::str::from_utf8(&b[..i]).ok()?.split(';').next()?.trim();
-        let size = usize::from_str_radix(size, 16).ok()?;
+        let size = usize::try_from(crate::http::chunk_size(&b[..i])?).ok()?;
         b = &b[i + 2..];
         if size == 0 {
             return Some(out);

@@ -275,8 +275,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
                 }
                 BodyState::ChunkSize => {
                     let line = self.read_line().await?;
-                    let hex = line.split(';').next().unwrap_or("").trim();
-                    let n = u64::from_str_radix(hex, 16).map_err(|_| HttpError::Malformed("bad chunk size"))?;
+                    let n = crate::http::chunk_size(line.as_bytes()).ok_or(HttpError::Malformed("bad chunk size"))?;
                     *st = if n == 0 { BodyState::Trailers } else { BodyState::ChunkData(n) };
                 }
                 BodyState::ChunkData(n) => {
@@ -447,11 +446,7 @@ pub async fn write_chunk<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> io::R
     if data.is_empty() {
         return Ok(());
     }
-    let mut out = Vec::with_capacity(data.len() + 12);
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    w.write_all(&out).await
+    w.write_all(&crate::http::chunk(data)).await
 }
 
 /// Splits a request target into decoded query parameters.
@@ -461,33 +456,14 @@ pub fn query_params(target: &str) -> Vec<(String, String)> {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
+            (form_decode(k), form_decode(v))
         })
         .collect()
 }
 
 /// Decodes `%XX` and `+` (form encoding); invalid escapes are kept as is.
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+pub fn form_decode(s: &str) -> String {
+    crate::http::percent_decode(&s.replace('+', " "))
 }
 
 #[cfg(test)]
@@ -536,6 +512,6 @@ mod tests {
                 ("since".into(), "2026-01-01T00:00:00Z".into())
             ]
         );
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(form_decode("%zz%4"), "%zz%4");
     }
 }

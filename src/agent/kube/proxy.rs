@@ -245,9 +245,9 @@ async fn send_body(ctx: &AgentCtx, stream: &mut Stream, conn: &mut Conn, body: R
                     continue;
                 }
                 ctx.metrics.add_to_cluster(data.len());
-                conn.write_all(&http1::chunk(&data)).await.map_err(|e| Failure::Upstream(e.to_string()))?;
+                conn.write_all(&crate::http::chunk(&data)).await.map_err(|e| Failure::Upstream(e.to_string()))?;
             }
-            conn.write_all(http1::LAST_CHUNK).await.map_err(|e| Failure::Upstream(e.to_string()))
+            conn.write_all(crate::http::LAST_CHUNK).await.map_err(|e| Failure::Upstream(e.to_string()))
         }
     }
 }
