@@ -13,6 +13,8 @@
 //! - [`http`]: HTTP/1.1 rules the agent and the hub share (hop-by-hop
 //!   and list-valued fields, chunk framing, percent-decoding). No I/O,
 //!   no reading loops: each side keeps its own.
+//! - [`kube_status`]: the Kubernetes `Status` failure object both sides
+//!   answer their own errors with. Not which code an error gets.
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins).
 //! - [`secret`]: redacted secret strings, constant-time comparison.
@@ -27,6 +29,7 @@ pub mod driver;
 pub mod http;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod kube_status;
 pub mod proto;
 #[cfg(feature = "hub")]
 pub mod render;

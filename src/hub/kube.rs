@@ -51,18 +51,7 @@ pub fn status_response(code: u16, message: &str) -> Response {
         504 => "Timeout",
         _ => "InternalError",
     };
-    Response::json(
-        code,
-        &serde_json::json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": reason,
-            "code": code,
-        }),
-    )
+    Response::json(code, &crate::kube_status::failure(code, reason, message))
 }
 
 /// A hub-made error for a request whose forwarded path is `forward`.

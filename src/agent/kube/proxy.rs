@@ -297,7 +297,7 @@ async fn splice(ctx: &AgentCtx, stream: Stream, conn: Conn) {
 
 /// Answers with a Kubernetes `Status` object, as the API server would.
 async fn send_status(stream: &mut Stream, code: u16, reason: &str, message: &str) -> Result<(), StreamClosed> {
-    let body = status_json(code, reason, message);
+    let body = crate::kube_status::failure(code, reason, message).to_string().into_bytes();
     let head = ResponseHead {
         status: code,
         headers: vec![
@@ -309,19 +309,4 @@ async fn send_status(stream: &mut Stream, code: u16, reason: &str, message: &str
     stream.write_all(&body).await?;
     stream.finish();
     Ok(())
-}
-
-/// A `Status` (meta/v1) with `status: Failure`.
-pub fn status_json(code: u16, reason: &str, message: &str) -> Vec<u8> {
-    serde_json::json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    })
-    .to_string()
-    .into_bytes()
 }
