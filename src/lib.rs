@@ -15,6 +15,8 @@
 //!   no reading loops: each side keeps its own.
 //! - [`kube_status`]: the Kubernetes `Status` failure object both sides
 //!   answer their own errors with. Not which code an error gets.
+//! - [`time`]: RFC 3339 date-times to and from Unix milliseconds (hub
+//!   timestamps, the activation's expiry). No clock, no time zones.
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins).
 //! - [`secret`]: redacted secret strings, constant-time comparison.
@@ -34,4 +36,5 @@ pub mod proto;
 #[cfg(feature = "hub")]
 pub mod render;
 pub mod secret;
+pub mod time;
 pub mod tls;
