@@ -8,13 +8,12 @@ mod support;
 
 use hub_support::{HubProc, temp_dir, wait_for};
 use serde_json::json;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use support::kube::{Config, StandIn};
-use support::kubectl::{Kubectl, stderr, stdout};
+use support::kubectl::{Kubectl, kill, lines, stderr, stdout, wait_line};
 
 const ARTICLE_RBAC: &str = include_str!("fixtures/kube/eks-console-restricted-access.yaml");
 const AGENT_IMPERSONATION: &str = include_str!("fixtures/kube/agent-impersonation.yaml");
@@ -75,43 +74,6 @@ fn ok(o: &Output) -> String {
 fn fails(o: &Output, message: &str) {
     assert!(!o.status.success(), "should have failed: {}", stdout(o));
     assert!(stderr(o).contains(message), "expected {message:?} in:\n{}", stderr(o));
-}
-
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    let mut seen = Vec::new();
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(l) if pred(&l) => return l,
-            Ok(l) => seen.push(l),
-            Err(_) => break,
-        }
-    }
-    panic!("no line with {what} within {PATIENCE:?}; saw {seen:#?}");
-}
-
-fn kill(mut child: Child) -> String {
-    let _ = child.kill();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    let _ = child.wait();
-    err
 }
 
 #[test]
@@ -192,7 +154,7 @@ fn register_activate_use_with_kubectl_disconnect_and_deregister() {
     // Bob: watch, logs -f, exec with stdin, port-forward.
     let mut watch = bob_kc.spawn(&["get", "pods", "-n", "default", "-w"]);
     let rx = lines(&mut watch);
-    wait_line(&rx, "an existing pod", |l| l.contains("db-0"));
+    wait_line(&rx, PATIENCE, "an existing pod", |l| l.contains("db-0"));
     k.apply(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "late-arrival", "namespace": "default"},
@@ -200,15 +162,15 @@ fn register_activate_use_with_kubectl_disconnect_and_deregister() {
         "status": {"phase": "Pending"},
     }))
     .unwrap();
-    wait_line(&rx, "the new pod", |l| l.contains("late-arrival"));
+    wait_line(&rx, PATIENCE, "the new pod", |l| l.contains("late-arrival"));
     kill(watch);
 
     let pod = "web-7d4b9c8f6d-k2x9p";
     let mut logs = bob_kc.spawn(&["logs", "-f", pod, "-n", "default"]);
     let rx = lines(&mut logs);
-    wait_line(&rx, "the existing log", |l| l.contains("listening"));
+    wait_line(&rx, PATIENCE, "the existing log", |l| l.contains("listening"));
     k.append_log("default", pod, "GET /healthz 200");
-    wait_line(&rx, "the appended line", |l| l == "GET /healthz 200");
+    wait_line(&rx, PATIENCE, "the appended line", |l| l == "GET /healthz 200");
     kill(logs);
 
     let cat = bob_kc.run_with_stdin(&["exec", "-i", pod, "-n", "default", "--", "cat"], b"hello\nthrough uplink\n");
@@ -219,7 +181,7 @@ fn register_activate_use_with_kubectl_disconnect_and_deregister() {
 
     let mut pf = bob_kc.spawn(&["port-forward", &format!("pod/{pod}"), ":8080", "-n", "default"]);
     let rx = lines(&mut pf);
-    let l = wait_line(&rx, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
+    let l = wait_line(&rx, PATIENCE, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
     let port: u16 = l.trim_start_matches("Forwarding from 127.0.0.1:").split(' ').next().unwrap().parse().unwrap();
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();

@@ -6,15 +6,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Child;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::kube::{AGENT_USER, Config, StandIn};
-use support::kubectl::{Kubectl, stderr, stdout};
+use support::kubectl::{Kubectl, kill, lines, stderr, stdout, wait_line};
 
 const ARTICLE_RBAC: &str = include_str!("fixtures/kube/eks-console-restricted-access.yaml");
 const AGENT_IMPERSONATION: &str = include_str!("fixtures/kube/agent-impersonation.yaml");
@@ -32,44 +30,6 @@ fn cluster(tag: &str) -> Option<(StandIn, Kubectl)> {
     let kc = Kubectl::find(tag)?;
     k.kubeconfig_for_token(kc.path(), &k.agent_token()).expect("kubeconfig");
     Some((k, kc))
-}
-
-/// Lines of a child's stdout, as they come.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    let mut seen = Vec::new();
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(l) if pred(&l) => return l,
-            Ok(l) => seen.push(l),
-            Err(_) => break,
-        }
-    }
-    panic!("no line with {what} within {PATIENCE:?}; saw {seen:#?}");
-}
-
-fn kill(mut child: Child) -> String {
-    let _ = child.kill();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    let _ = child.wait();
-    err
 }
 
 #[track_caller]
@@ -212,7 +172,7 @@ fn kubectl_get_pods_watch_sees_a_new_pod() {
     let Some((k, kc)) = cluster("watch") else { return };
     let mut child = kc.spawn(&["get", "pods", "-n", "default", "-w", "--as", "bob"]);
     let rx = lines(&mut child);
-    wait_line(&rx, "an existing pod", |l| l.contains("db-0"));
+    wait_line(&rx, PATIENCE, "an existing pod", |l| l.contains("db-0"));
     k.apply(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "late-arrival", "namespace": "default"},
@@ -220,7 +180,7 @@ fn kubectl_get_pods_watch_sees_a_new_pod() {
         "status": {"phase": "Pending"},
     }))
     .unwrap();
-    let l = wait_line(&rx, "the new pod", |l| l.contains("late-arrival"));
+    let l = wait_line(&rx, PATIENCE, "the new pod", |l| l.contains("late-arrival"));
     assert!(l.contains("Pending"), "{l}");
     kill(child);
     // alice may list but not watch.
@@ -232,11 +192,11 @@ fn kubectl_logs_follow_sees_appended_lines() {
     let Some((k, kc)) = cluster("logs") else { return };
     let mut child = kc.spawn(&["logs", "-f", "web-7d4b9c8f6d-k2x9p", "-n", "default", "--as", "bob"]);
     let rx = lines(&mut child);
-    wait_line(&rx, "the existing log", |l| l.contains("listening"));
+    wait_line(&rx, PATIENCE, "the existing log", |l| l.contains("listening"));
     k.append_log("default", "web-7d4b9c8f6d-k2x9p", "GET /healthz 200");
-    wait_line(&rx, "the appended line", |l| l == "GET /healthz 200");
+    wait_line(&rx, PATIENCE, "the appended line", |l| l == "GET /healthz 200");
     k.append_log("default", "web-7d4b9c8f6d-k2x9p", "GET / 200");
-    wait_line(&rx, "a second appended line", |l| l == "GET / 200");
+    wait_line(&rx, PATIENCE, "a second appended line", |l| l == "GET / 200");
     kill(child);
     fails(
         &kc.run(&["logs", "web-7d4b9c8f6d-k2x9p", "-n", "default", "--as", "alice"]),
@@ -268,7 +228,7 @@ fn kubectl_port_forward_reaches_the_echo_socket() {
     let Some((k, kc)) = cluster("port-forward") else { return };
     let mut child = kc.spawn(&["port-forward", "pod/web-7d4b9c8f6d-k2x9p", ":8080", "-n", "default", "--as", "bob"]);
     let rx = lines(&mut child);
-    let l = wait_line(&rx, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
+    let l = wait_line(&rx, PATIENCE, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
     let port: u16 = l
         .trim_start_matches("Forwarding from 127.0.0.1:")
         .split(' ')
@@ -647,7 +607,7 @@ fn kubectl_spdy_fallbacks_and_attach() {
     cmd.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false");
     let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let rx = lines(&mut child);
-    let l = wait_line(&rx, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
+    let l = wait_line(&rx, PATIENCE, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
     let port: u16 = l.trim_start_matches("Forwarding from 127.0.0.1:").split(' ').next().unwrap().parse().unwrap();
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();

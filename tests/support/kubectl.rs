@@ -5,8 +5,11 @@
 //! print a loud message and skip, unless `UPLINK_REQUIRE_KUBECTL=1` (CI),
 //! then they fail.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 pub const DEFAULT_KUBECTL: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
 
@@ -96,6 +99,48 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Lines of a child's stdout (`kubectl get -w`, `logs -f`,
+/// `port-forward`), as they come.
+pub fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The first line from `rx` that `pred` accepts; panics, listing the
+/// lines seen, when none comes within `patience`.
+pub fn wait_line(rx: &mpsc::Receiver<String>, patience: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + patience;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) if pred(&l) => return l,
+            Ok(l) => seen.push(l),
+            Err(_) => break,
+        }
+    }
+    panic!("no line with {what} within {patience:?}; saw {seen:#?}");
+}
+
+/// Kills a background child and returns what it wrote to stderr.
+pub fn kill(mut child: Child) -> String {
+    let _ = child.kill();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let _ = child.wait();
+    err
 }
 
 impl Drop for Kubectl {
