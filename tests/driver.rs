@@ -4,7 +4,7 @@
 use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncWrite};
 use smol::net::{TcpListener, TcpStream};
-use smol::{LocalExecutor, Timer};
+use smol::{LocalExecutor, Task, Timer};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use uplink::driver::{Session, StreamClosed};
@@ -66,6 +66,27 @@ async fn tcp_pair() -> (TcpStream, TcpStream) {
     (client, server)
 }
 
+/// Agent and hub sessions over `agent_io` and `hub_io`, each run by a task
+/// on `ex`: dropping a task drops that side and its socket.
+fn spawn_sessions<'a, A, H>(
+    ex: &LocalExecutor<'a>,
+    config: Config,
+    agent_io: A,
+    hub_io: H,
+) -> (Session, Task<SessionError>, Session, Task<SessionError>)
+where
+    A: AsyncRead + AsyncWrite + Unpin + 'a,
+    H: AsyncRead + AsyncWrite + Unpin + 'a,
+{
+    let agent = Session::new(agent_mux(config.clone()));
+    let hub = Session::new(Mux::hub(config, 1, Instant::now()));
+    let a = agent.clone();
+    let agent_task = ex.spawn(async move { a.run(agent_io).await });
+    let h = hub.clone();
+    let hub_task = ex.spawn(async move { h.run(hub_io).await });
+    (agent, agent_task, hub, hub_task)
+}
+
 /// Runs hub and agent sessions over the given transports, then `body`
 /// against the hub session.
 fn with_sessions<A, H, F, Fut>(config: Config, make: impl AsyncFnOnce() -> (A, H), body: F)
@@ -78,12 +99,7 @@ where
     let ex = Rc::new(LocalExecutor::new());
     smol::block_on(ex.run(async {
         let (agent_io, hub_io) = make().await;
-        let agent = Session::new(agent_mux(config.clone()));
-        let hub = Session::new(Mux::hub(config, 1, Instant::now()));
-        let a = agent.clone();
-        let agent_task = ex.spawn(async move { a.run(agent_io).await });
-        let h = hub.clone();
-        let hub_task = ex.spawn(async move { h.run(hub_io).await });
+        let (agent, agent_task, hub, hub_task) = spawn_sessions(&ex, config, agent_io, hub_io);
         let echo = ex.spawn(echo_agent(ex.clone(), agent.clone()));
         let (hello, _) = hub.connected().await.unwrap();
         assert_eq!(hello.unwrap().agent_version, "test");
@@ -202,12 +218,7 @@ fn a_dropped_connection_fails_open_streams_with_a_reason() {
     let ex = LocalExecutor::new();
     smol::block_on(ex.run(async {
         let (agent_io, hub_io) = tcp_pair().await;
-        let agent = Session::new(agent_mux(Config::default()));
-        let hub = Session::new(Mux::hub(Config::default(), 1, Instant::now()));
-        let a = agent.clone();
-        let agent_task = ex.spawn(async move { a.run(agent_io).await });
-        let h = hub.clone();
-        let hub_task = ex.spawn(async move { h.run(hub_io).await });
+        let (agent, agent_task, hub, hub_task) = spawn_sessions(&ex, Config::default(), agent_io, hub_io);
         hub.connected().await.unwrap();
         let mut stream = hub.open(head("/watch")).unwrap();
         let (mut accepted, _) = agent.accept().await.unwrap();
@@ -305,12 +316,7 @@ fn a_reset_after_the_peers_end_still_reads_to_a_clean_end() {
     let ex = LocalExecutor::new();
     smol::block_on(ex.run(async {
         let (agent_io, hub_io) = tcp_pair().await;
-        let agent = Session::new(agent_mux(Config::default()));
-        let hub = Session::new(Mux::hub(Config::default(), 1, Instant::now()));
-        let a = agent.clone();
-        let _agent_task = ex.spawn(async move { a.run(agent_io).await });
-        let h = hub.clone();
-        let _hub_task = ex.spawn(async move { h.run(hub_io).await });
+        let (agent, _agent_task, hub, _hub_task) = spawn_sessions(&ex, Config::default(), agent_io, hub_io);
         hub.connected().await.unwrap();
         // The hub never finishes its side; the agent answers, finishes and
         // drops the stream, which resets it.
