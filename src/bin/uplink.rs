@@ -21,81 +21,85 @@ enum Command {
     Version(Version),
 }
 
-#[derive(FromArgs)]
-#[argh(subcommand, name = "run")]
-/// Run the agent: activate once if needed, then keep the tunnel to the hub
-/// up and serve kubectl requests through it. Stops with status 0 on
-/// SIGTERM, 2 on bad configuration or activation, 4 when the cluster was
-/// deregistered.
-struct Run {
-    /// activation file, or a directory holding activation.json (a mounted
-    /// Secret) [env UPLINK_ACTIVATION; default /etc/uplink/activation.json]
-    #[argh(option)]
-    activation: Option<PathBuf>,
-    /// file to keep the registration in [env UPLINK_STATE; default
-    /// /var/lib/uplink/state]
-    #[argh(option)]
-    state: Option<PathBuf>,
-    /// keep the registration in this pre-created Secret instead,
-    /// NAMESPACE/NAME, e.g. uplink/uplink-state [env UPLINK_STATE_SECRET]
-    #[argh(option)]
-    state_secret: Option<String>,
-    /// kubeconfig for the API server (e.g. /etc/rancher/k3s/k3s.yaml)
-    /// [env UPLINK_KUBECONFIG; default: in-cluster, else k3s.yaml, else
-    /// $KUBECONFIG or ~/.kube/config]
-    #[argh(option)]
-    kubeconfig: Option<PathBuf>,
-    /// API server URL, instead of a kubeconfig
-    #[argh(option)]
-    kube_url: Option<String>,
-    /// bearer token file for --kube-url (re-read when it changes)
-    #[argh(option)]
-    kube_token_file: Option<PathBuf>,
-    /// CA bundle (PEM) for --kube-url
-    #[argh(option)]
-    kube_ca: Option<PathBuf>,
-    /// where /healthz, /readyz and /metrics listen [env
-    /// UPLINK_HEALTH_ADDR; default 127.0.0.1:9464]
-    #[argh(option)]
-    health_addr: Option<String>,
-    /// agent configuration file: allowed_users, allowed_groups,
-    /// drain_seconds [env UPLINK_CONFIG]
-    #[argh(option)]
-    config: Option<PathBuf>,
+/// Declares a subcommand that takes the agent's flags. `run` and
+/// `activate` take the same ones, and argh cannot share fields between
+/// structs, so the list is written once here.
+macro_rules! agent_flags {
+    ($(#[$doc:meta])* $name:ident = $sub:literal, health_addr: $(#[$health:meta])*) => {
+        #[derive(FromArgs)]
+        #[argh(subcommand, name = $sub)]
+        $(#[$doc])*
+        struct $name {
+            /// activation file, or a directory holding activation.json (a mounted
+            /// Secret) [env UPLINK_ACTIVATION; default /etc/uplink/activation.json]
+            #[argh(option)]
+            activation: Option<PathBuf>,
+            /// file to keep the registration in [env UPLINK_STATE; default
+            /// /var/lib/uplink/state]
+            #[argh(option)]
+            state: Option<PathBuf>,
+            /// keep the registration in this pre-created Secret instead,
+            /// NAMESPACE/NAME, e.g. uplink/uplink-state [env UPLINK_STATE_SECRET]
+            #[argh(option)]
+            state_secret: Option<String>,
+            /// kubeconfig for the API server (e.g. /etc/rancher/k3s/k3s.yaml)
+            /// [env UPLINK_KUBECONFIG; default: in-cluster, else k3s.yaml, else
+            /// $KUBECONFIG or ~/.kube/config]
+            #[argh(option)]
+            kubeconfig: Option<PathBuf>,
+            /// API server URL, instead of a kubeconfig
+            #[argh(option)]
+            kube_url: Option<String>,
+            /// bearer token file for --kube-url (re-read when it changes)
+            #[argh(option)]
+            kube_token_file: Option<PathBuf>,
+            /// CA bundle (PEM) for --kube-url
+            #[argh(option)]
+            kube_ca: Option<PathBuf>,
+            $(#[$health])*
+            #[argh(option)]
+            health_addr: Option<String>,
+            /// agent configuration file: allowed_users, allowed_groups,
+            /// drain_seconds [env UPLINK_CONFIG]
+            #[argh(option)]
+            config: Option<PathBuf>,
+        }
+
+        impl $name {
+            fn options(self) -> Result<Options, agent::AgentError> {
+                options(
+                    self.activation,
+                    self.state,
+                    self.state_secret,
+                    self.kubeconfig,
+                    self.kube_url,
+                    self.kube_token_file,
+                    self.kube_ca,
+                    self.health_addr,
+                    self.config,
+                )
+            }
+        }
+    };
 }
 
-#[derive(FromArgs)]
-#[argh(subcommand, name = "activate")]
-/// Activate with the hub and save the registration, then exit (0 when
-/// registered, also when it already was). Takes the same flags as `run`.
-struct Activate {
-    /// activation file or directory [env UPLINK_ACTIVATION]
-    #[argh(option)]
-    activation: Option<PathBuf>,
-    /// state file [env UPLINK_STATE]
-    #[argh(option)]
-    state: Option<PathBuf>,
-    /// state Secret NAMESPACE/NAME [env UPLINK_STATE_SECRET]
-    #[argh(option)]
-    state_secret: Option<String>,
-    /// kubeconfig for the API server [env UPLINK_KUBECONFIG]
-    #[argh(option)]
-    kubeconfig: Option<PathBuf>,
-    /// API server URL, instead of a kubeconfig
-    #[argh(option)]
-    kube_url: Option<String>,
-    /// bearer token file for --kube-url
-    #[argh(option)]
-    kube_token_file: Option<PathBuf>,
-    /// CA bundle (PEM) for --kube-url
-    #[argh(option)]
-    kube_ca: Option<PathBuf>,
+agent_flags! {
+    /// Run the agent: activate once if needed, then keep the tunnel to the hub
+    /// up and serve kubectl requests through it. Stops with status 0 on
+    /// SIGTERM, 2 on bad configuration or activation, 4 when the cluster was
+    /// deregistered.
+    Run = "run",
+    health_addr:
+    /// where /healthz, /readyz and /metrics listen [env
+    /// UPLINK_HEALTH_ADDR; default 127.0.0.1:9464]
+}
+
+agent_flags! {
+    /// Activate with the hub and save the registration, then exit (0 when
+    /// registered, also when it already was). Takes the same flags as `run`.
+    Activate = "activate",
+    health_addr:
     /// ignored; accepted so `run` and `activate` take the same flags
-    #[argh(option)]
-    health_addr: Option<String>,
-    /// agent configuration file [env UPLINK_CONFIG]
-    #[argh(option)]
-    config: Option<PathBuf>,
 }
 
 #[derive(FromArgs)]
@@ -197,30 +201,8 @@ fn main() {
             Ok(())
         }
         Command::Status(s) => std::process::exit(status(s)),
-        Command::Run(r) => options(
-            r.activation,
-            r.state,
-            r.state_secret,
-            r.kubeconfig,
-            r.kube_url,
-            r.kube_token_file,
-            r.kube_ca,
-            r.health_addr,
-            r.config,
-        )
-        .and_then(agent::run),
-        Command::Activate(a) => options(
-            a.activation,
-            a.state,
-            a.state_secret,
-            a.kubeconfig,
-            a.kube_url,
-            a.kube_token_file,
-            a.kube_ca,
-            a.health_addr,
-            a.config,
-        )
-        .and_then(agent::activate_only),
+        Command::Run(r) => r.options().and_then(agent::run),
+        Command::Activate(a) => a.options().and_then(agent::activate_only),
     };
     if let Err(e) = result {
         log::error!("{e}");
