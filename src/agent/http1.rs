@@ -321,10 +321,6 @@ impl BodyReader {
         }
     }
 
-    pub fn is_done(&self) -> bool {
-        self.done
-    }
-
     /// True when the body was read to its end without relying on close.
     pub fn allows_reuse(&self) -> bool {
         self.done && self.kind != BodyKind::Close

@@ -81,14 +81,6 @@ impl Client {
         Ok(Client { host, port, base, tls, token: token.map(crate::secret::Secret::new) })
     }
 
-    pub fn with_token(&self, token: &str) -> Self {
-        Client { token: Some(crate::secret::Secret::new(token)), ..self.clone() }
-    }
-
-    pub fn without_token(&self) -> Self {
-        Client { token: None, ..self.clone() }
-    }
-
     pub fn get(&self, path: &str) -> io::Result<Reply> {
         self.request("GET", path, &[], None)
     }

@@ -151,11 +151,6 @@ impl Decoder {
         Decoder { buf: Vec::new(), start: 0, max }
     }
 
-    /// Changes the accepted maximum (after negotiation).
-    pub fn set_max(&mut self, max: u32) {
-        self.max = max;
-    }
-
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.start > 0 && self.start == self.buf.len() {
