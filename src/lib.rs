@@ -5,26 +5,37 @@
 //!  people ── kubectl / browser / REST ──► uplink-hub ◄── one TLS tunnel ── uplink (agent) ──► API server
 //! ```
 //!
-//! Module map:
-//! - [`proto`]: the sans-IO tunnel protocol (frame codec and multiplexer
-//!   state machine). No sockets, no clock, no async.
+//! Two binaries come from this crate: `uplink` (the agent, built with
+//! `--no-default-features`, static and single-threaded) and `uplink-hub`
+//! (the control plane, feature `hub`). What both need lives at the top
+//! level; the agent never links what only the hub needs.
+//!
+//! Module map, shared by both binaries:
+//! - [`proto`]: the sans-IO tunnel protocol, frame codec and multiplexer
+//!   state machine. Not sockets, clocks or async.
 //! - [`driver`]: runs a [`proto::Mux`] over any async byte stream on a
-//!   single-threaded smol executor; both binaries use it.
-//! - [`http`]: HTTP/1.1 rules the agent and the hub share (hop-by-hop
-//!   and list-valued fields, chunk framing, percent-decoding). No I/O,
-//!   no reading loops: each side keeps its own.
-//! - [`kube_status`]: the Kubernetes `Status` failure object both sides
-//!   answer their own errors with. Not which code an error gets.
-//! - [`time`]: RFC 3339 date-times to and from Unix milliseconds (hub
-//!   timestamps, the activation's expiry). No clock, no time zones.
+//!   single-threaded smol executor. Not dialling, TLS or reconnecting.
 //! - [`tls`]: rustls client and server configurations (webpki roots,
-//!   private CA, public-key pins).
-//! - [`secret`]: redacted secret strings, constant-time comparison.
-//! - [`agent`]: the agent (`uplink`): activation, state, tunnel, kube proxy.
-//! - `hub` (feature `hub`): the control plane behind `uplink-hub`; the
-//!   agent binary never links it.
-//! - `render` (hub only): the Kubernetes manifest, systemd activation
-//!   file and cleanup instructions the hub hands out for a cluster.
+//!   private CA, public-key pins). Not dialling or certificate generation.
+//! - [`http`]: HTTP/1.1 rules the agent and the hub share (hop-by-hop
+//!   and list-valued fields, chunk framing, percent-decoding). Not I/O or
+//!   reading loops: the agent's client and the hub's server keep their own.
+//! - [`kube_status`]: the Kubernetes `Status` failure object both answer
+//!   their own errors with. Not which code or reason an error gets.
+//! - [`time`]: RFC 3339 date-times to and from Unix milliseconds (hub
+//!   timestamps, the activation's expiry). Not a clock or time zones.
+//! - [`secret`]: secret strings with a redacted `Debug`, constant-time
+//!   comparison. Not storage or hashing policy.
+//!
+//! One binary each:
+//! - [`agent`]: the agent (`uplink`): activation, persisted state, tunnel,
+//!   impersonating kube proxy, health. Not anything the hub runs.
+//! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store,
+//!   auth and grants, REST API, tunnel sessions, kube front end, console.
+//!   Never linked into the agent.
+//! - `render` (feature `hub`): the Kubernetes manifest, systemd activation
+//!   file and cleanup instructions the hub hands out for a cluster. Not
+//!   name validation or applying anything.
 #![forbid(unsafe_code)]
 pub mod agent;
 pub mod driver;
