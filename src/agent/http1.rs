@@ -92,10 +92,6 @@ impl Conn {
         (self.io, rest)
     }
 
-    pub fn io_mut(&mut self) -> &mut Io {
-        &mut self.io
-    }
-
     /// Reads once into the free end of the buffer: small reads until the
     /// server sends more than fits, then large. The buffer keeps its
     /// length between reads and is zeroed only when it grows (resizing

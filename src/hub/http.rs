@@ -440,15 +440,6 @@ impl Response {
     }
 }
 
-/// Writes one chunk in chunked coding (nothing for an empty slice: an
-/// empty chunk would end the body).
-pub async fn write_chunk<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> io::Result<()> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    w.write_all(&crate::http::chunk(data)).await
-}
-
 /// Splits a request target into decoded query parameters.
 pub fn query_params(target: &str) -> Vec<(String, String)> {
     let Some((_, q)) = target.split_once('?') else { return Vec::new() };

@@ -24,7 +24,7 @@ use super::server::{In, Out, Reply};
 use super::store::{AuditEntry, Lifecycle, User};
 use super::{Hub, api, may_reach, valid_cluster_name};
 use crate::driver::Stream;
-use crate::http::{connection_options, is_hop_by_hop};
+use crate::http::{LAST_CHUNK, connection_options, is_hop_by_hop, push_chunk};
 use crate::proto::{Header, Identity, RequestHead};
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
@@ -431,7 +431,7 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
             }
         }
         if chunked {
-            pending.extend_from_slice(b"0\r\n\r\n");
+            pending.extend_from_slice(LAST_CHUNK);
         }
         if send_pending(out, &mut pending).await.is_err() {
             return (sent, false);
@@ -467,15 +467,6 @@ async fn send_pending(out: &mut Out, pending: &mut Vec<u8>) -> std::io::Result<(
     out.write_all(pending).await?;
     pending.clear();
     out.flush().await
-}
-
-/// Appends `data` as one chunk of a chunked body (RFC 9112 §7.1).
-fn push_chunk(pending: &mut Vec<u8>, data: &[u8]) {
-    if !data.is_empty() {
-        pending.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-        pending.extend_from_slice(data);
-        pending.extend_from_slice(b"\r\n");
-    }
 }
 
 fn is_hop_by_hop_bytes(name: &[u8]) -> bool {
