@@ -115,6 +115,12 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 /// chunk extensions after `;` are ignored (RFC 9112 §7.1.1).
 pub fn chunk_size(line: &[u8]) -> Option<u64> {
     let hex = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    // Hex digits only (RFC 9112 §7.1): `from_str_radix` alone would take a
+    // leading `+`, and leniency in framing is where request smuggling lives.
+    // Sixteen digits is the most a u64 holds.
+    if hex.is_empty() || hex.len() > 16 || !hex.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
     std::str::from_utf8(hex).ok().and_then(|h| u64::from_str_radix(h, 16).ok())
 }
 
@@ -170,5 +176,15 @@ mod tests {
         assert_eq!(chunk_size(b""), None);
         assert_eq!(chunk_size(b"x"), None);
         assert_eq!(percent_decode("a%20b+c%2B%zz%4"), "a b+c+%zz%4");
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex_digits_only() {
+        assert_eq!(chunk_size(b"1a"), Some(26));
+        assert_eq!(chunk_size(b"FF;name=value"), Some(255));
+        assert_eq!(chunk_size(b"0"), Some(0));
+        for bad in [&b"+5"[..], b"-1", b"", b" ", b"0x10", b"1 2", b"11111111111111111"] {
+            assert_eq!(chunk_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 }
