@@ -342,6 +342,19 @@ fn kube_front_end_through_a_simulated_agent() {
     let r = alice_c.get("/k8s/clusters/edge-1/missing").unwrap();
     assert_eq!(r.status, 404, "statuses pass through");
 
+    // What a cluster answers never acts as the hub's own page: cookies,
+    // CORS grants and page policies are dropped, a sandbox is added, and a
+    // field that would split the response is refused.
+    let r = alice_c.get("/k8s/clusters/edge-1/hostile").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.header("set-cookie").is_none() && r.header("access-control-allow-origin").is_none());
+    assert_eq!(r.header("content-security-policy"), Some("sandbox; default-src 'none'; frame-ancestors 'none'"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(r.header("x-sim"), Some("yes"), "other fields pass through");
+    let r = alice_c.get("/k8s/clusters/edge-1/split").unwrap();
+    assert_eq!(r.status, 502);
+    assert!(r.header("set-cookie").is_none() && r.header("x-evil").is_none());
+
     // A long response streams (chunked) as it is produced.
     let mut tls = hub.client(None).connect().unwrap();
     write!(

@@ -347,12 +347,9 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
         if upgrade.is_none() {
             return refuse(&mut audit, 502, "the cluster switched protocols without being asked".into());
         }
-        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = resp_head
-            .headers
-            .into_iter()
-            .filter(|h| !is_hop_by_hop_bytes(&h.name))
-            .map(|h| (h.name, h.value))
-            .collect();
+        let Some(mut fields) = response_fields(resp_head.headers) else {
+            return refuse(&mut audit, 502, format!("cluster \"{cluster_name}\" answered with a malformed header"));
+        };
         fields.push((b"Connection".to_vec(), b"Upgrade".to_vec()));
         fields.push((b"Upgrade".to_vec(), upgrade.unwrap_or_default().into_bytes()));
         if out.write_all(&head_bytes(101, &fields)).await.is_err() || out.flush().await.is_err() {
@@ -375,8 +372,9 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
         .and_then(|h| std::str::from_utf8(&h.value).ok()?.trim().parse().ok());
     let chunked = !no_body && length.is_none() && req.minor >= 1;
     let keep = req.keep_alive() && (no_body || length.is_some() || chunked);
-    let mut fields: Vec<(Vec<u8>, Vec<u8>)> =
-        resp_head.headers.into_iter().filter(|h| !is_hop_by_hop_bytes(&h.name)).map(|h| (h.name, h.value)).collect();
+    let Some(mut fields) = response_fields(resp_head.headers) else {
+        return refuse(&mut audit, 502, format!("cluster \"{cluster_name}\" answered with a malformed header"));
+    };
     if chunked {
         fields.push((b"Transfer-Encoding".to_vec(), b"chunked".to_vec()));
     }
@@ -469,8 +467,46 @@ async fn send_pending(out: &mut Out, pending: &mut Vec<u8>) -> std::io::Result<(
     out.flush().await
 }
 
-fn is_hop_by_hop_bytes(name: &[u8]) -> bool {
-    std::str::from_utf8(name).is_err() || is_hop_by_hop(name)
+/// Response fields an agent may not set on the hub's origin, which also
+/// serves the console: cookies, cross-origin grants and page policies
+/// would let a compromised agent reach people's console sessions.
+const AGENT_MAY_NOT_SET: &[&str] = &[
+    "set-cookie",
+    "set-cookie2",
+    "content-security-policy",
+    "content-security-policy-report-only",
+    "x-frame-options",
+    "strict-transport-security",
+    "clear-site-data",
+    "refresh",
+    "alt-svc",
+    "service-worker-allowed",
+];
+
+/// The agent's response fields as the hub will send them: hop-by-hop and
+/// origin-sensitive fields dropped, and a sandboxing policy added, so
+/// whatever a cluster answers can never run as the hub's own page.
+/// `None` when a field could split the response (a name that is not a
+/// token, a value with CR, LF or NUL): the agent is not trusted to have
+/// checked.
+fn response_fields(headers: Vec<Header>) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut fields = Vec::with_capacity(headers.len() + 2);
+    for h in headers {
+        let token =
+            !h.name.is_empty() && h.name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token || h.value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+            return None;
+        }
+        let origin_sensitive = h.name.get(..15).is_some_and(|p| p.eq_ignore_ascii_case(b"access-control-"))
+            || AGENT_MAY_NOT_SET.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(&h.name));
+        if is_hop_by_hop(&h.name) || origin_sensitive {
+            continue;
+        }
+        fields.push((h.name, h.value));
+    }
+    fields.push((b"Content-Security-Policy".to_vec(), b"sandbox; default-src 'none'; frame-ancestors 'none'".to_vec()));
+    fields.push((b"X-Content-Type-Options".to_vec(), b"nosniff".to_vec()));
+    Some(fields)
 }
 
 /// The request fields that travel to the agent.

@@ -307,6 +307,15 @@ async fn answer(mut stream: uplink::driver::Stream, head: RequestHead) {
     if head.path.starts_with("/cl") {
         headers.push(Header::new("Content-Length", bytes.len().to_string()));
     }
+    // A compromised cluster trying to act on the hub's origin.
+    if head.path.starts_with("/hostile") {
+        headers.push(Header::new("Set-Cookie", "session=stolen"));
+        headers.push(Header::new("Access-Control-Allow-Origin", "*"));
+        headers.push(Header::new("Content-Security-Policy", "script-src *"));
+    }
+    if head.path.starts_with("/split") {
+        headers.push(Header::new("X-Evil", "a\r\nSet-Cookie: session=stolen"));
+    }
     let _ =
         stream.send_head(ResponseHead { status: if head.path.starts_with("/missing") { 404 } else { 200 }, headers });
     let _ = stream.write_all(&bytes).await;
