@@ -3,7 +3,7 @@
 # x86_64 and aarch64 Linux (musl), packed as release tarballs.
 #
 #   cross/build.sh [--target TRIPLE]... [--opt-level z|s|3] [--no-install]
-#                  [--no-pack] [--verify-reproducible]
+#                  [--no-pack] [--no-e2e] [--verify-reproducible]
 #
 # Output (dist/ at the repository top, git-ignored):
 #   dist/uplink-VERSION-TRIPLE/           the staged tree of each tarball
@@ -28,8 +28,13 @@
 # at another path with a fresh target directory and compares every sha256.
 #
 # Checks after each build: `file` must say statically linked; the agent must
-# not contain SQLite (hub-only code); sizes against cross/size-budget; and
-# each binary is run (aarch64 under qemu-aarch64-static) as a smoke test.
+# not contain SQLite (hub-only code); sizes against cross/size-budget; each
+# binary is run (aarch64 under qemu-aarch64-static) as a smoke test; then the
+# static agent of each target goes through a real lifecycle (tests/e2e_cross.rs:
+# register on a real hub, activate, a request as alice through the hub to the
+# stand-in API server, deregister, exit 4), aarch64 under qemu-aarch64-static.
+# The hub and the test itself are this machine's debug build (`cargo test`,
+# already built when CI gets here). --no-e2e skips that.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,6 +45,7 @@ OPT_LEVEL=""
 INSTALL=1
 PACK=1
 VERIFY=0
+E2E=1
 
 usage() {
     sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
@@ -58,6 +64,7 @@ while (($#)); do
         ;;
     --no-install) INSTALL=0 && shift ;;
     --no-pack) PACK=0 && shift ;;
+    --no-e2e) E2E=0 && shift ;;
     --verify-reproducible) VERIFY=1 && shift ;;
     -h | --help) usage ;;
     *)
@@ -227,6 +234,26 @@ check_target() {
     printf '%-28s smoke test ok: %s\n' "$t" "$out" >&2
 }
 
+# --- end to end --------------------------------------------------------------
+
+# tests/e2e_cross.rs with the static agent of target $1 (see the header).
+e2e_target() {
+    local t="$1" runner="" start=$SECONDS
+    if [[ "$t" != "$(uname -m)"-* ]]; then
+        [[ "$t" == aarch64-* ]] || die "no way to run a $t binary on $(uname -m)"
+        runner=qemu-aarch64-static
+    fi
+    # The native build of the hub and the test, as `cargo test` makes it: none
+    # of the release or cross settings above.
+    env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u SOURCE_DATE_EPOCH \
+        UPLINK_AGENT_BIN="$(bin_dir "$t")/uplink" UPLINK_AGENT_RUNNER="$runner" \
+        UPLINK_AGENT_ARCH="${t%%-*}" \
+        cargo test --locked --test e2e_cross -- --nocapture ||
+        die "$t/uplink failed the end-to-end test (tests/e2e_cross.rs)"
+    printf '%-28s e2e ok in %ds: activation, request as alice, deregistration (exit 4)%s\n' \
+        "$t" $((SECONDS - start)) "${runner:+ under $runner}" >&2
+}
+
 # --- pack --------------------------------------------------------------------
 
 pack_target() {
@@ -264,6 +291,13 @@ for t in "${TARGETS[@]}"; do
     check_target "$t"
 done
 
+if ((E2E)); then
+    for t in "${TARGETS[@]}"; do
+        log "end to end: the static agent for $t"
+        e2e_target "$t"
+    done
+fi
+
 if ((PACK)); then
     log "pack"
     mkdir -p "$ROOT/dist"
@@ -281,7 +315,7 @@ if ((VERIFY)); then
     trap 'rm -rf "$copy"' EXIT
     # Only what the build reads: the sources as they are now (committed or not).
     tar -C "$ROOT" --exclude=./target --exclude=./dist --exclude=./.git -cf - . | tar -C "$copy" -xf -
-    targs=()
+    targs=(--no-e2e)
     for t in "${TARGETS[@]}"; do targs+=(--target "$t"); done
     [[ -z "$OPT_LEVEL" ]] || targs+=(--opt-level "$OPT_LEVEL")
     ((PACK)) || targs+=(--no-pack)
