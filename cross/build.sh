@@ -2,13 +2,16 @@
 # Static, reproducible release builds of uplink (agent) and uplink-hub for
 # x86_64 and aarch64 Linux (musl), packed as release tarballs.
 #
-#   cross/build.sh [--target TRIPLE]... [--opt-level z|s|3] [--no-install]
-#                  [--no-pack] [--no-e2e] [--verify-reproducible]
+#   cross/build.sh [--target TRIPLE]... [--agent-only TRIPLE]... [--opt-level z|s|3]
+#                  [--no-install] [--no-pack] [--no-e2e] [--verify-reproducible]
 #
 # Output (dist/ at the repository top, git-ignored):
 #   dist/uplink-VERSION-TRIPLE/           the staged tree of each tarball
 #   dist/uplink-VERSION-TRIPLE.tar.gz     binaries, systemd units, config, README, LICENSE
 #   dist/SHA256SUMS                       sha256 of every tarball
+#
+# --agent-only TRIPLE builds, checks and packs only the agent for that target
+# (CI uses it to save the hub's build for aarch64; releases build everything).
 #
 # Toolchain choice: rustup's musl targets ship their own musl libc.a and
 # start files, so only a C compiler is needed for the C inside ring and
@@ -41,6 +44,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 TARGETS=()
+AGENT_ONLY=()
 OPT_LEVEL=""
 INSTALL=1
 PACK=1
@@ -56,6 +60,10 @@ while (($#)); do
     case "$1" in
     --target)
         TARGETS+=("${2:?--target needs a triple}")
+        shift 2
+        ;;
+    --agent-only)
+        AGENT_ONLY+=("${2:?--agent-only needs a triple}")
         shift 2
         ;;
     --opt-level)
@@ -74,6 +82,18 @@ while (($#)); do
     esac
 done
 ((${#TARGETS[@]})) || TARGETS=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl)
+
+# The binaries built for target $1.
+bins_for() {
+    local a
+    for a in "${AGENT_ONLY[@]}"; do
+        [[ "$a" != "$1" ]] || {
+            echo uplink
+            return
+        }
+    done
+    echo uplink uplink-hub
+}
 
 log() { printf '\n=== %s\n' "$*" >&2; }
 die() {
@@ -184,6 +204,7 @@ build_target() {
     log "build uplink (agent, --no-default-features) for $t"
     env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS "${envs[@]}" \
         cargo build --release --locked --target "$t" --no-default-features --bin uplink
+    [[ "$(bins_for "$t")" == *uplink-hub* ]] || return 0
     log "build uplink-hub for $t"
     env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS "${envs[@]}" \
         cargo build --release --locked --target "$t" --bin uplink-hub
@@ -212,7 +233,7 @@ run_bin() {
 check_target() {
     local t="$1" dir b size budget desc out
     dir="$(bin_dir "$t")"
-    for b in uplink uplink-hub; do
+    for b in $(bins_for "$t"); do
         [[ -x "$dir/$b" ]] || die "$dir/$b was not built"
         desc="$(file -b "$dir/$b")"
         [[ "$desc" == *"statically linked"* || "$desc" == *"static-pie linked"* ]] ||
@@ -230,7 +251,9 @@ check_target() {
     fi
     out="$(run_bin "$t" "$dir/uplink" version)" || die "$t/uplink version failed"
     [[ "$out" == *"$VERSION"* ]] || die "$t/uplink version printed '$out', not $VERSION"
-    run_bin "$t" "$dir/uplink-hub" --help >/dev/null || die "$t/uplink-hub --help failed"
+    if [[ "$(bins_for "$t")" == *uplink-hub* ]]; then
+        run_bin "$t" "$dir/uplink-hub" --help >/dev/null || die "$t/uplink-hub --help failed"
+    fi
     printf '%-28s smoke test ok: %s\n' "$t" "$out" >&2
 }
 
@@ -263,7 +286,9 @@ pack_target() {
     dir="$(bin_dir "$t")"
     rm -rf "$stage"
     mkdir -p "$stage/systemd" "$stage/config"
-    install -m 0755 "$dir/uplink" "$dir/uplink-hub" "$stage/"
+    for b in $(bins_for "$t"); do
+        install -m 0755 "$dir/$b" "$stage/"
+    done
     install -m 0644 "$ROOT"/systemd/*.service "$stage/systemd/"
     install -m 0644 "$ROOT"/config/* "$stage/config/"
     install -m 0644 "$ROOT/README.md" "$ROOT/LICENSE" "$stage/"
@@ -317,13 +342,14 @@ if ((VERIFY)); then
     tar -C "$ROOT" --exclude=./target --exclude=./dist --exclude=./.git -cf - . | tar -C "$copy" -xf -
     targs=(--no-e2e)
     for t in "${TARGETS[@]}"; do targs+=(--target "$t"); done
+    for t in "${AGENT_ONLY[@]}"; do targs+=(--agent-only "$t"); done
     [[ -z "$OPT_LEVEL" ]] || targs+=(--opt-level "$OPT_LEVEL")
     ((PACK)) || targs+=(--no-pack)
     CARGO_TARGET_DIR="$copy/target" SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" \
         bash "$copy/cross/build.sh" --no-install "${targs[@]}"
     fail=0
     for t in "${TARGETS[@]}"; do
-        for b in uplink uplink-hub; do
+        for b in $(bins_for "$t"); do
             a="$(sha256sum <"$(bin_dir "$t")/$b")"
             c="$(sha256sum <"$copy/target/$t/release/$b")"
             if [[ "$a" == "$c" ]]; then
