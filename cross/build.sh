@@ -2,13 +2,16 @@
 # Static, reproducible release builds of uplink (agent) and uplink-hub for
 # x86_64 and aarch64 Linux (musl), packed as release tarballs.
 #
-#   cross/build.sh [--target TRIPLE]... [--opt-level z|s|3] [--no-install]
-#                  [--no-pack] [--verify-reproducible]
+#   cross/build.sh [--target TRIPLE]... [--agent-only TRIPLE]... [--opt-level z|s|3]
+#                  [--no-install] [--no-pack] [--no-e2e] [--verify-reproducible]
 #
 # Output (dist/ at the repository top, git-ignored):
 #   dist/uplink-VERSION-TRIPLE/           the staged tree of each tarball
 #   dist/uplink-VERSION-TRIPLE.tar.gz     binaries, systemd units, config, README, LICENSE
 #   dist/SHA256SUMS                       sha256 of every tarball
+#
+# --agent-only TRIPLE builds, checks and packs only the agent for that target
+# (CI uses it to save the hub's build for aarch64; releases build everything).
 #
 # Toolchain choice: rustup's musl targets ship their own musl libc.a and
 # start files, so only a C compiler is needed for the C inside ring and
@@ -28,18 +31,25 @@
 # at another path with a fresh target directory and compares every sha256.
 #
 # Checks after each build: `file` must say statically linked; the agent must
-# not contain SQLite (hub-only code); sizes against cross/size-budget; and
-# each binary is run (aarch64 under qemu-aarch64-static) as a smoke test.
+# not contain SQLite (hub-only code); sizes against cross/size-budget; each
+# binary is run (aarch64 under qemu-aarch64-static) as a smoke test; then the
+# static agent of each target goes through a real lifecycle (tests/e2e_cross.rs:
+# register on a real hub, activate, a request as alice through the hub to the
+# stand-in API server, deregister, exit 4), aarch64 under qemu-aarch64-static.
+# The hub and the test itself are this machine's debug build (`cargo test`,
+# already built when CI gets here). --no-e2e skips that.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 TARGETS=()
+AGENT_ONLY=()
 OPT_LEVEL=""
 INSTALL=1
 PACK=1
 VERIFY=0
+E2E=1
 
 usage() {
     sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
@@ -52,12 +62,17 @@ while (($#)); do
         TARGETS+=("${2:?--target needs a triple}")
         shift 2
         ;;
+    --agent-only)
+        AGENT_ONLY+=("${2:?--agent-only needs a triple}")
+        shift 2
+        ;;
     --opt-level)
         OPT_LEVEL="${2:?--opt-level needs a value}"
         shift 2
         ;;
     --no-install) INSTALL=0 && shift ;;
     --no-pack) PACK=0 && shift ;;
+    --no-e2e) E2E=0 && shift ;;
     --verify-reproducible) VERIFY=1 && shift ;;
     -h | --help) usage ;;
     *)
@@ -67,6 +82,18 @@ while (($#)); do
     esac
 done
 ((${#TARGETS[@]})) || TARGETS=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl)
+
+# The binaries built for target $1.
+bins_for() {
+    local a
+    for a in "${AGENT_ONLY[@]}"; do
+        [[ "$a" != "$1" ]] || {
+            echo uplink
+            return
+        }
+    done
+    echo uplink uplink-hub
+}
 
 log() { printf '\n=== %s\n' "$*" >&2; }
 die() {
@@ -177,6 +204,7 @@ build_target() {
     log "build uplink (agent, --no-default-features) for $t"
     env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS "${envs[@]}" \
         cargo build --release --locked --target "$t" --no-default-features --bin uplink
+    [[ "$(bins_for "$t")" == *uplink-hub* ]] || return 0
     log "build uplink-hub for $t"
     env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS "${envs[@]}" \
         cargo build --release --locked --target "$t" --bin uplink-hub
@@ -205,7 +233,7 @@ run_bin() {
 check_target() {
     local t="$1" dir b size budget desc out
     dir="$(bin_dir "$t")"
-    for b in uplink uplink-hub; do
+    for b in $(bins_for "$t"); do
         [[ -x "$dir/$b" ]] || die "$dir/$b was not built"
         desc="$(file -b "$dir/$b")"
         [[ "$desc" == *"statically linked"* || "$desc" == *"static-pie linked"* ]] ||
@@ -223,8 +251,30 @@ check_target() {
     fi
     out="$(run_bin "$t" "$dir/uplink" version)" || die "$t/uplink version failed"
     [[ "$out" == *"$VERSION"* ]] || die "$t/uplink version printed '$out', not $VERSION"
-    run_bin "$t" "$dir/uplink-hub" --help >/dev/null || die "$t/uplink-hub --help failed"
+    if [[ "$(bins_for "$t")" == *uplink-hub* ]]; then
+        run_bin "$t" "$dir/uplink-hub" --help >/dev/null || die "$t/uplink-hub --help failed"
+    fi
     printf '%-28s smoke test ok: %s\n' "$t" "$out" >&2
+}
+
+# --- end to end --------------------------------------------------------------
+
+# tests/e2e_cross.rs with the static agent of target $1 (see the header).
+e2e_target() {
+    local t="$1" runner="" start=$SECONDS
+    if [[ "$t" != "$(uname -m)"-* ]]; then
+        [[ "$t" == aarch64-* ]] || die "no way to run a $t binary on $(uname -m)"
+        runner=qemu-aarch64-static
+    fi
+    # The native build of the hub and the test, as `cargo test` makes it: none
+    # of the release or cross settings above.
+    env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u SOURCE_DATE_EPOCH \
+        UPLINK_AGENT_BIN="$(bin_dir "$t")/uplink" UPLINK_AGENT_RUNNER="$runner" \
+        UPLINK_AGENT_ARCH="${t%%-*}" \
+        cargo test --locked --test e2e_cross -- --nocapture ||
+        die "$t/uplink failed the end-to-end test (tests/e2e_cross.rs)"
+    printf '%-28s e2e ok in %ds: activation, request as alice, deregistration (exit 4)%s\n' \
+        "$t" $((SECONDS - start)) "${runner:+ under $runner}" >&2
 }
 
 # --- pack --------------------------------------------------------------------
@@ -236,7 +286,9 @@ pack_target() {
     dir="$(bin_dir "$t")"
     rm -rf "$stage"
     mkdir -p "$stage/systemd" "$stage/config"
-    install -m 0755 "$dir/uplink" "$dir/uplink-hub" "$stage/"
+    for b in $(bins_for "$t"); do
+        install -m 0755 "$dir/$b" "$stage/"
+    done
     install -m 0644 "$ROOT"/systemd/*.service "$stage/systemd/"
     install -m 0644 "$ROOT"/config/* "$stage/config/"
     install -m 0644 "$ROOT/README.md" "$ROOT/LICENSE" "$stage/"
@@ -264,6 +316,13 @@ for t in "${TARGETS[@]}"; do
     check_target "$t"
 done
 
+if ((E2E)); then
+    for t in "${TARGETS[@]}"; do
+        log "end to end: the static agent for $t"
+        e2e_target "$t"
+    done
+fi
+
 if ((PACK)); then
     log "pack"
     mkdir -p "$ROOT/dist"
@@ -281,15 +340,16 @@ if ((VERIFY)); then
     trap 'rm -rf "$copy"' EXIT
     # Only what the build reads: the sources as they are now (committed or not).
     tar -C "$ROOT" --exclude=./target --exclude=./dist --exclude=./.git -cf - . | tar -C "$copy" -xf -
-    targs=()
+    targs=(--no-e2e)
     for t in "${TARGETS[@]}"; do targs+=(--target "$t"); done
+    for t in "${AGENT_ONLY[@]}"; do targs+=(--agent-only "$t"); done
     [[ -z "$OPT_LEVEL" ]] || targs+=(--opt-level "$OPT_LEVEL")
     ((PACK)) || targs+=(--no-pack)
     CARGO_TARGET_DIR="$copy/target" SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" \
         bash "$copy/cross/build.sh" --no-install "${targs[@]}"
     fail=0
     for t in "${TARGETS[@]}"; do
-        for b in uplink uplink-hub; do
+        for b in $(bins_for "$t"); do
             a="$(sha256sum <"$(bin_dir "$t")/$b")"
             c="$(sha256sum <"$copy/target/$t/release/$b")"
             if [[ "$a" == "$c" ]]; then

@@ -174,9 +174,10 @@ fn shell_quote(s: &str) -> String {
     out
 }
 
-/// The `rules:` items of the impersonation ClusterRole. Names are sorted and
-/// deduplicated (stable output), empty names dropped (nobody has one), and a
-/// rule with no names left is omitted entirely.
+/// The impersonation `rules:` items of the ClusterRole (after the template's
+/// own `list nodes` rule). Names are sorted and deduplicated (stable output),
+/// empty names dropped (nobody has one), and a rule with no names left is
+/// omitted entirely.
 fn impersonate_rules(install: &ClusterInstall) -> String {
     let mut out = String::new();
     for (resource, names) in [("users", &install.impersonate_users), ("groups", &install.impersonate_groups)] {
@@ -194,10 +195,8 @@ fn impersonate_rules(install: &ClusterInstall) -> String {
             let _ = writeln!(out, "      - {}", yaml_quote(name));
         }
     }
-    if out.is_empty() {
-        // No users or groups are registered: the agent may impersonate no one.
-        out.push_str("  []\n");
-    }
+    // No users or groups registered: no rule at all, the agent may
+    // impersonate no one (the template's node rule keeps `rules:` a list).
     out.truncate(out.trim_end_matches('\n').len());
     out
 }
@@ -304,7 +303,7 @@ mod tests {
     #[test]
     fn impersonation_is_limited_to_the_registered_names() {
         let docs = parse_docs(&kubernetes_manifest(&example()));
-        let rules = find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap();
+        let rules = &find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap()[1..];
         assert_eq!(rules.len(), 2);
         assert_eq!(strings(&rules[0]["resources"]), ["users"]);
         assert_eq!(strings(&rules[0]["verbs"]), ["impersonate"]);
@@ -314,19 +313,34 @@ mod tests {
         assert_no_empty_resource_names(&Yaml::Array(docs));
     }
 
+    /// The agent's only right of its own outside its namespace: `list` on
+    /// nodes, for the node count (`GET /api/v1/nodes?limit=1`).
+    #[test]
+    fn the_only_other_cluster_rule_lists_nodes() {
+        let docs = parse_docs(&kubernetes_manifest(&example()));
+        let rules = find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap();
+        assert_eq!(strings(&rules[0]["apiGroups"]), [""]);
+        assert_eq!(strings(&rules[0]["resources"]), ["nodes"]);
+        assert_eq!(strings(&rules[0]["verbs"]), ["list"]);
+        assert!(rules[0]["resourceNames"].is_badvalue());
+        for r in &rules[1..] {
+            assert_eq!(strings(&r["verbs"]), ["impersonate"]);
+        }
+    }
+
     #[test]
     fn an_empty_list_omits_its_rule_instead_of_granting_everyone() {
         let mut install = example();
         install.impersonate_groups.clear();
         let docs = parse_docs(&kubernetes_manifest(&install));
-        let rules = find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap();
+        let rules = &find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap()[1..];
         assert_eq!(rules.len(), 1);
         assert_eq!(strings(&rules[0]["resources"]), ["users"]);
 
         // Names that are all empty count as no names.
         install.impersonate_users = vec![String::new(), String::new()];
         let docs = parse_docs(&kubernetes_manifest(&install));
-        let rules = find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap();
+        let rules = &find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap()[1..];
         assert!(rules.is_empty(), "{rules:?}");
         assert_no_empty_resource_names(&Yaml::Array(docs));
     }
@@ -336,7 +350,7 @@ mod tests {
         let mut install = example();
         install.impersonate_users = vec!["carol".into(), "alice".into(), "carol".into()];
         let docs = parse_docs(&kubernetes_manifest(&install));
-        let rules = find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap();
+        let rules = &find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap()[1..];
         assert_eq!(strings(&rules[0]["resourceNames"]), ["alice", "carol"]);
     }
 
@@ -430,7 +444,7 @@ mod tests {
             let mut users = vec![bad, "*"];
             users.retain(|u| !u.is_empty());
             users.sort_unstable();
-            assert_eq!(strings(&role["rules"][0]["resourceNames"]), users, "{bad:?}");
+            assert_eq!(strings(&role["rules"][1]["resourceNames"]), users, "{bad:?}");
             let secret = &docs[6];
             assert_eq!(secret["stringData"]["activation.json"].as_str(), Some(&*activation));
             let c = &docs[8]["spec"]["template"]["spec"]["containers"][0];

@@ -774,8 +774,9 @@ fn measure_footprint_and_latency() {
     let (d, t) = (p50(direct), p50(tunnel));
     let after_requests = a.rss_kib();
 
-    // 1,000 open watches.
-    let watches: Vec<_> = (0..1000)
+    // 1,000 open watches (UPLINK_MEASURE_WATCHES for another number).
+    let n_watches: usize = std::env::var("UPLINK_MEASURE_WATCHES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let watches: Vec<_> = (0..n_watches)
         .map(|_| {
             w.hub.open("GET", "/api/v1/namespaces/default/pods?watch=1&allowWatchBookmarks=true", bob(), &[], b"", true)
         })
@@ -786,7 +787,7 @@ fn measure_footprint_and_latency() {
     std::thread::sleep(Duration::from_secs(1));
     let with_watches = a.rss_kib();
     eprintln!(
-        "MEASURE idle RSS: {idle} KiB; after {rounds} requests: {after_requests} KiB; with 1000 watches: {with_watches} KiB"
+        "MEASURE idle RSS: {idle} KiB; after {rounds} requests: {after_requests} KiB; with {n_watches} watches: {with_watches} KiB"
     );
     eprintln!(
         "MEASURE p50 small GET: direct {:?}, through hub+tunnel+agent {:?}, ratio {:.2}, added {:?}",
