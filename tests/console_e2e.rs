@@ -68,7 +68,7 @@ roleRef: {kind: ClusterRole, name: uplink-agent-nodes, apiGroup: rbac.authorizat
 "#;
 
 /// The whole browser scenario may take this long on a busy machine.
-const BUDGET: Duration = Duration::from_secs(300);
+const BUDGET: Duration = Duration::from_secs(600);
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -47,6 +47,9 @@ const browser = await chromium.launchPersistentContext(process.env.BROWSER_DATA 
   acceptDownloads: true,
   colorScheme: 'light',
   viewport: { width: 1280, height: 860 },
+  // On a loaded 2-core CI machine Chromium has taken over a minute to
+  // start and paint its first page; slowness is not what this test checks.
+  timeout: 180_000,
 });
 
 const pageErrors = [];
@@ -54,6 +57,7 @@ async function newPage(viewport = { width: 1280, height: 860 }) {
   const page = await browser.newPage();
   await page.setViewportSize(viewport);
   page.setDefaultTimeout(T);
+  page.setDefaultNavigationTimeout(180_000);
   page.on('pageerror', (e) => { pageErrors.push(`${step}: ${e.message}`); console.log(`page error during "${step}": ${e.message}`); });
   page.on('console', (m) => { if (m.type() === 'error' && !/status of (401|403|404|503)/.test(m.text())) pageErrors.push(`${step}: console: ${m.text()}`); });
   return page;
