@@ -118,7 +118,24 @@ impl Conn {
                 self.buf.resize(self.end + want, 0);
             }
         }
-        let n = self.io.read(&mut self.buf[self.end..self.end + want]).await?;
+        let ready = smol::future::poll_once(self.io.read(&mut self.buf[self.end..self.end + want])).await;
+        let n = match ready {
+            Some(n) => n?,
+            None => {
+                // Nothing has arrived: the connection went quiet (a watch
+                // between events). Wait on a small buffer, so an idle
+                // stream does not sit on a large one. Dropping the pending
+                // read loses nothing: a read that is not ready consumed
+                // no bytes.
+                if self.pos == self.end && self.buf.len() > SMALL_READ {
+                    self.buf = vec![0; SMALL_READ];
+                    self.pos = 0;
+                    self.end = 0;
+                }
+                let want = want.min(self.buf.len() - self.end);
+                self.io.read(&mut self.buf[self.end..self.end + want]).await?
+            }
+        };
         self.end += n;
         // Large reads while the server keeps more than a small read's
         // worth coming. Not "filled the large buffer": a TLS read returns
