@@ -64,8 +64,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
     }
-    let store: Rc<dyn Store> =
-        Rc::new(super::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?);
+    // The cache answers every kube request's token, grant and cluster
+    // reads; this process is the database's only writer.
+    let store: Rc<dyn Store> = Rc::new(super::cache::CachedStore::new(
+        super::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?,
+    ));
 
     let listener =
         std::net::TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
