@@ -229,12 +229,21 @@ async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListen
 async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
     let (r, mut out) = smol::io::split(tls);
     let mut inb = Inbound::new(r);
+    // One idle timer for the connection's life, re-armed only when it
+    // goes off: arming a timer wakes the reactor, too dear per request.
+    let mut idle = Timer::after(IDLE);
     loop {
+        let waiting_since = std::time::Instant::now();
         let head = inb
             .read_head()
             .or(async {
-                Timer::after(IDLE).await;
-                Ok(None)
+                loop {
+                    (&mut idle).await;
+                    if waiting_since.elapsed() >= IDLE {
+                        return Ok(None);
+                    }
+                    idle.set_at(waiting_since + IDLE);
+                }
             })
             .await;
         let req = match head {
