@@ -311,6 +311,12 @@ impl Session {
 
     async fn timer_loop(&self) -> String {
         let mut timer = Timer::never();
+        // When `timer` is set to go off. The mux's deadline moves later
+        // with every frame received (the dead-peer deadline), and moving
+        // an armed timer costs the reactor a wake-up (async-io notifies
+        // its poller on every insert). So the timer is only moved
+        // earlier; going off early just re-arms it for the real deadline.
+        let mut armed: Option<Instant> = None;
         future::poll_fn(|cx| {
             loop {
                 let mut s = self.shared.borrow_mut();
@@ -329,10 +335,14 @@ impl Session {
                     continue;
                 }
                 drop(s);
-                timer.set_at(deadline);
+                if armed.is_none_or(|a| deadline < a || a <= now) {
+                    timer.set_at(deadline);
+                    armed = Some(deadline);
+                }
                 if Pin::new(&mut timer).poll(cx).is_pending() {
                     return Poll::Pending;
                 }
+                armed = None;
             }
         })
         .await

@@ -403,6 +403,18 @@ fn kube_front_end_through_a_simulated_agent() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["groups"], json!([]));
     assert_eq!(hub.client(None).get("/k8s/clusters/edge-1/api").unwrap().status, 401);
+    // The hub caches tokens and grants: removing the grant or revoking
+    // the user stops the very next request.
+    let carol_c = hub.client(Some(&carol));
+    assert_eq!(carol_c.get("/k8s/clusters/edge-1/api/v1/pods").unwrap().status, 200);
+    let grants = admin.get("/api/v1/grants").unwrap().json();
+    let carol_grant = grants["grants"].as_array().unwrap().iter().find(|g| g["user"] == "carol").unwrap()["id"].clone();
+    assert_eq!(admin.delete(&format!("/api/v1/grants/{carol_grant}")).unwrap().status, 200);
+    assert_eq!(carol_c.get("/k8s/clusters/edge-1/api/v1/pods").unwrap().status, 403);
+    admin.post_json("/api/v1/grants", &json!({ "user": "carol", "clusters": "edge-1" })).unwrap();
+    assert_eq!(carol_c.get("/k8s/clusters/edge-1/api/v1/pods").unwrap().status, 200);
+    assert_eq!(admin.delete("/api/v1/users/carol").unwrap().status, 200);
+    assert_eq!(carol_c.get("/k8s/clusters/edge-1/api/v1/pods").unwrap().status, 401);
 
     // Path tricks never reach another cluster.
     for bad in [

@@ -23,6 +23,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod cache;
 pub mod cert;
 pub mod cli;
 pub mod client;

@@ -64,8 +64,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
     }
-    let store: Rc<dyn Store> =
-        Rc::new(super::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?);
+    // The cache answers every kube request's token, grant and cluster
+    // reads; this process is the database's only writer.
+    let store: Rc<dyn Store> = Rc::new(super::cache::CachedStore::new(
+        super::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?,
+    ));
 
     let listener =
         std::net::TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
@@ -226,12 +229,21 @@ async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListen
 async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
     let (r, mut out) = smol::io::split(tls);
     let mut inb = Inbound::new(r);
+    // One idle timer for the connection's life, re-armed only when it
+    // goes off: arming a timer wakes the reactor, too dear per request.
+    let mut idle = Timer::after(IDLE);
     loop {
+        let waiting_since = std::time::Instant::now();
         let head = inb
             .read_head()
             .or(async {
-                Timer::after(IDLE).await;
-                Ok(None)
+                loop {
+                    (&mut idle).await;
+                    if waiting_since.elapsed() >= IDLE {
+                        return Ok(None);
+                    }
+                    idle.set_at(waiting_since + IDLE);
+                }
             })
             .await;
         let req = match head {

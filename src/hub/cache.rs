@@ -1,0 +1,201 @@
+//! A read cache in front of the store for what every kube request asks:
+//! token → user, the grant list, cluster by name.
+//!
+//! Correctness rests on one rule: every write goes through this wrapper
+//! (the serving process is the database's only writer), and every write
+//! that could change a cached answer empties the cache *before* it
+//! returns, on the same thread. A revoked token therefore fails on the
+//! very next request. Only answers that were found are cached (a miss
+//! costs a query, never memory), and each map is bounded.
+//!
+//! The token map is keyed by the SHA-256 of the token, as the database
+//! is, so its lookup times say nothing useful about a token.
+//!
+//! Not cached: anything else (lists, audit, credentials, events).
+
+use super::clock::Millis;
+use super::store::{
+    ActivateError, Activation, AgentFacts, AuditEntry, AuditQuery, Cluster, ClusterEvent, CredentialStatus, Grant,
+    NewActivation, NewCluster, Result, Store, Subject, User,
+};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// Most tokens or cluster names remembered; past it the map starts over.
+const MAX_ENTRIES: usize = 1024;
+
+#[derive(Default)]
+struct Cached {
+    users: HashMap<String, User>,
+    grants: Option<Vec<Grant>>,
+    clusters: HashMap<String, Cluster>,
+}
+
+/// `Store` with the hot reads answered from memory.
+pub struct CachedStore<S> {
+    inner: S,
+    cached: RefCell<Cached>,
+}
+
+impl<S: Store> CachedStore<S> {
+    pub fn new(inner: S) -> Self {
+        CachedStore { inner, cached: RefCell::default() }
+    }
+
+    /// Forgets everything; called by every write that could change a
+    /// cached answer.
+    fn forget(&self) {
+        *self.cached.borrow_mut() = Cached::default();
+    }
+
+    /// Runs a write and forgets the cache whatever its outcome (a failed
+    /// write may still have changed something).
+    fn write<T>(&self, f: impl FnOnce(&S) -> T) -> T {
+        let r = f(&self.inner);
+        self.forget();
+        r
+    }
+}
+
+fn remember<V: Clone>(map: &mut HashMap<String, V>, key: &str, value: &V) {
+    if map.len() >= MAX_ENTRIES {
+        map.clear();
+    }
+    map.insert(key.to_string(), value.clone());
+}
+
+impl<S: Store> Store for CachedStore<S> {
+    fn user_count(&self) -> Result<u64> {
+        self.inner.user_count()
+    }
+    fn create_user(&self, name: &str, groups: &[String], admin: bool, token_hash: &str, now: Millis) -> Result<User> {
+        self.write(|s| s.create_user(name, groups, admin, token_hash, now))
+    }
+    fn users(&self) -> Result<Vec<User>> {
+        self.inner.users()
+    }
+    fn user(&self, name: &str) -> Result<Option<User>> {
+        self.inner.user(name)
+    }
+    fn add_token(&self, user: &str, token_hash: &str, now: Millis) -> Result<()> {
+        self.write(|s| s.add_token(user, token_hash, now))
+    }
+    fn revoke_user(&self, name: &str, now: Millis) -> Result<User> {
+        self.write(|s| s.revoke_user(name, now))
+    }
+    fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {
+        if let Some(u) = self.cached.borrow().users.get(token_hash) {
+            return Ok(Some(u.clone()));
+        }
+        let found = self.inner.user_by_token(token_hash)?;
+        if let Some(u) = &found {
+            remember(&mut self.cached.borrow_mut().users, token_hash, u);
+        }
+        Ok(found)
+    }
+
+    fn add_grant(&self, subject: &Subject, clusters: &str, now: Millis) -> Result<Grant> {
+        self.write(|s| s.add_grant(subject, clusters, now))
+    }
+    fn grants(&self) -> Result<Vec<Grant>> {
+        if let Some(g) = &self.cached.borrow().grants {
+            return Ok(g.clone());
+        }
+        let grants = self.inner.grants()?;
+        self.cached.borrow_mut().grants = Some(grants.clone());
+        Ok(grants)
+    }
+    fn remove_grant(&self, id: i64) -> Result<()> {
+        self.write(|s| s.remove_grant(id))
+    }
+
+    fn register_cluster(&self, cluster: &NewCluster<'_>, activation: &NewActivation<'_>) -> Result<Cluster> {
+        self.write(|s| s.register_cluster(cluster, activation))
+    }
+    fn clusters(&self) -> Result<Vec<Cluster>> {
+        self.inner.clusters()
+    }
+    fn cluster(&self, name: &str) -> Result<Option<Cluster>> {
+        if let Some(c) = self.cached.borrow().clusters.get(name) {
+            return Ok(Some(c.clone()));
+        }
+        let found = self.inner.cluster(name)?;
+        if let Some(c) = &found {
+            remember(&mut self.cached.borrow_mut().clusters, name, c);
+        }
+        Ok(found)
+    }
+    fn activations(&self, cluster_id: &str) -> Result<Vec<Activation>> {
+        self.inner.activations(cluster_id)
+    }
+    fn activate(
+        &self,
+        activation_id: &str,
+        code_hash: &str,
+        credential_hash: &str,
+        facts: &AgentFacts,
+        now: Millis,
+    ) -> std::result::Result<Cluster, ActivateError> {
+        self.write(|s| s.activate(activation_id, code_hash, credential_hash, facts, now))
+    }
+    fn credential(&self, credential_hash: &str) -> Result<CredentialStatus> {
+        self.inner.credential(credential_hash)
+    }
+    fn agent_connected(&self, cluster_id: &str, facts: &AgentFacts, now: Millis) -> Result<()> {
+        self.write(|s| s.agent_connected(cluster_id, facts, now))
+    }
+    fn agents_gone(&self, cluster_id: &str, now: Millis) -> Result<()> {
+        self.write(|s| s.agents_gone(cluster_id, now))
+    }
+    fn add_event(&self, cluster_id: &str, kind: &str, message: &str, now: Millis) -> Result<()> {
+        // Events are not part of any cached answer.
+        self.inner.add_event(cluster_id, kind, message, now)
+    }
+    fn events(&self, cluster_id: &str, limit: u32) -> Result<Vec<ClusterEvent>> {
+        self.inner.events(cluster_id, limit)
+    }
+    fn deregister(&self, name: &str, now: Millis) -> Result<Cluster> {
+        self.write(|s| s.deregister(name, now))
+    }
+
+    fn append_audit(&self, entry: &AuditEntry) -> Result<()> {
+        self.inner.append_audit(entry)
+    }
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        self.inner.audit(query)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::sqlite::SqliteStore;
+    use crate::hub::store::Subject;
+
+    fn store() -> (CachedStore<SqliteStore>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("uplink-cache-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        (CachedStore::new(SqliteStore::open(&dir.join("hub.db")).unwrap()), dir)
+    }
+
+    fn rand_suffix() -> String {
+        crate::secret::Secret::random(6).expose().to_string()
+    }
+
+    #[test]
+    fn writes_forget_what_they_change() {
+        let (s, dir) = store();
+        s.create_user("ann", &[], false, "h1", 1).unwrap();
+        assert_eq!(s.user_by_token("h1").unwrap().unwrap().name, "ann");
+        assert_eq!(s.user_by_token("h1").unwrap().unwrap().name, "ann");
+        assert!(s.grants().unwrap().is_empty());
+        let g = s.add_grant(&Subject::User("ann".into()), "*", 2).unwrap();
+        assert_eq!(s.grants().unwrap().len(), 1);
+        s.remove_grant(g.id).unwrap();
+        assert!(s.grants().unwrap().is_empty());
+        s.revoke_user("ann", 3).unwrap();
+        assert!(s.user_by_token("h1").unwrap().is_none(), "a revoked token stops at once");
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
