@@ -235,27 +235,33 @@ fn secret_mode_activation_apply_patch_delete_and_a_complete_audit() {
 
     // The audit log: exactly the requests the cluster saw as someone, each
     // with its method, path, user and status.
-    let seen = |v: &mut Vec<(String, String, String, u16)>| v.sort();
-    let mut in_cluster: Vec<(String, String, String, u16)> =
-        k.requests().into_iter().filter_map(|r| Some((r.method, r.path, r.impersonated_user?, r.status))).collect();
-    seen(&mut in_cluster);
-    let audit = admin.get(&format!("/api/v1/audit?cluster={CLUSTER}&limit=10000")).unwrap().json();
-    let entries = audit["entries"].as_array().unwrap();
-    let mut audited: Vec<(String, String, String, u16)> = entries
-        .iter()
-        .map(|e| {
-            let path = e["path"].as_str().unwrap();
-            let path = path.split('?').next().unwrap().to_string();
-            (
-                e["method"].as_str().unwrap().to_string(),
-                path,
-                e["user"].as_str().unwrap().to_string(),
-                e["status"].as_u64().unwrap() as u16,
-            )
-        })
-        .collect();
-    seen(&mut audited);
-    assert_eq!(audited, in_cluster, "audit entries and the requests the cluster saw differ");
+    // Both sides record a request once its response is done, which may be
+    // a moment after kubectl exits: poll until they agree.
+    type Seen = Vec<(String, String, String, u16)>;
+    let in_cluster = || -> Seen {
+        let mut v: Seen =
+            k.requests().into_iter().filter_map(|r| Some((r.method, r.path, r.impersonated_user?, r.status))).collect();
+        v.sort();
+        v
+    };
+    let audited = || -> Seen {
+        let audit = admin.get(&format!("/api/v1/audit?cluster={CLUSTER}&limit=10000")).unwrap().json();
+        let mut v: Seen = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let path = e["path"].as_str().unwrap().split('?').next().unwrap().to_string();
+                let status = e["status"].as_u64().unwrap() as u16;
+                (e["method"].as_str().unwrap().to_string(), path, e["user"].as_str().unwrap().to_string(), status)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    wait_for(PATIENCE.as_secs(), || audited() == in_cluster());
+    let audited = audited();
+    assert_eq!(audited, in_cluster(), "the audit entries and the requests the cluster saw as someone differ");
     let has = |method: &str, path: &str, user: &str, status: u16| {
         audited.iter().any(|(m, p, u, s)| m == method && p == path && u == user && *s == status)
     };
