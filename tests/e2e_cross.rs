@@ -30,13 +30,13 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, temp_dir, wait_for};
+use hub_support::{HubProc, KillOnDrop, hub_cli, ok, temp_dir, wait_exit, wait_for};
 use serde_json::json;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::kube::{AGENT_USER, Config, StandIn};
-use support::kubectl::{Kubectl, stderr, stdout};
+use support::kubectl::{Kubectl, stderr};
 
 const ARTICLE_RBAC: &str = include_str!("fixtures/kube/eks-console-restricted-access.yaml");
 /// Under emulation a TLS handshake alone can take a second or more.
@@ -98,42 +98,6 @@ impl Launcher {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} (runner {:?}): {e}", self.bin, self.runner))
     }
-}
-
-/// Kills the agent if the test fails before it exits by itself.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st.code();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
-fn hub_cli(hub: &HubProc, token: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_uplink-hub"))
-        .args(["--hub-url", &hub.url, "--token", token, "--hub-ca"])
-        .arg(hub.dir.join("data/ca.pem"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-#[track_caller]
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "command failed: {}\n{}", stdout(o), stderr(o));
-    stdout(o)
 }
 
 fn measure(what: &str, since: Instant) -> Instant {

@@ -6,12 +6,12 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, temp_dir, wait_for};
+use hub_support::{HubProc, fails, hub_cli, ok, temp_dir, wait_exit, wait_for};
 use serde_json::json;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 use support::kube::{Config, StandIn};
 use support::kubectl::{Kubectl, kill, lines, stderr, stdout, wait_line};
 
@@ -21,59 +21,9 @@ const DEBUG_ACCESS: &str = include_str!("fixtures/kube/debug-access.yaml");
 const PATIENCE: Duration = Duration::from_secs(20);
 
 fn spawn_agent(dir: &Path, k: &StandIn, n: usize) -> Child {
-    let health =
-        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
-    Command::new(env!("CARGO_BIN_EXE_uplink"))
-        .args(["run", "--activation"])
-        .arg(dir.join("activation.json"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .args(["--kube-url", &k.url(), "--kube-token-file"])
-        .arg(dir.join("token"))
-        .arg("--kube-ca")
-        .arg(dir.join("kube-ca.pem"))
-        .args(["--health-addr", &health])
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("agent-{n}.log"))).unwrap())
-        .spawn()
-        .expect("spawn uplink")
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st.code();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
-fn hub_cli(hub: &HubProc, token: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_uplink-hub"))
-        .args(["--hub-url", &hub.url, "--token", token, "--hub-ca"])
-        .arg(hub.dir.join("data/ca.pem"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-#[track_caller]
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "command failed: {}\n{}", stdout(o), stderr(o));
-    stdout(o)
-}
-
-#[track_caller]
-fn fails(o: &Output, message: &str) {
-    assert!(!o.status.success(), "should have failed: {}", stdout(o));
-    assert!(stderr(o).contains(message), "expected {message:?} in:\n{}", stderr(o));
+    let (activation, state) = (dir.join("activation.json"), dir.join("state"));
+    let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
+    hub_support::spawn_agent(&flags, &k.url(), dir, &dir.join(format!("agent-{n}.log")))
 }
 
 #[test]

@@ -636,3 +636,30 @@ fn kubectl_spdy_fallbacks_and_attach() {
     let attach = kc.run_with_stdin(&["attach", "-i", "db-0", "-n", "default", "--as", "bob"], b"attached\n");
     assert!(ok(&attach).contains("attached"), "{}", stdout(&attach));
 }
+
+#[test]
+fn a_secret_s_string_data_is_stored_as_data() {
+    let Some((k, admin)) = cluster("standin-stringdata") else { return };
+    k.kubeconfig_for_token(admin.path(), &k.admin_token()).unwrap();
+    let file = admin.dir.join("secret.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n  namespace: default\n\
+         data:\n  kept: a2VwdA==\nstringData:\n  plain: hello\n",
+    )
+    .unwrap();
+    ok(&admin.run(&["apply", "--validate=false", "-f", file.to_str().unwrap()]));
+    let s = k.object("v1", "Secret", "default", "s").unwrap();
+    assert_eq!(s["data"], json!({ "kept": "a2VwdA==", "plain": "aGVsbG8=" }), "{s}");
+    assert!(s.get("stringData").is_none(), "{s}");
+    // An update merges it too.
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n  namespace: default\nstringData:\n  plain: bye\n",
+    )
+    .unwrap();
+    ok(&admin.run(&["replace", "--validate=false", "-f", file.to_str().unwrap()]));
+    let s = k.object("v1", "Secret", "default", "s").unwrap();
+    assert_eq!(s["data"], json!({ "plain": "Ynll" }), "{s}");
+    assert!(s.get("stringData").is_none(), "{s}");
+}

@@ -13,7 +13,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -143,6 +143,79 @@ pub fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// The admin CLI (`uplink-hub --hub-url ... --token ...`) against `hub`.
+pub fn hub_cli(hub: &HubProc, token: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_uplink-hub"))
+        .args(["--hub-url", &hub.url, "--token", token, "--hub-ca"])
+        .arg(hub.dir.join("data/ca.pem"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A real `uplink run` against the API server at `kube_url`: `flags` say
+/// where the activation and the state are; `dir` holds the agent's kube
+/// credentials (`token`, `kube-ca.pem`); stderr goes to `log`.
+pub fn spawn_agent(flags: &[&std::ffi::OsStr], kube_url: &str, dir: &Path, log: &Path) -> Child {
+    let health =
+        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    Command::new(env!("CARGO_BIN_EXE_uplink"))
+        .arg("run")
+        .args(flags)
+        .args(["--kube-url", kube_url, "--kube-token-file"])
+        .arg(dir.join("token"))
+        .arg("--kube-ca")
+        .arg(dir.join("kube-ca.pem"))
+        .args(["--health-addr", &health])
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("spawn uplink")
+}
+
+/// Kills a process if the test fails before it exits by itself.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The exit code of `child` once it exits within `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// Its stdout, after asserting that the command succeeded.
+#[track_caller]
+pub fn ok(o: &Output) -> String {
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "command failed: {out}\n{err}");
+    out.into_owned()
+}
+
+/// Asserts that the command failed saying `message` on stderr.
+#[track_caller]
+pub fn fails(o: &Output, message: &str) {
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "should have failed: {out}");
+    assert!(err.contains(message), "expected {message:?} in:\n{err}");
 }
 
 /// What the simulated agents observed.

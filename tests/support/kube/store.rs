@@ -43,6 +43,22 @@ pub enum StoreError {
     Invalid(String),
 }
 
+/// A Secret's write-only `stringData` merges into `data` (base64), as the
+/// API server does; it is never stored.
+fn merge_string_data(kind: &str, obj: &mut Value) {
+    use base64::Engine;
+    if kind != "Secret" {
+        return;
+    }
+    let Some(Value::Object(sd)) = obj.as_object_mut().and_then(|o| o.remove("stringData")) else { return };
+    if !obj["data"].is_object() {
+        obj["data"] = json!({});
+    }
+    for (k, v) in sd {
+        obj["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or("")));
+    }
+}
+
 impl Store {
     fn next_rv(&mut self) -> u64 {
         self.rv += 1;
@@ -72,6 +88,7 @@ impl Store {
                 return Err(StoreError::Invalid("name or generateName is required".into()));
             }
         }
+        merge_string_data(r.kind, &mut obj);
         let key = (res_id(r), if r.namespaced { ns.to_string() } else { String::new() }, name.clone());
         if self.objects.contains_key(&key) {
             return Err(StoreError::AlreadyExists);
@@ -125,6 +142,7 @@ impl Store {
         for k in ["uid", "creationTimestamp"] {
             obj["metadata"][k] = old["metadata"][k].clone();
         }
+        merge_string_data(r.kind, &mut obj);
         obj["apiVersion"] = json!(r.api_version());
         obj["kind"] = json!(r.kind);
         if r.namespaced {
