@@ -30,10 +30,10 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, KillOnDrop, hub_cli, ok, temp_dir, wait_exit, wait_for};
+use hub_support::{HubProc, KillOnDrop, hub_cli, ok, spawn_agent_with, temp_dir, wait_exit, wait_for};
 use serde_json::json;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use support::kube::{AGENT_USER, Config, StandIn};
 use support::kubectl::{Kubectl, stderr};
@@ -75,28 +75,11 @@ impl Launcher {
     }
 
     fn spawn_agent(&self, dir: &Path, k: &StandIn, log: &Path) -> Child {
-        let health =
-            format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
-        self.command()
-            .args(["run", "--activation"])
-            .arg(dir.join("activation.json"))
-            .arg("--state")
-            .arg(dir.join("state"))
-            .args(["--kube-url", &k.url(), "--kube-token-file"])
-            .arg(dir.join("token"))
-            .arg("--kube-ca")
-            .arg(dir.join("kube-ca.pem"))
-            .args(["--health-addr", &health])
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("NOTIFY_SOCKET")
-            .env("UPLINK_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} (runner {:?}): {e}", self.bin, self.runner))
+        let mut agent = self.command();
+        agent.env("UPLINK_LOG", "debug");
+        let (activation, state) = (dir.join("activation.json"), dir.join("state"));
+        let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
+        spawn_agent_with(agent, &flags, &k.url(), dir, log)
     }
 }
 

@@ -159,9 +159,21 @@ pub fn hub_cli(hub: &HubProc, token: &str, args: &[&str]) -> Output {
 /// where the activation and the state are; `dir` holds the agent's kube
 /// credentials (`token`, `kube-ca.pem`); stderr goes to `log`.
 pub fn spawn_agent(flags: &[&std::ffi::OsStr], kube_url: &str, dir: &Path, log: &Path) -> Child {
+    spawn_agent_with(Command::new(env!("CARGO_BIN_EXE_uplink")), flags, kube_url, dir, log)
+}
+
+/// [`spawn_agent`] with the program given: another build of the agent, or
+/// one behind a launcher such as `qemu-aarch64-static`.
+pub fn spawn_agent_with(
+    mut agent: Command,
+    flags: &[&std::ffi::OsStr],
+    kube_url: &str,
+    dir: &Path,
+    log: &Path,
+) -> Child {
     let health =
         format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
-    Command::new(env!("CARGO_BIN_EXE_uplink"))
+    agent
         .arg("run")
         .args(flags)
         .args(["--kube-url", kube_url, "--kube-token-file"])
@@ -177,7 +189,7 @@ pub fn spawn_agent(flags: &[&std::ffi::OsStr], kube_url: &str, dir: &Path, log: 
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .expect("spawn uplink")
+        .unwrap_or_else(|e| panic!("cannot start the agent {agent:?}: {e}"))
 }
 
 /// Kills a process if the test fails before it exits by itself.
