@@ -30,7 +30,9 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, KillOnDrop, hub_cli, ok, spawn_agent_with, temp_dir, wait_exit, wait_for};
+use hub_support::{
+    HubProc, KillOnDrop, hub_cli, ok, spawn_agent_with, temp_dir, wait_exit, wait_for, write_kube_credentials,
+};
 use serde_json::json;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -97,8 +99,7 @@ fn cross_built_agent_activates_proxies_and_stops_when_deregistered() {
     let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let k = StandIn::start(Config::default());
     k.load_rbac_yaml(ARTICLE_RBAC).unwrap();
-    std::fs::write(dir.join("token"), k.agent_token()).unwrap();
-    std::fs::write(dir.join("kube-ca.pem"), k.ca_pem()).unwrap();
+    write_kube_credentials(&dir, &k.agent_token(), &k.ca_pem());
 
     let hub = HubProc::start_on_free_port(&dir);
     let admin_token = hub.admin_token.clone().unwrap();

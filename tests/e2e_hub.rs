@@ -6,7 +6,7 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, fails, hub_cli, ok, temp_dir, wait_exit, wait_for};
+use hub_support::{HubProc, fails, hub_cli, ok, temp_dir, wait_exit, wait_for, write_kube_credentials};
 use serde_json::json;
 use std::io::Read;
 use std::path::Path;
@@ -36,8 +36,7 @@ fn register_activate_use_with_kubectl_disconnect_and_deregister() {
     for y in [ARTICLE_RBAC, AGENT_IMPERSONATION, DEBUG_ACCESS] {
         k.load_rbac_yaml(y).unwrap();
     }
-    std::fs::write(dir.join("token"), k.agent_token()).unwrap();
-    std::fs::write(dir.join("kube-ca.pem"), k.ca_pem()).unwrap();
+    write_kube_credentials(&dir, &k.agent_token(), &k.ca_pem());
 
     let hub = HubProc::start_on_free_port(&dir);
     let admin_token = hub.admin_token.clone().unwrap();

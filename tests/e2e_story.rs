@@ -24,7 +24,9 @@ mod hub_support;
 mod support;
 
 use base64::Engine;
-use hub_support::{HubProc, KillOnDrop, fails, hub_cli, ok, spawn_agent, temp_dir, wait_exit, wait_for};
+use hub_support::{
+    HubProc, KillOnDrop, fails, hub_cli, ok, spawn_agent, temp_dir, wait_exit, wait_for, write_kube_credentials,
+};
 use serde_json::{Value, json};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -128,8 +130,7 @@ fn secret_mode_activation_apply_patch_delete_and_a_complete_audit() {
     // The agent runs as its service account, with only what the manifest gave it.
     let sa_token = "uplink-agent-projected-token";
     k.add_token(sa_token, AGENT_USER, AGENT_GROUPS);
-    std::fs::write(dir.join("token"), sa_token).unwrap();
-    std::fs::write(dir.join("kube-ca.pem"), k.ca_pem()).unwrap();
+    write_kube_credentials(&dir, sa_token, &k.ca_pem());
     let flags = ["--activation".as_ref(), mount.as_os_str(), "--state-secret".as_ref(), "uplink/uplink-state".as_ref()];
     let mut agent = KillOnDrop(spawn_agent(&flags, &k.url(), &dir, &dir.join("agent-0.log")));
     assert!(

@@ -155,6 +155,13 @@ pub fn hub_cli(hub: &HubProc, token: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Writes the agent's API-server credentials where [`spawn_agent`] has the
+/// agent read them: `dir/token` and `dir/kube-ca.pem`.
+pub fn write_kube_credentials(dir: &Path, token: &str, ca_pem: &str) {
+    std::fs::write(dir.join("token"), token).unwrap();
+    std::fs::write(dir.join("kube-ca.pem"), ca_pem).unwrap();
+}
+
 /// A real `uplink run` against the API server at `kube_url`: `flags` say
 /// where the activation and the state are; `dir` holds the agent's kube
 /// credentials (`token`, `kube-ca.pem`); stderr goes to `log`.
