@@ -146,7 +146,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
     let upgrade = headers::is_upgrade(&head.headers);
     let mut out =
         headers::request_headers(&head.headers, &head.identity, &ctx.allow, auth.as_deref()).map_err(|r| {
-            let code = if matches!(r, Refusal::BadField(_)) { 400 } else { 403 };
+            let code = if matches!(r, Refusal::BadField(_) | Refusal::BadName(_)) { 400 } else { 403 };
             Failure::Refused(code, if code == 400 { "BadRequest" } else { "Forbidden" }, r.to_string())
         })?;
     let body = request_body(head, upgrade)?;
