@@ -66,7 +66,8 @@ pub async fn activate(hub: &Hub, _req: &Request, body: &mut BodyState, inb: &mut
         kube_version: b.kube_version,
         node_count: b.node_count,
     };
-    let again = "register the cluster again with `uplink-hub cluster register NAME` and install the new activation";
+    let again = "renew the activation with `uplink-hub cluster renew NAME` (or register the cluster if it is not \
+                 registered) and install the new activation";
     match hub.store.activate(
         &b.activation_id,
         &sha256_hex(&b.activation_code),
@@ -102,13 +103,22 @@ pub async fn activate(hub: &Hub, _req: &Request, body: &mut BodyState, inb: &mut
         Err(ActivateError::Used) => api::error(
             409,
             "activation_used",
-            &format!(
-                "the activation code was already used; an agent of this cluster activated before (reuse its saved state) or {again}"
-            ),
+            "the activation code was already used; an agent of this cluster activated before (reuse its saved state) or \
+             deregister the cluster with `uplink-hub cluster deregister NAME`, register it again with \
+             `uplink-hub cluster register NAME` and install the new activation",
         ),
-        Err(ActivateError::Deregistered) => {
-            api::error(410, "cluster_deregistered", &format!("the cluster was deregistered: {again}"))
-        }
+        Err(ActivateError::Replaced) => api::error(
+            410,
+            "activation_replaced",
+            "this activation was replaced by a newer one (`uplink-hub cluster renew` or `cluster register --force`): \
+             install the newer activation instead",
+        ),
+        Err(ActivateError::Deregistered) => api::error(
+            410,
+            "cluster_deregistered",
+            "the cluster was deregistered: register it again with `uplink-hub cluster register NAME` and install \
+             the new activation",
+        ),
         Err(ActivateError::Store(e)) => {
             log::error!("store failed during activation error={e}");
             api::error(500, "internal", "the hub's store failed; retry later")

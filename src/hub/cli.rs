@@ -1,12 +1,26 @@
 //! The `uplink-hub` command line: `serve`, and admin commands that talk to
 //! a running hub's REST API (URL, token and CA from flags or
 //! `UPLINK_HUB_URL`, `UPLINK_TOKEN`, `UPLINK_HUB_CA`).
+//!
+//! Names people give (users, groups, clusters) go into URLs
+//! percent-encoded, one path segment or query value each, so an IAM ARN
+//! with its `/` or a name with spaces reaches the hub whole. Tables are
+//! sized from their content ([`super::table`]).
+//!
+//! `cluster register` checks all it can before it asks the hub (names,
+//! lifetime, an existing writable output directory, files it would
+//! overwrite): a registration whose files cannot be written loses its
+//! one-time code. Should writing fail anyway, the activation and the
+//! manifest go to standard output instead of being lost.
 
 use super::client::{Client, Reply};
 use super::server::{ServeConfig, serve};
+use super::table::{self, Align};
+use crate::http::percent_encode;
+use crate::names::{self, NameKind};
 use argh::FromArgs;
 use serde_json::{Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// uplink-hub: register Kubernetes clusters, hold their agents' tunnels, serve kubectl through them.
 #[derive(FromArgs)]
@@ -32,6 +46,7 @@ pub enum Cmd {
     User(UserArgs),
     Grant(GrantArgs),
     Kubeconfig(KubeconfigArgs),
+    Audit(AuditArgs),
     Version(VersionArgs),
 }
 
@@ -68,6 +83,7 @@ pub struct ClusterArgs {
 #[argh(subcommand)]
 pub enum ClusterCmd {
     Register(RegisterArgs),
+    Renew(RenewArgs),
     List(ListArgs),
     Show(ShowArgs),
     Deregister(DeregisterArgs),
@@ -83,12 +99,33 @@ pub struct RegisterArgs {
     /// hours the activation stays valid (default 72)
     #[argh(option, default = "72")]
     pub expires_hours: u64,
-    /// a user the cluster may impersonate (repeatable)
+    /// a user the cluster may impersonate (repeatable; any Kubernetes user name, e.g. an IAM ARN)
     #[argh(option)]
     pub user: Vec<String>,
     /// a group the cluster may impersonate (repeatable)
     #[argh(option)]
     pub group: Vec<String>,
+    /// where to write uplink-NAME.yaml and uplink-NAME-activation.json (default .)
+    #[argh(option, default = "PathBuf::from(\".\")")]
+    pub out_dir: PathBuf,
+    /// if NAME is registered but PENDING, issue a fresh activation (the old code stops working); also overwrite the files
+    #[argh(switch)]
+    pub force: bool,
+    /// print the API answer as JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// issue a fresh activation for a PENDING cluster (expired code, lost files); rewrites its files
+#[derive(FromArgs)]
+#[argh(subcommand, name = "renew")]
+pub struct RenewArgs {
+    /// cluster name
+    #[argh(positional)]
+    pub name: String,
+    /// hours the new activation stays valid (default 72)
+    #[argh(option, default = "72")]
+    pub expires_hours: u64,
     /// where to write uplink-NAME.yaml and uplink-NAME-activation.json (default .)
     #[argh(option, default = "PathBuf::from(\".\")")]
     pub out_dir: PathBuf,
@@ -224,6 +261,27 @@ pub struct KubeconfigArgs {
     pub out: Option<PathBuf>,
 }
 
+/// show the audit log of proxied requests, newest first
+#[derive(FromArgs)]
+#[argh(subcommand, name = "audit")]
+pub struct AuditArgs {
+    /// only this user's requests
+    #[argh(option)]
+    pub user: Option<String>,
+    /// only requests to this cluster
+    #[argh(option)]
+    pub cluster: Option<String>,
+    /// only requests since this RFC 3339 time, e.g. 2026-01-01T00:00:00Z
+    #[argh(option)]
+    pub since: Option<String>,
+    /// at most this many entries (default 100)
+    #[argh(option, default = "100")]
+    pub limit: u32,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
 /// print the version
 #[derive(FromArgs)]
 #[argh(subcommand, name = "version")]
@@ -300,34 +358,8 @@ fn run_inner(args: Args) -> Result<(), String> {
         Cmd::Cluster(c) => {
             let api = client(&args)?;
             match &c.cmd {
-                ClusterCmd::Register(r) => {
-                    let v = check(api.post_json(
-                        "/api/v1/clusters",
-                        &json!({ "name": r.name, "expires_in_hours": r.expires_hours, "users": r.user, "groups": r.group }),
-                    ))?;
-                    let manifest = r.out_dir.join(format!("uplink-{}.yaml", r.name));
-                    let activation = r.out_dir.join(format!("uplink-{}-activation.json", r.name));
-                    write_private(&manifest, v["manifest"].as_str().unwrap_or_default())?;
-                    write_private(&activation, v["systemd_activation"].as_str().unwrap_or_default())?;
-                    if r.json {
-                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                        return Ok(());
-                    }
-                    println!("cluster {} registered: PENDING", r.name);
-                    println!(
-                        "activation {} expires {}",
-                        s(&v["activation"]["activation_id"]),
-                        s(&v["activation"]["expires_at"])
-                    );
-                    println!("(the activation code is inside the files below and is not shown again)");
-                    println!();
-                    println!("in the cluster (pod):     kubectl apply -f {}", manifest.display());
-                    println!(
-                        "beside it (systemd):      install -D -m 0600 {} /etc/uplink/activation.json && systemctl enable --now uplink",
-                        activation.display()
-                    );
-                    Ok(())
-                }
+                ClusterCmd::Register(r) => register(&api, r),
+                ClusterCmd::Renew(r) => renew(&api, r),
                 ClusterCmd::List(l) => {
                     let path = if l.all { "/api/v1/clusters?all=true" } else { "/api/v1/clusters" };
                     let v = check(api.get(path))?;
@@ -335,32 +367,45 @@ fn run_inner(args: Args) -> Result<(), String> {
                         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                         return Ok(());
                     }
-                    println!(
-                        "{:<24} {:<13} {:>6} {:<10} {:<8} {:<12} {:>5}  LAST SEEN",
-                        "NAME", "STATUS", "AGENTS", "VERSION", "ARCH", "KUBE", "NODES"
+                    let rows: Vec<Vec<String>> = v["clusters"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| {
+                            [
+                                "name",
+                                "status",
+                                "agents",
+                                "agent_version",
+                                "arch",
+                                "kube_version",
+                                "node_count",
+                                "last_seen",
+                            ]
+                            .iter()
+                            .map(|k| s(&c[*k]))
+                            .collect()
+                        })
+                        .collect();
+                    let align =
+                        [Align::Left, Align::Left, Align::Right, Align::Left, Align::Left, Align::Left, Align::Right];
+                    print!(
+                        "{}",
+                        table::render(
+                            &["NAME", "STATUS", "AGENTS", "VERSION", "ARCH", "KUBE", "NODES", "LAST SEEN"],
+                            &rows,
+                            &align
+                        )
                     );
-                    for c in v["clusters"].as_array().into_iter().flatten() {
-                        println!(
-                            "{:<24} {:<13} {:>6} {:<10} {:<8} {:<12} {:>5}  {}",
-                            s(&c["name"]),
-                            s(&c["status"]),
-                            s(&c["agents"]),
-                            s(&c["agent_version"]),
-                            s(&c["arch"]),
-                            s(&c["kube_version"]),
-                            s(&c["node_count"]),
-                            s(&c["last_seen"])
-                        );
-                    }
                     Ok(())
                 }
                 ClusterCmd::Show(sh) => {
-                    let v = check(api.get(&format!("/api/v1/clusters/{}", sh.name)))?;
+                    let v = check(api.get(&format!("/api/v1/clusters/{}", percent_encode(&sh.name))))?;
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     Ok(())
                 }
                 ClusterCmd::Deregister(d) => {
-                    let v = check(api.delete(&format!("/api/v1/clusters/{}", d.name)))?;
+                    let v = check(api.delete(&format!("/api/v1/clusters/{}", percent_encode(&d.name))))?;
                     println!(
                         "cluster {} deregistered ({} connected agent(s) told to stop)",
                         d.name,
@@ -384,21 +429,20 @@ fn run_inner(args: Args) -> Result<(), String> {
                 }
                 UserCmd::List(_) => {
                     let v = check(api.get("/api/v1/users"))?;
-                    println!("{:<24} {:<6} {:<22} GROUPS", "NAME", "ADMIN", "REVOKED");
-                    for u in v["users"].as_array().into_iter().flatten() {
-                        let groups: Vec<String> = u["groups"].as_array().into_iter().flatten().map(s).collect();
-                        println!(
-                            "{:<24} {:<6} {:<22} {}",
-                            s(&u["name"]),
-                            s(&u["admin"]),
-                            s(&u["revoked_at"]),
-                            groups.join(",")
-                        );
-                    }
+                    let rows: Vec<Vec<String>> = v["users"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|u| {
+                            let groups: Vec<String> = u["groups"].as_array().into_iter().flatten().map(s).collect();
+                            vec![s(&u["name"]), s(&u["admin"]), s(&u["revoked_at"]), groups.join(",")]
+                        })
+                        .collect();
+                    print!("{}", table::render(&["NAME", "ADMIN", "REVOKED", "GROUPS"], &rows, &[]));
                     Ok(())
                 }
                 UserCmd::Revoke(r) => {
-                    check(api.delete(&format!("/api/v1/users/{}", r.name)))?;
+                    check(api.delete(&format!("/api/v1/users/{}", percent_encode(&r.name))))?;
                     println!("user {} revoked; their tokens no longer work", r.name);
                     Ok(())
                 }
@@ -417,15 +461,20 @@ fn run_inner(args: Args) -> Result<(), String> {
                 }
                 GrantCmd::List(_) => {
                     let v = check(api.get("/api/v1/grants"))?;
-                    println!("{:<6} {:<30} CLUSTERS", "ID", "SUBJECT");
-                    for g in v["grants"].as_array().into_iter().flatten() {
-                        let subject = if g["user"].is_string() {
-                            format!("user:{}", s(&g["user"]))
-                        } else {
-                            format!("group:{}", s(&g["group"]))
-                        };
-                        println!("{:<6} {:<30} {}", s(&g["id"]), subject, s(&g["clusters"]));
-                    }
+                    let rows: Vec<Vec<String>> = v["grants"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|g| {
+                            let subject = if g["user"].is_string() {
+                                format!("user:{}", s(&g["user"]))
+                            } else {
+                                format!("group:{}", s(&g["group"]))
+                            };
+                            vec![s(&g["id"]), subject, s(&g["clusters"])]
+                        })
+                        .collect();
+                    print!("{}", table::render(&["ID", "SUBJECT", "CLUSTERS"], &rows, &[Align::Right]));
                     Ok(())
                 }
                 GrantCmd::Remove(r) => {
@@ -435,10 +484,11 @@ fn run_inner(args: Args) -> Result<(), String> {
                 }
             }
         }
+        Cmd::Audit(a) => audit(&client(&args)?, a),
         Cmd::Kubeconfig(k) => {
             let api = client(&args)?;
             let r = api
-                .get(&format!("/api/v1/kubeconfig?cluster={}", k.cluster))
+                .get(&format!("/api/v1/kubeconfig?cluster={}", percent_encode(&k.cluster)))
                 .map_err(|e| format!("cannot reach the hub: {e}"))?;
             if r.status != 200 {
                 check(Ok(r))?;
@@ -454,6 +504,190 @@ fn run_inner(args: Args) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `cluster register`: check, ask the hub, write the files (or print
+/// what could not be written).
+fn register(api: &Client, r: &RegisterArgs) -> Result<(), String> {
+    if !super::valid_cluster_name(&r.name) {
+        return Err(format!(
+            "{:?} is not a cluster name: a DNS label of lowercase letters, digits and '-', at most 63",
+            r.name
+        ));
+    }
+    for u in &r.user {
+        names::check(NameKind::User, u).map_err(|e| format!("--user: {e}"))?;
+    }
+    for g in &r.group {
+        names::check(NameKind::Group, g).map_err(|e| format!("--group: {e}"))?;
+    }
+    check_lifetime(r.expires_hours)?;
+    let files = InstallFiles::new(&r.name, &r.out_dir);
+    files.check(r.force)?;
+    let v = check(api.post_json(
+        "/api/v1/clusters",
+        &json!({
+            "name": r.name, "expires_in_hours": r.expires_hours, "users": r.user, "groups": r.group, "force": r.force,
+        }),
+    ))?;
+    // With --force, a cluster that was already PENDING keeps its id and
+    // gets a new activation (the hub says which happened).
+    let what = if v["renewed"] == true { "has a new activation" } else { "registered" };
+    files.write(&v, r.json, what)
+}
+
+/// `cluster renew`: a fresh activation for a PENDING cluster.
+fn renew(api: &Client, r: &RenewArgs) -> Result<(), String> {
+    check_lifetime(r.expires_hours)?;
+    let files = InstallFiles::new(&r.name, &r.out_dir);
+    // Renewing replaces this cluster's own files: the activation in them
+    // stops working.
+    files.check(true)?;
+    let v = check(api.post_json(
+        &format!("/api/v1/clusters/{}/activation", percent_encode(&r.name)),
+        &json!({ "expires_in_hours": r.expires_hours }),
+    ))?;
+    files.write(&v, r.json, "has a new activation")
+}
+
+fn check_lifetime(hours: u64) -> Result<(), String> {
+    const MAX_HOURS: u64 = 24 * 365;
+    if hours == 0 || hours > MAX_HOURS {
+        return Err(format!("--expires-hours must be between 1 and {MAX_HOURS}"));
+    }
+    Ok(())
+}
+
+/// Where `cluster register` and `cluster renew` put what they got.
+struct InstallFiles {
+    name: String,
+    dir: PathBuf,
+    manifest: PathBuf,
+    activation: PathBuf,
+}
+
+impl InstallFiles {
+    fn new(name: &str, dir: &Path) -> InstallFiles {
+        InstallFiles {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            manifest: dir.join(format!("uplink-{name}.yaml")),
+            activation: dir.join(format!("uplink-{name}-activation.json")),
+        }
+    }
+
+    /// Before the hub is asked: the directory exists and takes files,
+    /// and nothing is overwritten unless `overwrite`.
+    fn check(&self, overwrite: bool) -> Result<(), String> {
+        let dir = self.dir.display();
+        match std::fs::metadata(&self.dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("--out-dir {dir} is not a directory; nothing was registered")),
+            Err(e) => {
+                return Err(format!("--out-dir {dir}: {e}; create it or pick another, nothing was registered"));
+            }
+        }
+        let probe = self.dir.join(format!(".uplink-{}-{}.probe", self.name, std::process::id()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+            }
+            Err(e) => {
+                return Err(format!("--out-dir {dir} does not take new files ({e}); nothing was registered"));
+            }
+        }
+        for f in [&self.manifest, &self.activation] {
+            if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_dir()) {
+                return Err(format!("{} is a directory; nothing was registered", f.display()));
+            }
+            if !overwrite && f.exists() {
+                return Err(format!(
+                    "{} exists; move it away, pick another --out-dir, or pass --force to replace it \
+                     (nothing was registered)",
+                    f.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the manifest and the activation file from the hub's answer
+    /// `v`. Should that fail, both go to standard output so the one-time
+    /// code is not lost, and the command fails.
+    fn write(&self, v: &Value, json_out: bool, what: &str) -> Result<(), String> {
+        let manifest = v["manifest"].as_str().unwrap_or_default();
+        let activation = v["systemd_activation"].as_str().unwrap_or_default();
+        let failed: Vec<String> = [(&self.manifest, manifest), (&self.activation, activation)]
+            .into_iter()
+            .filter_map(|(path, text)| write_private(path, text).err())
+            .collect();
+        if !failed.is_empty() {
+            println!("# ---- {} (install as /etc/uplink/activation.json) ----", file_name(&self.activation));
+            print!("{activation}");
+            println!("# ---- {} (kubectl apply -f) ----", file_name(&self.manifest));
+            print!("{manifest}");
+            return Err(format!(
+                "cluster {} {what}, but its files could not be written: {}.\n\
+                 The activation and the manifest are printed above on standard output: save them now, the \
+                 activation code is not shown again (or issue a fresh one later with \
+                 `uplink-hub cluster renew {} --out-dir DIR`).",
+                self.name,
+                failed.join("; "),
+                self.name
+            ));
+        }
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            return Ok(());
+        }
+        println!("cluster {} {what}: {}", self.name, s(&v["cluster"]["status"]));
+        println!("activation {} expires {}", s(&v["activation"]["activation_id"]), s(&v["activation"]["expires_at"]));
+        println!("(the activation code is inside the files below and is not shown again)");
+        println!();
+        println!("in the cluster (pod):     kubectl apply -f {}", self.manifest.display());
+        println!(
+            "beside it (systemd):      install -D -m 0600 {} /etc/uplink/activation.json && systemctl enable --now uplink",
+            self.activation.display()
+        );
+        Ok(())
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// `audit`: the audit log as a table; names go out percent-encoded.
+fn audit(api: &Client, a: &AuditArgs) -> Result<(), String> {
+    let mut query = vec![format!("limit={}", a.limit)];
+    for (key, value) in [("user", &a.user), ("cluster", &a.cluster), ("since", &a.since)] {
+        if let Some(v) = value {
+            query.push(format!("{key}={}", percent_encode(v)));
+        }
+    }
+    let v = check(api.get(&format!("/api/v1/audit?{}", query.join("&"))))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                s(&e["time"]),
+                s(&e["user"]),
+                s(&e["cluster"]),
+                s(&e["status"]),
+                format!("{} ms", s(&e["duration_ms"])),
+                format!("{} {}", s(&e["method"]), s(&e["path"])),
+            ]
+        })
+        .collect();
+    let align = [Align::Left, Align::Left, Align::Left, Align::Right, Align::Right];
+    print!("{}", table::render(&["TIME", "USER", "CLUSTER", "STATUS", "DURATION", "REQUEST"], &rows, &align));
+    Ok(())
 }
 
 /// Files with secrets in them are written 0600.
