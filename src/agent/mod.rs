@@ -519,6 +519,36 @@ mod tests {
         assert_eq!(v["allowed_groups"], serde_json::json!(["uplink:debuggers"]));
     }
 
+    /// Allow lists take names as Kubernetes has them, quoted or plain
+    /// where YAML allows.
+    #[test]
+    fn config_allow_lists_take_kubernetes_names() {
+        let dir = std::env::temp_dir().join(format!("uplink-config-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.yaml");
+        std::fs::write(
+            &p,
+            "allowed_users:\n  - \"arn:aws:iam::1234567890:user/Alice\"\n  - arn:aws:iam::1234567890:role/Admins\n  \
+             - Jane Doe # a comment\n  - Zoë Ångström\n  - '山田'\n  - \"oidc:https://idp.example.com#42\"\n\
+             allowed_groups: [\"system:masters\", jane@example.com]\n",
+        )
+        .unwrap();
+        let c = FileConfig::load(&p).unwrap();
+        assert_eq!(
+            c.allowed_users.unwrap(),
+            [
+                "arn:aws:iam::1234567890:user/Alice",
+                "arn:aws:iam::1234567890:role/Admins",
+                "Jane Doe",
+                "Zoë Ångström",
+                "山田",
+                "oidc:https://idp.example.com#42"
+            ]
+        );
+        assert_eq!(c.allowed_groups.unwrap(), ["system:masters", "jane@example.com"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn config_file_yaml_or_json() {
         let dir = std::env::temp_dir().join(format!("uplink-config-{}", std::process::id()));

@@ -524,6 +524,7 @@ fn register(api: &Client, r: &RegisterArgs) -> Result<(), String> {
     check_lifetime(r.expires_hours)?;
     let files = InstallFiles::new(&r.name, &r.out_dir);
     files.check(r.force)?;
+    let files = InstallFiles { overwrite: r.force, ..files };
     let v = check(api.post_json(
         "/api/v1/clusters",
         &json!({
@@ -543,6 +544,7 @@ fn renew(api: &Client, r: &RenewArgs) -> Result<(), String> {
     // Renewing replaces this cluster's own files: the activation in them
     // stops working.
     files.check(true)?;
+    let files = InstallFiles { overwrite: true, ..files };
     let v = check(api.post_json(
         &format!("/api/v1/clusters/{}/activation", percent_encode(&r.name)),
         &json!({ "expires_in_hours": r.expires_hours }),
@@ -564,6 +566,10 @@ struct InstallFiles {
     dir: PathBuf,
     manifest: PathBuf,
     activation: PathBuf,
+    /// Whether [`InstallFiles::write`] may replace existing files; when
+    /// not, it creates them or fails, so a file made between the check
+    /// and the write is not clobbered either.
+    overwrite: bool,
 }
 
 impl InstallFiles {
@@ -573,6 +579,7 @@ impl InstallFiles {
             dir: dir.to_path_buf(),
             manifest: dir.join(format!("uplink-{name}.yaml")),
             activation: dir.join(format!("uplink-{name}-activation.json")),
+            overwrite: false,
         }
     }
 
@@ -619,7 +626,7 @@ impl InstallFiles {
         let activation = v["systemd_activation"].as_str().unwrap_or_default();
         let failed: Vec<String> = [(&self.manifest, manifest), (&self.activation, activation)]
             .into_iter()
-            .filter_map(|(path, text)| write_private(path, text).err())
+            .filter_map(|(path, text)| write_secret(path, text, self.overwrite).err())
             .collect();
         if !failed.is_empty() {
             println!("# ---- {} (install as /etc/uplink/activation.json) ----", file_name(&self.activation));
@@ -692,9 +699,18 @@ fn audit(api: &Client, a: &AuditArgs) -> Result<(), String> {
 
 /// Files with secrets in them are written 0600.
 fn write_private(path: &std::path::Path, contents: &str) -> Result<(), String> {
+    write_secret(path, contents, true)
+}
+
+/// [`write_private`]; unless `overwrite`, only as a new file.
+fn write_secret(path: &std::path::Path, contents: &str, overwrite: bool) -> Result<(), String> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    if overwrite {
+        opts.write(true).create(true).truncate(true);
+    } else {
+        opts.write(true).create_new(true);
+    }
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     opts.open(path).and_then(|mut f| f.write_all(contents.as_bytes())).map_err(|e| format!("{}: {e}", path.display()))
