@@ -415,15 +415,19 @@ fn register_checks_before_the_call_and_loses_nothing() {
     fails(&again, "cluster edge-x is already registered");
     fails(&again, "uplink-hub cluster renew edge-x");
 
-    // Writing fails after the call (a dangling link where the activation
-    // goes): the activation and the manifest are printed instead.
+    // Writing fails after the call (with --force, through a dangling
+    // link where the activation goes): the activation and the manifest
+    // are printed instead. Without --force the link is refused first.
     let lost = dir.join("lost");
     std::fs::create_dir_all(&lost).unwrap();
     let (_, lost_activation) = files(&lost, "edge-y");
     std::os::unix::fs::symlink(dir.join("no-such-dir/activation.json"), &lost_activation).unwrap();
-    let o = cli(&["cluster", "register", "edge-y", "--out-dir", lost.to_str().unwrap()]);
+    fails(&cli(&["cluster", "register", "edge-y", "--out-dir", lost.to_str().unwrap()]), "exists; move it away");
+    assert!(not_registered("edge-y"));
+    let o = cli(&["cluster", "register", "edge-y", "--out-dir", lost.to_str().unwrap(), "--force"]);
     fails(&o, "cluster edge-y registered, but its files could not be written");
-    fails(&o, "The activation and the manifest are printed above on standard output");
+    fails(&o, "uplink-edge-y-activation.json: No such file or directory");
+    fails(&o, "The activation and the manifest are printed on standard output");
     let printed = stdout(&o);
     let json_part = printed
         .split("# ---- uplink-edge-y-activation.json")

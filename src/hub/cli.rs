@@ -607,7 +607,8 @@ impl InstallFiles {
             if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_dir()) {
                 return Err(format!("{} is a directory; nothing was registered", f.display()));
             }
-            if !overwrite && f.exists() {
+            // Any entry counts, a dangling link too: it would be written through.
+            if !overwrite && std::fs::symlink_metadata(f).is_ok() {
                 return Err(format!(
                     "{} exists; move it away, pick another --out-dir, or pass --force to replace it \
                      (nothing was registered)",
@@ -635,7 +636,7 @@ impl InstallFiles {
             print!("{manifest}");
             return Err(format!(
                 "cluster {} {what}, but its files could not be written: {}.\n\
-                 The activation and the manifest are printed above on standard output: save them now, the \
+                 The activation and the manifest are printed on standard output: save them now, the \
                  activation code is not shown again (or issue a fresh one later with \
                  `uplink-hub cluster renew {} --out-dir DIR`).",
                 self.name,
