@@ -90,12 +90,14 @@ export function registerView(ctx) {
     form, result);
 }
 
-function showInstall(ctx, el, r, grantErrors) {
+/** What to install for a cluster just registered, or given a new
+ * activation (`r.renewed`): the answer of both REST calls. */
+export function showInstall(ctx, el, r, grantErrors = []) {
   const c = r.cluster;
   const file = `uplink-${c.name}.yaml`;
   put(el,
     h('div', { class: 'callout ok', role: 'status' },
-      h('strong', `Cluster ${c.name} is registered (PENDING).`),
+      h('strong', r.renewed ? `Cluster ${c.name} has a new activation (PENDING); the earlier code no longer works.` : `Cluster ${c.name} is registered (PENDING).`),
       h('p', `Install one of the two below before ${localTime(r.activation.expires_at)} (`, when(r.activation.expires_at), '). ',
         'The files hold a one-time activation code: treat them as secrets. They are shown only now.')),
     grantErrors.length ? errorBox({ message: grantErrors.join('; '), hint: 'Add the grants on the Users & grants page.' }, 'Some grants were not added') : null,
@@ -116,7 +118,7 @@ function showInstall(ctx, el, r, grantErrors) {
   el.querySelector('h2')?.setAttribute('tabindex', '-1');
   el.querySelector('.callout')?.setAttribute('tabindex', '-1');
   el.querySelector('.callout')?.focus();
-  ctx.announce(`Cluster ${c.name} registered`);
+  ctx.announce(r.renewed ? `Cluster ${c.name} has a new activation` : `Cluster ${c.name} registered`);
 }
 
 function command(text, id) {
