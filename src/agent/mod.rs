@@ -452,7 +452,8 @@ async fn activate(
 
 /// A `log` backend for stderr, one line per event. Under systemd
 /// (`JOURNAL_STREAM` set) lines carry `<N>` priority prefixes that
-/// journald reads; otherwise a level word.
+/// journald reads, and no time (journald stamps them); otherwise (a pod,
+/// a terminal) a UTC time to the millisecond and a level word.
 pub struct Logger {
     level: log::LevelFilter,
     journald: bool,
@@ -463,7 +464,7 @@ impl Logger {
     /// sets the level, `info` by default.
     pub fn init() {
         let level = std::env::var("UPLINK_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(log::LevelFilter::Info);
-        let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+        let journald = crate::time::stderr_is_journal();
         if log::set_logger(Box::leak(Box::new(Logger { level, journald }))).is_ok() {
             log::set_max_level(level);
         }
@@ -490,7 +491,8 @@ impl log::Log for Logger {
             };
             format!("<{prio}>{msg}\n")
         } else {
-            format!("{:5} {msg}\n", r.level())
+            let now = crate::time::rfc3339_millis(crate::time::now_unix_ms());
+            format!("{now} {:5} {msg}\n", r.level())
         };
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }

@@ -23,9 +23,9 @@ use super::http::{self, BodyState, Request, Response, head_bytes};
 use super::server::{In, Out, Reply};
 use super::store::{AuditEntry, Lifecycle, User};
 use super::{Hub, api, may_reach, valid_cluster_name};
-use crate::driver::Stream;
+use crate::driver::{Stream, StreamClosed};
 use crate::http::{LAST_CHUNK, connection_options, is_hop_by_hop, push_chunk};
-use crate::proto::{Header, Identity, RequestHead};
+use crate::proto::{Header, Identity, RequestHead, ResetCode};
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use std::cell::RefCell;
@@ -302,8 +302,8 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
             match inb.read_body(body).await {
                 Ok(Some(chunk)) => {
                     audit.bytes_in += chunk.len() as u64;
-                    if stream.write_all(&chunk).await.is_err() {
-                        return Err(502);
+                    if let Err(e) = stream.write_all(&chunk).await {
+                        return Err(Some(e));
                     }
                 }
                 Ok(None) => {
@@ -314,31 +314,28 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
                     }
                     break;
                 }
-                Err(_) => return Err(0),
+                Err(_) => return Err(None),
             }
         }
         match stream.response_head().await {
             Ok(h) => Ok(h),
             Err(e) => {
                 log::warn!("no response head cluster={cluster_name} error={e}");
-                Err(502)
+                Err(Some(e))
             }
         }
     };
     let resp_head = match upload.await {
         Ok(h) => h,
-        Err(0) => {
+        Err(None) => {
             audit.status = 499;
             audit.finish();
             return Reply::Done(false);
         }
-        Err(code) => {
+        Err(Some(e)) => {
             drop(stream);
-            return refuse(
-                &mut audit,
-                code,
-                format!("cluster \"{cluster_name}\" stopped answering (tunnel or API server failed)"),
-            );
+            let (code, message) = tunnel_failure(&cluster_name, &e);
+            return refuse(&mut audit, code, message);
         }
     };
     audit.status = resp_head.status;
@@ -452,6 +449,27 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
     audit.bytes_out = sent;
     audit.finish();
     Reply::Done(keep && complete)
+}
+
+/// The status and message for a request whose tunnel stream failed before
+/// the answer's head: which hop failed, and what to do.
+fn tunnel_failure(cluster: &str, e: &StreamClosed) -> (u16, String) {
+    match e {
+        StreamClosed::Session(why) => (
+            503,
+            format!(
+                "uplink-hub ↔ agent of cluster \"{cluster}\": the tunnel was lost before the answer came ({why}); \
+                 the agent reconnects by itself, retry in a moment"
+            ),
+        ),
+        StreamClosed::Reset { code: ResetCode::Refused, message } => {
+            (503, format!("the agent of cluster \"{cluster}\" refused the request ({message}); retry in a moment"))
+        }
+        StreamClosed::Reset { code: ResetCode::Upstream, message } => {
+            (502, format!("uplink agent → API server of cluster \"{cluster}\": {message}"))
+        }
+        other => (502, format!("cluster \"{cluster}\" stopped answering: {other}")),
+    }
 }
 
 /// Most response bytes gathered before a write.

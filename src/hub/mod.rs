@@ -64,6 +64,8 @@ pub struct Hub {
     pub draining: Cell<bool>,
     /// Agent image named in rendered manifests.
     pub agent_image: String,
+    /// Settings of every tunnel session (keepalive, dead-peer deadline).
+    pub tunnel_config: crate::proto::Config,
 }
 
 /// The status a person sees for a cluster.
