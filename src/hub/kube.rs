@@ -25,7 +25,7 @@ use super::store::{AuditEntry, Lifecycle, User};
 use super::{Hub, api, may_reach, valid_cluster_name};
 use crate::driver::{Stream, StreamClosed};
 use crate::http::{LAST_CHUNK, connection_options, is_hop_by_hop, push_chunk};
-use crate::proto::{Header, Identity, RequestHead, ResetCode};
+use crate::proto::{Header, Identity, RequestHead, ResetCode, StreamError};
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use std::cell::RefCell;
@@ -270,16 +270,6 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
             ),
         );
     }
-    let Some(session) = hub.tunnels.pick(&cluster.id) else {
-        return refuse(
-            &mut audit,
-            503,
-            format!(
-                "cluster \"{cluster_name}\" is not connected to uplink-hub (DISCONNECTED): its agent is not running or cannot reach the hub"
-            ),
-        );
-    };
-
     let upgrade = req.upgrade().map(str::to_string);
     let head = RequestHead {
         method: req.method.clone(),
@@ -287,9 +277,18 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
         headers: forward_headers(req, upgrade.as_deref()),
         identity: Identity { user: user.name.clone(), groups, uid: None, extra: Vec::new() },
     };
-    let mut stream = match session.open(head) {
+    let mut stream = match open_stream(hub, &cluster.id, head).await {
         Ok(s) => s,
-        Err(e) => {
+        Err(None) => {
+            return refuse(
+                &mut audit,
+                503,
+                format!(
+                    "cluster \"{cluster_name}\" is not connected to uplink-hub (DISCONNECTED): its agent is not running or cannot reach the hub"
+                ),
+            );
+        }
+        Err(Some(e)) => {
             return refuse(&mut audit, 503, format!("cluster \"{cluster_name}\" could not take the request: {e}"));
         }
     };
@@ -449,6 +448,34 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
     audit.bytes_out = sent;
     audit.finish();
     Reply::Done(keep && complete)
+}
+
+/// How long a request waits for a cluster's agent that is expected back
+/// (see [`super::tunnels::Tunnels::expecting`]) before it is refused: a
+/// redial after a cut or a hub restart is quicker than this.
+const TUNNEL_GRACE: Duration = Duration::from_secs(3);
+
+/// A stream to the cluster on its least busy tunnel. A request that lands
+/// while the agent is redialling waits for it, up to [`TUNNEL_GRACE`],
+/// rather than being refused. `Err(None)`: no tunnel; `Err(Some)`: the
+/// tunnel could not take the stream.
+async fn open_stream(hub: &Hub, cluster_id: &str, head: RequestHead) -> Result<Stream, Option<StreamError>> {
+    let until = Instant::now() + TUNNEL_GRACE;
+    loop {
+        let error = match hub.tunnels.pick(cluster_id) {
+            Some(session) => match session.open(head.clone()) {
+                Ok(stream) => return Ok(stream),
+                // Going away or closing: a new tunnel is on its way.
+                Err(e @ (StreamError::GoingAway | StreamError::Closed | StreamError::NotConnected)) => Some(e),
+                Err(e) => return Err(Some(e)),
+            },
+            None => None,
+        };
+        if hub.draining.get() || Instant::now() >= until || !hub.tunnels.expecting(cluster_id) {
+            return Err(error);
+        }
+        smol::Timer::after(Duration::from_millis(20)).await;
+    }
 }
 
 /// The status and message for a request whose tunnel stream failed before

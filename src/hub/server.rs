@@ -192,6 +192,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         }
         drop(listener);
         info!("stopped listening; draining");
+        // Requests on connections accepted a moment ago get their streams
+        // before the agents hear GoAway (after which no stream opens).
+        Timer::after(Duration::from_millis(200)).await;
         hub.draining.set(true);
         hub.tunnels.go_away_all(GoAwayCode::ShuttingDown, "hub shutting down; reconnect");
         let drained = async {

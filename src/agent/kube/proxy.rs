@@ -18,8 +18,9 @@
 //!
 //! Deadlines: connecting (TCP, TLS) has [`net::dial_timeout`]; the
 //! response head has [`net::response_timeout`], after which the person
-//! gets `504` naming the API server as the hop that timed out. A body, once
-//! its head is here, is never cut for being slow (watch, `logs -f`).
+//! gets `504` naming the API server as the hop that timed out. A streaming
+//! body (watch, `logs -f`) is never cut for being quiet; any other body
+//! that stops for that long is reset (the hub then cuts its answer short).
 
 use super::super::AgentCtx;
 use super::super::http1::{self, BodyKind, BodyReader, Conn};
@@ -214,8 +215,35 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
         .send_head(ResponseHead { status, headers: headers::response_headers(status, &resp.headers) })
         .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
     let mut reader = BodyReader::new(resp.body);
+    // A body that stops for the response deadline is a wedged server,
+    // unless the request asked for a stream (watch, logs -f) whose silence
+    // is normal. One timer for the whole body, moved on only when it goes
+    // off (arming a timer per piece would cost a reactor wake-up each).
+    let stall_limit = net::response_timeout();
+    let streaming = is_long_lived(&head.path);
+    let last_piece = std::cell::Cell::new(std::time::Instant::now());
+    let mut stall = smol::Timer::after(stall_limit);
     loop {
-        let piece = async { Ok(reader.next(&mut conn).await) }.or(async { Err(stream.closed().await) }).await?;
+        let stalled = async {
+            if streaming {
+                return std::future::pending().await;
+            }
+            loop {
+                (&mut stall).await;
+                let quiet = last_piece.get().elapsed();
+                if quiet >= stall_limit {
+                    return Failure::UpstreamAfterHead(format!(
+                        "the API server sent no byte of the body for {quiet:?}"
+                    ));
+                }
+                stall.set_at(last_piece.get() + stall_limit);
+            }
+        };
+        let piece = async { Ok(reader.next(&mut conn).await) }
+            .or(async { Err(Failure::Tunnel(stream.closed().await)) })
+            .or(async { Err(stalled.await) })
+            .await?;
+        last_piece.set(std::time::Instant::now());
         match piece {
             Ok(Some(data)) => {
                 ctx.metrics.add_to_hub(data.len());
@@ -239,6 +267,14 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
             .await;
     }
     Ok(Outcome::Done(status))
+}
+
+/// Whether a request asks for a body that may stay quiet for long: a watch
+/// (`?watch=true`, `/watch/` paths) or followed logs (`?follow=true`).
+fn is_long_lived(path: &str) -> bool {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    path.contains("/watch/")
+        || query.split('&').any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
 }
 
 /// A failure to reach the API server, a deadline kept apart.
@@ -340,4 +376,19 @@ async fn send_status(stream: &mut Stream, code: u16, reason: &str, message: &str
     stream.write_all(&body).await?;
     stream.finish();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_lived_requests() {
+        for p in ["/api/v1/pods?watch=true", "/api/v1/namespaces/a/pods?labelSelector=x&watch=1", "/api/v1/watch/pods"]
+        {
+            assert!(super::is_long_lived(p), "{p}");
+        }
+        assert!(super::is_long_lived("/api/v1/namespaces/a/pods/p/log?container=c&follow=true"));
+        for p in ["/api/v1/pods", "/api/v1/pods?watch=false", "/api/v1/namespaces/watch/pods", "/x?follow=false"] {
+            assert!(!super::is_long_lived(p), "{p}");
+        }
+    }
 }
