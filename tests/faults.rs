@@ -680,3 +680,183 @@ fn a_thousand_agents_losing_the_hub_come_back_spread_out() {
         assert!(*last < down + Duration::from_secs(31));
     }
 }
+
+#[test]
+fn the_hub_serves_on_the_socket_systemd_passes() {
+    // systemd-socket-activate does what uplink-hub.socket does: it listens,
+    // and on the first connection starts the hub with the socket as fd 3
+    // (LISTEN_FDS=1, LISTEN_PID). The hub must use it, not --listen.
+    let Ok(activate) = which("systemd-socket-activate") else {
+        eprintln!("\n!!!!! SKIPPING socket activation: systemd-socket-activate not found !!!!!\n");
+        return;
+    };
+    let dir = temp_dir("faults-socket");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(activate)
+        .args(["-l", &addr, env!("CARGO_BIN_EXE_uplink-hub"), "serve", "--listen", "127.0.0.1:1"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--public-url", &format!("https://{addr}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("hub.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    // The first connection starts the hub; it is served once the hub is up.
+    let healthy = wait_for(20, || {
+        let Ok(ca) = std::fs::read_to_string(dir.join("data/ca.pem")) else {
+            let _ = std::net::TcpStream::connect(&addr);
+            return false;
+        };
+        let c = Client::new(&format!("https://{addr}"), Some(&ca), None).unwrap();
+        c.get("/healthz").is_ok_and(|r| r.status == 200)
+    });
+    let log = std::fs::read_to_string(dir.join("hub.log")).unwrap_or_default();
+    assert!(healthy, "the hub did not serve on the passed socket:\n{log}");
+    assert!(log.contains("listening on the socket systemd passed"), "{log}");
+    // SIGTERM: the hub stops at once (nothing to drain) and exits cleanly.
+    Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    assert_eq!(hub_support::wait_exit(&mut child.0, Duration::from_secs(10)), Some(0));
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).ok_or(())
+}
+
+/// Dials the hub's `/v1/tunnel` as an agent does (TCP, TLS, upgrade,
+/// Hello/Welcome); the session once connected.
+async fn sim_dial(
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    credential: &str,
+) -> Result<(uplink::driver::Session, impl smol::io::AsyncRead + smol::io::AsyncWrite + Unpin), String> {
+    use smol::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = smol::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut io = futures_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET /v1/tunnel HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: uplink/1\r\nAuthorization: Bearer {credential}\r\n\r\n"
+    );
+    io.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if io.read(&mut b).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed".into());
+        }
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(String::from_utf8_lossy(&head).into_owned());
+    }
+    let mux = uplink::proto::Mux::agent(uplink::proto::Config::default(), Default::default(), Instant::now());
+    Ok((uplink::driver::Session::new(mux), io))
+}
+
+#[test]
+fn a_fleet_dialling_a_restarted_hub_arrives_spread_out() {
+    // Simulated agents (the agent's own backoff, seeded per agent; the
+    // real TCP, TLS and upgrade) hold tunnels to a real hub, which is
+    // killed and started again after a pause. When each got its tunnel
+    // back is recorded: the hub's accepts per 100 ms.
+    let _serial = serial();
+    let n: u64 = std::env::var("UPLINK_FLEET").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let down = Duration::from_secs(2);
+    let dir = temp_dir("faults-fleet");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let args = ["--listen".to_string(), format!("127.0.0.1:{port}")];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut hub = HubProc::start_with(&dir, &args);
+    let reg = hub.admin().post_json("/api/v1/clusters", &json!({ "name": "fleet" })).unwrap().json();
+    let act = hub
+        .client(None)
+        .post_json(
+            "/v1/activate",
+            &json!({
+                "activation_id": reg["activation"]["activation_id"],
+                "activation_code": reg["activation"]["activation_code"],
+            }),
+        )
+        .unwrap()
+        .json();
+    let credential = act["credential"].as_str().unwrap().to_string();
+    let tls = uplink::tls::client_config(&uplink::tls::Trust::CaPem(hub.ca_pem.clone()), None, &[b"http/1.1"]).unwrap();
+    let addr = hub.addr;
+    // Each agent's connect times, in order.
+    let connects = Arc::new(Mutex::new(vec![Vec::<Instant>::new(); n as usize]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let fleet = {
+        let (connects, stop) = (connects.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let ex = smol::LocalExecutor::new();
+            smol::block_on(ex.run(async {
+                use uplink::agent::tunnel::{BACKOFF_BASE, BACKOFF_CAP, Backoff};
+                let tasks: Vec<_> = (0..n)
+                    .map(|i| {
+                        let (tls, credential, connects) = (tls.clone(), credential.clone(), connects.clone());
+                        ex.spawn(async move {
+                            let mut backoff =
+                                Backoff::with_seed(BACKOFF_BASE, BACKOFF_CAP, i.wrapping_mul(0x9e37_79b9));
+                            loop {
+                                let wait = match sim_dial(addr, tls.clone(), &credential).await {
+                                    Ok((session, io)) => {
+                                        let s2 = session.clone();
+                                        let record = async {
+                                            if session.connected().await.is_ok() {
+                                                connects.lock().unwrap()[i as usize].push(Instant::now());
+                                            }
+                                            std::future::pending::<()>().await
+                                        };
+                                        smol::future::or(
+                                            async {
+                                                s2.run(io).await;
+                                            },
+                                            record,
+                                        )
+                                        .await;
+                                        backoff.after_session()
+                                    }
+                                    Err(_) => backoff.next_delay(),
+                                };
+                                smol::Timer::after(wait).await;
+                            }
+                        })
+                    })
+                    .collect();
+                while !stop.load(Ordering::SeqCst) {
+                    smol::Timer::after(Duration::from_millis(50)).await;
+                }
+                drop(tasks);
+            }));
+        })
+    };
+    let all_connected = |k: usize| connects.lock().unwrap().iter().all(|c| c.len() >= k);
+    assert!(wait_for(120, || all_connected(1)), "the fleet never connected");
+    let killed = Instant::now();
+    hub.kill9();
+    std::thread::sleep(down);
+    hub = HubProc::start_with(&dir, &args);
+    let back_at = Instant::now();
+    let done = wait_for(90, || all_connected(2));
+    stop.store(true, Ordering::SeqCst);
+    fleet.join().unwrap();
+    assert!(done, "not every agent came back");
+    let back: Vec<Duration> = connects.lock().unwrap().iter().map(|c| c[1] - back_at.min(c[1])).collect();
+    let mut buckets = std::collections::BTreeMap::<u128, usize>::new();
+    for t in &back {
+        *buckets.entry(t.as_millis() / 100).or_default() += 1;
+    }
+    let peak = *buckets.values().max().unwrap();
+    let last = *back.iter().max().unwrap();
+    let half = median(back.clone());
+    println!(
+        "FIGURE {n} dialling agents, hub killed and back after {}: peak {peak} new tunnels per 100 ms, half back after {}, all after {}",
+        ms(back_at - killed),
+        ms(half),
+        ms(last)
+    );
+    assert!(peak as u64 <= n / 3, "{peak} of {n} agents in one 100 ms window");
+    drop(hub);
+}
