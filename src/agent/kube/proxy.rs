@@ -273,8 +273,14 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
 /// (`?watch=true`, `/watch/` paths) or followed logs (`?follow=true`).
 fn is_long_lived(path: &str) -> bool {
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
-    path.contains("/watch/")
-        || query.split('&').any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
+    // The deprecated watch paths: /api/v1/watch/..., /apis/G/V/watch/...
+    let segs: Vec<&str> = path.split('/').collect();
+    let watch_path = match segs.get(1) {
+        Some(&"api") => segs.get(3) == Some(&"watch"),
+        Some(&"apis") => segs.get(4) == Some(&"watch"),
+        _ => false,
+    };
+    watch_path || query.split('&').any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
 }
 
 /// A failure to reach the API server, a deadline kept apart.
@@ -382,8 +388,12 @@ async fn send_status(stream: &mut Stream, code: u16, reason: &str, message: &str
 mod tests {
     #[test]
     fn long_lived_requests() {
-        for p in ["/api/v1/pods?watch=true", "/api/v1/namespaces/a/pods?labelSelector=x&watch=1", "/api/v1/watch/pods"]
-        {
+        for p in [
+            "/api/v1/pods?watch=true",
+            "/api/v1/namespaces/a/pods?labelSelector=x&watch=1",
+            "/api/v1/watch/pods",
+            "/apis/apps/v1/watch/namespaces/a/deployments",
+        ] {
             assert!(super::is_long_lived(p), "{p}");
         }
         assert!(super::is_long_lived("/api/v1/namespaces/a/pods/p/log?container=c&follow=true"));
