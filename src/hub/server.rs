@@ -184,9 +184,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         // Stop listening now, not after the drain: new connections go to
         // the next process (SO_REUSEPORT) or wait in systemd's socket.
         // Those already queued on a socket of our own would be reset with
-        // it, so they are taken and served first.
-        // One poll of the accept loop takes every connection that is
-        // ready (it does not yield while accepts succeed).
+        // it, so they are taken and served first: one poll of the accept
+        // loop takes every connection that is ready (it does not yield
+        // while accepts succeed).
         if !socket_activated {
             accept_loop(&ex, &hub, &listener, &acceptor).or(async {}).await;
         }
