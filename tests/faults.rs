@@ -76,10 +76,19 @@ struct World {
     agent: KillOnDrop,
     admin_token: String,
     bob_token: String,
+    /// The listening socket held for the hub as systemd's socket unit
+    /// holds it, when the hub runs socket-activated.
+    socket: Option<std::net::TcpListener>,
 }
 
 impl World {
     fn start(tag: &str, s: &Settings) -> World {
+        World::start_on(tag, s, None)
+    }
+
+    /// With `socket`, every hub process is started on it as systemd starts
+    /// a socket-activated service (fd 3, `LISTEN_FDS`, `LISTEN_PID`).
+    fn start_on(tag: &str, s: &Settings, socket: Option<std::net::TcpListener>) -> World {
         let dir = temp_dir(tag);
         let k = StandIn::start(Config::default());
         for y in [ARTICLE_RBAC, AGENT_IMPERSONATION, DEBUG_ACCESS] {
@@ -90,7 +99,7 @@ impl World {
         // The agent dials the relay: it is the hub's public URL.
         let hub_relay = Relay::start_on("127.0.0.1:0".parse().unwrap(), None);
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let hub_args: Vec<String> = [
+        let mut hub_args: Vec<String> = [
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--public-url",
@@ -99,12 +108,14 @@ impl World {
             s.keepalive,
             "--dead-after",
             s.dead_after,
-            "--reuse-port",
         ]
         .iter()
         .map(|a| a.to_string())
         .collect();
-        let hub = HubProc::start_with(&dir, &hub_args.iter().map(String::as_str).collect::<Vec<_>>());
+        if socket.is_none() {
+            hub_args.push("--reuse-port".into());
+        }
+        let hub = start_hub(&dir, &hub_args, socket.as_ref());
         hub_relay.set_target(hub.addr);
         let admin_token = hub.admin_token.clone().unwrap();
         let admin = hub.admin();
@@ -130,6 +141,7 @@ impl World {
             agent: KillOnDrop(agent),
             admin_token,
             bob_token,
+            socket,
         };
         w.wait_active();
         w
@@ -162,12 +174,30 @@ impl World {
     }
 
     fn start_hub(&self) -> HubProc {
-        HubProc::start_with(&self.dir, &self.hub_args.iter().map(String::as_str).collect::<Vec<_>>())
+        start_hub(&self.dir, &self.hub_args, self.socket.as_ref())
     }
 
     fn signal(&self, pid: u32, sig: &str) {
         Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
     }
+}
+
+/// Starts a hub: on its own port, or on `socket` the way systemd starts a
+/// socket-activated service: the socket as fd 3, `LISTEN_FDS=1` and
+/// `LISTEN_PID` the hub's own pid (a shell moves the inherited socket to
+/// fd 3 and sets both, then execs the hub in its own place).
+fn start_hub(dir: &std::path::Path, args: &[String], socket: Option<&std::net::TcpListener>) -> HubProc {
+    let Some(socket) = socket else {
+        return HubProc::start_with(dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    use std::os::fd::AsRawFd;
+    let script = r#"exec 3<&"$0"; export LISTEN_FDS=1 LISTEN_PID=$$; exec "$@""#;
+    let mut sh = Command::new("sh");
+    sh.args(["-c", script, &socket.as_raw_fd().to_string(), env!("CARGO_BIN_EXE_uplink-hub"), "serve"])
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir.join("data"));
+    HubProc::start_command(dir, sh)
 }
 
 #[derive(Clone, Debug)]
@@ -568,46 +598,13 @@ fn a_hub_restart_with_sigterm_refuses_nothing_and_costs_a_watch_one_reconnect() 
     let _serial = serial();
     let Some(kc) = support::kubectl::Kubectl::find("faults-restart") else { return };
     let mut w = World::start("faults-restart", &FAST);
-    let yaml = uplink::hub::api::kubeconfig_yaml(&w.hub.url, Some(&w.hub.ca_pem), "edge-1", "bob", &w.bob_token);
-    std::fs::write(&kc.kubeconfig, yaml).unwrap();
-    // A watch that is started again whenever it ends: each start after the
-    // first is a reconnect.
-    let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (starts, stop) = (starts.clone(), stop.clone());
-        let watch_log = w.dir.join("watch.log");
-        let cmd = kc.command(&["get", "pods", "-n", "default", "-w"]);
-        let (program, args): (PathBuf, Vec<std::ffi::OsString>) =
-            (cmd.get_program().into(), cmd.get_args().map(|a| a.to_owned()).collect());
-        let envs: Vec<(std::ffi::OsString, std::ffi::OsString)> =
-            cmd.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))).collect();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                starts.lock().unwrap().push(Instant::now());
-                let mut child = Command::new(&program)
-                    .args(&args)
-                    .env_clear()
-                    .envs(envs.iter().cloned())
-                    .stdout(std::fs::OpenOptions::new().create(true).append(true).open(&watch_log).unwrap())
-                    .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&watch_log).unwrap())
-                    .spawn()
-                    .unwrap();
-                while !stop.load(Ordering::SeqCst) && child.try_wait().unwrap().is_none() {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        })
-    };
-    std::thread::sleep(Duration::from_secs(1));
+    let watch = Watch::start(&w, &kc);
     let probe = Probe::start(&w);
     let mut gaps = Vec::new();
     for _ in 0..3 {
         w.wait_active();
         std::thread::sleep(Duration::from_millis(500));
-        let before = starts.lock().unwrap().len();
+        let before = watch.starts();
         // systemctl restart as a handover: the next process binds the same
         // port (SO_REUSEPORT), then the old one gets SIGTERM and drains.
         let next = w.start_hub();
@@ -618,25 +615,88 @@ fn a_hub_restart_with_sigterm_refuses_nothing_and_costs_a_watch_one_reconnect() 
         assert!(exited.success(), "old hub exited with {exited:?}:\n{}", old.log());
         w.wait_active();
         std::thread::sleep(Duration::from_millis(500));
-        let reconnects = starts.lock().unwrap().len() - before;
-        println!("hub restart: the watch reconnected {reconnects} time(s)");
-        assert!(
-            reconnects <= 1,
-            "the watch reconnected {reconnects} times:\n{}",
-            std::fs::read_to_string(w.dir.join("watch.log")).unwrap_or_default()
-        );
+        watch.assert_reconnects_since(before, &w);
         // The longest any request waited for its good answer across the restart.
         let samples = probe.samples();
         let gap = samples.iter().filter(|s| s.start >= at).map(|s| s.end - s.start).max().unwrap_or_default();
         gaps.push(gap);
     }
-    stop.store(true, Ordering::SeqCst);
-    watcher.join().unwrap();
+    drop(watch);
     let samples = probe.finish("hub restart");
     let refused: Vec<&Sample> = samples.iter().filter(|s| !matches!(s.outcome, Outcome::Ok)).collect();
     println!("FIGURE hub SIGTERM restart: {} requests, {} refused or failed", samples.len(), refused.len());
     report("hub restart: longest single request during the handover", &gaps);
     assert!(refused.is_empty(), "refused during the restart: {refused:?}");
+}
+
+/// `kubectl get pods -w` as bob, started again whenever it ends: each
+/// start after the first is a reconnect.
+struct Watch {
+    starts: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    fn start(w: &World, kc: &support::kubectl::Kubectl) -> Watch {
+        let yaml = uplink::hub::api::kubeconfig_yaml(&w.hub.url, Some(&w.hub.ca_pem), "edge-1", "bob", &w.bob_token);
+        std::fs::write(&kc.kubeconfig, yaml).unwrap();
+        let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2) = (starts.clone(), stop.clone());
+        let watch_log = w.dir.join("watch.log");
+        let cmd = kc.command(&["get", "pods", "-n", "default", "-w"]);
+        let (program, args): (PathBuf, Vec<std::ffi::OsString>) =
+            (cmd.get_program().into(), cmd.get_args().map(|a| a.to_owned()).collect());
+        let envs: Vec<(std::ffi::OsString, std::ffi::OsString)> =
+            cmd.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))).collect();
+        let thread = std::thread::spawn(move || {
+            while !st2.load(Ordering::SeqCst) {
+                s2.lock().unwrap().push(Instant::now());
+                let log = || std::fs::OpenOptions::new().create(true).append(true).open(&watch_log).unwrap();
+                let mut child = Command::new(&program)
+                    .args(&args)
+                    .env_clear()
+                    .envs(envs.iter().cloned())
+                    .stdout(log())
+                    .stderr(log())
+                    .spawn()
+                    .unwrap();
+                while !st2.load(Ordering::SeqCst) && child.try_wait().unwrap().is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        });
+        // Let the first watch get going.
+        std::thread::sleep(Duration::from_secs(1));
+        Watch { starts, stop, thread: Some(thread) }
+    }
+
+    fn starts(&self) -> usize {
+        self.starts.lock().unwrap().len()
+    }
+
+    /// At most one reconnect since `before` starts had happened.
+    fn assert_reconnects_since(&self, before: usize, w: &World) {
+        let reconnects = self.starts() - before;
+        println!("the watch reconnected {reconnects} time(s)");
+        assert!(
+            reconnects <= 1,
+            "the watch reconnected {reconnects} times:\n{}",
+            std::fs::read_to_string(w.dir.join("watch.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A fleet that lost its hub at once, in virtual time: 1,000 agents with
@@ -867,4 +927,46 @@ fn a_fleet_dialling_a_restarted_hub_arrives_spread_out() {
     // Without jitter, every agent would dial within the same instant.
     assert!(arrivals_peak as u64 <= n / 3, "{arrivals_peak} of {n} agents dialled within one 100 ms window");
     drop(hub);
+}
+
+#[test]
+fn systemctl_restart_with_the_socket_unit_refuses_nothing() {
+    // `systemctl restart uplink-hub` with uplink-hub.socket: systemd holds
+    // the socket, SIGTERMs the running hub, waits for it to exit and starts
+    // the next on the same socket. Connections made meanwhile wait in the
+    // socket's queue: none is refused, some wait out the old one's drain.
+    let _serial = serial();
+    let Some(kc) = support::kubectl::Kubectl::find("faults-systemctl") else { return };
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Inheritable, as systemd passes it (the shell moves it to fd 3).
+    rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::empty()).unwrap();
+    // The default dial deadline (10 s) outlasts the drain (5 s): an agent's
+    // redial into the queue is answered by the next process.
+    let w = World::start_on("faults-systemctl", &Settings { dial_timeout: "10s", ..FAST }, Some(socket));
+    let mut w = w;
+    assert!(w.hub.log().contains("listening on the socket systemd passed"), "{}", w.hub.log());
+    let watch = Watch::start(&w, &kc);
+    let probe = Probe::start(&w);
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        w.wait_active();
+        std::thread::sleep(Duration::from_millis(500));
+        let before = watch.starts();
+        let at = Instant::now();
+        w.signal(w.hub.child.id(), "-TERM");
+        let exited = w.hub.child.wait().unwrap();
+        assert!(exited.success(), "old hub exited with {exited:?}:\n{}", w.hub.log());
+        w.hub = w.start_hub();
+        w.wait_active();
+        std::thread::sleep(Duration::from_millis(500));
+        watch.assert_reconnects_since(before, &w);
+        let longest = probe.samples().iter().filter(|s| s.end >= at).map(|s| s.end - s.start).max().unwrap();
+        waits.push(longest);
+    }
+    drop(watch);
+    let samples = probe.finish("systemctl restart");
+    let refused: Vec<&Sample> = samples.iter().filter(|s| !matches!(s.outcome, Outcome::Ok)).collect();
+    println!("FIGURE systemctl restart (socket unit): {} requests, {} refused or failed", samples.len(), refused.len());
+    report("systemctl restart: the longest a request waited", &waits);
+    assert!(refused.is_empty(), "refused during the restart: {refused:?}");
 }

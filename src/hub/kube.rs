@@ -444,7 +444,18 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
             }
         }
     };
-    let (sent, complete) = download.or(client_gone).await;
+    // A watch or followed log ends at once when the hub shuts down: the
+    // client opens it again on the next process, and the drain (during
+    // which a socket-activated successor cannot start) is not held up.
+    let streaming = crate::http::is_kube_stream(&forward);
+    let shutdown = async {
+        if !streaming {
+            std::future::pending::<()>().await;
+        }
+        hub.draining_started().await;
+        (0, false)
+    };
+    let (sent, complete) = download.or(client_gone).or(shutdown).await;
     audit.bytes_out = sent;
     audit.finish();
     Reply::Done(keep && complete)

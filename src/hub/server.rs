@@ -160,6 +160,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         public_url,
         ca_pem: material.ca_pem,
         draining: Default::default(),
+        drain_started: Default::default(),
         agent_image: format!("ghcr.io/uplink/uplink:{}", env!("CARGO_PKG_VERSION")),
         tunnel_config: crate::proto::Config {
             keepalive: cfg.keepalive,
@@ -196,6 +197,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         // before the agents hear GoAway (after which no stream opens).
         Timer::after(Duration::from_millis(200)).await;
         hub.draining.set(true);
+        hub.drain_started.notify(usize::MAX);
         hub.tunnels.go_away_all(GoAwayCode::ShuttingDown, "hub shutting down; reconnect");
         let drained = async {
             while hub.tunnels.agent_count() > 0 {

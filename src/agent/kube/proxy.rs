@@ -220,7 +220,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
     // is normal. One timer for the whole body, moved on only when it goes
     // off (arming a timer per piece would cost a reactor wake-up each).
     let stall_limit = net::response_timeout();
-    let streaming = is_long_lived(&head.path);
+    let streaming = crate::http::is_kube_stream(&head.path);
     let last_piece = std::cell::Cell::new(std::time::Instant::now());
     let mut stall = smol::Timer::after(stall_limit);
     loop {
@@ -267,20 +267,6 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
             .await;
     }
     Ok(Outcome::Done(status))
-}
-
-/// Whether a request asks for a body that may stay quiet for long: a watch
-/// (`?watch=true`, `/watch/` paths) or followed logs (`?follow=true`).
-fn is_long_lived(path: &str) -> bool {
-    let (path, query) = path.split_once('?').unwrap_or((path, ""));
-    // The deprecated watch paths: /api/v1/watch/..., /apis/G/V/watch/...
-    let segs: Vec<&str> = path.split('/').collect();
-    let watch_path = match segs.get(1) {
-        Some(&"api") => segs.get(3) == Some(&"watch"),
-        Some(&"apis") => segs.get(4) == Some(&"watch"),
-        _ => false,
-    };
-    watch_path || query.split('&').any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
 }
 
 /// A failure to reach the API server, a deadline kept apart.
@@ -382,23 +368,4 @@ async fn send_status(stream: &mut Stream, code: u16, reason: &str, message: &str
     stream.write_all(&body).await?;
     stream.finish();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn long_lived_requests() {
-        for p in [
-            "/api/v1/pods?watch=true",
-            "/api/v1/namespaces/a/pods?labelSelector=x&watch=1",
-            "/api/v1/watch/pods",
-            "/apis/apps/v1/watch/namespaces/a/deployments",
-        ] {
-            assert!(super::is_long_lived(p), "{p}");
-        }
-        assert!(super::is_long_lived("/api/v1/namespaces/a/pods/p/log?container=c&follow=true"));
-        for p in ["/api/v1/pods", "/api/v1/pods?watch=false", "/api/v1/namespaces/watch/pods", "/x?follow=false"] {
-            assert!(!super::is_long_lived(p), "{p}");
-        }
-    }
 }
