@@ -74,6 +74,7 @@ struct World {
     hub: HubProc,
     hub_args: Vec<String>,
     agent: KillOnDrop,
+    settings: Settings,
     admin_token: String,
     bob_token: String,
     /// The listening socket held for the hub as systemd's socket unit
@@ -125,13 +126,9 @@ impl World {
         let bob_token = bob["token"].as_str().unwrap().to_string();
         admin.post_json("/api/v1/grants", &json!({ "user": "bob", "clusters": "edge-*" })).unwrap();
 
-        let (activation, state) = (dir.join("activation.json"), dir.join("state"));
-        let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uplink"));
-        cmd.env("UPLINK_DIAL_TIMEOUT", s.dial_timeout).env("UPLINK_RESPONSE_TIMEOUT", s.response_timeout);
-        let kube_url = format!("https://{}", kube_relay.addr);
-        let agent = hub_support::spawn_agent_with(cmd, &flags, &kube_url, &dir, &dir.join("agent.log"));
+        let agent = spawn_agent(&dir, s, &kube_relay);
         let w = World {
+            settings: s.clone(),
             dir,
             _k: k,
             kube_relay,
@@ -145,6 +142,14 @@ impl World {
         };
         w.wait_active();
         w
+    }
+
+    /// Kills the agent (-9) and starts it again at once, as systemd or the
+    /// kubelet would.
+    fn restart_agent(&mut self) {
+        let _ = self.agent.0.kill();
+        let _ = self.agent.0.wait();
+        self.agent = KillOnDrop(spawn_agent(&self.dir, &self.settings, &self.kube_relay));
     }
 
     fn admin(&self) -> Client {
@@ -181,6 +186,23 @@ impl World {
         Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
     }
 }
+
+/// The agent of a world, appending to `dir/agent.log`.
+fn spawn_agent(dir: &std::path::Path, s: &Settings, kube_relay: &Relay) -> std::process::Child {
+    let (activation, state) = (dir.join("activation.json"), dir.join("state"));
+    let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uplink"));
+    cmd.env("UPLINK_DIAL_TIMEOUT", s.dial_timeout).env("UPLINK_RESPONSE_TIMEOUT", s.response_timeout);
+    let kube_url = format!("https://{}", kube_relay.addr);
+    let log = dir.join(format!("agent-{}.log", SPAWNED.fetch_add(1, Ordering::SeqCst)));
+    let child = hub_support::spawn_agent_with(cmd, &flags, &kube_url, dir, &log);
+    // agent.log: the current agent's lines (the tests read it).
+    let _ = std::fs::remove_file(dir.join("agent.log"));
+    let _ = std::os::unix::fs::symlink(&log, dir.join("agent.log"));
+    child
+}
+
+static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Starts a hub: on its own port, or on `socket` the way systemd starts a
 /// socket-activated service: the socket as fd 3, `LISTEN_FDS=1` and
@@ -383,9 +405,14 @@ fn cut_fin_corrupt_and_hub_kill9_recover_within_a_second() {
     let mut w = World::start("faults-cut", &FAST);
     let probe = Probe::start(&w);
     let mut figures: Vec<(&str, Vec<Duration>)> = Vec::new();
-    for (name, fault) in
-        [("tunnel cut (RST)", 0), ("FIN from the network", 1), ("a corrupted byte", 2), ("hub kill -9", 3)]
-    {
+    let faults = [
+        ("tunnel cut (RST)", 0),
+        ("FIN from the network", 1),
+        ("a corrupted byte", 2),
+        ("hub kill -9", 3),
+        ("agent kill -9", 4),
+    ];
+    for (name, fault) in faults {
         let mut tries = Vec::new();
         for _ in 0..3 {
             w.wait_active();
@@ -395,6 +422,7 @@ fn cut_fin_corrupt_and_hub_kill9_recover_within_a_second() {
                 0 => w.hub_relay.cut(),
                 1 => w.hub_relay.fin(),
                 2 => w.hub_relay.corrupt_next(),
+                4 => w.restart_agent(),
                 _ => {
                     w.hub.kill9();
                     w.hub = w.start_hub();
