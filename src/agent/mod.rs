@@ -471,6 +471,23 @@ impl Logger {
     }
 }
 
+/// One log line: for the journal a `<N>` priority and the message (the
+/// journal adds the time); elsewhere the time, the level and the message.
+fn log_line(journald: bool, level: log::Level, msg: &str, now_ms: i64) -> String {
+    let msg = msg.replace('\n', " ");
+    if journald {
+        let prio = match level {
+            log::Level::Error => 3,
+            log::Level::Warn => 4,
+            log::Level::Info => 6,
+            _ => 7,
+        };
+        format!("<{prio}>{msg}\n")
+    } else {
+        format!("{} {level:5} {msg}\n", crate::time::rfc3339_millis(now_ms))
+    }
+}
+
 impl log::Log for Logger {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
         m.level() <= self.level && (m.target().starts_with("uplink") || m.level() <= log::Level::Warn)
@@ -481,19 +498,7 @@ impl log::Log for Logger {
             return;
         }
         use std::io::Write as _;
-        let msg = r.args().to_string().replace('\n', " ");
-        let line = if self.journald {
-            let prio = match r.level() {
-                log::Level::Error => 3,
-                log::Level::Warn => 4,
-                log::Level::Info => 6,
-                _ => 7,
-            };
-            format!("<{prio}>{msg}\n")
-        } else {
-            let now = crate::time::rfc3339_millis(crate::time::now_unix_ms());
-            format!("{now} {:5} {msg}\n", r.level())
-        };
+        let line = log_line(self.journald, r.level(), &r.args().to_string(), crate::time::now_unix_ms());
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
@@ -519,6 +524,13 @@ mod tests {
         let v = yaml::parse(&uncommented).unwrap();
         assert_eq!(v["allowed_users"], serde_json::json!(["alice", "bob"]));
         assert_eq!(v["allowed_groups"], serde_json::json!(["uplink:debuggers"]));
+    }
+
+    #[test]
+    fn log_lines_carry_a_time_except_for_the_journal() {
+        let t = 1_796_378_400_250;
+        assert_eq!(log_line(false, log::Level::Info, "tunnel up", t), "2026-12-04T10:00:00.250Z INFO  tunnel up\n");
+        assert_eq!(log_line(true, log::Level::Warn, "tunnel lost\nagain", t), "<4>tunnel lost again\n");
     }
 
     #[test]

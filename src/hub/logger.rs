@@ -20,21 +20,25 @@ impl Log for Stderr {
         if !self.enabled(r.metadata()) {
             return;
         }
-        let msg = r.args().to_string().replace('\n', " ");
-        if self.journald {
-            let prio = match r.level() {
-                Level::Error => 3,
-                Level::Warn => 4,
-                Level::Info => 6,
-                _ => 7,
-            };
-            eprintln!("<{prio}>{} {}: {msg}", r.level(), r.target());
-        } else {
-            let now = crate::time::rfc3339_millis(super::clock::now_ms());
-            eprintln!("{now} {} {}: {msg}", r.level(), r.target());
-        }
+        eprint!("{}", line(self.journald, r.level(), r.target(), &r.args().to_string(), super::clock::now_ms()));
     }
     fn flush(&self) {}
+}
+
+/// One line; see the module docs.
+fn line(journald: bool, level: Level, target: &str, msg: &str, now_ms: i64) -> String {
+    let msg = msg.replace('\n', " ");
+    if journald {
+        let prio = match level {
+            Level::Error => 3,
+            Level::Warn => 4,
+            Level::Info => 6,
+            _ => 7,
+        };
+        format!("<{prio}>{level} {target}: {msg}\n")
+    } else {
+        format!("{} {level} {target}: {msg}\n", crate::time::rfc3339_millis(now_ms))
+    }
 }
 
 /// Installs the logger; `UPLINK_LOG` (error, warn, info, debug, trace)
@@ -44,5 +48,19 @@ pub fn init() {
     let logger = LOGGER.get_or_init(|| Stderr { journald: crate::time::stderr_is_journal() });
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_time_unless_the_journal_stamps_it() {
+        use log::Level;
+        let t = 1_796_378_400_250;
+        assert_eq!(
+            super::line(false, Level::Info, "uplink::hub::server", "stopped", t),
+            "2026-12-04T10:00:00.250Z INFO uplink::hub::server: stopped\n"
+        );
+        assert_eq!(super::line(true, Level::Error, "x", "a\nb", t), "<3>ERROR x: a b\n");
     }
 }
