@@ -44,6 +44,9 @@ const POD: &str = "web-7d4b9c8f6d-k2x9p";
 const PODS: &str = "/k8s/clusters/edge-1/api/v1/namespaces/default/pods";
 /// A request still unanswered after this is hung.
 const HUNG: Duration = Duration::from_secs(20);
+/// How long a tunnel is up before a fault: past the agent's
+/// `WORKED_AFTER`, so the redial after the fault is the immediate one.
+const SETTLE: Duration = Duration::from_millis(1200);
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -416,7 +419,7 @@ fn cut_fin_corrupt_and_hub_kill9_recover_within_a_second() {
         let mut tries = Vec::new();
         for _ in 0..3 {
             w.wait_active();
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(SETTLE);
             let at = Instant::now();
             match fault {
                 0 => w.hub_relay.cut(),
@@ -480,7 +483,7 @@ fn a_black_holed_tunnel_is_noticed_at_the_deadline_and_back_when_the_path_return
     let (mut noticed, mut recovered) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         w.wait_active();
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(SETTLE);
         let silent_from = Instant::now();
         w.hub_relay.pause(true);
         let n = status_after(&w, "DISCONNECTED", silent_from, Duration::from_secs(10)).expect("never DISCONNECTED");
@@ -531,6 +534,7 @@ fn a_redial_into_a_silent_acceptor_is_abandoned_at_its_deadline() {
     let mut recovered = Vec::new();
     for i in 0..3 {
         w.wait_active();
+        std::thread::sleep(SETTLE);
         w.hub_relay.silent(true);
         w.hub_relay.cut();
         let gave_up = wait_for(10, || w.hub_relay.silent_waits().iter().flatten().count() > i);
@@ -560,7 +564,7 @@ fn a_frozen_agent_fails_requests_with_a_status_and_shows_disconnected() {
     let (mut noticed, mut recovered) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         w.wait_active();
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(SETTLE);
         let at = Instant::now();
         w.signal(w.agent.0.id(), "-STOP");
         noticed.push(status_after(&w, "DISCONNECTED", at, Duration::from_secs(10)).expect("never DISCONNECTED"));

@@ -15,7 +15,9 @@
 //!
 //! After a session that worked the next dial is immediate, so a cut
 //! tunnel is back within a round trip or two; the backoff grows only while
-//! dials keep failing. The jitter on both spreads a fleet that lost one
+//! dials keep failing. A session that ends within [`WORKED_AFTER`] of its
+//! handshake counts as a failed dial, so a hub that accepts and drops
+//! agents in a loop is not redialled four times a second. The jitter on both spreads a fleet that lost one
 //! hub at once: its redials arrive over [`REDIAL_JITTER`], then, while the
 //! hub stays away, over ever longer windows (see `tests/faults.rs` for
 //! 1,000 agents). Each step of a dial has a deadline
@@ -39,6 +41,9 @@ use std::time::{Duration, Instant};
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// Largest backoff ceiling.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A session counts as one that worked once it has been up this long.
+pub const WORKED_AFTER: Duration = Duration::from_secs(1);
+
 /// The redial after a session that worked waits a uniformly random time
 /// up to this: quick for one agent, spread for a fleet.
 pub const REDIAL_JITTER: Duration = Duration::from_millis(250);
@@ -159,10 +164,10 @@ async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
     let info = ctx.agent_info().await;
     let session = Session::new(Mux::agent(Config::default(), info, Instant::now()));
     *ctx.session.borrow_mut() = Some(session.clone());
-    let worked = std::cell::Cell::new(false);
+    let up_since = std::cell::Cell::new(None);
     let ready = async {
         if session.connected().await.is_ok() {
-            worked.set(true);
+            up_since.set(Some(Instant::now()));
             log::info!("tunnel up to {}", ctx.hub);
             ctx.metrics.tunnel_up.set(true);
             super::notify::notify("STATUS=tunnel up");
@@ -207,10 +212,15 @@ async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
         // The hub is going away: another process (or replica) takes the
         // dial, so it is as good as a session that worked.
         SessionError::GoAway { code: GoAwayCode::ShuttingDown, .. } => Attempt::Ended(error.to_string()),
-        _ if worked.get() => Attempt::Ended(error.to_string()),
-        // Upgraded but no Welcome (a hub that refused the handshake or
-        // went silent): a failed dial, so the backoff grows.
-        _ => Attempt::Failed(format!("tunnel handshake with {}: {error}", ctx.hub)),
+        _ => match up_since.get() {
+            Some(t) if t.elapsed() >= WORKED_AFTER => Attempt::Ended(error.to_string()),
+            Some(t) => {
+                Attempt::Failed(format!("tunnel ended {} ms after it came up: {error}", t.elapsed().as_millis()))
+            }
+            // Upgraded but no Welcome (a hub that refused the handshake or
+            // went silent): a failed dial, so the backoff grows.
+            None => Attempt::Failed(format!("tunnel handshake with {}: {error}", ctx.hub)),
+        },
     }
 }
 
