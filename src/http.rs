@@ -2,7 +2,8 @@
 //! hop-by-hop (RFC 9110 §7.6.1), how list-valued fields such as
 //! `Connection` and `Transfer-Encoding` are read (RFC 9110 §5.6.1, over
 //! either side's representation of a field, [`Field`]), the pieces of
-//! chunked coding (RFC 9112 §7.1) and percent-coding (RFC 3986 §2.1).
+//! chunked coding (RFC 9112 §7.1), percent-coding (RFC 3986 §2.1), and
+//! which Kubernetes requests stream ([`is_kube_stream`]).
 //!
 //! The agent's client (`agent::http1`) and the hub's server (`hub::http`)
 //! keep their own reading loops and buffers — they read different
@@ -187,6 +188,23 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
+/// Whether a Kubernetes API request (path and query) asks for a body that
+/// streams for as long as the client wants and may stay quiet meanwhile:
+/// a watch (`?watch=true`, the `/watch/` paths) or followed logs
+/// (`?follow=true`). The agent never cuts such a body for being quiet; the
+/// hub ends it at once when it shuts down, rather than drain it.
+pub fn is_kube_stream(path: &str) -> bool {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    // The deprecated watch paths: /api/v1/watch/..., /apis/G/V/watch/...
+    let segs: Vec<&str> = path.split('/').collect();
+    let watch_path = match segs.get(1) {
+        Some(&"api") => segs.get(3) == Some(&"watch"),
+        Some(&"apis") => segs.get(4) == Some(&"watch"),
+        _ => false,
+    };
+    watch_path || query.split('&').any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +261,22 @@ mod tests {
         assert_eq!(chunk_size(b"0"), Some(0));
         for bad in [&b"+5"[..], b"-1", b"", b" ", b"0x10", b"1 2", b"11111111111111111"] {
             assert_eq!(chunk_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn kube_streams() {
+        for p in [
+            "/api/v1/pods?watch=true",
+            "/api/v1/namespaces/a/pods?labelSelector=x&watch=1",
+            "/api/v1/watch/pods",
+            "/apis/apps/v1/watch/namespaces/a/deployments",
+        ] {
+            assert!(super::is_kube_stream(p), "{p}");
+        }
+        assert!(super::is_kube_stream("/api/v1/namespaces/a/pods/p/log?container=c&follow=true"));
+        for p in ["/api/v1/pods", "/api/v1/pods?watch=false", "/api/v1/namespaces/watch/pods", "/x?follow=false"] {
+            assert!(!super::is_kube_stream(p), "{p}");
         }
     }
 }

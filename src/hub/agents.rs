@@ -20,7 +20,7 @@ use super::store::{ActivateError, AgentFacts, CredentialStatus};
 use super::tunnels::AgentConn;
 use super::{Hub, api, status};
 use crate::driver::Session;
-use crate::proto::{Config, GoAwayCode, Mux};
+use crate::proto::{GoAwayCode, Mux};
 use crate::secret::{Secret, sha256_hex};
 use log::{info, warn};
 use serde::Deserialize;
@@ -175,7 +175,7 @@ pub async fn tunnel(hub: &Rc<Hub>, req: &Request, inb: &mut In, out: &mut Out, p
     }
     super::metrics::Metrics::bump(&hub.metrics.tunnels_accepted);
     let session_id = hub.tunnels.next_session_id();
-    let session = Session::new(Mux::hub(Config::default(), session_id, Instant::now()));
+    let session = Session::new(Mux::hub(hub.tunnel_config.clone(), session_id, Instant::now()));
     let io = super::http::Duplex { r: &mut *inb, w: &mut *out };
     let registered = std::cell::Cell::new(false);
     let setup = async {

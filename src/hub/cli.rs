@@ -69,6 +69,45 @@ pub struct ServeArgs {
     /// PEM private key for --cert
     #[argh(option)]
     pub key: Option<PathBuf>,
+    /// how often each side of a tunnel pings, e.g. 5s or 500ms; agents
+    /// take it from the hub (env UPLINK_HUB_KEEPALIVE, default 5s)
+    #[argh(option)]
+    pub keepalive: Option<String>,
+    /// silence after which a tunnel is dead and its streams fail, at least
+    /// twice --keepalive; agents take it from the hub (env
+    /// UPLINK_HUB_DEAD_AFTER, default 15s)
+    #[argh(option)]
+    pub dead_after: Option<String>,
+    /// share the port with another hub process (SO_REUSEPORT), so a new
+    /// one can start while this one drains (env UPLINK_HUB_REUSE_PORT=1)
+    #[argh(switch)]
+    pub reuse_port: bool,
+}
+
+impl ServeArgs {
+    /// Keepalive interval and dead-peer deadline from flags, else the
+    /// environment, else the defaults; the deadline must allow two pings.
+    fn keepalive(&self) -> Result<(std::time::Duration, std::time::Duration), String> {
+        use crate::proto::mux::{DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE};
+        let get = |flag: &Option<String>, name: &str, env: &str, default| match flag
+            .clone()
+            .or_else(|| std::env::var(env).ok().filter(|v| !v.trim().is_empty()))
+        {
+            Some(v) => crate::time::parse_duration(&v).map_err(|e| format!("--{name} (or {env}): {e}")),
+            None => Ok(default),
+        };
+        let every = get(&self.keepalive, "keepalive", "UPLINK_HUB_KEEPALIVE", DEFAULT_KEEPALIVE)?;
+        let dead = get(&self.dead_after, "dead-after", "UPLINK_HUB_DEAD_AFTER", DEFAULT_DEAD_AFTER)?;
+        if every < std::time::Duration::from_millis(100) {
+            return Err(format!("--keepalive {every:?} is below 100ms"));
+        }
+        if dead < every * 2 {
+            return Err(format!(
+                "--dead-after {dead:?} must be at least twice --keepalive {every:?}, or quiet tunnels would be cut"
+            ));
+        }
+        Ok((every, dead))
+    }
 }
 
 /// manage clusters
@@ -347,12 +386,17 @@ fn run_inner(args: Args) -> Result<(), String> {
         }
         Cmd::Serve(a) => {
             super::logger::init();
+            let (keepalive, dead_after) = a.keepalive()?;
+            let reuse_port = a.reuse_port || std::env::var("UPLINK_HUB_REUSE_PORT").is_ok_and(|v| v == "1");
             serve(ServeConfig {
                 listen: a.listen,
                 data_dir: a.data_dir.clone(),
                 public_url: a.public_url.clone(),
                 cert: a.cert.clone(),
                 key: a.key.clone(),
+                keepalive,
+                dead_after,
+                reuse_port,
             })
         }
         Cmd::Cluster(c) => {

@@ -63,8 +63,25 @@ pub struct Hub {
     pub ca_pem: Option<String>,
     /// Set on SIGTERM: new connections are told to close.
     pub draining: Cell<bool>,
+    /// Notified when `draining` is set.
+    pub drain_started: event_listener::Event,
     /// Agent image named in rendered manifests.
     pub agent_image: String,
+    /// Settings of every tunnel session (keepalive, dead-peer deadline).
+    pub tunnel_config: crate::proto::Config,
+}
+
+impl Hub {
+    /// Resolves once the hub is draining (SIGTERM).
+    pub async fn draining_started(&self) {
+        loop {
+            let listener = self.drain_started.listen();
+            if self.draining.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
 }
 
 /// The status a person sees for a cluster.
