@@ -27,7 +27,7 @@ use std::sync::mpsc;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
   name TEXT PRIMARY KEY, groups TEXT NOT NULL, admin INTEGER NOT NULL,
-  created_at INTEGER NOT NULL, revoked_at INTEGER);
+  created_at INTEGER NOT NULL, revoked_at INTEGER, oidc INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tokens(
   hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name), created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS grants(
@@ -189,6 +189,12 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
     )?;
     if !has_replaced {
         db.execute_batch("ALTER TABLE activations ADD COLUMN replaced_at INTEGER")?;
+    }
+    // `users.oidc` (people who sign in through the identity provider).
+    let has_oidc: bool =
+        db.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('users') WHERE name = 'oidc'", [], |r| r.get(0))?;
+    if !has_oidc {
+        db.execute_batch("ALTER TABLE users ADD COLUMN oidc INTEGER NOT NULL DEFAULT 0")?;
     }
     Ok(())
 }
@@ -358,6 +364,47 @@ impl Store for SqliteStore {
         tx.execute("DELETE FROM tokens WHERE user = ?1", [name]).map_err(backend)?;
         tx.commit().map_err(backend)?;
         self.user(name)?.ok_or_else(|| StoreError::NotFound(format!("no user {name}")))
+    }
+
+    fn oidc_sign_in(&self, name: &str, groups: &[String], admin: bool, now: Millis) -> Result<User> {
+        let tx = self.db.unchecked_transaction().map_err(backend)?;
+        let row: Option<(User, bool)> = tx
+            .query_row(
+                "SELECT name, groups, admin, created_at, revoked_at, oidc FROM users WHERE name = ?1",
+                [name],
+                |r| Ok((user_row(r)?, r.get(5)?)),
+            )
+            .optional()
+            .map_err(backend)?;
+        let user = match row {
+            None => {
+                tx.execute(
+                    "INSERT INTO users(name, groups, admin, created_at, oidc) VALUES (?1, ?2, ?3, ?4, 1)",
+                    params![name, to_json(groups), admin, now],
+                )
+                .map_err(backend)?;
+                User { name: name.into(), groups: groups.to_vec(), admin, created_at: now, revoked_at: None }
+            }
+            Some((_, false)) => {
+                return Err(StoreError::Conflict(format!(
+                    "user {name} is a hub-token user, not one of the identity provider; \
+                     give the provider's names a prefix (serve --oidc-user-prefix)"
+                )));
+            }
+            // Revoked stays revoked: the caller refuses the person.
+            Some((u, true)) if u.revoked_at.is_some() => u,
+            Some((u, true)) if u.groups == groups && u.admin == admin => u,
+            Some((u, true)) => {
+                tx.execute(
+                    "UPDATE users SET groups = ?2, admin = ?3 WHERE name = ?1",
+                    params![name, to_json(groups), admin],
+                )
+                .map_err(backend)?;
+                User { groups: groups.to_vec(), admin, ..u }
+            }
+        };
+        tx.commit().map_err(backend)?;
+        Ok(user)
     }
 
     fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {

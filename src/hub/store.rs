@@ -210,6 +210,12 @@ pub trait Store {
     fn add_token(&self, user: &str, token_hash: &str, now: Millis) -> Result<()>;
     /// Revokes the user and every token of theirs.
     fn revoke_user(&self, name: &str, now: Millis) -> Result<User>;
+    /// A person the identity provider vouched for: created (with no
+    /// token) on first sign-in, their groups and admin flag updated to
+    /// what the latest token says. Returns the user as stored, revoked
+    /// if an admin revoked them (the caller refuses them then).
+    /// `Conflict` if the name belongs to a hub-token user.
+    fn oidc_sign_in(&self, name: &str, groups: &[String], admin: bool, now: Millis) -> Result<User>;
     /// The live user holding this token.
     fn user_by_token(&self, token_hash: &str) -> Result<Option<User>>;
 

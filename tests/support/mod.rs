@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod https;
+pub mod idp;
 pub mod kube;
 pub mod kubectl;
