@@ -591,9 +591,16 @@ fn kubeconfig(hub: &Hub, req: &Request) -> ApiResult {
         // kubectl gets fresh ID tokens from `uplink-hub login`, never a copy
         // of the short-lived one this request carried.
         Some(p) if token.is_empty() || super::oidc::jwt::looks_like_jwt(token) => {
+            // The hub's scopes, and a refresh token for the plugin's cache.
+            let mut scopes = p.config.scopes.clone();
+            if !scopes.iter().any(|s| s == "offline_access") {
+                scopes.push("offline_access".into());
+            }
+            let scopes = scopes.join(",");
             let exec = ExecPlugin {
                 issuer: &p.config.issuer,
                 client_id: &p.config.client_id,
+                scopes: &scopes,
                 ca_pem: p.config.ca_pem.as_deref(),
             };
             kubeconfig_exec_yaml(&hub.public_url, hub.ca_pem.as_deref(), &name, &u.name, &exec)
@@ -608,6 +615,8 @@ fn kubeconfig(hub: &Hub, req: &Request) -> ApiResult {
 pub struct ExecPlugin<'a> {
     pub issuer: &'a str,
     pub client_id: &'a str,
+    /// Comma-separated, as `login --scopes` takes them.
+    pub scopes: &'a str,
     /// The provider's CA when it is not publicly trusted; handed to the
     /// plugin in `UPLINK_OIDC_CA_PEM`.
     pub ca_pem: Option<&'a str>,
@@ -637,12 +646,15 @@ pub fn kubeconfig_exec_yaml(
             "          - {issuer}\n",
             "          - --client-id\n",
             "          - {client}\n",
+            "          - --scopes\n",
+            "          - {scopes}\n",
             "{env}",
             "        interactiveMode: IfAvailable\n",
             "        provideClusterInfo: false\n",
         ),
         issuer = q(exec.issuer),
         client = q(exec.client_id),
+        scopes = q(exec.scopes),
         env = env,
     );
     kubeconfig_with(hub_url, ca_pem, cluster, user, &user_yaml)
@@ -798,6 +810,7 @@ mod tests {
         let exec = ExecPlugin {
             issuer: "https://idp.example.com/realms/acme",
             client_id: "uplink-hub",
+            scopes: "openid,email,offline_access",
             ca_pem: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"),
         };
         let text = kubeconfig_exec_yaml("https://hub.example.com", None, "edge-1", "oidc:ann@example.com", &exec);
@@ -806,7 +819,18 @@ mod tests {
         assert_eq!(e["apiVersion"].as_str(), Some("client.authentication.k8s.io/v1"), "{text}");
         assert_eq!(e["command"].as_str(), Some("uplink-hub"));
         let args: Vec<&str> = e["args"].as_vec().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-        assert_eq!(args, ["login", "--issuer", "https://idp.example.com/realms/acme", "--client-id", "uplink-hub"]);
+        assert_eq!(
+            args,
+            [
+                "login",
+                "--issuer",
+                "https://idp.example.com/realms/acme",
+                "--client-id",
+                "uplink-hub",
+                "--scopes",
+                "openid,email,offline_access"
+            ]
+        );
         assert_eq!(e["env"][0]["name"].as_str(), Some("UPLINK_OIDC_CA_PEM"));
         assert_eq!(e["env"][0]["value"].as_str(), exec.ca_pem);
         assert_eq!(e["interactiveMode"].as_str(), Some("IfAvailable"));

@@ -12,8 +12,8 @@
 //! Pure: keys, expectations and the current time come in; a verified
 //! claim set or a precise [`TokenError`] comes out. No I/O, no clock.
 //!
-//! Not here: fetching keys ([`super::fetch`]), mapping claims to a person
-//! ([`super`]), encryption (JWE) or any algorithm beyond RS256/ES256.
+//! Not here: fetching keys or mapping claims to a person (both [`super`]),
+//! encryption (JWE) or any algorithm beyond RS256/ES256.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
