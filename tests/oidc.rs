@@ -219,6 +219,24 @@ fn revoking_an_oidc_person_takes_effect_at_once() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+#[test]
+fn a_provider_that_is_down_does_not_stop_the_hub() {
+    let dir = temp_dir("oidc-down");
+    let idp = Idp::start(ann());
+    let ca = dir.join("idp-ca.pem");
+    std::fs::write(&ca, &idp.ca_pem).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let issuer = format!("https://127.0.0.1:{closed}");
+    let args = ["--listen", "127.0.0.1:0", "--oidc-issuer", &issuer, "--oidc-client-id", CLIENT_ID];
+    let hub = HubProc::start_with(&dir, &[&args[..], &["--oidc-ca", ca.to_str().unwrap()]].concat());
+    assert!(wait_for(30, || hub.log().contains("oidc fetch failed")), "{}", hub.log());
+    // ID tokens are refused saying why; hub tokens work; the browser flow waits.
+    refused(&hub, &idp.id_token(&ann()), "could not fetch the identity provider's keys yet");
+    assert_eq!(hub.admin().get("/api/v1/whoami").unwrap().status, 200);
+    assert_eq!(hub.client(None).request("GET", "/auth/login", &[], None).unwrap().status, 503);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A minimal cookie jar: name → value, from `Set-Cookie` fields.
 #[derive(Default)]
 struct Jar(Vec<(String, String)>);

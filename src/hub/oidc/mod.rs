@@ -134,9 +134,17 @@ impl fmt::Display for FetchError {
     }
 }
 
+/// A client for one of the provider's URLs: its CA or the public roots,
+/// and a bound on how long the provider may stay silent.
+fn provider_client(url: &str, ca_pem: Option<&str>) -> Result<crate::hub::client::Client, FetchError> {
+    Ok(crate::hub::client::Client::new(url, ca_pem, None)
+        .map_err(FetchError::Invalid)?
+        .with_read_timeout(FETCH_TIMEOUT))
+}
+
 /// GETs a JSON document over HTTPS (blocking; call from a thread).
 pub fn get_json(url: &str, ca_pem: Option<&str>) -> Result<Value, FetchError> {
-    let client = crate::hub::client::Client::new(url, ca_pem, None).map_err(FetchError::Invalid)?;
+    let client = provider_client(url, ca_pem)?;
     let r = client
         .request("GET", "", &[("Accept", "application/json")], None)
         .map_err(|e| FetchError::Io(e.to_string()))?;
@@ -178,7 +186,7 @@ pub fn discover(issuer: &str, ca_pem: Option<&str>) -> Result<Metadata, FetchErr
 pub fn post_form(url: &str, cfg: &OidcConfig, form: &[(String, String)]) -> Result<(u16, Value), FetchError> {
     use crate::http::percent_encode;
     use base64::Engine as _;
-    let client = crate::hub::client::Client::new(url, cfg.ca_pem.as_deref(), None).map_err(FetchError::Invalid)?;
+    let client = provider_client(url, cfg.ca_pem.as_deref())?;
     let body: Vec<String> = form.iter().map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v))).collect();
     let basic = cfg.client_secret.as_ref().map(|s| {
         let pair = format!("{}:{}", percent_encode(&cfg.client_id), percent_encode(s.expose()));
