@@ -216,6 +216,10 @@ fn revoking_an_oidc_person_takes_effect_at_once() {
     // name cannot be taken over through the provider.
     let bob = Person { sub: "43".into(), email: "bob@example.com".into(), groups: vec![] };
     assert_eq!(whoami(&hub, &idp.id_token(&bob)).status, 200);
+    let r = hub.admin().post_json("/api/v1/users", &json!({ "name": "oidc:eve@example.com", "admin": true })).unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let eve = Person { sub: "44".into(), email: "eve@example.com".into(), groups: vec![] };
+    refused(&hub, &idp.id_token(&eve), "user oidc:eve@example.com is a hub-token user");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -423,17 +423,10 @@ fn login(l: &LoginArgs) -> Result<(), String> {
         Some(p) => Some(read_file(p)?),
         None => std::env::var("UPLINK_OIDC_CA_PEM").ok().filter(|s| !s.is_empty()),
     };
-    let cfg = OidcConfig {
+    let cfg = oidc::login::LoginConfig {
         issuer: l.issuer.clone(),
         client_id: l.client_id.clone(),
-        client_secret: None,
         scopes: list(&l.scopes),
-        user_claim: "sub".into(),
-        groups_claim: None,
-        user_prefix: String::new(),
-        group_prefix: String::new(),
-        algorithms: Vec::new(),
-        admin_group: None,
         ca_pem,
     };
     let dir = oidc::login::cache_dir().ok_or("cannot find a cache directory: set XDG_CACHE_HOME or HOME")?;

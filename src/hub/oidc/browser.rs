@@ -146,8 +146,29 @@ fn redirect_uri(hub: &Hub) -> String {
     format!("{}/auth/callback", hub.public_url)
 }
 
+/// What a browser shows when a sign-in fails: a small page (people land
+/// here, not scripts) with the reason and the way on.
 fn page(status: u16, message: &str) -> Response {
-    error(status, if status == 401 { "unauthorized" } else { "sign_in_failed" }, message)
+    let escaped: String = message
+        .chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_string(),
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&#39;".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    let body = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign-in failed · uplink</title></head>\n\
+         <body><h1>Sign-in failed</h1>\n<p>{escaped}</p>\n\
+         <p><a href=\"/auth/login\">Try again</a> · <a href=\"/\">Back to the console</a></p></body></html>\n"
+    );
+    Response::new(status, "text/html; charset=utf-8", body).with_header(
+        "Content-Security-Policy",
+        "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    )
 }
 
 impl Browser {
@@ -261,7 +282,7 @@ async fn finish(hub: &Hub, p: &Provider, req: &Request) -> Result<Response, (u16
         ("code_verifier".to_string(), pending.verifier.expose().to_string()),
     ];
     let (cfg, url) = (p.config.clone(), meta.token_endpoint.clone());
-    let (status, answer) = smol::unblock(move || super::post_form(&url, &cfg, &form))
+    let (status, answer) = smol::unblock(move || super::post_form(&url, &cfg.client_auth(), &form))
         .await
         .map_err(|e| (502, SessionError::Exchange(e.to_string()).to_string()))?;
     if status != 200 {
@@ -352,6 +373,16 @@ mod tests {
             pkce_challenge("dBjftJeZ4CVP-mJ0IAnwsoHC4yOj_gY8nmbwC45bM7g"),
             "sCkr_n_JKQVxmrWjitBUYz4TggyQ50SR1joCQgPffLc"
         );
+    }
+
+    /// Reasons may quote the token (an issuer): they are escaped.
+    #[test]
+    fn failure_pages_escape_the_reason() {
+        let r = page(401, "the ID token was issued by \"<script>alert(1)</script>\", not this hub's provider");
+        let body = String::from_utf8(r.body).unwrap();
+        assert!(!body.contains("<script>"), "{body}");
+        assert!(body.contains("&quot;&lt;script&gt;alert(1)&lt;/script&gt;&quot;"), "{body}");
+        assert!(r.headers.iter().any(|(n, v)| n == "Content-Security-Policy" && v.starts_with("default-src 'none'")));
     }
 
     #[test]

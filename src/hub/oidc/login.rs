@@ -24,7 +24,7 @@
 //!
 //! Not here: the browser flow (the console's, [`super::browser`]).
 
-use super::{FetchError, OidcConfig, discover, post_form};
+use super::{ClientAuth, FetchError, discover, post_form};
 use crate::secret::{Secret, sha256_hex};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -37,6 +37,23 @@ const MIN_LIFE_SECS: i64 = 60;
 const DEFAULT_INTERVAL: u64 = 5;
 /// What `slow_down` adds to the interval (RFC 8628 §3.5).
 const SLOW_DOWN_SECS: u64 = 5;
+
+/// Which provider and client `login` signs in with.
+#[derive(Clone, Debug)]
+pub struct LoginConfig {
+    pub issuer: String,
+    /// The hub's client id (a public client: no secret on people's machines).
+    pub client_id: String,
+    pub scopes: Vec<String>,
+    /// PEM CA of the provider; `None` trusts the public roots.
+    pub ca_pem: Option<String>,
+}
+
+impl LoginConfig {
+    fn client(&self) -> ClientAuth<'_> {
+        ClientAuth { id: &self.client_id, secret: None, ca_pem: self.ca_pem.as_deref() }
+    }
+}
 
 /// What `login` keeps between runs.
 #[derive(Serialize, Deserialize, Default)]
@@ -91,7 +108,7 @@ pub fn cache_dir() -> Option<PathBuf> {
     Some(base.join("uplink"))
 }
 
-fn cache_path(dir: &Path, cfg: &OidcConfig) -> PathBuf {
+fn cache_path(dir: &Path, cfg: &LoginConfig) -> PathBuf {
     let key = sha256_hex(&format!("{}\n{}", cfg.issuer, cfg.client_id));
     dir.join(format!("oidc-{}.json", &key[..16]))
 }
@@ -161,7 +178,7 @@ fn take_tokens(answer: &Value, cache: &mut Cache) -> Result<Secret, LoginError> 
 }
 
 /// Signs in (cache, refresh, or device grant) and returns the ID token.
-pub fn id_token(cfg: &OidcConfig, dir: &Path) -> Result<Secret, LoginError> {
+pub fn id_token(cfg: &LoginConfig, dir: &Path) -> Result<Secret, LoginError> {
     let path = cache_path(dir, cfg);
     let mut cache = read_cache(&path);
     if let Some(t) = &cache.id_token
@@ -176,7 +193,7 @@ pub fn id_token(cfg: &OidcConfig, dir: &Path) -> Result<Secret, LoginError> {
             ("refresh_token", refresh.expose()),
             ("client_id", &cfg.client_id),
         ]);
-        match post_form(&meta.token_endpoint, cfg, &f)? {
+        match post_form(&meta.token_endpoint, &cfg.client(), &f)? {
             (200, answer) => {
                 let t = take_tokens(&answer, &mut cache)?;
                 write_cache(&path, &cache)?;
@@ -193,7 +210,8 @@ pub fn id_token(cfg: &OidcConfig, dir: &Path) -> Result<Secret, LoginError> {
     }
     let device_url = meta.device_authorization_endpoint.clone().ok_or(LoginError::NoDeviceEndpoint)?;
     let scopes = cfg.scopes.join(" ");
-    let (status, start) = post_form(&device_url, cfg, &form(&[("client_id", &cfg.client_id), ("scope", &scopes)]))?;
+    let (status, start) =
+        post_form(&device_url, &cfg.client(), &form(&[("client_id", &cfg.client_id), ("scope", &scopes)]))?;
     if status != 200 {
         return Err(LoginError::Refused(oauth_error(&start)));
     }
@@ -218,7 +236,7 @@ pub fn id_token(cfg: &OidcConfig, dir: &Path) -> Result<Secret, LoginError> {
             return Err(LoginError::Refused("the code expired before the sign-in was approved".into()));
         }
         std::thread::sleep(Duration::from_secs(interval));
-        match post_form(&meta.token_endpoint, cfg, &poll)? {
+        match post_form(&meta.token_endpoint, &cfg.client(), &poll)? {
             (200, answer) => {
                 let t = take_tokens(&answer, &mut cache)?;
                 write_cache(&path, &cache)?;
@@ -254,17 +272,10 @@ mod tests {
     fn the_cache_is_private_and_keyed_by_issuer_and_client() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = std::env::temp_dir().join(format!("uplink-login-{}", Secret::random(6).expose()));
-        let cfg = |client: &str| OidcConfig {
+        let cfg = |client: &str| LoginConfig {
             issuer: "https://idp".into(),
             client_id: client.into(),
-            client_secret: None,
             scopes: vec!["openid".into()],
-            user_claim: "sub".into(),
-            groups_claim: None,
-            user_prefix: String::new(),
-            group_prefix: String::new(),
-            algorithms: vec![super::super::jwt::Alg::Es256],
-            admin_group: None,
             ca_pem: None,
         };
         let path = cache_path(&dir.join("uplink"), &cfg("a"));

@@ -179,24 +179,40 @@ pub fn discover(issuer: &str, ca_pem: Option<&str>) -> Result<Metadata, FetchErr
     })
 }
 
+/// How a client presents itself to the provider's token and device
+/// endpoints, and which CA it trusts for them.
+pub struct ClientAuth<'a> {
+    pub id: &'a str,
+    /// `None`: a public client.
+    pub secret: Option<&'a Secret>,
+    pub ca_pem: Option<&'a str>,
+}
+
+impl OidcConfig {
+    /// The hub as a client of its provider.
+    pub fn client_auth(&self) -> ClientAuth<'_> {
+        ClientAuth { id: &self.client_id, secret: self.client_secret.as_ref(), ca_pem: self.ca_pem.as_deref() }
+    }
+}
+
 /// POSTs a form to the provider's token (or device) endpoint as this
 /// client (RFC 6749 §2.3.1: `client_secret_basic` when there is a
 /// secret, else `client_id` in the form as a public client). Returns the
 /// status and the JSON answer (an OAuth error object on 400).
-pub fn post_form(url: &str, cfg: &OidcConfig, form: &[(String, String)]) -> Result<(u16, Value), FetchError> {
+pub fn post_form(url: &str, client: &ClientAuth<'_>, form: &[(String, String)]) -> Result<(u16, Value), FetchError> {
     use crate::http::percent_encode;
     use base64::Engine as _;
-    let client = provider_client(url, cfg.ca_pem.as_deref())?;
+    let http = provider_client(url, client.ca_pem)?;
     let body: Vec<String> = form.iter().map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v))).collect();
-    let basic = cfg.client_secret.as_ref().map(|s| {
-        let pair = format!("{}:{}", percent_encode(&cfg.client_id), percent_encode(s.expose()));
+    let basic = client.secret.map(|s| {
+        let pair = format!("{}:{}", percent_encode(client.id), percent_encode(s.expose()));
         format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
     });
     let mut headers = vec![("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")];
     if let Some(b) = &basic {
         headers.push(("Authorization", b.as_str()));
     }
-    let r = client
+    let r = http
         .request("POST", "", &headers, Some(body.join("&").as_bytes()))
         .map_err(|e| FetchError::Io(e.to_string()))?;
     let v = serde_json::from_slice(&r.body)
