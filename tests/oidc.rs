@@ -53,18 +53,26 @@ fn oidc_flags(idp: &Idp, dir: &Path) -> Vec<String> {
 }
 
 fn start_hub(idp: &Idp, dir: &Path, free_port: bool) -> HubProc {
-    let mut args = oidc_flags(idp, dir);
     if free_port {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        args.extend([
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--public-url".into(),
-            format!("https://127.0.0.1:{port}"),
-        ]);
+        start_hub_on(idp, dir, port)
     } else {
+        let mut args = oidc_flags(idp, dir);
         args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        HubProc::start_with(dir, &args)
     }
+}
+
+/// On `port`, public URL `https://127.0.0.1:PORT` (again after a restart).
+fn start_hub_on(idp: &Idp, dir: &Path, port: u16) -> HubProc {
+    let mut args = oidc_flags(idp, dir);
+    args.extend([
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--public-url".into(),
+        format!("https://127.0.0.1:{port}"),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     HubProc::start_with(dir, &args)
 }
@@ -306,7 +314,8 @@ fn start_sign_in(hub: &HubProc, idp: &Idp, jar: &mut Jar) -> String {
 fn console_sign_in_with_pkce_state_nonce_cookie_and_csrf() {
     let dir = temp_dir("oidc-browser");
     let idp = Idp::start(ann());
-    let hub = start_hub(&idp, &dir, true);
+    let mut hub = start_hub(&idp, &dir, true);
+    let admin_token = hub.admin_token.clone().unwrap();
     let admin = hub.admin();
     assert_eq!(admin.get("/api/v1/hub").unwrap().json()["oidc"]["login_path"], "/auth/login");
     let reg = admin.post_json("/api/v1/clusters", &json!({"name": "edge-dev"})).unwrap();
@@ -331,7 +340,18 @@ fn console_sign_in_with_pkce_state_nonce_cookie_and_csrf() {
     assert!(jar.get("uplink_auth").is_none(), "the state cookie is cleared");
     let sid = jar.get("uplink_session").unwrap().to_string();
     assert!(sid.len() >= 43);
-    assert!(!std::fs::read(dir.join("data/hub.db")).unwrap().windows(sid.len()).any(|w| w == sid.as_bytes()));
+    let db = [
+        std::fs::read(dir.join("data/hub.db")).unwrap(),
+        std::fs::read(dir.join("data/hub.db-wal")).unwrap_or_default(),
+    ]
+    .concat();
+    assert!(!db.windows(sid.len()).any(|w| w == sid.as_bytes()), "only the session's hash is stored");
+
+    // The session is in the store (hashed): it survives a restart.
+    let port = hub.addr.port();
+    hub.terminate();
+    let hub = start_hub_on(&idp, &dir, port);
+    let admin = hub.client(Some(&admin_token));
 
     // The clusters page as that person: the group grant decides.
     let with_cookie = format!("uplink_session={sid}");

@@ -119,8 +119,8 @@ pub fn authenticate(hub: &Hub, req: &Request) -> Result<Option<User>, AuthError>
             signed_in(hub, &id.name, &id.groups, id.admin).map(Some)
         }
         (Some(t), _) => Ok(hub.store.user_by_token(&sha256_hex(t))?),
-        (None, Some(p)) => match browser::session_of(hub, p, req) {
-            Ok(Some(s)) => signed_in(hub, &s.name, &s.groups, s.admin).map(Some),
+        (None, Some(_)) => match browser::session_of(hub, req) {
+            Ok(Some(s)) => signed_in(hub, &s.user.user, &s.user.groups, s.user.admin).map(Some),
             Ok(None) => Ok(None),
             Err(e) => {
                 log::warn!("console session refused reason={e:?}");
@@ -140,9 +140,6 @@ fn signed_in(hub: &Hub, name: &str, groups: &[String], admin: bool) -> Result<Us
     })?;
     if u.revoked_at.is_some() {
         log::warn!("oidc user refused reason=revoked user={name:?}");
-        if let Some(p) = &hub.oidc {
-            p.browser.end_sessions_of(name);
-        }
         return Err(AuthError::Refused(format!("user {name} was revoked by a hub admin")));
     }
     // What the token says now, not what was stored before this request.
@@ -230,8 +227,8 @@ async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
             // The console's session: the token it sends back on every
             // state-changing call (see oidc::browser).
             if bearer(req).is_none()
-                && let Some(p) = &hub.oidc
-                && let Ok(Some(s)) = super::oidc::browser::session_of(hub, p, req)
+                && hub.oidc.is_some()
+                && let Ok(Some(s)) = super::oidc::browser::session_of(hub, req)
             {
                 v["csrf_token"] = json!(s.csrf.expose());
                 v["session"] = json!("oidc");
@@ -254,9 +251,6 @@ async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
         ("DELETE", ["users", name]) => {
             admin_of(hub, req)?;
             let u = hub.store.revoke_user(name, now_ms())?;
-            if let Some(p) = &hub.oidc {
-                p.browser.end_sessions_of(name);
-            }
             log::info!("user revoked user={name:?}");
             Ok(Response::json(200, &json!({ "user": user_json(&u) })))
         }

@@ -16,8 +16,8 @@
 
 use super::clock::Millis;
 use super::store::{
-    ActivateError, Activation, AgentFacts, AuditEntry, AuditQuery, Cluster, ClusterEvent, CredentialStatus, Grant,
-    NewActivation, NewCluster, Result, Store, Subject, User,
+    ActivateError, Activation, AgentFacts, AuditEntry, AuditQuery, Cluster, ClusterEvent, ConsoleSession,
+    CredentialStatus, Grant, NewActivation, NewCluster, Result, Store, Subject, User,
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -103,6 +103,17 @@ impl<S: Store> Store for CachedStore<S> {
             remember(&mut self.cached.borrow_mut().oidc, name, &u);
         }
         Ok(u)
+    }
+    // Sessions are not cached: a console session is a handful of requests
+    // a minute, and sign-in and sign-out touch nothing cached.
+    fn create_session(&self, id_hash: &str, session: &ConsoleSession, now: Millis) -> Result<()> {
+        self.inner.create_session(id_hash, session, now)
+    }
+    fn session(&self, id_hash: &str, now: Millis) -> Result<Option<ConsoleSession>> {
+        self.inner.session(id_hash, now)
+    }
+    fn delete_session(&self, id_hash: &str) -> Result<()> {
+        self.inner.delete_session(id_hash)
     }
     fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {
         if let Some(u) = self.cached.borrow().users.get(token_hash) {
@@ -242,8 +253,17 @@ mod tests {
         assert_eq!(s.oidc_sign_in("oidc:ann", &ops, true, 3).unwrap().groups, ops);
         assert!(s.user("oidc:ann").unwrap().unwrap().admin, "groups and admin follow the latest token");
         assert!(matches!(s.oidc_sign_in("admin", &[], true, 4), Err(crate::hub::store::StoreError::Conflict(_))));
+        let session = ConsoleSession { user: "oidc:ann".into(), groups: ops.clone(), admin: true, expires_at: 100 };
+        s.create_session("sh1", &session, 4).unwrap();
+        assert_eq!(s.session("sh1", 5).unwrap(), Some(session.clone()));
+        assert_eq!(s.session("sh1", 100).unwrap(), None, "expired");
+        assert_eq!(s.session("sh2", 5).unwrap(), None);
+        s.create_session("sh2", &session, 4).unwrap();
+        s.delete_session("sh2").unwrap();
+        assert_eq!(s.session("sh2", 5).unwrap(), None, "signed out");
         s.revoke_user("oidc:ann", 5).unwrap();
         assert_eq!(s.oidc_sign_in("oidc:ann", &ops, true, 6).unwrap().revoked_at, Some(5), "revoked at once");
+        assert_eq!(s.session("sh1", 6).unwrap(), None, "revocation ends the sessions");
         drop(s);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -361,7 +361,7 @@ async fn auth_route(hub: &Hub, req: &Request, method: &str, path: &str) -> Respo
     match (method, path) {
         ("GET", "/auth/login") => browser::login(hub, p),
         ("GET", "/auth/callback") => browser::callback(hub, p, req).await,
-        ("POST", "/auth/logout") => browser::logout(hub, p, req),
+        ("POST", "/auth/logout") => browser::logout(hub, req),
         _ => api::error(405, "method_not_allowed", &format!("{method} is not supported on {path}")),
     }
 }

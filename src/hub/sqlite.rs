@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS users(
   created_at INTEGER NOT NULL, revoked_at INTEGER, oidc INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tokens(
   hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name), created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions(
+  hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name), groups TEXT NOT NULL,
+  admin INTEGER NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS grants(
   id INTEGER PRIMARY KEY AUTOINCREMENT, subject_kind TEXT NOT NULL, subject TEXT NOT NULL,
   clusters TEXT NOT NULL, created_at INTEGER NOT NULL, UNIQUE(subject_kind, subject, clusters));
@@ -362,6 +365,7 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!("no live user {name}")));
         }
         tx.execute("DELETE FROM tokens WHERE user = ?1", [name]).map_err(backend)?;
+        tx.execute("DELETE FROM sessions WHERE user = ?1", [name]).map_err(backend)?;
         tx.commit().map_err(backend)?;
         self.user(name)?.ok_or_else(|| StoreError::NotFound(format!("no user {name}")))
     }
@@ -405,6 +409,48 @@ impl Store for SqliteStore {
         };
         tx.commit().map_err(backend)?;
         Ok(user)
+    }
+
+    fn create_session(&self, id_hash: &str, c: &ConsoleSession, now: Millis) -> Result<()> {
+        let tx = self.db.unchecked_transaction().map_err(backend)?;
+        tx.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now]).map_err(backend)?;
+        tx.execute(
+            "INSERT INTO sessions(hash, user, groups, admin, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id_hash, c.user, to_json(&c.groups), c.admin, now, c.expires_at],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn session(&self, id_hash: &str, now: Millis) -> Result<Option<ConsoleSession>> {
+        let row = self
+            .db
+            .prepare_cached(
+                "SELECT s.hash, s.user, s.groups, s.admin, s.expires_at FROM sessions s JOIN users u ON u.name = s.user
+                 WHERE s.hash = ?1 AND s.expires_at > ?2 AND u.revoked_at IS NULL",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![id_hash, now], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        ConsoleSession {
+                            user: r.get(1)?,
+                            groups: from_json(r.get(2)?),
+                            admin: r.get(3)?,
+                            expires_at: r.get(4)?,
+                        },
+                    ))
+                })
+                .optional()
+            })
+            .map_err(backend)?;
+        // As for tokens: the index found it; compare once more in constant time.
+        Ok(row.filter(|(h, _)| ct_eq(h.as_bytes(), id_hash.as_bytes())).map(|(_, s)| s))
+    }
+
+    fn delete_session(&self, id_hash: &str) -> Result<()> {
+        self.db.execute("DELETE FROM sessions WHERE hash = ?1", [id_hash]).map_err(backend)?;
+        Ok(())
     }
 
     fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {

@@ -27,9 +27,12 @@
 //! hub. Bearer tokens (hub tokens, ID tokens) work beside the cookie and
 //! need neither: a browser never adds them by itself.
 //!
-//! Sessions live in the hub process: a restart signs console users out
-//! (they sign in again with one click). Every request re-reads the
-//! person's record, so revoking them ends their sessions at once.
+//! Sessions are kept in the store by the SHA-256 of their id, so they
+//! survive a restart; revoking the person deletes them at once. Sign-ins
+//! in flight (state, nonce, PKCE verifier: ten minutes at most) live in
+//! the hub process: a restart, or with several replicas a callback that
+//! lands on another one, asks the person to start again. The CSRF token
+//! is derived from the session id, so nothing else is stored.
 //!
 //! Not here: verifying the ID token ([`super::jwt`]), the console's UI.
 
@@ -37,6 +40,7 @@ use super::super::Hub;
 use super::super::api::error;
 use super::super::clock::now_ms;
 use super::super::http::{Request, Response, query_params};
+use super::super::store::ConsoleSession;
 use super::Provider;
 use crate::http::percent_encode;
 use crate::secret::{Secret, ct_eq, sha256_hex};
@@ -57,7 +61,6 @@ const STATE_TTL: Duration = Duration::from_secs(600);
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Most sign-ins in flight and sessions kept (bounded memory).
 const MAX_PENDING: usize = 4096;
-const MAX_SESSIONS: usize = 100_000;
 
 /// A sign-in between `/auth/login` and `/auth/callback`.
 struct Pending {
@@ -66,22 +69,18 @@ struct Pending {
     started: Instant,
 }
 
-/// A signed-in browser.
-#[derive(Clone)]
-pub struct Session {
-    pub name: String,
-    pub groups: Vec<String>,
-    pub admin: bool,
-    pub csrf: Secret,
-    expires: Instant,
-}
-
-/// Sign-ins in flight (by SHA-256 of the state) and sessions (by SHA-256
-/// of the session id).
+/// Sign-ins in flight, by SHA-256 of their state. (Sessions themselves
+/// are in the store.)
 #[derive(Default)]
 pub struct Browser {
     pending: RefCell<HashMap<String, Pending>>,
-    sessions: RefCell<HashMap<String, Session>>,
+}
+
+/// A console session as a request presents it.
+pub struct Session {
+    pub user: ConsoleSession,
+    /// The CSRF token the console must send back with this session.
+    pub csrf: Secret,
 }
 
 /// Why a sign-in or a cookie was refused.
@@ -99,6 +98,8 @@ pub enum SessionError {
     Csrf,
     /// The request's `Origin` is not this hub.
     Origin(String),
+    /// The store failed looking the session up.
+    Store(String),
 }
 
 impl std::fmt::Display for SessionError {
@@ -114,6 +115,7 @@ impl std::fmt::Display for SessionError {
             SessionError::Exchange(e) => write!(f, "the sign-in code could not be exchanged: {e}"),
             SessionError::Csrf => f.write_str("missing or wrong X-CSRF-Token for this session; reload the console"),
             SessionError::Origin(o) => write!(f, "requests from origin {o:?} may not use the console session"),
+            SessionError::Store(e) => write!(f, "the hub could not check the session: {e}"),
         }
     }
 }
@@ -172,7 +174,7 @@ fn page(status: u16, message: &str) -> Response {
 }
 
 impl Browser {
-    /// Drops expired entries; past the bound, the oldest go.
+    /// Drops expired sign-ins; past the bound, the oldest goes.
     fn prune(&self) {
         let mut p = self.pending.borrow_mut();
         p.retain(|_, v| v.started.elapsed() < STATE_TTL);
@@ -181,34 +183,17 @@ impl Browser {
         {
             p.remove(&oldest);
         }
-        let mut s = self.sessions.borrow_mut();
-        let now = Instant::now();
-        s.retain(|_, v| v.expires > now);
-        if s.len() >= MAX_SESSIONS
-            && let Some(oldest) = s.iter().min_by_key(|(_, v)| v.expires).map(|(k, _)| k.clone())
-        {
-            s.remove(&oldest);
-        }
     }
+}
 
-    /// The live session of a cookie value.
-    pub fn session(&self, id: &str) -> Option<Session> {
-        let key = sha256_hex(id);
-        let mut s = self.sessions.borrow_mut();
-        match s.get(&key) {
-            Some(v) if v.expires > Instant::now() => Some(v.clone()),
-            Some(_) => {
-                s.remove(&key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    /// Ends every session of a person (on revocation).
-    pub fn end_sessions_of(&self, name: &str) {
-        self.sessions.borrow_mut().retain(|_, v| v.name != name);
-    }
+/// The CSRF token of a session: derived from its id (SHA-256 with a
+/// label), so the hub stores nothing more and only a holder of the
+/// cookie's value could compute it; the console reads it from
+/// `GET /api/v1/whoami`.
+fn csrf_of(session_id: &str) -> Secret {
+    use base64::Engine as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("uplink-csrf\0{session_id}").as_bytes());
+    Secret::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref()))
 }
 
 /// `GET /auth/login`: start a sign-in.
@@ -301,17 +286,13 @@ async fn finish(hub: &Hub, p: &Provider, req: &Request) -> Result<Response, (u16
         return Err((403, format!("user {} was revoked by a hub admin", user.name)));
     }
     let sid = Secret::random(32);
-    p.browser.prune();
-    p.browser.sessions.borrow_mut().insert(
-        sha256_hex(sid.expose()),
-        Session {
-            name: id.name.clone(),
-            groups: id.groups,
-            admin: id.admin,
-            csrf: Secret::random(32),
-            expires: Instant::now() + SESSION_TTL,
-        },
-    );
+    let session = ConsoleSession {
+        user: id.name.clone(),
+        groups: id.groups,
+        admin: id.admin,
+        expires_at: now + SESSION_TTL.as_millis() as i64,
+    };
+    hub.store.create_session(&sha256_hex(sid.expose()), &session, now).map_err(|e| (503, e.to_string()))?;
     log::info!("oidc console sign-in user={:?}", id.name);
     Ok(Response::new(303, "text/plain; charset=utf-8", "signed in\n")
         .with_header("Location", "/")
@@ -327,33 +308,40 @@ async fn finish(hub: &Hub, p: &Provider, req: &Request) -> Result<Response, (u16
 }
 
 /// The session a request's cookie names, with the CSRF and Origin checks
-/// for the request. `Ok(None)` when there is no (live) session cookie.
-pub fn session_of(hub: &Hub, p: &Provider, req: &Request) -> Result<Option<Session>, SessionError> {
-    let Some(session) = cookie(req, SESSION_COOKIE).and_then(|id| p.browser.session(id)) else {
-        return Ok(None);
+/// for the request. `Ok(None)` when there is no live session cookie
+/// (none, expired, signed out, or its person revoked).
+pub fn session_of(hub: &Hub, req: &Request) -> Result<Option<Session>, SessionError> {
+    let Some(id) = cookie(req, SESSION_COOKIE) else { return Ok(None) };
+    let user = match hub.store.session(&sha256_hex(id), now_ms()) {
+        Ok(Some(u)) => u,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(SessionError::Store(e.to_string())),
     };
     if let Some(origin) = req.header_str("origin")
         && origin != origin_of(&hub.public_url)
     {
         return Err(SessionError::Origin(origin.to_string()));
     }
+    let csrf = csrf_of(id);
     if !matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS") {
         let sent = req.header_str(CSRF_HEADER).unwrap_or("");
-        if !session.csrf.matches(sent) {
+        if !csrf.matches(sent) {
             return Err(SessionError::Csrf);
         }
     }
-    Ok(Some(session))
+    Ok(Some(Session { user, csrf }))
 }
 
 /// `POST /auth/logout`: ends the session (CSRF-checked like any call).
-pub fn logout(hub: &Hub, p: &Provider, req: &Request) -> Response {
-    match session_of(hub, p, req) {
+pub fn logout(hub: &Hub, req: &Request) -> Response {
+    match session_of(hub, req) {
         Ok(Some(s)) => {
-            if let Some(id) = cookie(req, SESSION_COOKIE) {
-                p.browser.sessions.borrow_mut().remove(&sha256_hex(id));
+            if let Some(id) = cookie(req, SESSION_COOKIE)
+                && let Err(e) = hub.store.delete_session(&sha256_hex(id))
+            {
+                return error(503, "unavailable", &e.to_string());
             }
-            log::info!("oidc console sign-out user={:?}", s.name);
+            log::info!("oidc console sign-out user={:?}", s.user.user);
         }
         Ok(None) => {}
         Err(e) => return error(403, "forbidden", &e.to_string()),

@@ -287,7 +287,7 @@ pub struct Provider {
     state: RefCell<Keys>,
     /// When the last fetch started (success or not): the rate limit.
     last_fetch: Cell<Option<Instant>>,
-    /// Browser sign-ins in flight and console sessions.
+    /// Browser sign-ins in flight.
     pub browser: browser::Browser,
 }
 
