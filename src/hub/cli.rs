@@ -86,7 +86,7 @@ pub struct ServeArgs {
     /// scopes to request, comma-separated (default openid,email,profile,groups)
     #[argh(option, default = "\"openid,email,profile,groups\".into()")]
     pub oidc_scopes: String,
-    /// claim that names the person: email, sub, preferred_username or name (default email)
+    /// claim that names the person: email, sub or preferred_username (default email)
     #[argh(option, default = "\"email\".into()")]
     pub oidc_user_claim: String,
     /// claim that lists the person's groups (default groups; empty: none)

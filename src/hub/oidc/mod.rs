@@ -85,8 +85,9 @@ impl OidcConfig {
         if self.algorithms.is_empty() {
             return Err("--oidc-algs needs at least one of RS256, ES256".into());
         }
-        if !["email", "sub", "preferred_username", "name"].contains(&self.user_claim.as_str()) {
-            return Err(format!("--oidc-user-claim {:?}: use email, sub, preferred_username or name", self.user_claim));
+        // Claims that name one person; `name` ("Ann Lee") does not.
+        if !["email", "sub", "preferred_username"].contains(&self.user_claim.as_str()) {
+            return Err(format!("--oidc-user-claim {:?}: use email, sub or preferred_username", self.user_claim));
         }
         if !self.scopes.iter().any(|s| s == "openid") {
             return Err("--oidc-scopes must include openid".into());
@@ -236,8 +237,6 @@ pub struct Identity {
     pub groups: Vec<String>,
     /// In the configured admin group.
     pub admin: bool,
-    /// `exp` of the token, Unix seconds.
-    pub expires_at: i64,
 }
 
 /// Why a token was not turned into a person.
@@ -411,8 +410,7 @@ impl Provider {
             }
         }
         let admin = c.admin_group.as_ref().is_some_and(|a| groups.contains(a));
-        let expires_at = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-        Ok(Identity { name, groups, admin, expires_at })
+        Ok(Identity { name, groups, admin })
     }
 }
 
@@ -469,6 +467,23 @@ mod tests {
             (id.name.as_str(), id.groups.as_slice(), id.admin),
             ("oidc:42", &["oidc:solo".to_string()][..], false)
         );
+    }
+
+    #[test]
+    fn configurations_are_checked_before_the_hub_starts() {
+        let ok = provider("email").config;
+        ok.validate().unwrap();
+        let bad = [
+            (OidcConfig { issuer: "http://idp".into(), ..ok.clone() }, "must be an https:// URL"),
+            (OidcConfig { client_id: String::new(), ..ok.clone() }, "--oidc-client-id is required"),
+            (OidcConfig { algorithms: vec![], ..ok.clone() }, "--oidc-algs needs"),
+            (OidcConfig { user_claim: "name".into(), ..ok.clone() }, "use email, sub or preferred_username"),
+            (OidcConfig { scopes: vec!["email".into()], ..ok.clone() }, "must include openid"),
+        ];
+        for (cfg, want) in bad {
+            let e = cfg.validate().unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]
