@@ -35,7 +35,8 @@
 //! - [`agent`]: the agent (`uplink`): activation, persisted state, tunnel,
 //!   impersonating kube proxy, health. Not anything the hub runs.
 //! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store,
-//!   auth and grants, REST API, tunnel sessions, kube front end, console.
+//!   auth and grants (hub tokens, the organisation's OIDC provider), REST
+//!   API, tunnel sessions, kube front end, console.
 //!   Never linked into the agent.
 //! - `render` (feature `hub`): the Kubernetes manifest, systemd activation
 //!   file and cleanup instructions the hub hands out for a cluster. Not

@@ -269,6 +269,81 @@ fn console_in_headless_chromium() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Signing in with the organisation's identity provider, in the browser:
+/// the test provider (`tests/support/idp.rs`) auto-approves ann, whose
+/// IdP group `dev` is granted `edge-*`; the scenario
+/// (`tests/console/oidc.mjs`) clicks "Sign in with your organisation"
+/// and ends on the clusters page as `oidc:ann@example.com`.
+#[test]
+fn console_oidc_sign_in_in_headless_chromium() {
+    use support::idp::{CLIENT_ID, Idp, Person};
+    if let Some(why) = missing_tools() {
+        if std::env::var("UPLINK_REQUIRE_BROWSER").as_deref() == Ok("1") {
+            panic!("the console browser test cannot run: {why}");
+        }
+        eprintln!("\n*** SKIPPED console_oidc_sign_in_in_headless_chromium: {why}. ***\n");
+        return;
+    }
+    let idp = Idp::start(Person { sub: "42".into(), email: "ann@example.com".into(), groups: vec!["dev".into()] });
+    let dir = temp_dir("console-oidc");
+    let idp_ca = dir.join("idp-ca.pem");
+    std::fs::write(&idp_ca, &idp.ca_pem).unwrap();
+    let port = free_port();
+    let hub = HubProc::start_with(
+        &dir,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--public-url",
+            &format!("https://127.0.0.1:{port}"),
+            "--oidc-issuer",
+            &idp.issuer(),
+            "--oidc-client-id",
+            CLIENT_ID,
+            "--oidc-ca",
+            idp_ca.to_str().unwrap(),
+            "--oidc-user-prefix",
+            "oidc:",
+            "--oidc-group-prefix",
+            "oidc:",
+        ],
+    );
+    let admin = hub.admin();
+    for name in ["edge-dev", "prod-1"] {
+        assert_eq!(admin.post_json("/api/v1/clusters", &json!({ "name": name })).unwrap().status, 201);
+    }
+    let r = admin.post_json("/api/v1/grants", &json!({ "group": "oidc:dev", "clusters": "edge-*" })).unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("console-screenshots");
+    let mut node = Command::new("node")
+        .arg(repo().join("tests/console/oidc.mjs"))
+        .current_dir(repo().join("tests/console"))
+        .env("HUB_URL", &hub.url)
+        .env("PERSON", "oidc:ann@example.com")
+        .env("ALLOWED", "edge-dev")
+        .env("HIDDEN", "prod-1")
+        .env("SCREENSHOTS", &shots)
+        .env("CHROMIUM", chromium())
+        .env("BROWSER_DATA", dir.join("chromium-profile"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn node");
+    let pid = node.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(BUDGET).is_err() {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+    });
+    let status = node.wait().unwrap();
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    assert!(status.success(), "the OIDC browser scenario failed ({status}); hub log:\n{}", tail(&hub.log(), 40));
+    assert!(hub.log().contains("oidc console sign-in user=\"oidc:ann@example.com\""), "{}", hub.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")

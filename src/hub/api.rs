@@ -79,22 +79,84 @@ pub fn bearer(req: &Request) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
-/// The live user behind the request's bearer token.
-pub fn authenticate(hub: &Hub, req: &Request) -> Result<Option<User>, StoreError> {
-    match bearer(req) {
-        Some(t) => hub.store.user_by_token(&sha256_hex(t)),
-        None => Ok(None),
+/// Why a request's credentials were refused (not merely absent).
+#[derive(Debug)]
+pub enum AuthError {
+    /// The store failed; not the caller's fault.
+    Store(StoreError),
+    /// An ID token or console session was refused; the text says why
+    /// (never the token).
+    Refused(String),
+}
+
+impl From<StoreError> for AuthError {
+    fn from(e: StoreError) -> Self {
+        AuthError::Store(e)
     }
 }
 
+impl std::fmt::Display for AuthError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthError::Store(e) => e.fmt(f),
+            AuthError::Refused(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The live user behind the request: a hub token, an ID token of the
+/// identity provider (bearer), or a console session cookie. The one
+/// place people are authenticated (REST and kube front end alike).
+pub fn authenticate(hub: &Hub, req: &Request) -> Result<Option<User>, AuthError> {
+    use super::oidc::{browser, jwt};
+    match (bearer(req), &hub.oidc) {
+        (Some(t), Some(p)) if jwt::looks_like_jwt(t) => {
+            let now = now_ms();
+            let id = p.identify(t, None, now / 1000).map_err(|e| {
+                log::warn!("oidc token refused reason={e:?}");
+                AuthError::Refused(e.to_string())
+            })?;
+            signed_in(hub, &id.name, &id.groups, id.admin).map(Some)
+        }
+        (Some(t), _) => Ok(hub.store.user_by_token(&sha256_hex(t))?),
+        (None, Some(_)) => match browser::session_of(hub, req) {
+            Ok(Some(s)) => signed_in(hub, &s.user.user, &s.user.groups, s.user.admin).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                log::warn!("console session refused reason={e:?}");
+                Err(AuthError::Refused(e.to_string()))
+            }
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+/// A person of the identity provider: their store record, created on
+/// first sign-in; refused once an admin revoked them.
+fn signed_in(hub: &Hub, name: &str, groups: &[String], admin: bool) -> Result<User, AuthError> {
+    let u = hub.store.oidc_sign_in(name, groups, admin, now_ms()).map_err(|e| match e {
+        StoreError::Conflict(m) => AuthError::Refused(m),
+        other => AuthError::Store(other),
+    })?;
+    if u.revoked_at.is_some() {
+        log::warn!("oidc user refused reason=revoked user={name:?}");
+        return Err(AuthError::Refused(format!("user {name} was revoked by a hub admin")));
+    }
+    // What the token says now, not what was stored before this request.
+    Ok(User { groups: groups.to_vec(), admin, ..u })
+}
+
 fn user_of(hub: &Hub, req: &Request) -> Result<User, ApiError> {
-    authenticate(hub, req)?.ok_or_else(|| {
-        fail(
+    match authenticate(hub, req) {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => Err(fail(
             401,
             "unauthorized",
             "missing or unknown bearer token: send Authorization: Bearer TOKEN (set UPLINK_TOKEN for the CLI)",
-        )
-    })
+        )),
+        Err(AuthError::Refused(m)) => Err(fail(401, "unauthorized", m)),
+        Err(AuthError::Store(e)) => Err(e.into()),
+    }
 }
 
 fn admin_of(hub: &Hub, req: &Request) -> Result<User, ApiError> {
@@ -161,7 +223,17 @@ async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
         ("GET", ["hub"]) => Ok(hub_info(hub)),
         ("GET", ["whoami"]) => {
             let u = user_of(hub, req)?;
-            Ok(Response::json(200, &user_json(&u)))
+            let mut v = user_json(&u);
+            // The console's session: the token it sends back on every
+            // state-changing call (see oidc::browser).
+            if bearer(req).is_none()
+                && hub.oidc.is_some()
+                && let Ok(Some(s)) = super::oidc::browser::session_of(hub, req)
+            {
+                v["csrf_token"] = json!(s.csrf.expose());
+                v["session"] = json!("oidc");
+            }
+            Ok(Response::json(200, &v))
         }
         ("GET", ["clusters"]) => list_clusters(hub, req),
         ("POST", ["clusters"]) => register(hub, req, body, inb).await,
@@ -210,6 +282,10 @@ async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
 }
 
 fn hub_info(hub: &Hub) -> Response {
+    let oidc = hub
+        .oidc
+        .as_ref()
+        .map(|p| json!({ "issuer": p.config.issuer, "client_id": p.config.client_id, "login_path": "/auth/login" }));
     Response::json(
         200,
         &json!({
@@ -217,6 +293,7 @@ fn hub_info(hub: &Hub) -> Response {
             "ca_pem": hub.ca_pem,
             "version": env!("CARGO_PKG_VERSION"),
             "kube_path": "/k8s/clusters/{name}",
+            "oidc": oidc,
         }),
     )
 }
@@ -503,15 +580,88 @@ fn kubeconfig(hub: &Hub, req: &Request) -> ApiResult {
         return Err(fail(404, "not_found", format!("no cluster {name} you may reach")));
     }
     let token = bearer(req).unwrap_or_default();
-    Ok(Response::new(
-        200,
-        "application/yaml",
-        kubeconfig_yaml(&hub.public_url, hub.ca_pem.as_deref(), &name, &u.name, token),
-    ))
+    let yaml = match &hub.oidc {
+        // A person of the identity provider (ID token or console session):
+        // kubectl gets fresh ID tokens from `uplink-hub login`, never a copy
+        // of the short-lived one this request carried.
+        Some(p) if token.is_empty() || super::oidc::jwt::looks_like_jwt(token) => {
+            // The hub's scopes, and a refresh token for the plugin's cache.
+            let mut scopes = p.config.scopes.clone();
+            if !scopes.iter().any(|s| s == "offline_access") {
+                scopes.push("offline_access".into());
+            }
+            let scopes = scopes.join(",");
+            let exec = ExecPlugin {
+                issuer: &p.config.issuer,
+                client_id: &p.config.client_id,
+                scopes: &scopes,
+                ca_pem: p.config.ca_pem.as_deref(),
+            };
+            kubeconfig_exec_yaml(&hub.public_url, hub.ca_pem.as_deref(), &name, &u.name, &exec)
+        }
+        _ => kubeconfig_yaml(&hub.public_url, hub.ca_pem.as_deref(), &name, &u.name, token),
+    };
+    Ok(Response::new(200, "application/yaml", yaml))
+}
+
+/// The `exec` credential plugin a kubeconfig names for a person of the
+/// identity provider.
+pub struct ExecPlugin<'a> {
+    pub issuer: &'a str,
+    pub client_id: &'a str,
+    /// Comma-separated, as `login --scopes` takes them.
+    pub scopes: &'a str,
+    /// The provider's CA when it is not publicly trusted; handed to the
+    /// plugin in `UPLINK_OIDC_CA_PEM`.
+    pub ca_pem: Option<&'a str>,
+}
+
+/// A kubeconfig whose user runs `uplink-hub login` for its token
+/// (`client.authentication.k8s.io/v1`).
+pub fn kubeconfig_exec_yaml(
+    hub_url: &str,
+    ca_pem: Option<&str>,
+    cluster: &str,
+    user: &str,
+    exec: &ExecPlugin<'_>,
+) -> String {
+    let q = render::yaml_quote;
+    let env = exec.ca_pem.map_or(String::new(), |pem| {
+        format!("        env:\n          - name: UPLINK_OIDC_CA_PEM\n            value: {}\n", q(pem))
+    });
+    let user_yaml = format!(
+        concat!(
+            "      exec:\n",
+            "        apiVersion: client.authentication.k8s.io/v1\n",
+            "        command: uplink-hub\n",
+            "        args:\n",
+            "          - login\n",
+            "          - --issuer\n",
+            "          - {issuer}\n",
+            "          - --client-id\n",
+            "          - {client}\n",
+            "          - --scopes\n",
+            "          - {scopes}\n",
+            "{env}",
+            "        interactiveMode: IfAvailable\n",
+            "        provideClusterInfo: false\n",
+        ),
+        issuer = q(exec.issuer),
+        client = q(exec.client_id),
+        scopes = q(exec.scopes),
+        env = env,
+    );
+    kubeconfig_with(hub_url, ca_pem, cluster, user, &user_yaml)
 }
 
 /// Renders a kubeconfig with one cluster, user and context.
 pub fn kubeconfig_yaml(hub_url: &str, ca_pem: Option<&str>, cluster: &str, user: &str, token: &str) -> String {
+    kubeconfig_with(hub_url, ca_pem, cluster, user, &format!("      token: {}\n", render::yaml_quote(token)))
+}
+
+/// A kubeconfig with one cluster, context and user whose `user:` body is
+/// `user_yaml` (indented six spaces).
+fn kubeconfig_with(hub_url: &str, ca_pem: Option<&str>, cluster: &str, user: &str, user_yaml: &str) -> String {
     use base64::Engine as _;
     let ctx = format!("uplink-{cluster}");
     let ca = ca_pem.map_or(String::new(), |pem| {
@@ -522,12 +672,11 @@ pub fn kubeconfig_yaml(hub_url: &str, ca_pem: Option<&str>, cluster: &str, user:
     let q = render::yaml_quote;
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n  - name: {c}\n    cluster:\n      server: {server}\n{ca}\
-users:\n  - name: {u}\n    user:\n      token: {t}\ncontexts:\n  - name: {c}\n    context:\n      cluster: {c}\n      user: {u}\n\
+users:\n  - name: {u}\n    user:\n{user_yaml}contexts:\n  - name: {c}\n    context:\n      cluster: {c}\n      user: {u}\n\
 current-context: {c}\n",
         c = q(&ctx),
         server = q(&format!("{hub_url}/k8s/clusters/{cluster}")),
         u = q(&format!("{user}@uplink")),
-        t = q(token),
     )
 }
 
@@ -646,6 +795,40 @@ mod tests {
             );
             assert!(text.is_ascii(), "{text}");
         }
+    }
+
+    /// An OIDC person's kubeconfig runs `uplink-hub login` as a
+    /// `client.authentication.k8s.io/v1` exec plugin.
+    #[test]
+    fn kubeconfig_exec_entries_read_back() {
+        let exec = ExecPlugin {
+            issuer: "https://idp.example.com/realms/acme",
+            client_id: "uplink-hub",
+            scopes: "openid,email,offline_access",
+            ca_pem: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"),
+        };
+        let text = kubeconfig_exec_yaml("https://hub.example.com", None, "edge-1", "oidc:ann@example.com", &exec);
+        let doc = &YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))[0];
+        let e = &doc["users"][0]["user"]["exec"];
+        assert_eq!(e["apiVersion"].as_str(), Some("client.authentication.k8s.io/v1"), "{text}");
+        assert_eq!(e["command"].as_str(), Some("uplink-hub"));
+        let args: Vec<&str> = e["args"].as_vec().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "login",
+                "--issuer",
+                "https://idp.example.com/realms/acme",
+                "--client-id",
+                "uplink-hub",
+                "--scopes",
+                "openid,email,offline_access"
+            ]
+        );
+        assert_eq!(e["env"][0]["name"].as_str(), Some("UPLINK_OIDC_CA_PEM"));
+        assert_eq!(e["env"][0]["value"].as_str(), exec.ca_pem);
+        assert_eq!(e["interactiveMode"].as_str(), Some("IfAvailable"));
+        assert_eq!(doc["users"][0]["name"].as_str(), Some("oidc:ann@example.com@uplink"));
     }
 
     #[test]

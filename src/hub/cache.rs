@@ -1,5 +1,6 @@
 //! A read cache in front of the store for what every kube request asks:
-//! token → user, the grant list, cluster by name.
+//! token → user, identity-provider person by name, the grant list,
+//! cluster by name.
 //!
 //! Correctness rests on one rule: every write goes through this wrapper
 //! (the serving process is the database's only writer), and every write
@@ -15,8 +16,8 @@
 
 use super::clock::Millis;
 use super::store::{
-    ActivateError, Activation, AgentFacts, AuditEntry, AuditQuery, Cluster, ClusterEvent, CredentialStatus, Grant,
-    NewActivation, NewCluster, Result, Store, Subject, User,
+    ActivateError, Activation, AgentFacts, AuditEntry, AuditQuery, Cluster, ClusterEvent, ConsoleSession,
+    CredentialStatus, Grant, NewActivation, NewCluster, Result, Store, Subject, User,
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -27,6 +28,8 @@ const MAX_ENTRIES: usize = 1024;
 #[derive(Default)]
 struct Cached {
     users: HashMap<String, User>,
+    /// People of the identity provider by name, as last signed in.
+    oidc: HashMap<String, User>,
     grants: Option<Vec<Grant>>,
     clusters: HashMap<String, Cluster>,
 }
@@ -82,6 +85,35 @@ impl<S: Store> Store for CachedStore<S> {
     }
     fn revoke_user(&self, name: &str, now: Millis) -> Result<User> {
         self.write(|s| s.revoke_user(name, now))
+    }
+    fn oidc_sign_in(&self, name: &str, groups: &[String], admin: bool, now: Millis) -> Result<User> {
+        // Every request with an ID token asks; only a first sign-in or
+        // changed groups reach the database. The row written is this
+        // person's alone (the store refuses names of token users), and only
+        // this map holds it, so nothing else cached goes stale; any other
+        // write (a revocation) empties this map as well.
+        if let Some(u) = self.cached.borrow().oidc.get(name)
+            && u.groups == groups
+            && u.admin == admin
+        {
+            return Ok(u.clone());
+        }
+        let u = self.inner.oidc_sign_in(name, groups, admin, now)?;
+        if u.revoked_at.is_none() {
+            remember(&mut self.cached.borrow_mut().oidc, name, &u);
+        }
+        Ok(u)
+    }
+    // Sessions are not cached: a console session is a handful of requests
+    // a minute, and sign-in and sign-out touch nothing cached.
+    fn create_session(&self, id_hash: &str, session: &ConsoleSession, now: Millis) -> Result<()> {
+        self.inner.create_session(id_hash, session, now)
+    }
+    fn session(&self, id_hash: &str, now: Millis) -> Result<Option<ConsoleSession>> {
+        self.inner.session(id_hash, now)
+    }
+    fn delete_session(&self, id_hash: &str) -> Result<()> {
+        self.inner.delete_session(id_hash)
     }
     fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {
         if let Some(u) = self.cached.borrow().users.get(token_hash) {
@@ -205,6 +237,33 @@ mod tests {
         assert!(s.grants().unwrap().is_empty());
         s.revoke_user("ann", 3).unwrap();
         assert!(s.user_by_token("h1").unwrap().is_none(), "a revoked token stops at once");
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn oidc_people_are_created_updated_and_revoked_at_once() {
+        let (s, dir) = store();
+        s.create_user("admin", &[], true, "h0", 1).unwrap();
+        let dev = vec!["oidc:dev".to_string()];
+        let u = s.oidc_sign_in("oidc:ann", &dev, false, 2).unwrap();
+        assert_eq!((u.name.as_str(), u.created_at, u.revoked_at), ("oidc:ann", 2, None));
+        assert_eq!(s.user("oidc:ann").unwrap().unwrap().groups, dev, "the record is created on first sign-in");
+        let ops = vec!["oidc:ops".to_string()];
+        assert_eq!(s.oidc_sign_in("oidc:ann", &ops, true, 3).unwrap().groups, ops);
+        assert!(s.user("oidc:ann").unwrap().unwrap().admin, "groups and admin follow the latest token");
+        assert!(matches!(s.oidc_sign_in("admin", &[], true, 4), Err(crate::hub::store::StoreError::Conflict(_))));
+        let session = ConsoleSession { user: "oidc:ann".into(), groups: ops.clone(), admin: true, expires_at: 100 };
+        s.create_session("sh1", &session, 4).unwrap();
+        assert_eq!(s.session("sh1", 5).unwrap(), Some(session.clone()));
+        assert_eq!(s.session("sh1", 100).unwrap(), None, "expired");
+        assert_eq!(s.session("sh2", 5).unwrap(), None);
+        s.create_session("sh2", &session, 4).unwrap();
+        s.delete_session("sh2").unwrap();
+        assert_eq!(s.session("sh2", 5).unwrap(), None, "signed out");
+        s.revoke_user("oidc:ann", 5).unwrap();
+        assert_eq!(s.oidc_sign_in("oidc:ann", &ops, true, 6).unwrap().revoked_at, Some(5), "revoked at once");
+        assert_eq!(s.session("sh1", 6).unwrap(), None, "revocation ends the sessions");
         drop(s);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -14,10 +14,12 @@
 //! manifest go to standard output instead of being lost.
 
 use super::client::{Client, Reply};
+use super::oidc::{self, OidcConfig};
 use super::server::{ServeConfig, serve};
 use super::table::{self, Align};
 use crate::http::percent_encode;
 use crate::names::{self, NameKind};
+use crate::secret::Secret;
 use argh::FromArgs;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -38,6 +40,8 @@ pub struct Args {
     pub cmd: Cmd,
 }
 
+// Parsed once per process: the size of `serve`'s many options costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(FromArgs)]
 #[argh(subcommand)]
 pub enum Cmd {
@@ -47,6 +51,7 @@ pub enum Cmd {
     Grant(GrantArgs),
     Kubeconfig(KubeconfigArgs),
     Audit(AuditArgs),
+    Login(LoginArgs),
     Version(VersionArgs),
 }
 
@@ -82,6 +87,39 @@ pub struct ServeArgs {
     /// one can start while this one drains (env UPLINK_HUB_REUSE_PORT=1)
     #[argh(switch)]
     pub reuse_port: bool,
+    /// issuer URL (OpenID Connect) of the organisation's identity provider (enables sign-in with it)
+    #[argh(option)]
+    pub oidc_issuer: Option<String>,
+    /// client id (OIDC) registered for this hub (the ID tokens' audience)
+    #[argh(option)]
+    pub oidc_client_id: Option<String>,
+    /// file holding the OIDC client secret (env UPLINK_OIDC_CLIENT_SECRET; none: a public client with PKCE)
+    #[argh(option)]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// scopes to request, comma-separated (default openid,email,profile,groups)
+    #[argh(option, default = "\"openid,email,profile,groups\".into()")]
+    pub oidc_scopes: String,
+    /// claim that names the person: email, sub or preferred_username (default email)
+    #[argh(option, default = "\"email\".into()")]
+    pub oidc_user_claim: String,
+    /// claim that lists the person's groups (default groups; empty: none)
+    #[argh(option, default = "\"groups\".into()")]
+    pub oidc_groups_claim: String,
+    /// prefix for user names from the provider, e.g. oidc: (default none)
+    #[argh(option, default = "String::new()")]
+    pub oidc_user_prefix: String,
+    /// prefix for group names from the provider, e.g. oidc: (default none)
+    #[argh(option, default = "String::new()")]
+    pub oidc_group_prefix: String,
+    /// signature algorithms accepted, comma-separated (default RS256,ES256; none is never accepted)
+    #[argh(option, default = "\"RS256,ES256\".into()")]
+    pub oidc_algs: String,
+    /// members of this group (as named after the group prefix) are hub admins
+    #[argh(option)]
+    pub oidc_admin_group: Option<String>,
+    /// PEM CA to trust for the identity provider instead of the public roots
+    #[argh(option)]
+    pub oidc_ca: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -108,6 +146,27 @@ impl ServeArgs {
         }
         Ok((every, dead))
     }
+}
+
+/// sign in with the identity provider and print a kubectl ExecCredential (an exec credential plugin)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "login")]
+pub struct LoginArgs {
+    /// issuer URL of the OpenID Connect provider
+    #[argh(option)]
+    pub issuer: String,
+    /// client id (OIDC) of the hub
+    #[argh(option)]
+    pub client_id: String,
+    /// scopes, comma-separated (default openid,email,profile,groups,offline_access)
+    #[argh(option, default = "\"openid,email,profile,groups,offline_access\".into()")]
+    pub scopes: String,
+    /// PEM CA of the provider (env UPLINK_OIDC_CA_PEM holds the PEM itself; default public roots)
+    #[argh(option)]
+    pub ca_file: Option<PathBuf>,
+    /// print only the ID token (e.g. UPLINK_TOKEN=$(uplink-hub login ... --print-token) uplink-hub kubeconfig ...)
+    #[argh(switch)]
+    pub print_token: bool,
 }
 
 /// manage clusters
@@ -360,6 +419,65 @@ fn client(args: &Args) -> Result<Client, String> {
     Client::new(&url, ca.as_deref(), token.as_deref())
 }
 
+fn read_file(p: &Path) -> Result<String, String> {
+    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+fn list(csv: &str) -> Vec<String> {
+    csv.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// The provider `serve` was given, checked before the hub starts.
+fn oidc_config(a: &ServeArgs) -> Result<Option<OidcConfig>, String> {
+    let Some(issuer) = a.oidc_issuer.clone() else {
+        return match a.oidc_client_id {
+            Some(_) => Err("--oidc-client-id needs --oidc-issuer".into()),
+            None => Ok(None),
+        };
+    };
+    let secret = match &a.oidc_client_secret_file {
+        Some(p) => Some(read_file(p)?.trim().to_string()),
+        None => std::env::var("UPLINK_OIDC_CLIENT_SECRET").ok().filter(|s| !s.is_empty()),
+    };
+    let cfg = OidcConfig {
+        issuer,
+        client_id: a.oidc_client_id.clone().unwrap_or_default(),
+        client_secret: secret.map(Secret::new),
+        scopes: list(&a.oidc_scopes),
+        user_claim: a.oidc_user_claim.clone(),
+        groups_claim: Some(a.oidc_groups_claim.clone()).filter(|g| !g.is_empty()),
+        user_prefix: a.oidc_user_prefix.clone(),
+        group_prefix: a.oidc_group_prefix.clone(),
+        algorithms: OidcConfig::parse_algorithms(&a.oidc_algs)?,
+        admin_group: a.oidc_admin_group.clone(),
+        ca_pem: a.oidc_ca.as_deref().map(read_file).transpose()?,
+    };
+    cfg.validate()?;
+    Ok(Some(cfg))
+}
+
+/// `uplink-hub login`: stdout carries only the credential.
+fn login(l: &LoginArgs) -> Result<(), String> {
+    let ca_pem = match &l.ca_file {
+        Some(p) => Some(read_file(p)?),
+        None => std::env::var("UPLINK_OIDC_CA_PEM").ok().filter(|s| !s.is_empty()),
+    };
+    let cfg = oidc::login::LoginConfig {
+        issuer: l.issuer.clone(),
+        client_id: l.client_id.clone(),
+        scopes: list(&l.scopes),
+        ca_pem,
+    };
+    let dir = oidc::login::cache_dir().ok_or("cannot find a cache directory: set XDG_CACHE_HOME or HOME")?;
+    let token = oidc::login::id_token(&cfg, &dir).map_err(|e| e.to_string())?;
+    if l.print_token {
+        println!("{}", token.expose());
+    } else {
+        println!("{}", oidc::login::exec_credential(token.expose()));
+    }
+    Ok(())
+}
+
 fn check(r: std::io::Result<Reply>) -> Result<Value, String> {
     let r = r.map_err(|e| format!("cannot reach the hub: {e}"))?;
     let v = r.json();
@@ -397,8 +515,10 @@ fn run_inner(args: Args) -> Result<(), String> {
                 keepalive,
                 dead_after,
                 reuse_port,
+                oidc: oidc_config(a)?,
             })
         }
+        Cmd::Login(l) => login(l),
         Cmd::Cluster(c) => {
             let api = client(&args)?;
             match &c.cmd {

@@ -21,6 +21,9 @@ pub struct Client {
     base: String,
     tls: Arc<rustls::ClientConfig>,
     token: Option<crate::secret::Secret>,
+    /// Longest wait for the server between bytes; `None` waits forever
+    /// (the CLI's long polls and kube streams).
+    read_timeout: Option<Duration>,
 }
 
 /// A response read to its end.
@@ -78,7 +81,14 @@ impl Client {
             None => Trust::WebPki,
         };
         let tls = client_config(&trust, None, &[b"http/1.1"]).map_err(|e| e.to_string())?;
-        Ok(Client { host, port, base, tls, token: token.map(crate::secret::Secret::new) })
+        Ok(Client { host, port, base, tls, token: token.map(crate::secret::Secret::new), read_timeout: None })
+    }
+
+    /// Gives up on a server silent for `d` (the hub calling its identity
+    /// provider from a worker thread must not wait forever).
+    pub fn with_read_timeout(mut self, d: Duration) -> Self {
+        self.read_timeout = Some(d);
+        self
     }
 
     pub fn get(&self, path: &str) -> io::Result<Reply> {
@@ -103,10 +113,13 @@ impl Client {
         body: Option<&[u8]>,
     ) -> io::Result<Reply> {
         let mut tls = self.connect()?;
-        let mut head = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\n",
-            self.base, self.host, self.port
-        );
+        // A URL without a path (`https://idp`) asks for `/`.
+        let target = match format!("{}{path}", self.base) {
+            t if t.is_empty() => "/".to_string(),
+            t => t,
+        };
+        let mut head =
+            format!("{method} {target} HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\n", self.host, self.port);
         if let Some(t) = &self.token {
             head += &format!("Authorization: Bearer {}\r\n", t.expose());
         }
@@ -139,6 +152,7 @@ impl Client {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {}", self.host)))?;
         let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
         tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(self.read_timeout)?;
         let name = rustls_pki_types::ServerName::try_from(self.host.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let conn = rustls::ClientConnection::new(self.tls.clone(), name).map_err(io::Error::other)?;

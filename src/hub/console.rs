@@ -17,11 +17,14 @@
 //! Every answer carries a strict Content-Security-Policy: scripts, styles
 //! and fetches from the hub only, no inline script or style, no framing.
 //! The console talks only to `/api/v1/...` and `/k8s/clusters/NAME/...`
-//! with the signed-in person's bearer token, which it keeps in
-//! `sessionStorage` and never puts in a URL.
+//! (and `/auth/logout`), as the signed-in person: with their bearer
+//! token, which it keeps in `sessionStorage` and never puts in a URL, or
+//! with the session cookie of a sign-in through the identity provider
+//! (`/auth/login`, [`super::oidc::browser`]) plus its CSRF token.
 //!
-//! Not here: any server-side rendering or session; the console is a
-//! client of the same REST and kube endpoints as the CLI and kubectl.
+//! Not here: any server-side rendering, or the session itself
+//! ([`super::oidc::browser`]); the console is a client of the same REST
+//! and kube endpoints as the CLI and kubectl.
 
 use super::http::{Request, Response};
 use std::sync::OnceLock;

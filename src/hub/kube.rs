@@ -192,6 +192,13 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
                 "Unauthorized: uplink-hub needs a valid bearer token (get a kubeconfig with `uplink-hub kubeconfig --cluster NAME`)",
             ));
         }
+        Err(api::AuthError::Refused(why)) => {
+            return Reply::Send(error_for(
+                &forward,
+                401,
+                &format!("Unauthorized: uplink-hub refused your credentials: {why}"),
+            ));
+        }
         Err(e) => return Reply::Send(error_for(&forward, 503, &format!("uplink-hub store failed: {e}"))),
     };
     let grants = hub.store.grants().unwrap_or_default();

@@ -8,6 +8,7 @@
 //!                 ├─ /k8s/clusters/NAME/..  kube     authn, grant, open stream, pipe
 //!                 ├─ /v1/activate, /v1/tunnel agents activation, tunnel sessions
 //!                 ├─ /, /assets/...         console  the web console, embedded
+//!                 ├─ /auth/...              oidc     console sign-in with the identity provider
 //!                 └─ /healthz, /metrics
 //!  state: Store (sqlite) · Tunnels (live sessions) · Bus (status events) · Metrics
 //! ```
@@ -35,6 +36,7 @@ pub mod install;
 pub mod kube;
 pub mod logger;
 pub mod metrics;
+pub mod oidc;
 pub mod server;
 pub mod sqlite;
 pub mod store;
@@ -69,6 +71,8 @@ pub struct Hub {
     pub agent_image: String,
     /// Settings of every tunnel session (keepalive, dead-peer deadline).
     pub tunnel_config: crate::proto::Config,
+    /// The organisation's identity provider, when configured.
+    pub oidc: Option<oidc::Provider>,
 }
 
 impl Hub {

@@ -62,6 +62,8 @@ pub struct ServeConfig {
     /// Listen with `SO_REUSEPORT` so a successor can bind while this
     /// process drains.
     pub reuse_port: bool,
+    /// The organisation's identity provider (`--oidc-*`).
+    pub oidc: Option<super::oidc::OidcConfig>,
 }
 
 /// What a handler hands back to the connection loop.
@@ -167,13 +169,27 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
             dead_after: cfg.dead_after,
             ..Default::default()
         },
+        oidc: cfg.oidc.clone().map(super::oidc::Provider::load),
     });
+    if let Some(p) = &hub.oidc {
+        println!("identity provider: {} (client {})", p.config.issuer, p.config.client_id);
+    }
 
     let ex = LocalExecutor::new();
     smol::block_on(ex.run(async {
         let listener = TcpListener::try_from(listener).map_err(|e| e.to_string())?;
         let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
             .map_err(|e| format!("cannot watch signals: {e}"))?;
+        // Owned by the executor: it ends with the hub.
+        if hub.oidc.is_some() {
+            let h = hub.clone();
+            ex.spawn(async move {
+                if let Some(p) = &h.oidc {
+                    p.refresh_periodically().await;
+                }
+            })
+            .detach();
+        }
         let accept = accept_loop(&ex, &hub, &listener, &acceptor);
         let signal = async {
             use smol::stream::StreamExt;
@@ -375,6 +391,11 @@ async fn route(
     peer: SocketAddr,
 ) -> Reply {
     let path = req.target.split('?').next().unwrap_or("");
+    // An ID token naming a key the hub lacks: fetch the keys first, so
+    // the (synchronous) authentication below sees them.
+    if let (Some(p), Some(token)) = (&hub.oidc, api::bearer(req)) {
+        p.prepare(token).await;
+    }
     if path == "/k8s/clusters" || path.starts_with("/k8s/clusters/") || path.starts_with("/k8s/") {
         return kube::proxy(hub, req, body, inb, out).await;
     }
@@ -388,9 +409,24 @@ async fn route(
         ("POST", "/v1/activate") => Reply::Send(agents::activate(hub, req, body, inb).await),
         ("GET", "/v1/tunnel") => agents::tunnel(hub, req, inb, out, peer).await,
         (_, "/v1/activate" | "/v1/tunnel") => Reply::Send(api::error(405, "method_not_allowed", "wrong method")),
+        (m, "/auth/login" | "/auth/callback" | "/auth/logout") => Reply::Send(auth_route(hub, req, m, path).await),
         (_, p) if p == "/api/v1" || p.starts_with("/api/v1/") => Reply::Send(api::handle(hub, req, body, inb).await),
         ("GET" | "HEAD", p) if console::is_console_path(p) => Reply::Send(console::serve(req)),
         _ => Reply::Send(api::error(404, "not_found", &format!("no route for {} {path}", req.method))),
+    }
+}
+
+/// The console's sign-in routes; 404 when no provider is configured.
+async fn auth_route(hub: &Hub, req: &Request, method: &str, path: &str) -> Response {
+    use super::oidc::browser;
+    let Some(p) = &hub.oidc else {
+        return api::error(404, "not_found", "this hub has no identity provider (serve --oidc-issuer)");
+    };
+    match (method, path) {
+        ("GET", "/auth/login") => browser::login(hub, p),
+        ("GET", "/auth/callback") => browser::callback(hub, p, req).await,
+        ("POST", "/auth/logout") => browser::logout(hub, req),
+        _ => api::error(405, "method_not_allowed", &format!("{method} is not supported on {path}")),
     }
 }
 

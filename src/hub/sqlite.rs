@@ -27,9 +27,12 @@ use std::sync::mpsc;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
   name TEXT PRIMARY KEY, groups TEXT NOT NULL, admin INTEGER NOT NULL,
-  created_at INTEGER NOT NULL, revoked_at INTEGER);
+  created_at INTEGER NOT NULL, revoked_at INTEGER, oidc INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tokens(
   hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name), created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions(
+  hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name), groups TEXT NOT NULL,
+  admin INTEGER NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS grants(
   id INTEGER PRIMARY KEY AUTOINCREMENT, subject_kind TEXT NOT NULL, subject TEXT NOT NULL,
   clusters TEXT NOT NULL, created_at INTEGER NOT NULL, UNIQUE(subject_kind, subject, clusters));
@@ -189,6 +192,12 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
     )?;
     if !has_replaced {
         db.execute_batch("ALTER TABLE activations ADD COLUMN replaced_at INTEGER")?;
+    }
+    // `users.oidc` (people who sign in through the identity provider).
+    let has_oidc: bool =
+        db.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('users') WHERE name = 'oidc'", [], |r| r.get(0))?;
+    if !has_oidc {
+        db.execute_batch("ALTER TABLE users ADD COLUMN oidc INTEGER NOT NULL DEFAULT 0")?;
     }
     Ok(())
 }
@@ -356,8 +365,92 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!("no live user {name}")));
         }
         tx.execute("DELETE FROM tokens WHERE user = ?1", [name]).map_err(backend)?;
+        tx.execute("DELETE FROM sessions WHERE user = ?1", [name]).map_err(backend)?;
         tx.commit().map_err(backend)?;
         self.user(name)?.ok_or_else(|| StoreError::NotFound(format!("no user {name}")))
+    }
+
+    fn oidc_sign_in(&self, name: &str, groups: &[String], admin: bool, now: Millis) -> Result<User> {
+        let tx = self.db.unchecked_transaction().map_err(backend)?;
+        let row: Option<(User, bool)> = tx
+            .query_row(
+                "SELECT name, groups, admin, created_at, revoked_at, oidc FROM users WHERE name = ?1",
+                [name],
+                |r| Ok((user_row(r)?, r.get(5)?)),
+            )
+            .optional()
+            .map_err(backend)?;
+        let user = match row {
+            None => {
+                tx.execute(
+                    "INSERT INTO users(name, groups, admin, created_at, oidc) VALUES (?1, ?2, ?3, ?4, 1)",
+                    params![name, to_json(groups), admin, now],
+                )
+                .map_err(backend)?;
+                User { name: name.into(), groups: groups.to_vec(), admin, created_at: now, revoked_at: None }
+            }
+            Some((_, false)) => {
+                return Err(StoreError::Conflict(format!(
+                    "user {name} is a hub-token user, not one of the identity provider; \
+                     give the provider's names a prefix (serve --oidc-user-prefix)"
+                )));
+            }
+            // Revoked stays revoked: the caller refuses the person.
+            Some((u, true)) if u.revoked_at.is_some() => u,
+            Some((u, true)) if u.groups == groups && u.admin == admin => u,
+            Some((u, true)) => {
+                tx.execute(
+                    "UPDATE users SET groups = ?2, admin = ?3 WHERE name = ?1",
+                    params![name, to_json(groups), admin],
+                )
+                .map_err(backend)?;
+                User { groups: groups.to_vec(), admin, ..u }
+            }
+        };
+        tx.commit().map_err(backend)?;
+        Ok(user)
+    }
+
+    fn create_session(&self, id_hash: &str, c: &ConsoleSession, now: Millis) -> Result<()> {
+        let tx = self.db.unchecked_transaction().map_err(backend)?;
+        tx.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now]).map_err(backend)?;
+        tx.execute(
+            "INSERT INTO sessions(hash, user, groups, admin, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id_hash, c.user, to_json(&c.groups), c.admin, now, c.expires_at],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn session(&self, id_hash: &str, now: Millis) -> Result<Option<ConsoleSession>> {
+        let row = self
+            .db
+            .prepare_cached(
+                "SELECT s.hash, s.user, s.groups, s.admin, s.expires_at FROM sessions s JOIN users u ON u.name = s.user
+                 WHERE s.hash = ?1 AND s.expires_at > ?2 AND u.revoked_at IS NULL",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![id_hash, now], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        ConsoleSession {
+                            user: r.get(1)?,
+                            groups: from_json(r.get(2)?),
+                            admin: r.get(3)?,
+                            expires_at: r.get(4)?,
+                        },
+                    ))
+                })
+                .optional()
+            })
+            .map_err(backend)?;
+        // As for tokens: the index found it; compare once more in constant time.
+        Ok(row.filter(|(h, _)| ct_eq(h.as_bytes(), id_hash.as_bytes())).map(|(_, s)| s))
+    }
+
+    fn delete_session(&self, id_hash: &str) -> Result<()> {
+        self.db.execute("DELETE FROM sessions WHERE hash = ?1", [id_hash]).map_err(backend)?;
+        Ok(())
     }
 
     fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {

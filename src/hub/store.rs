@@ -51,6 +51,17 @@ pub struct User {
     pub revoked_at: Option<Millis>,
 }
 
+/// A console session of a person who signed in through the identity
+/// provider. The store knows it by the SHA-256 of its id, never the id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    pub user: String,
+    /// The groups and admin flag the ID token gave at sign-in.
+    pub groups: Vec<String>,
+    pub admin: bool,
+    pub expires_at: Millis,
+}
+
 /// Who a grant is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subject {
@@ -208,8 +219,21 @@ pub trait Store {
     fn user(&self, name: &str) -> Result<Option<User>>;
     /// Adds another token to a live user.
     fn add_token(&self, user: &str, token_hash: &str, now: Millis) -> Result<()>;
-    /// Revokes the user and every token of theirs.
+    /// Revokes the user, every token and every console session of theirs.
     fn revoke_user(&self, name: &str, now: Millis) -> Result<User>;
+    /// A person the identity provider vouched for: created (with no
+    /// token) on first sign-in, their groups and admin flag updated to
+    /// what the latest token says. Returns the user as stored, revoked
+    /// if an admin revoked them (the caller refuses them then).
+    /// `Conflict` if the name belongs to a hub-token user.
+    fn oidc_sign_in(&self, name: &str, groups: &[String], admin: bool, now: Millis) -> Result<User>;
+    /// Records a console session (and forgets expired ones).
+    fn create_session(&self, id_hash: &str, session: &ConsoleSession, now: Millis) -> Result<()>;
+    /// The session of this hash if it has not expired at `now` and its
+    /// user is not revoked.
+    fn session(&self, id_hash: &str, now: Millis) -> Result<Option<ConsoleSession>>;
+    /// Ends a session (sign-out); no error if there is none.
+    fn delete_session(&self, id_hash: &str) -> Result<()>;
     /// The live user holding this token.
     fn user_by_token(&self, token_hash: &str) -> Result<Option<User>>;
 

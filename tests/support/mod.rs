@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod https;
+pub mod idp;
 pub mod kube;
 pub mod kubectl;
 pub mod relay;

@@ -1,13 +1,21 @@
-// The console's only way out: fetch() to this hub, with the signed-in
-// person's bearer token. The token lives in sessionStorage (this tab only,
-// gone when it closes) and is never put in a URL.
+// The console's only way out: fetch() to this hub, as the signed-in
+// person: either with their hub token as a bearer token (kept in
+// sessionStorage: this tab only, gone when it closes, never in a URL), or
+// with the hub's session cookie after signing in with the organisation's
+// identity provider (/auth/login). The cookie is HttpOnly: this code never
+// sees it; it sends the session's CSRF token (from /whoami, kept in memory
+// only) on every call that changes something.
 
 const KEY = 'uplink.token';
+let csrf = null;
 
 export const session = {
   get token() { return sessionStorage.getItem(KEY); },
   set(token) { sessionStorage.setItem(KEY, token); },
-  clear() { sessionStorage.removeItem(KEY); },
+  clear() { sessionStorage.removeItem(KEY); csrf = null; },
+  /** The CSRF token of a cookie session (null with a bearer token). */
+  get csrf() { return csrf; },
+  setCsrf(token) { csrf = token ?? null; },
 };
 
 /** Table columns as kubectl prints them; plain JSON if the server has no tables. */
@@ -56,12 +64,13 @@ export async function api(path, { method = 'GET', body, signal, accept = 'applic
   const headers = { Accept: accept };
   const token = session.token;
   if (token) headers.Authorization = `Bearer ${token}`;
+  else if (csrf && method !== 'GET' && method !== 'HEAD') headers['X-CSRF-Token'] = csrf;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   const kube = path.startsWith('/k8s/');
   let res;
   try {
     res = await fetch(path, {
-      method, headers, signal, cache: 'no-store', credentials: 'omit', redirect: 'error',
+      method, headers, signal, cache: 'no-store', credentials: token ? 'omit' : 'same-origin', redirect: 'error',
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (e) {
@@ -71,7 +80,7 @@ export async function api(path, { method = 'GET', body, signal, accept = 'applic
   if (!res.ok) {
     const err = await failure(res, kube);
     // The hub refuses the token itself (not a cluster saying 401).
-    if (res.status === 401 && (!kube || err.message.includes('bearer token'))) listeners.forEach((fn) => fn(err));
+    if (res.status === 401 && (!kube || /bearer token|your credentials/.test(err.message))) listeners.forEach((fn) => fn(err));
     throw err;
   }
   if (raw) return res;

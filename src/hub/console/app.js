@@ -10,7 +10,7 @@
 //   #/clusters/NAME/nodes/NODE[/TAB]     one node
 //   #/register  #/users  #/audit         admin pages
 
-import { hub, onUnauthorized, session } from './api.js';
+import { api, hub, onUnauthorized, session } from './api.js';
 import { h, put, errorBox } from './dom.js';
 import { clustersView } from './clusters.js';
 import { clusterView } from './cluster.js';
@@ -29,6 +29,16 @@ function announce(text) {
 }
 
 // ---- sign in / out ------------------------------------------------------
+
+/** The organisation's identity provider, if the hub has one (GET /api/v1/hub). */
+let provider;
+
+async function loadProvider() {
+  if (provider === undefined) {
+    try { provider = (await hub.get('/hub')).oidc ?? null; } catch { provider = null; }
+  }
+  return provider;
+}
 
 function signInView(notice) {
   stopAll();
@@ -54,6 +64,7 @@ function signInView(notice) {
     session.set(token);
     try {
       me = await hub.get('/whoami');
+      session.setCsrf(null);
       input.value = '';
       start();
     } catch (e) {
@@ -68,16 +79,28 @@ function signInView(notice) {
   });
   put(root, h('main', { id: 'main', class: 'signin-page' }, form), announcer);
   input.focus();
+  // With an identity provider: one click, then the provider's own page.
+  loadProvider().then((p) => {
+    if (!p) return;
+    const sso = h('div', { class: 'sso' },
+      h('a', { href: p.login_path, class: 'button primary', id: 'sign-in-sso' }, 'Sign in with your organisation'),
+      h('p', { class: 'hint' }, 'Through ', h('code', p.issuer), '. Or use a hub token below.'));
+    form.insertBefore(sso, form.querySelector('label'));
+  });
 }
 
-function signOut(notice = 'You are signed out.') {
+async function signOut(notice = 'You are signed out.') {
+  // A cookie session ends on the hub too (the call carries the CSRF token).
+  if (!session.token && session.csrf) await api('/auth/logout', { method: 'POST' }).catch(() => {});
   session.clear();
   me = null;
   signInView(notice);
 }
 
 onUnauthorized(() => {
-  if (me) signOut('Your token is no longer accepted by the hub (revoked or expired). Sign in with a valid token.');
+  if (!me) return;
+  session.setCsrf(null); // the hub has already ended the session
+  signOut('You are no longer accepted by the hub (revoked or expired). Sign in again.');
 });
 
 function stopAll() {
@@ -226,12 +249,14 @@ function start() {
 window.addEventListener('hashchange', route);
 
 async function boot() {
-  if (!session.token) return signInView();
   try {
+    // No token in this tab: perhaps a session cookie from /auth/login.
     me = await hub.get('/whoami');
+    if (!session.token && me.session !== 'oidc') return signInView();
+    session.setCsrf(me.csrf_token);
     start();
   } catch (e) {
-    if (e.status === 401) return signOut('Your session ended: sign in again.');
+    if (e.status === 401) return session.token ? signOut('Your session ended: sign in again.') : signInView();
     put(root, h('main', { id: 'main' }, errorBox(e, 'The hub did not answer'), h('button', { type: 'button', onclick: boot }, 'Try again')));
   }
 }
