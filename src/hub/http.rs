@@ -31,6 +31,8 @@ pub enum HttpError {
     Malformed(&'static str),
     /// The head is larger than [`MAX_HEAD`].
     HeadTooLarge,
+    /// The `Content-Length` cannot frame the body (RFC 9112 §6.3 item 5).
+    ContentLength(crate::http::ContentLengthError),
     /// The connection failed or ended in the middle of a message.
     Io(io::Error),
 }
@@ -40,6 +42,7 @@ impl fmt::Display for HttpError {
         match self {
             HttpError::Malformed(m) => write!(f, "malformed request: {m}"),
             HttpError::HeadTooLarge => write!(f, "request head over {MAX_HEAD} bytes"),
+            HttpError::ContentLength(e) => write!(f, "malformed request: {e} (RFC 9112 §6.3)"),
             HttpError::Io(e) => write!(f, "connection failed: {e}"),
         }
     }
@@ -84,27 +87,32 @@ impl Request {
         crate::http::has_token(&self.headers, name, token)
     }
 
-    /// The body framing (RFC 9112 §6.1–6.3). Transfer-Encoding wins; one
-    /// with both is refused, as is any coding other than chunked.
+    /// The body framing (RFC 9112 §6.1–6.3). A request with both
+    /// Transfer-Encoding and Content-Length is refused (RFC 9112 §6.1
+    /// lets a server treat it as an error, and it is the classic shape of
+    /// request smuggling), as is any coding list other than exactly
+    /// `chunked` (§6.3 item 4: 411 or 400 and close) and any
+    /// Content-Length but one field of digits ([`crate::http::content_length`]).
     pub fn framing(&self) -> Result<Framing, HttpError> {
-        let te = self.header_str("transfer-encoding");
-        let cl: Vec<&[u8]> = self
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| v.as_slice())
-            .collect();
-        match (te, cl.as_slice()) {
-            (Some(_), [_, ..]) => Err(HttpError::Malformed("both Transfer-Encoding and Content-Length")),
-            (Some(te), []) if te.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
-            (Some(_), []) => Err(HttpError::Malformed("unsupported Transfer-Encoding")),
-            (None, []) => Ok(Framing::Length(0)),
-            (None, [one]) => std::str::from_utf8(one)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .map(Framing::Length)
-                .ok_or(HttpError::Malformed("bad Content-Length")),
-            (None, _) => Err(HttpError::Malformed("several Content-Length fields")),
+        let te = self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
+        let cl = crate::http::content_length(&self.headers).map_err(HttpError::ContentLength)?;
+        match (te, cl) {
+            (true, Some(_)) => {
+                Err(HttpError::Malformed("both Transfer-Encoding and Content-Length (RFC 9112 §6.1): send one of them"))
+            }
+            (true, None) => {
+                let mut codings = self
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
+                    .flat_map(|(_, v)| v.split(|&b| b == b','))
+                    .map(<[u8]>::trim_ascii);
+                match (codings.next(), codings.next()) {
+                    (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
+                    _ => Err(HttpError::Malformed("unsupported Transfer-Encoding: only `chunked` is accepted")),
+                }
+            }
+            (false, n) => Ok(Framing::Length(n.unwrap_or(0))),
         }
     }
 
@@ -489,7 +497,16 @@ mod tests {
         assert!(req(&[("Content-Length", "1"), ("Transfer-Encoding", "chunked")]).framing().is_err());
         assert!(req(&[("Content-Length", "1"), ("Content-Length", "1")]).framing().is_err());
         assert!(req(&[("Transfer-Encoding", "gzip")]).framing().is_err());
+        assert!(req(&[("Transfer-Encoding", "gzip, chunked")]).framing().is_err());
+        assert!(req(&[("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")]).framing().is_err());
+        assert_eq!(req(&[("Transfer-Encoding", " Chunked ")]).framing().unwrap(), Framing::Chunked);
         assert_eq!(req(&[("content-length", " 7 ")]).framing().unwrap(), Framing::Length(7));
+        assert_eq!(req(&[]).framing().unwrap(), Framing::Length(0));
+        for bad in ["+5", "5, 5", "-1", "0x5", "99999999999999999999", ""] {
+            assert!(matches!(req(&[("Content-Length", bad)]).framing(), Err(HttpError::ContentLength(_))), "{bad:?}");
+        }
+        let e = req(&[("Content-Length", "+5")]).framing().unwrap_err().to_string();
+        assert!(e.contains("digits only"), "{e}");
         assert_eq!(req(&[("Connection", "keep-alive, Upgrade"), ("Upgrade", "SPDY/3.1")]).upgrade(), Some("SPDY/3.1"));
     }
 

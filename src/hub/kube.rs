@@ -365,11 +365,20 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
 
     // Status and end-to-end headers pass through; framing is ours.
     let no_body = req.method == "HEAD" || resp_head.status == 204 || resp_head.status == 304 || resp_head.status < 200;
-    let length: Option<u64> = resp_head
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(b"content-length"))
-        .and_then(|h| std::str::from_utf8(&h.value).ok()?.trim().parse().ok());
+    // The agent is not trusted to have framed its answer: a length that
+    // is not one field of digits (RFC 9110 §8.6) is a bad gateway, not a
+    // guess at where the body ends.
+    let length = match crate::http::content_length(&resp_head.headers) {
+        Ok(l) => l,
+        Err(e) => {
+            log::warn!("bad response framing from agent cluster={cluster_name} error={e}");
+            return refuse(
+                &mut audit,
+                502,
+                format!("cluster \"{cluster_name}\" answered with a malformed header: {e}"),
+            );
+        }
+    };
     let chunked = !no_body && length.is_none() && req.minor >= 1;
     let keep = req.keep_alive() && (no_body || length.is_some() || chunked);
     let Some(mut fields) = response_fields(resp_head.headers) else {

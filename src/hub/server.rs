@@ -249,12 +249,8 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
         let req = match head {
             Ok(Some(req)) => req,
             Ok(None) | Err(HttpError::Io(_)) => break,
-            Err(HttpError::HeadTooLarge) => {
-                let _ = api::error(431, "head_too_large", "request head too large").write(&mut out, false, false).await;
-                break;
-            }
-            Err(HttpError::Malformed(m)) => {
-                let _ = api::error(400, "bad_request", m).write(&mut out, false, false).await;
+            Err(e) => {
+                refuse_request(&mut out, peer, &e).await;
                 break;
             }
         };
@@ -262,7 +258,10 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
         let mut body = match req.framing() {
             Ok(f) => BodyState::from(f),
             Err(e) => {
-                let _ = api::error(400, "bad_request", &e.to_string()).write(&mut out, false, false).await;
+                // RFC 9112 §6.3: a message whose length cannot be known is
+                // answered 400 and the connection closed; reading on would
+                // mean guessing where the next request starts.
+                refuse_request(&mut out, peer, &e).await;
                 break;
             }
         };
@@ -282,6 +281,19 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
         }
     }
     let _ = out.close().await;
+}
+
+/// Answers a request that could not be read (`431` for a head too
+/// large, `400` otherwise) before the connection closes, and says so in
+/// the log: a client or a proxy in front that frames requests
+/// differently is worth an operator's look.
+async fn refuse_request(out: &mut Out, peer: SocketAddr, e: &HttpError) {
+    let (status, code) = match e {
+        HttpError::HeadTooLarge => (431, "head_too_large"),
+        _ => (400, "bad_request"),
+    };
+    warn!("request refused peer={peer} status={status} error={e}");
+    let _ = api::error(status, code, &e.to_string()).write(out, false, false).await;
 }
 
 /// Skips what a handler left of a small body; false if the connection
