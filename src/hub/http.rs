@@ -8,11 +8,15 @@
 //!
 //! Not here: routing, TLS, HTTP/2.
 
+use super::limits::Pace;
+use smol::Timer;
+use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 /// Largest request head accepted (RFC 9110 §5.4 lets servers pick; kube
 /// clients send a few KiB).
@@ -35,6 +39,9 @@ pub enum HttpError {
     ContentLength(crate::http::ContentLengthError),
     /// The connection failed or ended in the middle of a message.
     Io(io::Error),
+    /// The client let a deadline pass (`crate::hub::limits`); the text
+    /// names what it was sending.
+    TimedOut(&'static str),
 }
 
 impl fmt::Display for HttpError {
@@ -44,6 +51,7 @@ impl fmt::Display for HttpError {
             HttpError::HeadTooLarge => write!(f, "request head over {MAX_HEAD} bytes"),
             HttpError::ContentLength(e) => write!(f, "malformed request: {e} (RFC 9112 §6.3)"),
             HttpError::Io(e) => write!(f, "connection failed: {e}"),
+            HttpError::TimedOut(what) => write!(f, "{what} not received in time"),
         }
     }
 }
@@ -163,11 +171,20 @@ pub struct Inbound<R> {
     io: R,
     buf: Vec<u8>,
     start: usize,
+    /// How bodies read into memory must progress; none: no deadline.
+    pace: Option<Pace>,
 }
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
     pub fn new(io: R) -> Self {
-        Inbound { io, buf: Vec::new(), start: 0 }
+        Inbound { io, buf: Vec::new(), start: 0, pace: None }
+    }
+
+    /// Sets how bodies read with [`Inbound::read_body_to_end`] and
+    /// [`Inbound::read_body_paced`] must progress. Streamed bodies
+    /// ([`Inbound::read_body`]) are not affected.
+    pub fn set_pace(&mut self, pace: Pace) {
+        self.pace = Some(pace);
     }
 
     fn avail(&self) -> &[u8] {
@@ -308,10 +325,37 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
     }
 
-    /// Reads a whole body of at most `limit` bytes.
+    /// The next piece of a body that is read into memory or skipped,
+    /// under the connection's [`Pace`]: some bytes within `pace.stall`,
+    /// the whole body within `pace.total` of `started`. Such bodies are
+    /// small and are read before or without authentication (activation
+    /// codes, REST JSON, what a refusal left unread), so a client that
+    /// stops sending one must not hold the connection.
+    pub async fn read_body_paced(
+        &mut self,
+        st: &mut BodyState,
+        started: Instant,
+    ) -> Result<Option<Vec<u8>>, HttpError> {
+        let Some(pace) = self.pace else { return self.read_body(st).await };
+        // Most small bodies are already buffered: no timer for them.
+        if let Some(done) = smol::future::poll_once(self.read_body(st)).await {
+            return done;
+        }
+        let at = (Instant::now() + pace.stall).min(started + pace.total);
+        self.read_body(st)
+            .or(async {
+                Timer::at(at).await;
+                Err(HttpError::TimedOut("request body"))
+            })
+            .await
+    }
+
+    /// Reads a whole small body of at most `limit` bytes, under the
+    /// connection's pace (see [`Inbound::read_body_paced`]).
     pub async fn read_body_to_end(&mut self, st: &mut BodyState, limit: usize) -> Result<Vec<u8>, HttpError> {
+        let started = Instant::now();
         let mut out = Vec::new();
-        while let Some(chunk) = self.read_body(st).await? {
+        while let Some(chunk) = self.read_body_paced(st, started).await? {
             out.extend_from_slice(&chunk);
             if out.len() > limit {
                 return Err(HttpError::Malformed("request body too large"));

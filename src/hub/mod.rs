@@ -33,6 +33,7 @@ pub mod events;
 pub mod http;
 pub mod install;
 pub mod kube;
+pub mod limits;
 pub mod logger;
 pub mod metrics;
 pub mod server;
@@ -64,6 +65,8 @@ pub struct Hub {
     pub draining: Cell<bool>,
     /// Agent image named in rendered manifests.
     pub agent_image: String,
+    /// Connection caps and deadlines, and who is connected (`limits`).
+    pub gate: limits::Gate,
 }
 
 /// The status a person sees for a cluster.
