@@ -15,7 +15,7 @@ pub struct Metrics {
     pub http_requests: Cell<u64>,
     /// Connections refused over a cap (`limits`).
     pub connections_refused: Cell<u64>,
-    /// Connections closed for missing a head or body deadline.
+    /// Connections closed for missing a handshake, head or body deadline.
     pub slow_closed: Cell<u64>,
 }
 
@@ -66,7 +66,7 @@ impl Metrics {
             ),
             (
                 "uplink_hub_slow_clients_closed_total",
-                "Connections closed for missing a head or body deadline.",
+                "Connections closed for missing a handshake, head or body deadline.",
                 self.slow_closed.get(),
             ),
         ] {

@@ -220,26 +220,34 @@ async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListen
         // (EOF, error, a deadline); dropping the executor at shutdown
         // cancels any left.
         ex.spawn(async move {
-            let Some(tls) = handshake(&acceptor, tcp, peer, hub.gate.limits().handshake).await else { return };
-            connection(hub, tls, peer, ticket).await;
+            match handshake(&acceptor, tcp, peer, hub.gate.limits().handshake).await {
+                Ok(tls) => connection(hub, tls, peer, ticket).await,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    super::metrics::Metrics::bump(&hub.metrics.slow_closed);
+                }
+                Err(_) => {}
+            }
         })
         .detach();
     }
 }
 
-/// The TLS handshake, within `deadline` of accept.
-async fn handshake(acceptor: &TlsAcceptor, tcp: TcpStream, peer: SocketAddr, deadline: Duration) -> Option<Tls> {
+/// The TLS handshake, within `deadline` of accept (else `TimedOut`).
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    deadline: Duration,
+) -> std::io::Result<Tls> {
     let timeout = async {
         Timer::after(deadline).await;
         Err(std::io::ErrorKind::TimedOut.into())
     };
-    match acceptor.accept(tcp).or(timeout).await {
-        Ok(t) => Some(t),
-        Err(e) => {
-            log::debug!("tls handshake failed peer={peer} error={e}");
-            None
-        }
+    let tls = acceptor.accept(tcp).or(timeout).await;
+    if let Err(e) = &tls {
+        log::debug!("tls handshake failed peer={peer} error={e}");
     }
+    tls
 }
 
 /// Answers a connection over a cap with `503` and `Retry-After`, then
@@ -271,7 +279,7 @@ fn refuse_connection(
     ex.spawn(async move {
         let _slot = slot;
         let answer = async {
-            let Some(mut tls) = handshake(&acceptor, tcp, peer, limits::REFUSAL_DEADLINE).await else { return };
+            let Ok(mut tls) = handshake(&acceptor, tcp, peer, limits::REFUSAL_DEADLINE).await else { return };
             let resp = Response::json(503, &crate::kube_status::failure(503, "ServiceUnavailable", &message))
                 .with_header("Retry-After", limits::RETRY_AFTER_SECS.to_string());
             if resp.write(&mut tls, false, false).await.is_err() {
@@ -311,7 +319,8 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr, mut ticket: Ticket
             Ok(None) | Err(HttpError::Io(_)) => break,
             Err(e @ HttpError::TimedOut(_)) => {
                 // Debug: under a slow-client flood this is thousands of
-                // lines; `uplink_hub_slow_clients_closed_total` counts them.
+                // lines; `uplink_hub_slow_clients_closed_total` counts them
+                // (with the handshakes that timed out).
                 super::metrics::Metrics::bump(&hub.metrics.slow_closed);
                 log::debug!("connection closed peer={peer} reason={e}");
                 break;

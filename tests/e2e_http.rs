@@ -1,0 +1,398 @@
+//! The hub's HTTP front with real kubectl, the real agent and the
+//! stand-in API server:
+//!
+//! - 1,000 slow clients (TCP only, a TLS handshake never finished, a head
+//!   trickled a byte at a time, a body that stalls), each reconnecting
+//!   as soon as the hub cuts it, plus one greedy address over its cap, do
+//!   not stop a kubectl user, do not cut a running watch, and leave the
+//!   hub's memory bounded;
+//! - what kubectl 1.27 and 1.32 print, from an empty discovery cache,
+//!   for a cluster that is PENDING or DISCONNECTED, and when pointed at
+//!   the hub's root instead of `/k8s/clusters/NAME`.
+//!
+//! Skips loudly without kubectl (see `support::kubectl`).
+#![cfg(feature = "hub")]
+
+mod hub_support;
+mod support;
+
+use hub_support::{
+    HubProc, KillOnDrop, hub_cli, ok, spawn_agent, tcp_from, temp_dir, wait_for, write_kube_credentials,
+};
+use serde_json::json;
+use smol::future::FutureExt;
+use smol::io::{AsyncReadExt, AsyncWriteExt};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+use support::kube::{Config, StandIn};
+use support::kubectl::{Kubectl, kill, lines, wait_line};
+
+const ARTICLE_RBAC: &str = include_str!("fixtures/kube/eks-console-restricted-access.yaml");
+const AGENT_IMPERSONATION: &str = include_str!("fixtures/kube/agent-impersonation.yaml");
+const DEBUG_ACCESS: &str = include_str!("fixtures/kube/debug-access.yaml");
+/// Generous: a loaded 2-core machine runs several suites at once.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Slow clients spread over [`ADDRESSES`] addresses, plus [`GREEDY`] from
+/// one more address that its cap ([`PER_ADDRESS`]) holds back.
+const SLOW_CLIENTS: usize = 1000;
+const ADDRESSES: usize = 20;
+const PER_ADDRESS: usize = 64;
+const GREEDY: usize = 100;
+/// The hub's deadlines in this test: short, so slow clients are cut and
+/// come back several times while kubectl works.
+const DEADLINE: &str = "4s";
+
+/// The soft open-file limit, raised toward the hard one: the test holds
+/// one end of each slow connection and the hub (a child, which inherits
+/// the limit) the other.
+fn raise_open_files(want: u64) -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    let hard = l.maximum.unwrap_or(u64::MAX);
+    if l.current.is_some_and(|c| c < want) {
+        l.current = Some(want.min(hard));
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Slow {
+    /// Connects and says nothing.
+    TcpOnly,
+    /// Sends the first bytes of a ClientHello and nothing more.
+    HalfHandshake,
+    /// Finishes TLS, then sends a head one byte every 2 s.
+    TrickledHead,
+    /// Sends a whole head announcing 1000 body bytes, 10 of them, then
+    /// nothing.
+    StalledBody,
+    /// Finishes TLS and says nothing (the greedy address: it reads the
+    /// 503 a refused connection gets).
+    SilentTls,
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Connections open now.
+    held: AtomicUsize,
+    /// Connections made in all.
+    made: AtomicUsize,
+    /// Times the hub closed one (a deadline or a 503).
+    cut: AtomicUsize,
+    /// 503s read.
+    refused: AtomicUsize,
+    /// Connections given up on after [`GIVE_UP`] without a word from
+    /// the hub.
+    gave_up: AtomicUsize,
+}
+
+/// How long a slow client waits for the hub to cut it, far past the
+/// hub's deadlines.
+const GIVE_UP: Duration = Duration::from_secs(20);
+
+/// A non-blocking connect from `src`, awaited.
+async fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<smol::Async<std::net::TcpStream>> {
+    let tcp = smol::unblock(move || tcp_from(src, dst)).await?;
+    smol::Async::new(tcp)
+}
+
+/// Reads until the hub closes the connection; true if what came was a 503.
+async fn until_closed<R: smol::io::AsyncRead + Unpin>(r: &mut R) -> bool {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return seen.starts_with(b"HTTP/1.1 503"),
+            Ok(n) if seen.len() < 64 => seen.extend_from_slice(&buf[..n]),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// One slow client: connects, misbehaves its way, and when the hub cuts
+/// it, connects again, until `stop`.
+async fn slow_client(
+    kind: Slow,
+    src: Ipv4Addr,
+    hub: SocketAddr,
+    tls: futures_rustls::TlsConnector,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(SeqCst) {
+        let Ok(mut tcp) = connect_from(src, hub).await else {
+            smol::Timer::after(Duration::from_millis(200)).await;
+            continue;
+        };
+        tally.made.fetch_add(1, SeqCst);
+        tally.held.fetch_add(1, SeqCst);
+        let work = async {
+            match kind {
+                Slow::TcpOnly => until_closed(&mut tcp).await,
+                Slow::HalfHandshake => {
+                    let _ = tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]).await;
+                    until_closed(&mut tcp).await
+                }
+                Slow::TrickledHead | Slow::StalledBody | Slow::SilentTls => {
+                    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                    match tls.connect(name, tcp).await {
+                        Err(_) => false,
+                        Ok(s) => {
+                            let (mut r, mut w) = smol::io::split(s);
+                            let misbehave = async {
+                                if let Slow::SilentTls = kind {
+                                    std::future::pending::<bool>().await
+                                } else if let Slow::StalledBody = kind {
+                                    let head = b"POST /v1/activate HTTP/1.1\r\nHost: hub\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"activat";
+                                    let _ = w.write_all(head).await;
+                                    let _ = w.flush().await;
+                                    std::future::pending::<bool>().await
+                                } else {
+                                    let head = format!(
+                                        "GET /api/v1/clusters HTTP/1.1\r\nHost: hub\r\nX-Pad: {}\r\n\r\n",
+                                        "x".repeat(200)
+                                    );
+                                    for b in head.as_bytes() {
+                                        if w.write_all(&[*b]).await.is_err() || w.flush().await.is_err() {
+                                            break;
+                                        }
+                                        smol::Timer::after(Duration::from_secs(2)).await;
+                                    }
+                                    false
+                                }
+                            };
+                            smol::future::or(until_closed(&mut r), misbehave).await
+                        }
+                    }
+                }
+            }
+        };
+        // A connection the kernel completed but the hub's accept queue
+        // dropped (a full backlog under the flood) is never closed by
+        // anyone: a client that sends nothing would wait forever.
+        let refused = work
+            .or(async {
+                smol::Timer::after(GIVE_UP).await;
+                tally.gave_up.fetch_add(1, SeqCst);
+                false
+            })
+            .await;
+        tally.held.fetch_sub(1, SeqCst);
+        tally.cut.fetch_add(1, SeqCst);
+        if refused {
+            tally.refused.fetch_add(1, SeqCst);
+        }
+        // A real attacker would come straight back; a breath keeps a
+        // refused client from spinning.
+        smol::Timer::after(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the slow clients on one thread until `stop` is set.
+/// Counts the slow clients in `tally` and the greedy address's in `greedy`.
+fn start_attack(
+    hub: &HubProc,
+    tally: Arc<Tally>,
+    greedy: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let cfg = uplink::tls::client_config(&uplink::tls::Trust::CaPem(hub.ca_pem.clone()), None, &[]).unwrap();
+    let tls = futures_rustls::TlsConnector::from(cfg);
+    let addr = hub.addr;
+    std::thread::spawn(move || {
+        let ex = smol::LocalExecutor::new();
+        let kinds = [Slow::TcpOnly, Slow::HalfHandshake, Slow::TrickledHead, Slow::StalledBody];
+        let mut tasks = Vec::new();
+        for i in 0..SLOW_CLIENTS {
+            let src = Ipv4Addr::new(127, 0, 1, 10 + (i % ADDRESSES) as u8);
+            tasks.push(ex.spawn(slow_client(
+                kinds[i % kinds.len()],
+                src,
+                addr,
+                tls.clone(),
+                tally.clone(),
+                stop.clone(),
+            )));
+        }
+        for _ in 0..GREEDY {
+            let src = Ipv4Addr::new(127, 0, 1, 200);
+            tasks.push(ex.spawn(slow_client(Slow::SilentTls, src, addr, tls.clone(), greedy.clone(), stop.clone())));
+        }
+        smol::block_on(ex.run(async {
+            for t in tasks {
+                t.await;
+            }
+        }));
+    })
+}
+
+/// Metric `name` from the hub's `/metrics` (a fresh connection from
+/// 127.0.0.1, like kubectl's).
+fn metric(hub: &HubProc, name: &str) -> u64 {
+    let text = hub.client(None).get("/metrics").unwrap().text();
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+}
+
+fn p50(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Runs `kubectl get pods` `n` times; every run must succeed.
+fn timed_gets(kc: &Kubectl, n: usize) -> Vec<Duration> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let out = kc.run(&["get", "pods", "-n", "default"]);
+            let took = t.elapsed();
+            assert!(ok(&out).contains("web-7d4b9c8f6d-k2x9p"));
+            took
+        })
+        .collect()
+}
+
+fn setup_cluster(dir: &Path, hub: &HubProc, k: &StandIn, kc: &Kubectl, name: &str) -> KillOnDrop {
+    let token = hub.admin_token.clone().unwrap();
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    ok(&hub_cli(hub, &token, &["cluster", "register", name, "--user", "bob", "--out-dir", out_dir.to_str().unwrap()]));
+    std::fs::copy(out_dir.join(format!("uplink-{name}-activation.json")), dir.join("activation.json")).unwrap();
+    let (activation, state) = (dir.join("activation.json"), dir.join("state"));
+    let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
+    let agent = KillOnDrop(spawn_agent(&flags, &k.url(), dir, &dir.join("agent.log")));
+    let admin = hub.admin();
+    assert!(
+        wait_for(30, || admin.get(&format!("/api/v1/clusters/{name}")).unwrap().json()["status"] == "ACTIVE"),
+        "agent log:\n{}",
+        std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+    );
+    let bob = admin.post_json("/api/v1/users", &json!({ "name": "bob" })).unwrap().json()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    admin.post_json("/api/v1/grants", &json!({ "user": "bob", "clusters": name })).unwrap();
+    ok(&hub_cli(hub, &bob, &["kubeconfig", "--cluster", name, "--out", kc.path().to_str().unwrap()]));
+    agent
+}
+
+#[test]
+fn a_thousand_slow_clients_do_not_stop_kubectl() {
+    let Some(kc) = Kubectl::find("e2e-http-slow") else { return };
+    let files = raise_open_files(8192);
+    assert!(files >= 3000, "this test needs about 2,500 open files; the limit is {files}");
+    let dir = temp_dir("slow-clients");
+    let k = StandIn::start(Config::default());
+    for y in [ARTICLE_RBAC, AGENT_IMPERSONATION, DEBUG_ACCESS] {
+        k.load_rbac_yaml(y).unwrap();
+    }
+    write_kube_credentials(&dir, &k.agent_token(), &k.ca_pem());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (listen, url) = (format!("127.0.0.1:{port}"), format!("https://127.0.0.1:{port}"));
+    let per_address = PER_ADDRESS.to_string();
+    let hub = HubProc::start_with(
+        &dir,
+        &[
+            "--listen",
+            &listen,
+            "--public-url",
+            &url,
+            "--max-connections-per-address",
+            &per_address,
+            "--handshake-timeout",
+            DEADLINE,
+            "--head-timeout",
+            DEADLINE,
+            "--idle-timeout",
+            DEADLINE,
+            "--body-timeout",
+            DEADLINE,
+        ],
+    );
+    let _agent = setup_cluster(&dir, &hub, &k, &kc, "edge-1");
+
+    // Idle: warm the discovery cache, then time.
+    timed_gets(&kc, 2);
+    let idle = timed_gets(&kc, 10);
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = hub.rss_kib();
+
+    // A watch that lives through the whole attack, idle far longer than
+    // any deadline.
+    let mut watch = kc.spawn(&["get", "pods", "-n", "default", "-w"]);
+    let watch_lines = lines(&mut watch);
+    wait_line(&watch_lines, PATIENCE, "an existing pod", |l| l.contains("web-7d4b9c8f6d-k2x9p"));
+
+    let (tally, greedy) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let attack = start_attack(&hub, tally.clone(), greedy.clone(), stop.clone());
+    // Wait until the slow clients are in: all of them held at once.
+    let ramp = wait_for(60, || tally.held.load(SeqCst) >= SLOW_CLIENTS);
+    let held_at_start = tally.held.load(SeqCst);
+
+    let mut during = Vec::new();
+    let mut held_samples = Vec::new();
+    let mut hub_unauth = 0;
+    let mut rss_during = 0;
+    for _ in 0..10 {
+        during.extend(timed_gets(&kc, 1));
+        held_samples.push(tally.held.load(SeqCst));
+        hub_unauth = hub_unauth.max(metric(&hub, "uplink_hub_connections_unauthenticated"));
+        rss_during = rss_during.max(hub.rss_kib());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The watch, idle for all that time, still delivers.
+    k.apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "after-the-storm", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        "status": {"phase": "Pending"},
+    }))
+    .unwrap();
+    wait_line(&watch_lines, PATIENCE, "the new pod on the watch", |l| l.contains("after-the-storm"));
+    let refused_by_hub = metric(&hub, "uplink_hub_connections_refused_total");
+    let cut_by_hub = metric(&hub, "uplink_hub_slow_clients_closed_total");
+    stop.store(true, SeqCst);
+    kill(watch);
+
+    let held_min = *held_samples.iter().min().unwrap();
+    eprintln!(
+        "slow clients: {SLOW_CLIENTS} over {ADDRESSES} addresses + {GREEDY} from one address (cap {PER_ADDRESS}); \
+         held at once: {held_at_start} at ramp-up, {held_min}..{} while kubectl ran; hub counted up to {hub_unauth} \
+         unauthenticated; connections made {}, ended {} (hub: {cut_by_hub} cut at a deadline, {refused_by_hub} 503s; \
+         {} never accepted)",
+        held_samples.iter().max().unwrap(),
+        tally.made.load(SeqCst),
+        tally.cut.load(SeqCst),
+        tally.gave_up.load(SeqCst),
+    );
+    eprintln!(
+        "kubectl get pods p50: idle {:?}, during the attack {:?} (max {:?})",
+        p50(idle),
+        p50(during.clone()),
+        during.iter().max().unwrap()
+    );
+    eprintln!("hub RSS: before {rss_before} KiB, during {rss_during} KiB");
+    assert!(ramp, "only {} slow clients connected", tally.held.load(SeqCst));
+    eprintln!(
+        "greedy address: {} connections made, {} refused with 503",
+        greedy.made.load(SeqCst),
+        greedy.refused.load(SeqCst)
+    );
+    // The greedy address was held to its cap and told so.
+    assert!(refused_by_hub > 0 && greedy.refused.load(SeqCst) > 0, "no 503 for the greedy address");
+    // The slow clients were really held, not refused: the hub counted
+    // them (less the few reconnecting at any moment).
+    assert!(hub_unauth >= (SLOW_CLIENTS * 9 / 10) as u64, "the hub held only {hub_unauth} unauthenticated connections");
+    assert_eq!(tally.refused.load(SeqCst), 0, "slow clients under their address's cap were refused");
+    // And cut at their deadlines, again and again.
+    assert!(cut_by_hub >= SLOW_CLIENTS as u64 / 2, "the hub cut only {cut_by_hub} slow connections");
+    // Bounded: a few tens of KiB per connection, not a buffer per byte.
+    assert!(rss_during < 256 * 1024, "hub RSS {rss_during} KiB during the attack (before: {rss_before} KiB)");
+    attack.join().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
