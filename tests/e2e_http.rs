@@ -396,3 +396,112 @@ fn a_thousand_slow_clients_do_not_stop_kubectl() {
     attack.join().unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// kubectl `version` (1.27, 1.32, ...) at its usual place, with a fresh,
+/// empty discovery cache; `None` (loudly) when that kubectl is missing
+/// and not required.
+fn kubectl_version(version: &str, kubeconfig: &str) -> Option<Kubectl> {
+    let bin = std::path::PathBuf::from(format!("/usr/lib/google-cloud-sdk/bin/kubectl.{version}"));
+    if !bin.is_file() {
+        let required = std::env::var("UPLINK_REQUIRE_KUBECTL").is_ok_and(|v| v == "1");
+        assert!(!required, "kubectl {version} not found at {} and UPLINK_REQUIRE_KUBECTL=1", bin.display());
+        eprintln!("\n!!!!! SKIPPING kubectl {version}: not found at {} !!!!!\n", bin.display());
+        return None;
+    }
+    let dir = support::kubectl::temp_dir(&format!("kubectl-{version}"));
+    let kc = Kubectl { bin, kubeconfig: dir.join("kubeconfig"), dir };
+    std::fs::write(&kc.kubeconfig, kubeconfig).unwrap();
+    Some(kc)
+}
+
+/// Its stderr, after asserting that kubectl failed.
+#[track_caller]
+fn failed(o: &std::process::Output) -> String {
+    assert!(!o.status.success(), "kubectl should have failed: {}", String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn kubectl_prints_the_hubs_words_for_clusters_that_cannot_answer() {
+    if Kubectl::find("e2e-http-discovery").is_none() {
+        return;
+    }
+    let dir = temp_dir("discovery");
+    let hub = HubProc::start(&dir);
+    let token = hub.admin_token.clone().unwrap();
+    let admin = hub.admin();
+    // edge-2: registered, never activated (PENDING). edge-3: activated by
+    // an agent that is not connected (DISCONNECTED).
+    for name in ["edge-2", "edge-3"] {
+        let r = admin.post_json("/api/v1/clusters", &json!({ "name": name })).unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+        if name == "edge-3" {
+            let a = &r.json()["activation"];
+            let body = json!({ "activation_id": a["activation_id"], "activation_code": a["activation_code"] });
+            assert_eq!(hub.client(None).post_json("/v1/activate", &body).unwrap().status, 200);
+        }
+    }
+    assert_eq!(admin.get("/api/v1/clusters/edge-3").unwrap().json()["status"], "DISCONNECTED");
+    let config =
+        |cluster: &str| uplink::hub::api::kubeconfig_yaml(&hub.url, Some(&hub.ca_pem), cluster, "admin", &token);
+    let root = config("edge-2").replace(&format!("{}/k8s/clusters/edge-2", hub.url), &hub.url);
+    let generic = "the server is currently unable to handle the request";
+    for version in ["1.27", "1.32"] {
+        for (cluster, words) in [
+            ("edge-2", r#"cluster "edge-2" is registered but no agent has activated it yet; install its manifest"#),
+            ("edge-3", r#"cluster "edge-3" is not connected to uplink-hub (DISCONNECTED)"#),
+        ] {
+            let Some(kc) = kubectl_version(version, &config(cluster)) else { continue };
+            // From an empty cache: discovery fails first.
+            let err = failed(&kc.run(&["get", "pods"]));
+            assert!(err.contains(words) && !err.contains(generic), "kubectl {version}, {cluster}:\n{err}");
+            eprintln!("kubectl {version}, {cluster}, empty cache: {}", err.lines().last().unwrap_or(""));
+            // `get --raw` takes its path from the server's root, not from
+            // the kubeconfig's `/k8s/clusters/NAME`: the cluster's health
+            // is under the prefix, and the bare path gets the hint, not
+            // the hub's own "ok".
+            let raw = format!("/k8s/clusters/{cluster}/healthz");
+            let err = failed(&kc.run(&["get", "--raw", &raw]));
+            assert!(err.contains(words), "kubectl {version} get --raw {raw}:\n{err}");
+            let err = failed(&kc.run(&["get", "--raw", "/healthz"]));
+            assert!(err.contains("not a Kubernetes API server"), "kubectl {version} get --raw /healthz:\n{err}");
+        }
+        // A kubeconfig pointing at the hub's root: told where clusters are,
+        // never a healthy-looking answer from the hub itself.
+        let Some(kc) = kubectl_version(version, &root) else { continue };
+        let hint = "this is uplink-hub, not a Kubernetes API server";
+        let err = failed(&kc.run(&["get", "pods"]));
+        assert!(err.contains(hint) && err.contains("/k8s/clusters/NAME"), "kubectl {version} at the root:\n{err}");
+        eprintln!("kubectl {version}, hub root, empty cache: {}", err.lines().last().unwrap_or(""));
+        for raw in ["/healthz", "/readyz", "/livez", "/version", "/apis"] {
+            let err = failed(&kc.run(&["get", "--raw", raw]));
+            assert!(err.contains(hint), "kubectl {version} get --raw {raw} at the root:\n{err}");
+        }
+        // The cluster's own paths through the root kubeconfig, as the
+        // README shows.
+        let err = failed(&kc.run(&["get", "--raw", "/k8s/clusters/edge-2/api"]));
+        assert!(err.contains("no agent has activated it yet"), "{err}");
+    }
+    // `kubectl proxy --append-server-path` keeps the kubeconfig's
+    // `/k8s/clusters/NAME` in front of every path it forwards.
+    if let Some(kc) = kubectl_version("1.32", &config("edge-2")) {
+        let mut proxy = kc.spawn(&["proxy", "--append-server-path", "--port=0"]);
+        let out = lines(&mut proxy);
+        let l = wait_line(&out, PATIENCE, "Starting to serve", |l| l.starts_with("Starting to serve on 127.0.0.1:"));
+        let port: u16 = l.rsplit(':').next().unwrap().trim().parse().unwrap();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(
+            &mut s,
+            b"GET /api/v1/namespaces HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+        assert!(answer.contains("no agent has activated it yet"), "{answer}");
+        kill(proxy);
+    }
+    // Probes keep their answer.
+    let probe = hub.client(None).get("/healthz").unwrap();
+    assert_eq!((probe.status, probe.text().as_str()), (200, "ok\n"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -462,6 +462,9 @@ async fn route(
     if path == "/k8s/clusters" || path.starts_with("/k8s/clusters/") || path.starts_with("/k8s/") {
         return kube::proxy(hub, req, body, inb, out).await;
     }
+    if let Some(hint) = kube::root_hint(req, &hub.public_url) {
+        return Reply::Send(hint);
+    }
     match (req.method.as_str(), path) {
         ("GET" | "HEAD", "/healthz") => Reply::Send(Response::new(200, "text/plain", "ok\n")),
         ("GET" | "HEAD", "/metrics") => Reply::Send(Response::new(
