@@ -5,7 +5,7 @@
 
 mod hub_support;
 
-use hub_support::{HubProc, tcp_from, temp_dir, tls_over, wait_for};
+use hub_support::{HubProc, SimAgents, tcp_from, temp_dir, tls_over, wait_for};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
@@ -58,14 +58,18 @@ fn read_until_closed(s: &mut impl Read, within: Duration) -> Result<Vec<u8>, Vec
 /// address of its own (127.0.0.250) so that caps on the others do not
 /// refuse the question.
 fn metric(hub: &HubProc, name: &str) -> u64 {
+    try_metric(hub, name).unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// [`metric`], or `None` when the hub is at its total cap (the previous
+/// question's connection may still be counted for a moment).
+fn try_metric(hub: &HubProc, name: &str) -> Option<u64> {
     let mut tls = tls_over(hub, tcp_from(Ipv4Addr::new(127, 0, 0, 250), hub.addr).unwrap());
     tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n").unwrap();
     tls.flush().unwrap();
     let mut text = String::new();
     let _ = tls.read_to_string(&mut text);
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
 }
 
 /// Sends `raw` on a fresh TLS connection and reads until the hub closes
@@ -268,7 +272,7 @@ fn connection_caps_answer_503_with_retry_after() {
     let two = Ipv4Addr::new(127, 0, 0, 2);
     let mut more = vec![tcp_from(two, hub.addr).unwrap()];
     // Five held, plus the one asking.
-    assert!(wait_for(5, || metric(&hub, "uplink_hub_connections_open") == 6));
+    assert!(wait_for(5, || try_metric(&hub, "uplink_hub_connections_open") == Some(6)));
     // Let the question's own connection go before taking the last slot;
     // the hub accepts in order, so the sixth is in before the next.
     std::thread::sleep(Duration::from_millis(300));
@@ -278,7 +282,7 @@ fn connection_caps_answer_503_with_retry_after() {
     // Slots come back as connections close.
     drop(quiet);
     drop(more);
-    assert!(wait_for(5, || metric(&hub, "uplink_hub_connections_open") <= 2));
+    assert!(wait_for(5, || try_metric(&hub, "uplink_hub_connections_open").is_some_and(|n| n <= 2)));
     assert_eq!(hub.client(Some(&token)).get("/api/v1/whoami").unwrap().status, 200);
     assert!(metric(&hub, "uplink_hub_connections_refused_total") >= 2);
     // The authenticated connection outlived all of it.
@@ -286,5 +290,27 @@ fn connection_caps_answer_503_with_retry_after() {
     authed.flush().unwrap();
     let n = authed.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The hub does not trust an agent's framing either: a response head
+/// with a bad `Content-Length` becomes a 502 Status.
+#[test]
+fn a_bad_content_length_from_an_agent_is_a_502() {
+    let dir = temp_dir("agent-framing");
+    let hub = HubProc::start(&dir);
+    let admin = hub.admin();
+    let reg = admin.post_json("/api/v1/clusters", &json!({ "name": "edge-1" })).unwrap().json();
+    let a = &reg["activation"];
+    let body = json!({ "activation_id": a["activation_id"], "activation_code": a["activation_code"] });
+    let act = hub.client(None).post_json("/v1/activate", &body).unwrap().json();
+    let agents = SimAgents::start(hub.addr, &hub.ca_pem, act["credential"].as_str().unwrap(), 1);
+    assert!(wait_for(10, || agents.state.lock().unwrap().connected == 1));
+    let r = admin.get("/k8s/clusters/edge-1/bad-length").unwrap();
+    assert_eq!((r.status, r.json()["kind"].as_str()), (502, Some("Status")), "{}", r.text());
+    assert!(r.json()["message"].as_str().unwrap().contains("digits only"), "{}", r.text());
+    assert!(hub.log().contains("bad response framing from agent"), "{}", hub.log());
+    // The same agent's well-framed answers still pass.
+    assert_eq!(admin.get("/k8s/clusters/edge-1/cl").unwrap().status, 200);
     std::fs::remove_dir_all(&dir).ok();
 }

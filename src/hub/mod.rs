@@ -3,11 +3,14 @@
 //! themselves through those tunnels.
 //!
 //! ```text
-//!  client ─TLS─► server (accept, HTTP/1.1 keep-alive, routing)
+//!  client ─TLS─► server (accept, HTTP/1.1 keep-alive, routing; limits:
+//!                 caps per address and in total, deadlines for heads and
+//!                 unauthenticated bodies)
 //!                 ├─ /api/v1/...            api      REST for the CLI and console
 //!                 ├─ /k8s/clusters/NAME/..  kube     authn, grant, open stream, pipe
 //!                 ├─ /v1/activate, /v1/tunnel agents activation, tunnel sessions
 //!                 ├─ /, /assets/...         console  the web console, embedded
+//!                 ├─ /api, /apis, /version, ...  kube::root_hint: "use /k8s/clusters/NAME"
 //!                 └─ /healthz, /metrics
 //!  state: Store (sqlite) · Tunnels (live sessions) · Bus (status events) · Metrics
 //! ```

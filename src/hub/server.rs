@@ -2,8 +2,10 @@
 //!
 //! Start-up: data directory → store → TLS material → listener → (first
 //! start only) admin user, whose token is printed once. Then an accept
-//! loop on a `LocalExecutor`; each connection is a task that reads
-//! requests in turn (keep-alive) and routes them. SIGTERM/SIGINT: agents
+//! loop on a `LocalExecutor`; each connection is admitted by the
+//! connection caps (`limits::Gate`, a 503 otherwise), then is a task that
+//! reads requests in turn (keep-alive) under the deadlines of `limits`
+//! and routes them. SIGTERM/SIGINT: agents
 //! get `GoAway(ShuttingDown)` so they reconnect at once (to another hub),
 //! and in-flight requests get a short drain.
 

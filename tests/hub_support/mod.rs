@@ -405,6 +405,10 @@ async fn answer(mut stream: uplink::driver::Stream, head: RequestHead) {
         headers.push(Header::new("Access-Control-Allow-Origin", "*"));
         headers.push(Header::new("Content-Security-Policy", "script-src *"));
     }
+    // An agent whose framing the hub must not trust.
+    if head.path.starts_with("/bad-length") {
+        headers.push(Header::new("Content-Length", format!("+{}", bytes.len())));
+    }
     if head.path.starts_with("/split") {
         headers.push(Header::new("X-Evil", "a\r\nSet-Cookie: session=stolen"));
     }
