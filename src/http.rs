@@ -39,8 +39,8 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
-/// A header field as one side holds it: the tunnel's [`Header`] or the
-/// hub server's `(name, value)` pair.
+/// A header field as one side holds it: the tunnel's [`Header`], the
+/// hub server's `(name, value)` pair or the admin client's.
 pub trait Field {
     fn name(&self) -> &[u8];
     fn value(&self) -> &[u8];
@@ -52,6 +52,15 @@ impl Field for Header {
     }
     fn value(&self) -> &[u8] {
         &self.value
+    }
+}
+
+impl Field for (String, String) {
+    fn name(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+    fn value(&self) -> &[u8] {
+        self.1.as_bytes()
     }
 }
 

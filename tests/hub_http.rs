@@ -314,3 +314,36 @@ fn a_bad_content_length_from_an_agent_is_a_502() {
     assert_eq!(admin.get("/k8s/clusters/edge-1/cl").unwrap().status, 200);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A client that asks and never reads (a slow read) is cut once an
+/// answer held in memory has not left within the deadline.
+#[test]
+fn a_client_that_stops_reading_is_cut() {
+    let dir = temp_dir("slow-read");
+    let hub = start_with(&dir, &[]);
+    let index = hub.client(None).get("/").unwrap().text();
+    let script = index
+        .split('"')
+        .find(|s| s.starts_with("/assets/") && s.ends_with(".js"))
+        .unwrap_or_else(|| panic!("no script in {index}"))
+        .rsplit_once('/')
+        .unwrap()
+        .0
+        .to_string()
+        + "/cluster.js";
+    assert_eq!(hub.client(None).get(&script).unwrap().status, 200, "{script}");
+    let requests = 1000;
+    let mut tls = hub.client(None).connect().unwrap();
+    // 40 KiB of requests fit the hub's receive buffer; about 28 MiB of
+    // answers do not fit the buffers between the two, so the hub's
+    // writes stall while the test does not read.
+    let ask = format!("GET {script} HTTP/1.1\r\nHost: hub\r\n\r\n").repeat(requests);
+    tls.write_all(ask.as_bytes()).unwrap();
+    tls.flush().unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    tls.sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let got = read_until_closed(&mut tls, Duration::from_secs(60)).expect("the hub closed the connection");
+    let answers = String::from_utf8_lossy(&got).matches("HTTP/1.1 200 OK").count();
+    assert!(answers < requests, "all {answers} answers waited for a client that did not read");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -353,13 +353,20 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr, mut ticket: Ticket
                 // An answer held in memory must leave within the body
                 // deadline: a client that stops reading it (a slow read)
                 // must not hold the connection either.
+                // Most answers fit the socket buffer at once: no timer for
+                // them (arming one per request wakes the reactor).
                 let send = async { resp.write(&mut out, keep, req.method == "HEAD").await.is_ok() };
-                let sent = send
-                    .or(async {
-                        Timer::after(limits.small_body).await;
-                        false
-                    })
-                    .await;
+                let mut send = std::pin::pin!(send);
+                let sent = match smol::future::poll_once(send.as_mut()).await {
+                    Some(sent) => sent,
+                    None => {
+                        send.or(async {
+                            Timer::after(limits.small_body).await;
+                            false
+                        })
+                        .await
+                    }
+                };
                 if !sent || !keep {
                     break;
                 }
