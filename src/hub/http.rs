@@ -221,6 +221,16 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         self.buf.len() - self.start
     }
 
+    /// Drops the empty lines a client may send between requests (RFC 9112
+    /// §2.2); true if bytes of a request remain buffered.
+    pub fn skip_empty_lines(&mut self) -> bool {
+        while self.avail().starts_with(b"\r\n") {
+            self.consume(2);
+        }
+        // A lone CR may be the first half of one more empty line.
+        self.buffered() > 0 && self.avail() != b"\r"
+    }
+
     /// Reads the next request head; `Ok(None)` when the peer closed the
     /// connection cleanly between requests.
     pub async fn read_head(&mut self) -> Result<Option<Request>, HttpError> {
@@ -528,6 +538,15 @@ mod tests {
             inb.read_to_end(&mut rest).await.unwrap();
             assert_eq!(rest, b"rest");
         });
+    }
+
+    #[test]
+    fn empty_lines_between_requests_are_not_a_head() {
+        for (raw, rest) in [(&b"\r\n\r\n"[..], false), (b"\r\n\r", false), (b"", false), (b"\r\nG", true)] {
+            let mut inb = Inbound::new(&b""[..]);
+            inb.buf = raw.to_vec();
+            assert_eq!(inb.skip_empty_lines(), rest, "{raw:?}");
+        }
     }
 
     #[test]

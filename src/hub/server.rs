@@ -386,9 +386,11 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr, mut ticket: Ticket
 /// `limits.head` of that byte (else [`HttpError::TimedOut`]), so a client
 /// that trickles a head holds the connection for seconds, not minutes.
 async fn next_head(inb: &mut In, idle: &mut Timer, limits: &Limits) -> Result<Option<Request>, HttpError> {
-    if inb.buffered() == 0 {
-        let waiting_since = Instant::now();
-        let first = async { inb.fill().await.map(|n| n > 0) }
+    // Empty lines between requests (some clients end a body with one)
+    // are idleness, not the start of a head.
+    let waiting_since = Instant::now();
+    while !inb.skip_empty_lines() {
+        let more = async { inb.fill().await.map(|n| n > 0) }
             .or(async {
                 loop {
                     (&mut *idle).await;
@@ -399,7 +401,7 @@ async fn next_head(inb: &mut In, idle: &mut Timer, limits: &Limits) -> Result<Op
                 }
             })
             .await?;
-        if !first {
+        if !more {
             return Ok(None);
         }
     }
