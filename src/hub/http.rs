@@ -173,11 +173,15 @@ pub struct Inbound<R> {
     start: usize,
     /// How bodies read into memory must progress; none: no deadline.
     pace: Option<Pace>,
+    /// A body read failed (malformed, cut short, too slow): where this
+    /// request ends is unknown, so no further body read is attempted and
+    /// the connection cannot carry another request.
+    body_failed: bool,
 }
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
     pub fn new(io: R) -> Self {
-        Inbound { io, buf: Vec::new(), start: 0, pace: None }
+        Inbound { io, buf: Vec::new(), start: 0, pace: None, body_failed: false }
     }
 
     /// Sets how bodies read with [`Inbound::read_body_to_end`] and
@@ -298,7 +302,17 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
     }
 
     /// The next piece of a request body, `Ok(None)` once it is complete.
+    /// After one failure every later call fails at once.
     pub async fn read_body(&mut self, st: &mut BodyState) -> Result<Option<Vec<u8>>, HttpError> {
+        if self.body_failed {
+            return Err(HttpError::Malformed("the request body could not be read"));
+        }
+        let piece = self.next_body_piece(st).await;
+        self.body_failed = piece.is_err();
+        piece
+    }
+
+    async fn next_body_piece(&mut self, st: &mut BodyState) -> Result<Option<Vec<u8>>, HttpError> {
         loop {
             match *st {
                 BodyState::Done => return Ok(None),
@@ -352,12 +366,15 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
             return done;
         }
         let at = (Instant::now() + pace.stall).min(started + pace.total);
-        self.read_body(st)
+        let piece = self
+            .read_body(st)
             .or(async {
                 Timer::at(at).await;
                 Err(HttpError::TimedOut("request body"))
             })
-            .await
+            .await;
+        self.body_failed |= piece.is_err();
+        piece
     }
 
     /// Reads a whole small body of at most `limit` bytes, under the
@@ -537,6 +554,19 @@ mod tests {
             let mut rest = Vec::new();
             inb.read_to_end(&mut rest).await.unwrap();
             assert_eq!(rest, b"rest");
+        });
+    }
+
+    #[test]
+    fn a_failed_body_stays_failed() {
+        smol::block_on(async {
+            let mut inb = Inbound::new(&b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"[..]);
+            let req = inb.read_head().await.unwrap().unwrap();
+            let mut st = BodyState::from(req.framing().unwrap());
+            assert!(matches!(inb.read_body_to_end(&mut st, 100).await, Err(HttpError::Io(_))));
+            assert!(matches!(inb.read_body(&mut st).await, Err(HttpError::Malformed(_))));
+            let mut done = BodyState::Done;
+            assert!(inb.read_body(&mut done).await.is_err(), "where the request ends is unknown");
         });
     }
 
