@@ -257,27 +257,51 @@ fn timed_gets(kc: &Kubectl, n: usize) -> Vec<Duration> {
 }
 
 fn setup_cluster(dir: &Path, hub: &HubProc, k: &StandIn, kc: &Kubectl, name: &str) -> KillOnDrop {
+    setup_cluster_with(dir, hub, &k.url(), &[], kc, name)
+}
+
+/// Registers `name` for bob, starts a real agent for it (against the API
+/// server at `kube_url`, with `extra` flags), waits for ACTIVE and
+/// writes bob's kubeconfig into `kc`.
+fn setup_cluster_with(
+    dir: &Path,
+    hub: &HubProc,
+    kube_url: &str,
+    extra: &[&std::ffi::OsStr],
+    kc: &Kubectl,
+    name: &str,
+) -> KillOnDrop {
     let token = hub.admin_token.clone().unwrap();
-    let out_dir = dir.join("out");
+    let out_dir = dir.join(format!("out-{name}"));
     std::fs::create_dir_all(&out_dir).unwrap();
     ok(&hub_cli(hub, &token, &["cluster", "register", name, "--user", "bob", "--out-dir", out_dir.to_str().unwrap()]));
-    std::fs::copy(out_dir.join(format!("uplink-{name}-activation.json")), dir.join("activation.json")).unwrap();
-    let (activation, state) = (dir.join("activation.json"), dir.join("state"));
-    let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
-    let agent = KillOnDrop(spawn_agent(&flags, &k.url(), dir, &dir.join("agent.log")));
+    let activation = out_dir.join(format!("uplink-{name}-activation.json"));
+    let state = out_dir.join("state");
+    let mut flags = vec!["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
+    flags.extend_from_slice(extra);
+    let log = dir.join(format!("agent-{name}.log"));
+    let agent = KillOnDrop(spawn_agent(&flags, kube_url, dir, &log));
     let admin = hub.admin();
     assert!(
         wait_for(30, || admin.get(&format!("/api/v1/clusters/{name}")).unwrap().json()["status"] == "ACTIVE"),
         "agent log:\n{}",
-        std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
-    let bob = admin.post_json("/api/v1/users", &json!({ "name": "bob" })).unwrap().json()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
     admin.post_json("/api/v1/grants", &json!({ "user": "bob", "clusters": name })).unwrap();
-    ok(&hub_cli(hub, &bob, &["kubeconfig", "--cluster", name, "--out", kc.path().to_str().unwrap()]));
+    ok(&hub_cli(hub, &bob_token(hub, dir), &["kubeconfig", "--cluster", name, "--out", kc.path().to_str().unwrap()]));
     agent
+}
+
+/// Bob's hub token: made on first use, then kept in `dir/bob.token`.
+fn bob_token(hub: &HubProc, dir: &Path) -> String {
+    let file = dir.join("bob.token");
+    if let Ok(t) = std::fs::read_to_string(&file) {
+        return t;
+    }
+    let r = hub.admin().post_json("/api/v1/users", &json!({ "name": "bob" })).unwrap();
+    let token = r.json()["token"].as_str().unwrap_or_else(|| panic!("{}", r.text())).to_string();
+    std::fs::write(&file, &token).unwrap();
+    token
 }
 
 #[test]
@@ -503,5 +527,48 @@ fn kubectl_prints_the_hubs_words_for_clusters_that_cannot_answer() {
     // Probes keep their answer.
     let probe = hub.client(None).get("/healthz").unwrap();
     assert_eq!((probe.status, probe.text().as_str()), (200, "ok\n"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The agent's own refusals and an API server it cannot reach, met on
+/// discovery from an empty cache: kubectl prints their words, not
+/// "unknown" or a generic line.
+#[test]
+fn kubectl_prints_the_agents_words_on_discovery() {
+    if Kubectl::find("e2e-http-agent-words").is_none() {
+        return;
+    }
+    let dir = temp_dir("agent-words");
+    let k = StandIn::start(Config::default());
+    for y in [ARTICLE_RBAC, AGENT_IMPERSONATION, DEBUG_ACCESS] {
+        k.load_rbac_yaml(y).unwrap();
+    }
+    write_kube_credentials(&dir, &k.agent_token(), &k.ca_pem());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (listen, url) = (format!("127.0.0.1:{port}"), format!("https://127.0.0.1:{port}"));
+    let hub = HubProc::start_with(&dir, &["--listen", &listen, "--public-url", &url]);
+    // edge-4's agent may impersonate only alice; edge-5's API server is gone.
+    let config = dir.join("agent.yaml");
+    std::fs::write(&config, "allowed_users: [alice]\nallowed_groups: []\n").unwrap();
+    let kc = Kubectl::find("e2e-http-agent-words-setup").unwrap();
+    let _a4 = setup_cluster_with(&dir, &hub, &k.url(), &["--config".as_ref(), config.as_os_str()], &kc, "edge-4");
+    let gone = format!(
+        "https://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    );
+    let _a5 = setup_cluster_with(&dir, &hub, &gone, &[], &kc, "edge-5");
+    let bob = bob_token(&hub, &dir);
+    for version in ["1.27", "1.32"] {
+        for (cluster, words) in [
+            ("edge-4", r#"the agent's configuration does not allow impersonating user "bob""#),
+            ("edge-5", "the agent could not reach the API server"),
+        ] {
+            let config = uplink::hub::api::kubeconfig_yaml(&hub.url, Some(&hub.ca_pem), cluster, "bob", &bob);
+            let Some(kc) = kubectl_version(version, &config) else { continue };
+            let err = failed(&kc.run(&["get", "pods"]));
+            assert!(err.contains(words) && !err.contains(": unknown"), "kubectl {version}, {cluster}:\n{err}");
+            eprintln!("kubectl {version}, {cluster}, empty cache: {}", err.lines().last().unwrap_or(""));
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

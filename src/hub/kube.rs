@@ -440,6 +440,21 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
             );
         }
     };
+    // A failure on a path client-go reads raw (discovery) would reach the
+    // person as "unknown" or a generic line: the agent's refusals and the
+    // API server's own Status lose their message there. Retold the way
+    // `error_for` tells the hub's own, so kubectl prints the words.
+    if resp_head.status >= 400 && !no_body && read_raw_by_client_go(&forward) {
+        let code = resp_head.status;
+        let message = match small_body(&mut stream).await {
+            Some(body) => {
+                audit.bytes_out = body.len() as u64;
+                status_message(&body).unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string())
+            }
+            None => format!("cluster \"{cluster_name}\" answered {code} with a body that could not be read"),
+        };
+        return refuse(&mut audit, code, message);
+    }
     let chunked = !no_body && length.is_none() && req.minor >= 1;
     let keep = req.keep_alive() && (no_body || length.is_some() || chunked);
     let Some(mut fields) = response_fields(resp_head.headers) else {
@@ -522,6 +537,28 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
     audit.bytes_out = sent;
     audit.finish();
     Reply::Done(keep && complete)
+}
+
+/// Largest error body from a cluster that is read to retell its message.
+const SMALL_BODY: usize = 64 * 1024;
+
+/// A whole response body of at most [`SMALL_BODY`] bytes; `None` when it
+/// is larger or the stream breaks.
+async fn small_body(stream: &mut Stream) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.read_chunk().await.ok()? {
+        body.extend_from_slice(&chunk);
+        if body.len() > SMALL_BODY {
+            return None;
+        }
+    }
+    Some(body)
+}
+
+/// The message of a Kubernetes `Status` failure.
+fn status_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    (v["kind"] == "Status").then(|| v["message"].as_str().map(str::to_string)).flatten().filter(|m| !m.is_empty())
 }
 
 /// Most response bytes gathered before a write.
@@ -685,7 +722,7 @@ async fn pipe(stream: Stream, inb: &mut In, out: &mut Out) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::{error_for, root_hint, split_target};
+    use super::{error_for, root_hint, split_target, status_message};
     use crate::hub::http::Request;
 
     #[test]
@@ -701,6 +738,15 @@ mod tests {
             assert_eq!((r.status, r.content_type), (503, "application/json"), "{path}");
             assert!(String::from_utf8_lossy(&r.body).contains(r#""kind": "Status""#));
         }
+    }
+
+    #[test]
+    fn status_messages() {
+        let st = crate::kube_status::failure(403, "Forbidden", "not you").to_string();
+        assert_eq!(status_message(st.as_bytes()).as_deref(), Some("not you"));
+        assert_eq!(status_message(br#"{"kind":"Status","message":""}"#), None);
+        assert_eq!(status_message(br#"{"kind":"APIVersions","message":"x"}"#), None);
+        assert_eq!(status_message(b"<html>"), None);
     }
 
     #[test]
