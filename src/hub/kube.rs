@@ -443,8 +443,12 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
     // A failure on a path client-go reads raw (discovery) would reach the
     // person as "unknown" or a generic line: the agent's refusals and the
     // API server's own Status lose their message there. Retold the way
-    // `error_for` tells the hub's own, so kubectl prints the words.
-    if resp_head.status >= 400 && !no_body && read_raw_by_client_go(&forward) {
+    // `error_for` tells the hub's own, so kubectl prints the words. Not
+    // retold: a 404 (client-go reads it as "no such API" and falls back,
+    // e.g. from /openapi/v3 to v2) and anything client-go retries by
+    // itself (429, or a `Retry-After`).
+    let retried = resp_head.status == 429 || crate::http::find(&resp_head.headers, "retry-after").is_some();
+    if resp_head.status >= 400 && resp_head.status != 404 && !retried && !no_body && read_raw_by_client_go(&forward) {
         let code = resp_head.status;
         let message = match small_body(&mut stream).await {
             Some(body) => {
