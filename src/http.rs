@@ -1,16 +1,19 @@
 //! HTTP/1.1 rules both ends of a proxied request apply: which fields are
 //! hop-by-hop (RFC 9110 §7.6.1), how list-valued fields such as
 //! `Connection` and `Transfer-Encoding` are read (RFC 9110 §5.6.1, over
-//! either side's representation of a field, [`Field`]), the one accepted
-//! form of `Content-Length` ([`content_length`], RFC 9110 §8.6, RFC 9112
-//! §6.3), the pieces of chunked coding (RFC 9112 §7.1) and
-//! percent-decoding (RFC 3986 §2.1).
+//! either side's representation of a field, [`Field`]), the pieces of
+//! chunked coding (RFC 9112 §7.1) and percent-decoding (RFC 3986 §2.1).
 //!
 //! The agent's client (`agent::http1`) and the hub's server (`hub::http`)
 //! keep their own reading loops and buffers — they read different
 //! messages, from different peers, and fail in different ways — but
 //! share these rules, so the hub and the agent agree on what is
 //! connection-scoped and how a chunk is framed.
+//!
+//! And on where a body ends: [`content_length`] is the one accepted form
+//! of `Content-Length` (RFC 9110 §8.6, RFC 9112 §6.3), for the requests
+//! the hub reads and the agent forwards and the responses the agent and
+//! the hub's admin client read.
 //!
 //! Not here: what each side adds or refuses (the agent's impersonation
 //! policy in `agent::kube::headers`, the hub's refusal of client
