@@ -264,6 +264,16 @@ mod tests {
     }
 
     #[test]
+    fn chunk_sizes_are_hex_digits_only() {
+        assert_eq!(chunk_size(b"1a"), Some(26));
+        assert_eq!(chunk_size(b"FF;name=value"), Some(255));
+        assert_eq!(chunk_size(b"0"), Some(0));
+        for bad in [&b"+5"[..], b"-1", b"", b" ", b"0x10", b"1 2", b"11111111111111111"] {
+            assert_eq!(chunk_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
     fn content_length_is_one_field_of_digits() {
         let cl = |values: &[&str]| {
             let fields: Vec<Header> = values.iter().map(|v| Header::new("Content-Length", *v)).collect();
@@ -291,15 +301,5 @@ mod tests {
         assert_eq!(content_length(&fields), Ok(Some(3)));
         let pairs = vec![("content-length".to_string(), b"+5".to_vec())];
         assert_eq!(content_length(&pairs), Err(ContentLengthError::NotDigits));
-    }
-
-    #[test]
-    fn chunk_sizes_are_hex_digits_only() {
-        assert_eq!(chunk_size(b"1a"), Some(26));
-        assert_eq!(chunk_size(b"FF;name=value"), Some(255));
-        assert_eq!(chunk_size(b"0"), Some(0));
-        for bad in [&b"+5"[..], b"-1", b"", b" ", b"0x10", b"1 2", b"11111111111111111"] {
-            assert_eq!(chunk_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
-        }
     }
 }
