@@ -289,7 +289,7 @@ pack_target() {
     for b in $(bins_for "$t"); do
         install -m 0755 "$dir/$b" "$stage/"
     done
-    install -m 0644 "$ROOT"/systemd/*.service "$stage/systemd/"
+    install -m 0644 "$ROOT"/systemd/*.service "$ROOT"/systemd/*.socket "$stage/systemd/"
     install -m 0644 "$ROOT"/config/* "$stage/config/"
     install -m 0644 "$ROOT/README.md" "$ROOT/LICENSE" "$stage/"
     chmod 0755 "$stage" "$stage/systemd" "$stage/config"

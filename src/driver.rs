@@ -36,6 +36,18 @@ use std::time::{Duration, Instant};
 /// Bytes asked of the socket per read.
 const READ_BUF: usize = 64 * 1024;
 
+/// How long a session that closed with the transport still up may spend
+/// flushing its last frames before the transport is dropped anyway.
+const CLOSE_FLUSH: Duration = Duration::from_millis(500);
+
+/// How the reading side of a session ended.
+enum Ended {
+    /// The transport is gone (EOF, reset, read error): nothing to flush.
+    TransportGone,
+    /// The mux closed while the transport still works.
+    Closed,
+}
+
 /// Why a stream can no longer be read or written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StreamClosed {
@@ -154,6 +166,9 @@ impl Shared {
                 }
                 Event::Closed { error } => {
                     self.closed = Some(error);
+                    // The writer flushes what is left and closes the
+                    // transport now, not when something else wakes it.
+                    wake(&mut self.driver_waker);
                     wake(&mut self.accept_waker);
                     self.connected_wakers.drain(..).for_each(Waker::wake);
                     self.room_wakers.drain(..).for_each(Waker::wake);
@@ -236,17 +251,22 @@ impl Session {
             }
         };
         let read = async {
-            self.read_loop(reader).or(self.timer_loop()).await;
-            // The session is closed; the writer now flushes the last frames
-            // (a GoAway that says why) and returns. A dead peer must not
-            // hold us here, so it gets a bounded moment.
-            Timer::after(Duration::from_secs(2)).await;
+            if let Ended::TransportGone = self.read_loop(reader).or(self.timer_loop()).await {
+                // EOF, reset or a read error: nothing more can reach the
+                // peer, so the session ends in this same turn.
+                return;
+            }
+            // Closed by a frame, the application or the dead-peer deadline:
+            // the writer (woken by the close) flushes the last frames, a
+            // GoAway that says why, and returns. A peer that stopped
+            // reading must not hold us here, so that gets a bounded moment.
+            Timer::after(CLOSE_FLUSH).await;
         };
         write.or(read).await;
         self.shared.borrow().session_error()
     }
 
-    async fn read_loop<R: AsyncRead + Unpin>(&self, mut reader: R) -> String {
+    async fn read_loop<R: AsyncRead + Unpin>(&self, mut reader: R) -> Ended {
         let mut buf = vec![0u8; READ_BUF];
         loop {
             let result = reader.read(&mut buf).await;
@@ -255,7 +275,7 @@ impl Session {
                 Ok(0) => {
                     s.mux.handle_eof("peer closed the connection");
                     s.dispatch();
-                    return "peer closed the connection".into();
+                    return Ended::TransportGone;
                 }
                 Ok(n) => {
                     s.mux.handle_input(&buf[..n], Instant::now());
@@ -264,14 +284,13 @@ impl Session {
                     }
                     s.dispatch();
                     if s.mux.is_closed() {
-                        return "session closed".into();
+                        return Ended::Closed;
                     }
                 }
                 Err(e) => {
-                    let why = format!("read failed: {e}");
-                    s.mux.handle_eof(&why);
+                    s.mux.handle_eof(&format!("read failed: {e}"));
                     s.dispatch();
-                    return why;
+                    return Ended::TransportGone;
                 }
             }
         }
@@ -309,7 +328,7 @@ impl Session {
         }
     }
 
-    async fn timer_loop(&self) -> String {
+    async fn timer_loop(&self) -> Ended {
         let mut timer = Timer::never();
         // When `timer` is set to go off. The mux's deadline moves later
         // with every frame received (the dead-peer deadline), and moving
@@ -323,7 +342,7 @@ impl Session {
                 // Store first: any later change to the mux wakes us to re-arm.
                 store(&mut s.driver_waker, cx);
                 let Some(deadline) = s.mux.poll_timeout() else {
-                    return Poll::Ready("session closed".to_string());
+                    return Poll::Ready(Ended::Closed);
                 };
                 let now = Instant::now();
                 if now >= deadline {

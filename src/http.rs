@@ -2,7 +2,8 @@
 //! hop-by-hop (RFC 9110 §7.6.1), how list-valued fields such as
 //! `Connection` and `Transfer-Encoding` are read (RFC 9110 §5.6.1, over
 //! either side's representation of a field, [`Field`]), the pieces of
-//! chunked coding (RFC 9112 §7.1) and percent-decoding (RFC 3986 §2.1).
+//! chunked coding (RFC 9112 §7.1), percent-coding (RFC 3986 §2.1), and
+//! which Kubernetes requests stream ([`is_kube_stream`]).
 //!
 //! The agent's client (`agent::http1`) and the hub's server (`hub::http`)
 //! keep their own reading loops and buffers — they read different
@@ -229,6 +230,66 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Decodes one path segment (RFC 3986 §3.3) strictly: every `%` starts
+/// a valid `%XX` escape and the result is UTF-8, else `None`. The caller
+/// splits the path on `/` first, so `%2F` stays inside its segment (a
+/// name such as `arn:aws:iam::1234567890:user/Alice` is one segment).
+/// Strict where [`percent_decode`] is lenient because a segment names
+/// something (a user to revoke): a guess could name someone else.
+pub fn percent_decode_segment(segment: &str) -> Option<String> {
+    let b = segment.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Percent-encodes `s` for one path segment or query value: everything
+/// but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`) as `%XX`
+/// of its UTF-8 bytes, so `/`, `?`, `#`, `&`, `+`, `%` and spaces all
+/// survive a round trip through [`percent_decode_segment`] and form
+/// decoding alike.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a Kubernetes API request (path and query) asks for a body that
+/// streams for as long as the client wants and may stay quiet meanwhile:
+/// a watch (`?watch=true`, the `/watch/` paths) or followed logs
+/// (`?follow=true`). The agent never cuts such a body for being quiet; the
+/// hub ends it at once when it shuts down, rather than drain it.
+pub fn is_kube_stream(path: &str) -> bool {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    // The deprecated watch paths: /api/v1/watch/..., /apis/G/V/watch/...
+    let segs: Vec<&str> = path.split('/').collect();
+    let watch_path = match segs.get(1) {
+        Some(&"api") => segs.get(3) == Some(&"watch"),
+        Some(&"apis") => segs.get(4) == Some(&"watch"),
+        _ => false,
+    };
+    watch_path || query.split('&').any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +322,21 @@ mod tests {
         assert_eq!(chunk_size(b""), None);
         assert_eq!(chunk_size(b"x"), None);
         assert_eq!(percent_decode("a%20b+c%2B%zz%4"), "a b+c+%zz%4");
+    }
+
+    #[test]
+    fn segments_round_trip_names() {
+        for name in ["arn:aws:iam::1234567890:user/Alice", "Zoë Ångström", "山田", "a+b%2F c?d#e&f=g", "~._-"] {
+            let enc = percent_encode(name);
+            assert!(enc.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)), "{enc}");
+            assert_eq!(percent_decode_segment(&enc).as_deref(), Some(name));
+        }
+        assert_eq!(percent_encode("arn:aws:iam::1:user/Alice"), "arn%3Aaws%3Aiam%3A%3A1%3Auser%2FAlice");
+        assert_eq!(percent_decode_segment("arn:aws:iam::1:user%2fAlice").as_deref(), Some("arn:aws:iam::1:user/Alice"));
+        assert_eq!(percent_decode_segment("a+b").as_deref(), Some("a+b"), "+ is a plus in a path");
+        for bad in ["%", "%4", "%zz", "a%2", "%C3", "%FF", "%+1"] {
+            assert_eq!(percent_decode_segment(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -301,5 +377,21 @@ mod tests {
         assert_eq!(content_length(&fields), Ok(Some(3)));
         let pairs = vec![("content-length".to_string(), b"+5".to_vec())];
         assert_eq!(content_length(&pairs), Err(ContentLengthError::NotDigits));
+    }
+
+    #[test]
+    fn kube_streams() {
+        for p in [
+            "/api/v1/pods?watch=true",
+            "/api/v1/namespaces/a/pods?labelSelector=x&watch=1",
+            "/api/v1/watch/pods",
+            "/apis/apps/v1/watch/namespaces/a/deployments",
+        ] {
+            assert!(super::is_kube_stream(p), "{p}");
+        }
+        assert!(super::is_kube_stream("/api/v1/namespaces/a/pods/p/log?container=c&follow=true"));
+        for p in ["/api/v1/pods", "/api/v1/pods?watch=false", "/api/v1/namespaces/watch/pods", "/x?follow=false"] {
+            assert!(!super::is_kube_stream(p), "{p}");
+        }
     }
 }

@@ -25,6 +25,10 @@
 //!   their own errors with. Not which code or reason an error gets.
 //! - [`time`]: RFC 3339 date-times to and from Unix milliseconds (hub
 //!   timestamps, the activation's expiry). Not a clock or time zones.
+//! - [`names`]: which user and group names can travel in `Impersonate-*`
+//!   fields (any string Kubernetes accepts, but no control characters),
+//!   checked by the hub and again by the agent. Not quoting names in
+//!   URLs or YAML, nor what a cluster grants them.
 //! - [`secret`]: secret strings with a redacted `Debug`, constant-time
 //!   comparison. Not storage or hashing policy.
 //!
@@ -45,6 +49,7 @@ pub mod http;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod kube_status;
+pub mod names;
 pub mod proto;
 #[cfg(feature = "hub")]
 pub mod render;

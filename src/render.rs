@@ -462,6 +462,36 @@ mod tests {
         }
     }
 
+    /// Names as Kubernetes has them read back from `resourceNames`
+    /// exactly, whatever YAML gives meaning to (`:`, `#`, `@`, leading
+    /// `system:`, spaces, UTF-8, YAML 1.1 line breaks).
+    #[test]
+    fn kubernetes_names_read_back_exactly() {
+        let names = [
+            "arn:aws:iam::1234567890:user/Alice",
+            "arn:aws:iam::1234567890:role/Admins",
+            "jane@example.com",
+            "oidc:https://idp.example.com#42",
+            "system:masters",
+            "Jane Doe",
+            "Zoë Ångström",
+            "山田",
+            "yes",
+            "- item",
+            "key: value",
+            "line\u{2028}sep",
+        ];
+        let mut install = example();
+        install.impersonate_users = names.iter().map(|n| n.to_string()).collect();
+        install.impersonate_groups = names.iter().map(|n| n.to_string()).collect();
+        let docs = parse_docs(&kubernetes_manifest(&install));
+        let rules = &find(&docs, "ClusterRole", "uplink-impersonate")["rules"].as_vec().unwrap()[1..];
+        let mut sorted = names.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(strings(&rules[0]["resourceNames"]), sorted);
+        assert_eq!(strings(&rules[1]["resourceNames"]), sorted);
+    }
+
     #[test]
     fn every_placeholder_is_filled() {
         let manifest = kubernetes_manifest(&example());

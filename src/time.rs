@@ -6,6 +6,8 @@
 //! seconds; parsing takes fractions and numeric offsets and says which
 //! offset was written, so a caller may insist on UTC.
 //!
+//! Also the durations operators write in flags (`5s`, `500ms`, `2m`).
+//!
 //! Not here: clocks (callers pass the time in), time zones, leap-second
 //! arithmetic (`:60` is taken as the next second).
 
@@ -25,6 +27,26 @@ pub fn rfc3339(unix_ms: i64) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// `2026-12-04T10:00:00.250Z` (UTC, milliseconds): log lines.
+pub fn rfc3339_millis(unix_ms: i64) -> String {
+    let s = rfc3339(unix_ms);
+    format!("{}.{:03}Z", &s[..s.len() - 1], unix_ms.rem_euclid(1000))
+}
+
+/// Milliseconds since the Unix epoch, now: the one clock read here, for
+/// log lines.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Whether stderr goes to the systemd journal, which stamps each line
+/// itself: `JOURNAL_STREAM` names the stream systemd connected (the check
+/// `sd_journal_stream_fd` users make), so log lines then carry no time of
+/// their own and a `<N>` priority prefix instead.
+pub fn stderr_is_journal() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_some()
 }
 
 /// Parses `YYYY-MM-DD(T|t| )HH:MM:SS[.frac](Z|z|+HH:MM|-HH:MM)`, the
@@ -94,6 +116,31 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Parses a duration as operators write it in flags: a number with an
+/// optional unit, `ms`, `s` (the default), `m` or `h`: `500ms`, `5`,
+/// `1.5s`, `2m`. Negative, non-finite and absurd (over a day) values are
+/// refused.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale = match unit {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    let secs = num
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .map(|n| n * scale)
+        .filter(|v| v.is_finite() && *v >= 0.0 && *v <= 86_400.0)
+        .ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 5s or 2m"))?;
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +157,18 @@ mod tests {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
         assert_eq!(rfc3339(-1000), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration(" 2m ").unwrap(), Duration::from_secs(120));
+        assert_eq!(rfc3339_millis(1_796_378_400_250), "2026-12-04T10:00:00.250Z");
+        for bad in ["", "-1s", "5x", "ms", "NaN", "2d", "100000h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -626,6 +626,46 @@ fn allow_lists_limit_who_is_impersonated() {
     assert_eq!((status, body["reason"].as_str()), (503, Some("ServiceUnavailable")), "{body}");
 }
 
+/// Whatever the hub sends, the agent writes names into `Impersonate-*`
+/// byte for byte, and refuses on its own a name that cannot travel
+/// unchanged (a control character, a space at either end).
+#[test]
+fn names_reach_the_api_server_byte_for_byte_and_controls_stop_at_the_agent() {
+    let w = World::new("names");
+    let _a = w.connected_agent();
+    for name in ["arn:aws:iam::1234567890:user/Alice", "jane@example.com", "Jane Doe", "Zoë Ångström", "山田"] {
+        w.k.clear_requests();
+        let group = "arn:aws:iam::1234567890:role/Admins";
+        w.hub.get("/api/v1/namespaces/default/pods", ident(name, &[group, "system:masters"]));
+        let recs = w.k.requests();
+        let r = recs.first().unwrap_or_else(|| panic!("{name}: nothing reached the cluster"));
+        assert_eq!(
+            r.impersonate_headers,
+            [
+                ("impersonate-user".to_string(), name.to_string()),
+                ("impersonate-group".to_string(), group.to_string()),
+                ("impersonate-group".to_string(), "system:masters".to_string()),
+            ],
+            "{name}"
+        );
+    }
+    w.k.clear_requests();
+    for (user, says) in [
+        ("a\u{85}b", "U+0085 at byte 1"),
+        ("del\u{7f}", "U+007F at byte 3"),
+        ("tab\t", "U+0009 at byte 3"),
+        ("alice ", "has a space at byte 5"),
+    ] {
+        let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", ident(user, &[]));
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((status, body["reason"].as_str()), (400, Some("BadRequest")), "{user:?}: {body}");
+        assert!(body["message"].as_str().unwrap().contains(says), "{user:?}: {body}");
+    }
+    let (status, _) = w.hub.get("/api/v1/namespaces/default/pods", ident("alice", &["ops\r\nImpersonate-User: root"]));
+    assert_eq!(status, 400);
+    assert!(w.k.requests().is_empty(), "nothing reached the cluster");
+}
+
 #[test]
 fn sigterm_drains_in_flight_streams_briefly_then_exits_0() {
     let w = World::new("drain");

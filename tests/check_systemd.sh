@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the systemd units in systemd/:
 # - `systemd-analyze verify` passes with no warning at all (an unknown or
-#   misspelt directive is only a warning to systemd, an error here);
+#   misspelt directive is only a warning to systemd, an error here), for
+#   the services and the socket units;
 # - the exposure score of `systemd-analyze security --offline=yes` is at most
 #   MAX_EXPOSURE (default 2.0, systemd calls up to 3.9 "OK").
 # verify checks that ExecStart= names an executable, so the units are checked
@@ -20,6 +21,7 @@ root="$(mktemp -d)"
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/usr/local/bin" "$root/etc/systemd/system" "$root/usr/lib/systemd"
 cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/"
+cp systemd/*.socket "$root/etc/systemd/system/"
 for unit in systemd/*.service; do
     cp "$unit" "$root/etc/systemd/system/"
     # Every executable the unit starts gets a stub at the same path.
@@ -32,6 +34,15 @@ for unit in systemd/*.service; do
 done
 
 fail=0
+for unit in systemd/*.socket; do
+    name="$(basename "$unit")"
+    if ! out="$(systemd-analyze verify --root="$root" --man=no "$root/etc/systemd/system/$name" 2>&1)" || [[ -n "$out" ]]; then
+        printf 'FAIL verify %s\n%s\n' "$name" "$out" >&2
+        fail=1
+        continue
+    fi
+    printf 'ok   %s: verify clean\n' "$name"
+done
 for unit in systemd/*.service; do
     name="$(basename "$unit")"
     path="$root/etc/systemd/system/$name"

@@ -333,3 +333,85 @@ fn a_reset_after_the_peers_end_still_reads_to_a_clean_end() {
         assert_eq!(stream.read_chunk().await.unwrap(), None);
     }));
 }
+
+/// How long `task` takes to finish, at most `limit`.
+async fn time_to_end(task: Task<SessionError>, limit: Duration) -> (Duration, SessionError) {
+    let start = Instant::now();
+    let why = task
+        .or(async {
+            Timer::after(limit).await;
+            panic!("session still running after {limit:?}")
+        })
+        .await;
+    (start.elapsed(), why)
+}
+
+#[test]
+fn a_lost_connection_ends_the_other_side_in_the_same_turn() {
+    // Each side in turn loses its peer (the peer's task and socket are
+    // dropped: EOF, or a reset when bytes were unread). The survivor ends
+    // at once, not after a grace period, and says why.
+    for hub_dies in [true, false] {
+        let ex = LocalExecutor::new();
+        smol::block_on(ex.run(async {
+            let (agent_io, hub_io) = smol::net::unix::UnixStream::pair().unwrap();
+            let (agent, agent_task, hub, hub_task) = spawn_sessions(&ex, Config::default(), agent_io, hub_io);
+            hub.connected().await.unwrap();
+            agent.connected().await.unwrap();
+            let (dead, survivor) = if hub_dies { (hub_task, agent_task) } else { (agent_task, hub_task) };
+            drop(dead);
+            let (took, why) = time_to_end(survivor, Duration::from_secs(5)).await;
+            assert!(matches!(why, SessionError::ConnectionLost(_)), "{why:?}");
+            assert!(took < Duration::from_millis(200), "noticed after {took:?}");
+        }));
+    }
+}
+
+#[test]
+fn a_session_closed_by_the_peer_ends_both_sides_at_once() {
+    let ex = LocalExecutor::new();
+    smol::block_on(ex.run(async {
+        let (agent_io, hub_io) = tcp_pair().await;
+        let (agent, agent_task, hub, hub_task) = spawn_sessions(&ex, Config::default(), agent_io, hub_io);
+        hub.connected().await.unwrap();
+        agent.connected().await.unwrap();
+        hub.close(GoAwayCode::ShuttingDown, "hub restarting");
+        let (took, why) = time_to_end(agent_task, Duration::from_secs(5)).await;
+        assert_eq!(why, SessionError::GoAway { code: GoAwayCode::ShuttingDown, message: "hub restarting".into() });
+        assert!(took < Duration::from_millis(200), "agent ended after {took:?}");
+        let (took, _) = time_to_end(hub_task, Duration::from_secs(5)).await;
+        assert!(took < Duration::from_millis(200), "hub ended after {took:?}");
+    }));
+}
+
+#[test]
+fn a_silent_peer_is_dead_after_the_hubs_deadline() {
+    // The hub's settings reach the agent; a peer that stops answering (its
+    // socket stays open, nothing arrives) is given up on at that deadline.
+    let ex = LocalExecutor::new();
+    smol::block_on(ex.run(async {
+        let config = Config {
+            keepalive: Duration::from_millis(100),
+            dead_after: Duration::from_millis(400),
+            ..Config::default()
+        };
+        let (agent_io, mut hub_io) = smol::net::unix::UnixStream::pair().unwrap();
+        let agent = Session::new(agent_mux(Config::default()));
+        let a = agent.clone();
+        let agent_task = ex.spawn(async move { a.run(agent_io).await });
+        // The hub answers the handshake by hand, then goes silent with its
+        // socket open (a frozen process, a black-holed path).
+        let mut hub = Mux::hub(config, 1, Instant::now());
+        let mut buf = vec![0u8; 4096];
+        while !hub.is_open() {
+            let n = smol::io::AsyncReadExt::read(&mut hub_io, &mut buf).await.unwrap();
+            hub.handle_input(&buf[..n], Instant::now());
+        }
+        smol::io::AsyncWriteExt::write_all(&mut hub_io, &hub.take_transmit(Vec::new())).await.unwrap();
+        agent.connected().await.unwrap();
+        let (took, why) = time_to_end(agent_task, Duration::from_secs(5)).await;
+        assert_eq!(why, SessionError::Timeout);
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1500), "gave up after {took:?}");
+        drop(hub_io);
+    }));
+}

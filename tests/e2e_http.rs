@@ -41,7 +41,7 @@ const PATIENCE: Duration = Duration::from_secs(60);
 const SLOW_CLIENTS: usize = 1000;
 const ADDRESSES: usize = 20;
 const PER_ADDRESS: usize = 64;
-const GREEDY: usize = 100;
+const GREEDY: usize = 200;
 /// The hub's deadlines in this test: short, so slow clients are cut and
 /// come back several times while kubectl works.
 const DEADLINE: &str = "6s";
@@ -219,9 +219,16 @@ fn start_attack(
                 stop.clone(),
             )));
         }
-        for _ in 0..GREEDY {
+        for i in 0..GREEDY {
             let src = Ipv4Addr::new(127, 0, 1, 200);
-            tasks.push(ex.spawn(slow_client(Slow::SilentTls, src, addr, tls.clone(), greedy.clone(), stop.clone())));
+            // Staggered, 20 ms apart: the address's first connections
+            // linger past the hub's grace while the later ones arrive,
+            // so the later ones meet its cap.
+            let client = slow_client(Slow::SilentTls, src, addr, tls.clone(), greedy.clone(), stop.clone());
+            tasks.push(ex.spawn(async move {
+                smol::Timer::after(Duration::from_millis(20 * i as u64)).await;
+                client.await
+            }));
         }
         smol::block_on(ex.run(async {
             for t in tasks {

@@ -11,10 +11,14 @@
 //!               (as the service account) ──► activates, stores its
 //!               registration in uplink-state, ACTIVE
 //!  restart ──► no second activation: the stored registration reconnects
+//!  Alice is the article's IAM user arn:aws:iam::1234567890:user/Alice:
+//!               pods in default, Forbidden by the cluster elsewhere
 //!  dave: kubectl apply / patch / delete configmaps where a Role allows
 //!               (namespace foo), Forbidden by the cluster elsewhere (bar)
 //!  GET /api/v1/audit ──► one entry per request the cluster saw
 //!               impersonated: method, path, user, status
+//!  DELETE /api/v1/users/arn%3Aaws%3Aiam%3A%3A1234567890%3Auser%2FAlice
+//!               ──► Alice's kubectl is refused
 //! ```
 //!
 //! Skips loudly without kubectl (see `support::kubectl`).
@@ -34,6 +38,18 @@ use support::kube::{AGENT_GROUPS, AGENT_USER, Config, StandIn};
 use support::kubectl::Kubectl;
 
 const ARTICLE_RBAC: &str = include_str!("fixtures/kube/eks-console-restricted-access.yaml");
+/// The article's Alice, an IAM user, as its RBAC names her.
+const ALICE: &str = "arn:aws:iam::1234567890:user/Alice";
+/// Her revocation: the name as one percent-encoded path segment.
+const ALICE_PATH: &str = "/api/v1/users/arn%3Aaws%3Aiam%3A%3A1234567890%3Auser%2FAlice";
+
+/// The article's RBAC with its own subject: the shared fixture calls
+/// Alice `alice` for the tests that predate names such as ARNs.
+fn article_rbac() -> String {
+    let fixture_alice = r#"name: "alice""#;
+    assert_eq!(ARTICLE_RBAC.matches(fixture_alice).count(), 2, "both of the article's bindings name Alice");
+    ARTICLE_RBAC.replace(fixture_alice, &format!("name: {ALICE:?}"))
+}
 /// Dave may read and change configmaps in `foo`, and nothing in `bar`.
 const CONFIGMAP_EDITOR: &str = r#"
 apiVersion: rbac.authorization.k8s.io/v1
@@ -90,7 +106,7 @@ fn secret_mode_activation_apply_patch_delete_and_a_complete_audit() {
     let start = Instant::now();
     let dir = temp_dir("story");
     let k = StandIn::start(Config::default());
-    k.load_rbac_yaml(ARTICLE_RBAC).unwrap();
+    k.load_rbac_yaml(&article_rbac()).unwrap();
     k.load_rbac_yaml(CONFIGMAP_EDITOR).unwrap();
     k.kubeconfig_for_token(admin_kc.path(), &k.admin_token()).unwrap();
 
@@ -106,7 +122,7 @@ fn secret_mode_activation_apply_patch_delete_and_a_complete_audit() {
     ok(&hub_cli(
         &hub,
         &admin_token,
-        &["cluster", "register", CLUSTER, "--user", "alice", "--user", "dave", "--out-dir", out],
+        &["cluster", "register", CLUSTER, "--user", ALICE, "--user", "dave", "--out-dir", out],
     ));
     let manifest = out_dir.join(format!("uplink-{CLUSTER}.yaml"));
     let applied = ok(&admin_kc.run(&["apply", "--validate=false", "-f", manifest.to_str().unwrap()]));
@@ -165,19 +181,22 @@ fn secret_mode_activation_apply_patch_delete_and_a_complete_audit() {
     assert_eq!(state_secret(&k)["data"]["state"].as_str().unwrap_or(""), stored, "the registration was kept");
 
     // People with grants and kubeconfigs the hub wrote.
-    for name in ["alice", "dave"] {
+    for name in [ALICE, "dave"] {
         let token = admin.post_json("/api/v1/users", &json!({ "name": name })).unwrap().json()["token"]
             .as_str()
             .unwrap()
             .to_string();
         admin.post_json("/api/v1/grants", &json!({ "user": name, "clusters": CLUSTER })).unwrap();
-        let kc = if name == "alice" { &alice_kc } else { &dave_kc };
+        let kc = if name == ALICE { &alice_kc } else { &dave_kc };
         ok(&hub_cli(&hub, &token, &["kubeconfig", "--cluster", CLUSTER, "--out", kc.path().to_str().unwrap()]));
     }
     // The restarted agent serves.
     let pods = ok(&alice_kc.run(&["get", "pods", "-n", "default"]));
     assert!(pods.contains("web-7d4b9c8f6d-k2x9p"), "{pods}");
-    fails(&alice_kc.run(&["get", "configmaps", "-n", "foo"]), r#"User "alice" cannot list resource "configmaps""#);
+    fails(
+        &alice_kc.run(&["get", "configmaps", "-n", "foo"]),
+        &format!(r#"User "{ALICE}" cannot list resource "configmaps""#),
+    );
 
     // Dave: apply, patch, delete where his Role allows.
     let cm_file = dave_kc.dir.join("configmap.yaml");
@@ -273,8 +292,16 @@ fn secret_mode_activation_apply_patch_delete_and_a_complete_audit() {
     assert!(has("GET", "/api/v1/namespaces/bar/configmaps/story", "dave", 403), "{audited:#?}");
     assert!(has("POST", "/api/v1/namespaces/bar/configmaps", "dave", 403), "{audited:#?}");
     assert!(has("DELETE", "/api/v1/namespaces/bar/configmaps/story", "dave", 403), "{audited:#?}");
-    assert!(has("GET", "/api/v1/namespaces/default/pods", "alice", 200), "{audited:#?}");
-    assert!(has("GET", "/api/v1/namespaces/foo/configmaps", "alice", 403), "{audited:#?}");
+    assert!(has("GET", "/api/v1/namespaces/default/pods", ALICE, 200), "{audited:#?}");
+    assert!(has("GET", "/api/v1/namespaces/foo/configmaps", ALICE, 403), "{audited:#?}");
+    let hers = admin.get(&format!("/api/v1/audit?user={}", uplink::http::percent_encode(ALICE))).unwrap().json();
+    assert!(hers["entries"].as_array().unwrap().iter().all(|e| e["user"] == ALICE), "{hers}");
+    assert_eq!(hers["entries"].as_array().unwrap().len(), audited.iter().filter(|a| a.2 == ALICE).count());
+
+    // Revoking Alice by her name in the path ends her access.
+    let revoked = admin.delete(ALICE_PATH).unwrap();
+    assert_eq!((revoked.status, revoked.json()["user"]["name"].as_str()), (200, Some(ALICE)), "{}", revoked.text());
+    fails(&alice_kc.run(&["get", "pods", "-n", "default"]), "You must be logged in to the server");
     eprintln!("MEASURE e2e_story: {:.1} s, {} audited requests", start.elapsed().as_secs_f64(), audited.len());
     std::fs::remove_dir_all(&dir).ok();
 }

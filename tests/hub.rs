@@ -95,7 +95,8 @@ fn rest_api_crud_and_errors() {
     // Clusters.
     for bad in [
         json!({ "name": "Bad_Name" }),
-        json!({ "name": "x", "users": ["a,b"] }),
+        json!({ "name": "x", "users": ["a\nb"] }),
+        json!({ "name": "x", "groups": [" devs"] }),
         json!({ "name": "x", "expires_in_hours": 0 }),
     ] {
         let r = admin.post_json("/api/v1/clusters", &bad).unwrap();
@@ -130,7 +131,7 @@ fn rest_api_crud_and_errors() {
     let alice = add_user(&hub, "alice", &["devs"]);
     let alice_c = hub.client(Some(&alice));
     assert_eq!(admin.post_json("/api/v1/users", &json!({ "name": "alice" })).unwrap().status, 409);
-    assert_eq!(admin.post_json("/api/v1/users", &json!({ "name": "bad name" })).unwrap().status, 400);
+    assert_eq!(admin.post_json("/api/v1/users", &json!({ "name": "bad\tname" })).unwrap().status, 400);
     let users = admin.get("/api/v1/users").unwrap().json();
     assert_eq!(users["users"].as_array().unwrap().len(), 2);
     assert!(!users.to_string().contains(&alice), "tokens are never listed");

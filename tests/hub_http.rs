@@ -263,6 +263,8 @@ fn connection_caps_answer_503_with_retry_after() {
     // Three connections that say nothing fill 127.0.0.1's cap.
     let quiet: Vec<_> = (0..3).map(|_| tcp_from(one, hub.addr).unwrap()).collect();
     assert!(wait_for(30, || metric(&hub, "uplink_hub_connections_unauthenticated") >= 3));
+    // They count toward the cap once they have lingered past the grace.
+    std::thread::sleep(uplink::hub::limits::PENDING_GRACE + Duration::from_millis(300));
     let answer = refused(&hub, one);
     assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
     assert!(answer.contains("Retry-After: 2"), "{answer}");

@@ -283,7 +283,9 @@ fn a_stalled_reader_stops_only_its_own_stream_among_1000() {
     assert!(p.agent.memory_estimate() < 4 << 20, "agent memory bounded: {}", p.agent.memory_estimate());
     // Keepalive still flows with the stalled stream parked.
     p.take_agent_events();
-    p.advance(Duration::from_secs(16));
+    for _ in 0..4 {
+        p.advance(Duration::from_secs(4));
+    }
     assert!(p.hub_events.iter().chain(&p.agent_events).any(|e| matches!(e, Event::Pong { .. })));
     assert!(p.hub.is_open());
 }
@@ -299,12 +301,80 @@ fn keepalive_keeps_a_quiet_link_alive_and_detects_a_dead_one() {
     // The agent's bytes stop arriving at the hub.
     p.agent_link_up = false;
     let deadline = p.hub.poll_timeout().unwrap();
-    assert!(deadline <= p.now + Duration::from_secs(45));
-    for _ in 0..5 {
+    assert!(deadline <= p.now + Duration::from_secs(15));
+    for _ in 0..2 {
         p.advance(Duration::from_secs(10));
     }
     assert!(p.hub.is_closed());
     assert!(p.take_hub_events().contains(&Event::Closed { error: SessionError::Timeout }));
+}
+
+#[test]
+fn the_agent_takes_the_hubs_keepalive_and_deadline() {
+    // The agent's own settings are slower; the hub's win in the handshake.
+    let hub_config =
+        Config { keepalive: Duration::from_secs(2), dead_after: Duration::from_secs(7), ..Config::default() };
+    let agent_config =
+        Config { keepalive: Duration::from_secs(30), dead_after: Duration::from_secs(90), ..Config::default() };
+    let now = Instant::now();
+    let mut agent = Mux::agent(agent_config.clone(), AgentInfo::default(), now);
+    let mut hub = Mux::hub(hub_config.clone(), 1, now);
+    hub.handle_input(&agent.take_transmit(Vec::new()), now);
+    agent.handle_input(&hub.take_transmit(Vec::new()), now);
+    assert!(agent.is_open());
+    assert_eq!((agent.keepalive(), agent.dead_after()), (Duration::from_secs(2), Duration::from_secs(7)));
+    // Silence from the hub: the agent gives up at the hub's deadline.
+    assert_eq!(agent.poll_timeout(), Some(now + Duration::from_secs(2)));
+    agent.handle_timeout(now + Duration::from_secs(6));
+    assert!(agent.is_open());
+    agent.handle_timeout(now + Duration::from_secs(7));
+    assert!(agent.is_closed());
+
+    // An agent of the previous release (no CAP_DEADLINE) is sent no
+    // Deadline frame, which it could not decode.
+    let mut hub = Mux::hub(hub_config.clone(), 2, now);
+    let old_hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "0.1.0".into(),
+        arch: "x86_64".into(),
+        kube_version: String::new(),
+        node_count: 0,
+        capabilities: 0,
+        initial_window: DEFAULT_INITIAL_WINDOW,
+        max_streams: DEFAULT_MAX_STREAMS,
+        max_frame: MAX_FRAME_LEN,
+    };
+    let mut bytes = Vec::new();
+    uplink::proto::codec::encode(&Frame::Hello(old_hello), u32::MAX, &mut bytes).unwrap();
+    hub.handle_input(&bytes, now);
+    let sent = hub.take_transmit(Vec::new());
+    let (first, used) = uplink::proto::codec::decode(&sent, MAX_FRAME_LEN).unwrap().unwrap();
+    assert!(matches!(first, Frame::Welcome(_)));
+    assert_eq!(used, sent.len(), "Welcome alone");
+
+    // A hub of the previous release sends no Deadline: three intervals.
+    let mut agent = Mux::agent(agent_config, AgentInfo::default(), now);
+    agent.take_transmit(Vec::new());
+    let welcome = Welcome {
+        session_id: 3,
+        keepalive_ms: 4000,
+        initial_window: DEFAULT_INITIAL_WINDOW,
+        max_streams: DEFAULT_MAX_STREAMS,
+        max_frame: MAX_FRAME_LEN,
+    };
+    let mut bytes = Vec::new();
+    uplink::proto::codec::encode(&Frame::Welcome(welcome), u32::MAX, &mut bytes).unwrap();
+    agent.handle_input(&bytes, now);
+    assert_eq!((agent.keepalive(), agent.dead_after()), (Duration::from_secs(4), Duration::from_secs(12)));
+    // A Deadline below two intervals is raised to two.
+    let mut bytes = Vec::new();
+    uplink::proto::codec::encode(&Frame::Deadline { dead_after_ms: 1000 }, u32::MAX, &mut bytes).unwrap();
+    agent.handle_input(&bytes, now);
+    assert_eq!(agent.dead_after(), Duration::from_secs(8));
+    // The hub never accepts one.
+    let mut p = Pair::new();
+    p.inject_to_hub(&Frame::Deadline { dead_after_ms: 1 });
+    assert!(p.hub.is_closed());
 }
 
 #[test]

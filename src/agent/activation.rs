@@ -63,7 +63,7 @@ impl fmt::Display for ActivationError {
             ),
             ActivationError::Expired(p, at) => write!(
                 f,
-                "activation {}: expired at {at}; register the cluster again with `uplink-hub cluster register NAME` \
+                "activation {}: expired at {at}; renew it at the hub with `uplink-hub cluster renew NAME` \
                  and install the new activation",
                 p.display()
             ),
@@ -245,9 +245,11 @@ pub async fn exchange(act: &Activation, info: &AgentInfo, proxies: &ProxyEnv) ->
         (_, "activation_used") | (409, _) => ExchangeError::Used(format!(
             "activation {id} was already used ({message}). If this agent lost its saved state, {register}"
         )),
-        (_, "activation_expired") => {
-            ExchangeError::Refused(format!("activation {id} expired at the hub ({message}); {register}"))
-        }
+        (_, "activation_expired") => ExchangeError::Refused(format!(
+            "activation {id} expired at the hub ({message}); renew it with `uplink-hub cluster renew {}` and install \
+             the new activation",
+            act.cluster
+        )),
         (_, "unknown_activation") | (404, _) => ExchangeError::Refused(format!(
             "the hub at {} does not know activation {id} ({message}); check the activation comes from this hub, or \
              {register}",

@@ -534,15 +534,27 @@ async fn exchange_on(
     let mut msg = head.to_vec();
     msg.extend_from_slice(body);
     conn.write_all(&msg).await.map_err(|e| (e, false))?;
-    let resp = conn.read_head(head_request).await.map_err(|e| (e, false))?;
+    // A server that accepted the request and then says nothing is not
+    // waited on forever: not the pooled connection's fault, so no retry.
+    let limit = net::response_timeout();
+    let resp = net::deadline(limit, || "waiting for the response head".into(), conn.read_head(head_request))
+        .await
+        .map_err(|e| {
+            let timed_out = e.kind() == io::ErrorKind::TimedOut;
+            (e, timed_out)
+        })?;
     let mut reader = BodyReader::new(resp.body);
-    let mut out = Vec::new();
-    while let Some(piece) = reader.next(conn).await.map_err(|e| (e, true))? {
-        out.extend_from_slice(&piece);
-        if out.len() > max_body {
-            return Err((bad(format!("answer body over {max_body} bytes")), true));
+    let read_body = async {
+        let mut out = Vec::new();
+        while let Some(piece) = reader.next(conn).await? {
+            out.extend_from_slice(&piece);
+            if out.len() > max_body {
+                return Err(bad(format!("answer body over {max_body} bytes")));
+            }
         }
-    }
+        Ok(out)
+    };
+    let out = net::deadline(limit, || "reading the response body".into(), read_body).await.map_err(|e| (e, true))?;
     conn.mark_reusable(reader.allows_reuse() && !resp.close);
     Ok(Answer { status: resp.status, headers: resp.headers, body: out })
 }

@@ -452,7 +452,8 @@ async fn activate(
 
 /// A `log` backend for stderr, one line per event. Under systemd
 /// (`JOURNAL_STREAM` set) lines carry `<N>` priority prefixes that
-/// journald reads; otherwise a level word.
+/// journald reads, and no time (journald stamps them); otherwise (a pod,
+/// a terminal) a UTC time to the millisecond and a level word.
 pub struct Logger {
     level: log::LevelFilter,
     journald: bool,
@@ -463,10 +464,27 @@ impl Logger {
     /// sets the level, `info` by default.
     pub fn init() {
         let level = std::env::var("UPLINK_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(log::LevelFilter::Info);
-        let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+        let journald = crate::time::stderr_is_journal();
         if log::set_logger(Box::leak(Box::new(Logger { level, journald }))).is_ok() {
             log::set_max_level(level);
         }
+    }
+}
+
+/// One log line: for the journal a `<N>` priority and the message (the
+/// journal adds the time); elsewhere the time, the level and the message.
+fn log_line(journald: bool, level: log::Level, msg: &str, now_ms: i64) -> String {
+    let msg = msg.replace('\n', " ");
+    if journald {
+        let prio = match level {
+            log::Level::Error => 3,
+            log::Level::Warn => 4,
+            log::Level::Info => 6,
+            _ => 7,
+        };
+        format!("<{prio}>{msg}\n")
+    } else {
+        format!("{} {level:5} {msg}\n", crate::time::rfc3339_millis(now_ms))
     }
 }
 
@@ -480,18 +498,7 @@ impl log::Log for Logger {
             return;
         }
         use std::io::Write as _;
-        let msg = r.args().to_string().replace('\n', " ");
-        let line = if self.journald {
-            let prio = match r.level() {
-                log::Level::Error => 3,
-                log::Level::Warn => 4,
-                log::Level::Info => 6,
-                _ => 7,
-            };
-            format!("<{prio}>{msg}\n")
-        } else {
-            format!("{:5} {msg}\n", r.level())
-        };
+        let line = log_line(self.journald, r.level(), &r.args().to_string(), crate::time::now_unix_ms());
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
@@ -517,6 +524,43 @@ mod tests {
         let v = yaml::parse(&uncommented).unwrap();
         assert_eq!(v["allowed_users"], serde_json::json!(["alice", "bob"]));
         assert_eq!(v["allowed_groups"], serde_json::json!(["uplink:debuggers"]));
+    }
+
+    /// Allow lists take names as Kubernetes has them, quoted or plain
+    /// where YAML allows.
+    #[test]
+    fn config_allow_lists_take_kubernetes_names() {
+        let dir = std::env::temp_dir().join(format!("uplink-config-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.yaml");
+        std::fs::write(
+            &p,
+            "allowed_users:\n  - \"arn:aws:iam::1234567890:user/Alice\"\n  - arn:aws:iam::1234567890:role/Admins\n  \
+             - Jane Doe # a comment\n  - Zoë Ångström\n  - '山田'\n  - \"oidc:https://idp.example.com#42\"\n\
+             allowed_groups: [\"system:masters\", jane@example.com]\n",
+        )
+        .unwrap();
+        let c = FileConfig::load(&p).unwrap();
+        assert_eq!(
+            c.allowed_users.unwrap(),
+            [
+                "arn:aws:iam::1234567890:user/Alice",
+                "arn:aws:iam::1234567890:role/Admins",
+                "Jane Doe",
+                "Zoë Ångström",
+                "山田",
+                "oidc:https://idp.example.com#42"
+            ]
+        );
+        assert_eq!(c.allowed_groups.unwrap(), ["system:masters", "jane@example.com"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn log_lines_carry_a_time_except_for_the_journal() {
+        let t = 1_796_378_400_250;
+        assert_eq!(log_line(false, log::Level::Info, "tunnel up", t), "2026-12-04T10:00:00.250Z INFO  tunnel up\n");
+        assert_eq!(log_line(true, log::Level::Warn, "tunnel lost\nagain", t), "<4>tunnel lost again\n");
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! read from the environment as curl reads it, and TLS with our rustls
 //! configurations.
 //!
+//! Every network wait here has a deadline ([`dial_timeout`]): the TCP
+//! connect, the proxy's CONNECT answer and the TLS handshake each, so a
+//! peer that accepts and then says nothing (a black hole, a wedged server)
+//! costs one deadline, never the kernel's minutes. An expired wait is an
+//! [`io::ErrorKind::TimedOut`] error that names the hop.
+//!
 //! Name resolution is a blocking `getaddrinfo` on the one thread. It runs
 //! only when the hub is (re)dialled, when no stream is live, and for API
 //! servers named by host name (in-cluster and k3s use IP literals); the
@@ -25,8 +31,54 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// How long a TCP connect (or a proxy's CONNECT answer) may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`dial_timeout`].
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`response_timeout`]: the API server's own default request
+/// timeout, so a slow but working request is never cut by the agent first.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long each step of a dial may take: TCP connect, a proxy's CONNECT
+/// answer, the TLS handshake, and the hub's answer to the tunnel request.
+/// `UPLINK_DIAL_TIMEOUT` (e.g. `3s`) overrides [`DIAL_TIMEOUT`].
+pub fn dial_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| env_duration("UPLINK_DIAL_TIMEOUT", DIAL_TIMEOUT))
+}
+
+/// How long the API server may take to send a response head. Bodies that
+/// follow (watch, `logs -f`) are not bounded. `UPLINK_RESPONSE_TIMEOUT`
+/// overrides [`RESPONSE_TIMEOUT`].
+pub fn response_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| env_duration("UPLINK_RESPONSE_TIMEOUT", RESPONSE_TIMEOUT))
+}
+
+fn env_duration(name: &str, default: Duration) -> Duration {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => match crate::time::parse_duration(&v) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                log::warn!("{name}={v:?} is not a duration such as 10s; using {default:?}");
+                default
+            }
+        },
+        _ => default,
+    }
+}
+
+/// `fut`, or a [`io::ErrorKind::TimedOut`] error saying that `what` took
+/// longer than `limit`.
+pub async fn deadline<T>(
+    limit: Duration,
+    what: impl FnOnce() -> String,
+    fut: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    fut.or(async {
+        smol::Timer::after(limit).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, format!("{} timed out after {limit:?}", what())))
+    })
+    .await
+}
 
 /// Where to connect: scheme, host and port of an `http(s)://` URL, plus
 /// the path prefix it carried (without a trailing slash).
@@ -182,11 +234,7 @@ impl Io {
 pub async fn tcp_connect(addrs: &[SocketAddr]) -> io::Result<Async<TcpStream>> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
     for addr in addrs {
-        let attempt = Async::<TcpStream>::connect(*addr).or(async {
-            smol::Timer::after(CONNECT_TIMEOUT).await;
-            Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))
-        });
-        match attempt.await {
+        match deadline(dial_timeout(), || format!("TCP connect to {addr}"), Async::<TcpStream>::connect(*addr)).await {
             Ok(s) => {
                 s.get_ref().set_nodelay(true)?;
                 return Ok(s);
@@ -206,7 +254,8 @@ pub async fn tls_wrap(tcp: Async<TcpStream>, target: &Target, tls: Option<&Arc<C
     let name = ServerName::try_from(target.host.clone()).map_err(|_| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{:?} is not a valid TLS name", target.host))
     })?;
-    let stream = TlsConnector::from(config.clone()).connect(name, tcp).await?;
+    let handshake = TlsConnector::from(config.clone()).connect(name, tcp);
+    let stream = deadline(dial_timeout(), || format!("TLS handshake with {target}"), handshake).await?;
     Ok(Io::Tls(Box::new(stream)))
 }
 
@@ -368,12 +417,9 @@ pub async fn proxy_connect(proxy: &Proxy, target: &Target) -> io::Result<Async<T
             head.push(byte[0]);
         }
         Ok(head)
-    }
-    .or(async {
-        smol::Timer::after(CONNECT_TIMEOUT).await;
-        Err(io::Error::new(io::ErrorKind::TimedOut, "proxy did not answer CONNECT in time"))
-    })
-    .await?;
+    };
+    let answer =
+        deadline(dial_timeout(), || format!("proxy {}'s answer to CONNECT {hp}", proxy.target), answer).await?;
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(&answer) {

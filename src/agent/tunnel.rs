@@ -1,19 +1,27 @@
 //! The tunnel to the hub: dial (through a proxy when the environment
 //! says so), TLS, `GET /v1/tunnel` with `Upgrade: uplink/1` and the
-//! credential, then the mux until the session ends; and again, forever,
-//! with exponential backoff and full jitter between attempts.
+//! credential, then the mux until the session ends; and again, forever.
 //!
 //! ```text
-//!        ┌──────────── backoff (full jitter, ≤ 30 s) ◄──────────────┐
-//!        ▼                                                           │ dial/TLS/HTTP error,
-//!  dial ─► TLS ─► GET /v1/tunnel ─101─► session ── ends ─────────────┤ timeout, lost
-//!                    │                    │ GoAway(ShuttingDown) ─────┘ (at once)
+//!        ┌──── backoff (exponential, full jitter, ≤ 30 s) ◄──── dial, TLS or upgrade failed / timed out
+//!        ▼                                                    ▲
+//!  dial ─► TLS ─► GET /v1/tunnel ─101─► session (Hello/Welcome done: backoff reset)
+//!                    │                    │ ends: lost, timeout, GoAway(ShuttingDown)
+//!                    │                    └──► redial at once, within REDIAL_JITTER
 //!                    │ 401 / 403           │ GoAway(Deregistered|Unauthorized)
 //!                    ▼                    ▼
 //!               stop: exit 4          stop: exit 4
 //! ```
 //!
-//! A session that stayed up for [`STABLE_AFTER`] resets the backoff.
+//! After a session that worked the next dial is immediate, so a cut
+//! tunnel is back within a round trip or two; the backoff grows only while
+//! dials keep failing. A session that ends within [`WORKED_AFTER`] of its
+//! handshake counts as a failed dial, so a hub that accepts and drops
+//! agents in a loop is not redialled four times a second. The jitter on both spreads a fleet that lost one
+//! hub at once: its redials arrive over [`REDIAL_JITTER`], then, while the
+//! hub stays away, over ever longer windows (see `tests/faults.rs` for
+//! 1,000 agents). Each step of a dial has a deadline
+//! ([`net::dial_timeout`]), so a redial into a black hole is abandoned.
 
 use super::AgentCtx;
 use super::activation::error_body;
@@ -33,8 +41,12 @@ use std::time::{Duration, Instant};
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// Largest backoff ceiling.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
-/// A session up this long resets the backoff.
-pub const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// A session counts as one that worked once it has been up this long.
+pub const WORKED_AFTER: Duration = Duration::from_secs(1);
+
+/// The redial after a session that worked waits a uniformly random time
+/// up to this: quick for one agent, spread for a fleet.
+pub const REDIAL_JITTER: Duration = Duration::from_millis(250);
 
 /// Exponential backoff with full jitter: attempt `n` waits a uniformly
 /// random time in `[0, min(cap, base·2ⁿ)]` ("Exponential Backoff and
@@ -52,7 +64,13 @@ impl Backoff {
         use ring::rand::SecureRandom as _;
         let mut seed = [0u8; 8];
         let _ = ring::rand::SystemRandom::new().fill(&mut seed);
-        Backoff { base, cap, attempt: 0, rng: u64::from_le_bytes(seed) | 1 }
+        Backoff::with_seed(base, cap, u64::from_le_bytes(seed))
+    }
+
+    /// A backoff whose jitter is drawn from `seed`: the same seed gives
+    /// the same waits (tests, simulations).
+    pub fn with_seed(base: Duration, cap: Duration, seed: u64) -> Self {
+        Backoff { base, cap, attempt: 0, rng: seed | 1 }
     }
 
     /// The ceiling for the next wait.
@@ -61,9 +79,24 @@ impl Backoff {
         self.base.saturating_mul(factor).min(self.cap)
     }
 
+    /// The wait before the next dial after a failed one; each call raises
+    /// the ceiling.
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
+        self.jitter(ceiling)
+    }
+
+    /// The wait before the first dial after a session that worked: the
+    /// backoff starts over, and the dial waits only a jitter up to
+    /// [`REDIAL_JITTER`] (at most the base).
+    pub fn after_session(&mut self) -> Duration {
+        self.attempt = 0;
+        self.jitter(REDIAL_JITTER.min(self.base))
+    }
+
+    /// Uniform in `[0, ceiling]`, whole milliseconds.
+    fn jitter(&mut self, ceiling: Duration) -> Duration {
         // xorshift64*: plenty for jitter.
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
@@ -84,9 +117,8 @@ pub struct Deregistered(pub String);
 
 /// How one connection attempt ended.
 enum Attempt {
-    /// Session ran (for this long) and ended; reconnect, at once if the
-    /// hub said it was shutting down.
-    Ended { lasted: Duration, immediate: bool, why: String },
+    /// A session completed its handshake and later ended: redial at once.
+    Ended(String),
     /// Could not establish a session.
     Failed(String),
     /// The hub says this cluster is gone.
@@ -109,17 +141,9 @@ pub async fn run(ctx: Rc<AgentCtx>) -> Deregistered {
         }
         match result {
             Attempt::Stop(why) => return Deregistered(why),
-            Attempt::Ended { lasted, immediate, why } => {
-                if lasted >= STABLE_AFTER {
-                    backoff.reset();
-                }
-                if immediate {
-                    log::info!("tunnel closed by the hub ({why}); reconnecting now");
-                    backoff.reset();
-                    continue;
-                }
-                let wait = backoff.next_delay();
-                log::warn!("tunnel lost ({why}); reconnecting in {} ms", wait.as_millis());
+            Attempt::Ended(why) => {
+                let wait = backoff.after_session();
+                log::warn!("tunnel ended ({why}); reconnecting in {} ms", wait.as_millis());
                 smol::Timer::after(wait).await;
             }
             Attempt::Failed(why) => {
@@ -140,9 +164,10 @@ async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
     let info = ctx.agent_info().await;
     let session = Session::new(Mux::agent(Config::default(), info, Instant::now()));
     *ctx.session.borrow_mut() = Some(session.clone());
-    let started = Instant::now();
+    let up_since = std::cell::Cell::new(None);
     let ready = async {
         if session.connected().await.is_ok() {
+            up_since.set(Some(Instant::now()));
             log::info!("tunnel up to {}", ctx.hub);
             ctx.metrics.tunnel_up.set(true);
             super::notify::notify("STATUS=tunnel up");
@@ -180,15 +205,22 @@ async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
     }
     ctx.metrics.tunnel_up.set(false);
     ctx.session.borrow_mut().take();
-    let lasted = started.elapsed();
     match &error {
         SessionError::GoAway { code: GoAwayCode::Deregistered | GoAwayCode::Unauthorized, message } => {
             Attempt::Stop(format!("the hub closed the tunnel: {message}"))
         }
-        SessionError::GoAway { code: GoAwayCode::ShuttingDown, .. } => {
-            Attempt::Ended { lasted, immediate: true, why: error.to_string() }
-        }
-        _ => Attempt::Ended { lasted, immediate: false, why: error.to_string() },
+        // The hub is going away: another process (or replica) takes the
+        // dial, so it is as good as a session that worked.
+        SessionError::GoAway { code: GoAwayCode::ShuttingDown, .. } => Attempt::Ended(error.to_string()),
+        _ => match up_since.get() {
+            Some(t) if t.elapsed() >= WORKED_AFTER => Attempt::Ended(error.to_string()),
+            Some(t) => {
+                Attempt::Failed(format!("tunnel ended {} ms after it came up: {error}", t.elapsed().as_millis()))
+            }
+            // Upgraded but no Welcome (a hub that refused the handshake or
+            // went silent): a failed dial, so the backoff grows.
+            None => Attempt::Failed(format!("tunnel handshake with {}: {error}", ctx.hub)),
+        },
     }
 }
 
@@ -217,12 +249,9 @@ async fn open(ctx: &AgentCtx) -> Result<Prefixed<Io>, Open> {
         conn.write_all(&head).await?;
         conn.read_head(false).await
     };
-    let resp = smol::future::or(handshake, async {
-        smol::Timer::after(Duration::from_secs(20)).await;
-        Err(io::Error::new(io::ErrorKind::TimedOut, "no answer to the tunnel request"))
-    })
-    .await
-    .map_err(|e| Open::Failed(format!("tunnel request to {target}: {e}")))?;
+    let resp = net::deadline(net::dial_timeout(), || "the hub's answer to the tunnel request".into(), handshake)
+        .await
+        .map_err(|e| Open::Failed(format!("tunnel request to {target}: {e}")))?;
     if resp.status == 101 {
         let ok = resp.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"uplink/1"));
         if !ok {
@@ -328,6 +357,33 @@ mod tests {
             b.next_delay();
         }
         assert!(b.ceiling() <= Duration::from_secs(10));
+    }
+
+    #[test]
+    fn after_a_session_that_worked_the_redial_is_immediate_and_failures_grow() {
+        let mut b = Backoff::with_seed(BACKOFF_BASE, BACKOFF_CAP, 7);
+        // Failing dials push the ceiling up...
+        for _ in 0..5 {
+            b.next_delay();
+        }
+        assert_eq!(b.ceiling(), BACKOFF_BASE * 32);
+        // ...a session that worked starts it over with a jitter-only wait.
+        for _ in 0..100 {
+            assert!(b.after_session() <= REDIAL_JITTER);
+        }
+        assert_eq!(b.ceiling(), BACKOFF_BASE);
+        // The same seed gives the same waits.
+        let waits = |seed| {
+            let mut b = Backoff::with_seed(BACKOFF_BASE, BACKOFF_CAP, seed);
+            (0..10).map(|_| b.next_delay()).collect::<Vec<_>>()
+        };
+        assert_eq!(waits(42), waits(42));
+        assert_ne!(waits(42), waits(1042));
+        // Full jitter over the redial window: not all at once, not all late.
+        let mut b = Backoff::with_seed(BACKOFF_BASE, BACKOFF_CAP, 99);
+        let w: Vec<Duration> = (0..1000).map(|_| b.after_session()).collect();
+        assert!(w.iter().filter(|d| **d < REDIAL_JITTER / 4).count() > 150);
+        assert!(w.iter().filter(|d| **d > REDIAL_JITTER * 3 / 4).count() > 150);
     }
 
     #[test]

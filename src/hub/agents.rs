@@ -20,7 +20,7 @@ use super::store::{ActivateError, AgentFacts, CredentialStatus};
 use super::tunnels::AgentConn;
 use super::{Hub, api, status};
 use crate::driver::Session;
-use crate::proto::{Config, GoAwayCode, Mux};
+use crate::proto::{GoAwayCode, Mux};
 use crate::secret::{Secret, sha256_hex};
 use log::{info, warn};
 use serde::Deserialize;
@@ -66,7 +66,8 @@ pub async fn activate(hub: &Hub, _req: &Request, body: &mut BodyState, inb: &mut
         kube_version: b.kube_version,
         node_count: b.node_count,
     };
-    let again = "register the cluster again with `uplink-hub cluster register NAME` and install the new activation";
+    let again = "renew the activation with `uplink-hub cluster renew NAME` (or register the cluster if it is not \
+                 registered) and install the new activation";
     match hub.store.activate(
         &b.activation_id,
         &sha256_hex(&b.activation_code),
@@ -102,13 +103,22 @@ pub async fn activate(hub: &Hub, _req: &Request, body: &mut BodyState, inb: &mut
         Err(ActivateError::Used) => api::error(
             409,
             "activation_used",
-            &format!(
-                "the activation code was already used; an agent of this cluster activated before (reuse its saved state) or {again}"
-            ),
+            "the activation code was already used; an agent of this cluster activated before (reuse its saved state) or \
+             deregister the cluster with `uplink-hub cluster deregister NAME`, register it again with \
+             `uplink-hub cluster register NAME` and install the new activation",
         ),
-        Err(ActivateError::Deregistered) => {
-            api::error(410, "cluster_deregistered", &format!("the cluster was deregistered: {again}"))
-        }
+        Err(ActivateError::Replaced) => api::error(
+            410,
+            "activation_replaced",
+            "this activation was replaced by a newer one (`uplink-hub cluster renew` or `cluster register --force`): \
+             install the newer activation instead",
+        ),
+        Err(ActivateError::Deregistered) => api::error(
+            410,
+            "cluster_deregistered",
+            "the cluster was deregistered: register it again with `uplink-hub cluster register NAME` and install \
+             the new activation",
+        ),
         Err(ActivateError::Store(e)) => {
             log::error!("store failed during activation error={e}");
             api::error(500, "internal", "the hub's store failed; retry later")
@@ -171,7 +181,7 @@ pub async fn tunnel(hub: &Rc<Hub>, req: &Request, inb: &mut In, out: &mut Out, p
     }
     super::metrics::Metrics::bump(&hub.metrics.tunnels_accepted);
     let session_id = hub.tunnels.next_session_id();
-    let session = Session::new(Mux::hub(Config::default(), session_id, Instant::now()));
+    let session = Session::new(Mux::hub(hub.tunnel_config.clone(), session_id, Instant::now()));
     let io = super::http::Duplex { r: &mut *inb, w: &mut *out };
     let registered = std::cell::Cell::new(false);
     let setup = async {

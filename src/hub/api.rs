@@ -6,9 +6,10 @@
 //! | GET    /api/v1/hub                  | any   | hub URL, CA, version                  |
 //! | GET    /api/v1/whoami               | user  | the caller                            |
 //! | GET    /api/v1/clusters             | user  | clusters the caller may reach         |
-//! | POST   /api/v1/clusters             | admin | register: activation + install files  |
+//! | POST   /api/v1/clusters             | admin | register (`force`: renew if PENDING)  |
 //! | GET    /api/v1/clusters/NAME        | user  | one cluster with agents and events    |
 //! | DELETE /api/v1/clusters/NAME        | admin | deregister + cleanup instructions     |
+//! | POST   /api/v1/clusters/NAME/activation | admin | renew a PENDING cluster's activation |
 //! | GET    /api/v1/events?since=&wait=  | user  | long-poll of cluster status changes   |
 //! | GET    /api/v1/kubeconfig?cluster=  | user  | kubeconfig for the caller             |
 //! | GET/POST /api/v1/users              | admin | list / add (token shown once)         |
@@ -17,15 +18,22 @@
 //! | GET/POST /api/v1/grants             | admin | list / add                            |
 //! | DELETE /api/v1/grants/ID            | admin | remove                                |
 //! | GET    /api/v1/audit?user=&cluster=&since=&limit= | admin | proxied requests, newest first |
+//!
+//! A user name in a path is one percent-encoded segment: the path is split
+//! on `/` before each segment is decoded, so
+//! `DELETE /api/v1/users/arn%3Aaws%3Aiam%3A%3A1234567890%3Auser%2FAlice`
+//! revokes `arn:aws:iam::1234567890:user/Alice`. Query values are form
+//! encoded (`+` or `%20` for a space). Names are any string Kubernetes
+//! accepts and are checked by [`crate::names`].
 
 use super::clock::{now_ms, parse_rfc3339, rfc3339};
 use super::http::{BodyState, Request, Response, query_params};
 use super::install::ActivationDoc;
 use super::server::In;
-use super::store::{AuditQuery, NewActivation, NewCluster, StoreError, Subject, User};
-use super::{
-    Hub, cluster_json, grant_json, may_reach, new_token, status, user_json, valid_cluster_name, valid_subject_name,
-};
+use super::store::{AuditQuery, Cluster, NewActivation, NewCluster, StoreError, Subject, User};
+use super::{Hub, cluster_json, grant_json, may_reach, new_token, status, user_json, valid_cluster_name};
+use crate::http::percent_decode_segment;
+use crate::names::{self, NameError, NameKind};
 use crate::render::{self, ClusterInstall};
 use crate::secret::{Secret, sha256_hex};
 use serde::Deserialize;
@@ -113,10 +121,41 @@ pub async fn handle(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In
     }
 }
 
+/// The segments of a path after `/api/v1`, each percent-decoded on its
+/// own after splitting on `/`, so `users/arn%3Aaws%3Aiam%3A%3A1%3Auser%2FAlice`
+/// is two segments and the second is the whole ARN.
+fn segments(path: &str) -> Result<Vec<String>, ApiError> {
+    let rest = path.strip_prefix("/api/v1").unwrap_or("").trim_end_matches('/');
+    rest.split('/')
+        .skip(1)
+        .map(|raw| {
+            percent_decode_segment(raw).ok_or_else(|| {
+                fail(
+                    400,
+                    "bad_request",
+                    format!(
+                        "path segment {raw:?} is not percent-encoded UTF-8: encode a name with %XX escapes \
+                         (e.g. encodeURIComponent), '/' as %2F"
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+fn name_error(e: NameError) -> ApiError {
+    fail(400, "bad_request", e.to_string())
+}
+
+/// Checks names people give for users and groups (see [`crate::names`]).
+fn check_names<'a>(kind: NameKind, list: impl IntoIterator<Item = &'a String>) -> Result<(), ApiError> {
+    list.into_iter().try_for_each(|n| names::check(kind, n)).map_err(name_error)
+}
+
 async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) -> ApiResult {
     let path = req.target.split('?').next().unwrap_or("");
-    let rest = path.strip_prefix("/api/v1").unwrap_or("").trim_end_matches('/');
-    let parts: Vec<&str> = rest.split('/').skip(1).collect();
+    let decoded = segments(path)?;
+    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let m = req.method.as_str();
     match (m, parts.as_slice()) {
         ("GET", ["hub"]) => Ok(hub_info(hub)),
@@ -128,6 +167,7 @@ async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
         ("POST", ["clusters"]) => register(hub, req, body, inb).await,
         ("GET", ["clusters", name]) => show_cluster(hub, req, name),
         ("DELETE", ["clusters", name]) => deregister(hub, req, name),
+        ("POST", ["clusters", name, "activation"]) => renew(hub, req, name, body, inb).await,
         ("GET", ["events"]) => events(hub, req).await,
         ("GET", ["kubeconfig"]) => kubeconfig(hub, req),
         ("GET", ["users"]) => {
@@ -139,7 +179,7 @@ async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
         ("DELETE", ["users", name]) => {
             admin_of(hub, req)?;
             let u = hub.store.revoke_user(name, now_ms())?;
-            log::info!("user revoked user={name}");
+            log::info!("user revoked user={name:?}");
             Ok(Response::json(200, &json!({ "user": user_json(&u) })))
         }
         ("POST", ["users", name, "tokens"]) => {
@@ -227,13 +267,18 @@ fn show_cluster(hub: &Hub, req: &Request, name: &str) -> ApiResult {
             .collect::<Vec<_>>()
     );
     if u.admin {
-        v["activations"] =
-            json!(hub
-            .store
-            .activations(&c.id)?
-            .iter()
-            .map(|a| json!({ "id": a.id, "expires_at": rfc3339(a.expires_at), "used_at": a.used_at.map(rfc3339) }))
-            .collect::<Vec<_>>());
+        v["activations"] = json!(
+            hub.store
+                .activations(&c.id)?
+                .iter()
+                .map(|a| json!({
+                    "id": a.id,
+                    "expires_at": rfc3339(a.expires_at),
+                    "used_at": a.used_at.map(rfc3339),
+                    "replaced_at": a.replaced_at.map(rfc3339),
+                }))
+                .collect::<Vec<_>>()
+        );
     }
     Ok(Response::json(200, &v))
 }
@@ -251,6 +296,62 @@ struct RegisterBody {
     users: Vec<String>,
     #[serde(default)]
     groups: Vec<String>,
+    /// A `PENDING` cluster of this name gets a fresh activation (and
+    /// these users and groups) instead of a conflict.
+    #[serde(default)]
+    force: bool,
+}
+
+/// The body of `POST /api/v1/clusters/NAME/activation` (may be empty).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RenewBody {
+    #[serde(default)]
+    expires_in_hours: Option<u64>,
+    #[serde(default)]
+    expires_in_seconds: Option<u64>,
+}
+
+/// The activation lifetime asked for, in seconds, within the limits.
+fn lifetime(seconds: Option<u64>, hours: Option<u64>) -> Result<u64, ApiError> {
+    let secs = match seconds {
+        Some(s) => s,
+        None => hours.unwrap_or(DEFAULT_ACTIVATION_HOURS).saturating_mul(3600),
+    };
+    if secs == 0 || secs > MAX_ACTIVATION_HOURS * 3600 {
+        return Err(fail(
+            400,
+            "bad_request",
+            format!("the activation lifetime must be between 1 second and {MAX_ACTIVATION_HOURS} hours"),
+        ));
+    }
+    Ok(secs)
+}
+
+/// A fresh activation: its id, its one-time code (shown once) and the
+/// row the store keeps (the code's hash).
+struct Issued {
+    id: String,
+    code: Secret,
+    code_hash: String,
+    expires_at: i64,
+}
+
+impl Issued {
+    fn new(now: i64, secs: u64) -> Issued {
+        let code = Secret::random(24);
+        let code_hash = sha256_hex(code.expose());
+        Issued {
+            id: format!("act_{}", Secret::random(12).expose()),
+            code,
+            code_hash,
+            expires_at: now + (secs as i64) * 1000,
+        }
+    }
+
+    fn row(&self) -> NewActivation<'_> {
+        NewActivation { id: &self.id, code_hash: &self.code_hash, expires_at: self.expires_at }
+    }
 }
 
 async fn register(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) -> ApiResult {
@@ -263,58 +364,95 @@ async fn register(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
             "a cluster name is a DNS label: lowercase letters, digits and '-', at most 63",
         ));
     }
-    if let Some(bad) = b.users.iter().chain(&b.groups).find(|n| !valid_subject_name(n)) {
-        return Err(fail(400, "bad_request", format!("{bad:?} is not a valid user or group name")));
-    }
-    let secs = match b.expires_in_seconds {
-        Some(s) => s,
-        None => b.expires_in_hours.unwrap_or(DEFAULT_ACTIVATION_HOURS).saturating_mul(3600),
-    };
-    if secs == 0 || secs > MAX_ACTIVATION_HOURS * 3600 {
-        return Err(fail(
-            400,
-            "bad_request",
-            format!("the activation lifetime must be between 1 second and {MAX_ACTIVATION_HOURS} hours"),
-        ));
-    }
+    check_names(NameKind::User, &b.users)?;
+    check_names(NameKind::Group, &b.groups)?;
+    let secs = lifetime(b.expires_in_seconds, b.expires_in_hours)?;
     let now = now_ms();
-    let cluster_id = format!("c_{}", Secret::random(12).expose());
-    let activation_id = format!("act_{}", Secret::random(12).expose());
-    let code = Secret::random(24);
-    let expires_at = now + (secs as i64) * 1000;
-    let c = hub.store.register_cluster(
-        &NewCluster { id: &cluster_id, name: &b.name, users: &b.users, groups: &b.groups, now },
-        &NewActivation { id: &activation_id, code_hash: &sha256_hex(code.expose()), expires_at },
-    )?;
-    log::info!("cluster registered cluster={} by={} activation={activation_id}", c.name, admin.name);
-    hub.bus.publish(&c.name, "registered", status(hub, &c));
+    let issued = Issued::new(now, secs);
+    let live = hub.store.cluster(&b.name)?.filter(|c| c.deregistered_at.is_none());
+    let (c, status_code) = match live {
+        // Forced over a live cluster: a fresh activation for a PENDING
+        // one; the store refuses an activated one (deregister first).
+        Some(_) if b.force => {
+            let c = hub.store.renew_activation(&b.name, Some((&b.users, &b.groups)), &issued.row(), now)?;
+            log::info!("cluster activation renewed cluster={} by={:?} activation={}", c.name, admin.name, issued.id);
+            hub.bus.publish(&c.name, "renewed", status(hub, &c));
+            (c, 200)
+        }
+        _ => {
+            let cluster_id = format!("c_{}", Secret::random(12).expose());
+            let new = NewCluster { id: &cluster_id, name: &b.name, users: &b.users, groups: &b.groups, now };
+            let c = hub.store.register_cluster(&new, &issued.row()).map_err(|e| match e {
+                StoreError::Conflict(m) => fail(
+                    409,
+                    "conflict",
+                    format!(
+                        "{m}. While it is PENDING, issue a fresh activation with `uplink-hub cluster renew {n}` \
+                         (or `cluster register {n} --force`); once an agent activated it, deregister it first",
+                        n = b.name
+                    ),
+                ),
+                other => ApiError::from(other),
+            })?;
+            log::info!("cluster registered cluster={} by={:?} activation={}", c.name, admin.name, issued.id);
+            hub.bus.publish(&c.name, "registered", status(hub, &c));
+            (c, 201)
+        }
+    };
+    let mut answer = install_answer(hub, &c, &issued);
+    answer["renewed"] = json!(status_code == 200);
+    Ok(Response::json(status_code, &answer))
+}
+
+/// `POST /api/v1/clusters/NAME/activation`: a fresh activation for a
+/// `PENDING` cluster (its code expired, or its files were lost); the
+/// earlier unused codes stop working.
+async fn renew(hub: &Hub, req: &Request, name: &str, body: &mut BodyState, inb: &mut In) -> ApiResult {
+    let admin = admin_of(hub, req)?;
+    let bytes = inb.read_body_to_end(body, MAX_JSON).await.map_err(|e| fail(400, "bad_request", e.to_string()))?;
+    let b: RenewBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        RenewBody::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| fail(400, "bad_request", format!("invalid JSON body: {e}")))?
+    };
+    let secs = lifetime(b.expires_in_seconds, b.expires_in_hours)?;
+    let now = now_ms();
+    let issued = Issued::new(now, secs);
+    let c = hub.store.renew_activation(name, None, &issued.row(), now)?;
+    log::info!("cluster activation renewed cluster={} by={:?} activation={}", c.name, admin.name, issued.id);
+    hub.bus.publish(&c.name, "renewed", status(hub, &c));
+    let mut answer = install_answer(hub, &c, &issued);
+    answer["renewed"] = json!(true);
+    Ok(Response::json(200, &answer))
+}
+
+/// What an admin installs for `c` with the activation just issued: the
+/// answer of register and renew.
+fn install_answer(hub: &Hub, c: &Cluster, issued: &Issued) -> Value {
     let activation = ActivationDoc {
         cluster: c.name.clone(),
         hub_url: hub.public_url.clone(),
-        activation_id,
-        activation_code: code.expose().to_string(),
-        expires_at: rfc3339(expires_at),
+        activation_id: issued.id.clone(),
+        activation_code: issued.code.expose().to_string(),
+        expires_at: rfc3339(issued.expires_at),
         hub_ca_pem: hub.ca_pem.clone(),
         hub_pin_sha256: None,
     };
     let mut install = ClusterInstall::new(&c.name, serde_json::to_string_pretty(&activation).unwrap_or_default());
     install.image = hub.agent_image.clone();
-    install.impersonate_users = b.users;
-    install.impersonate_groups = b.groups;
+    install.impersonate_users = c.users.clone();
+    install.impersonate_groups = c.groups.clone();
     let file = format!("uplink-{}.yaml", c.name);
-    Ok(Response::json(
-        201,
-        &json!({
-            "cluster": cluster_json(hub, &c),
-            "activation": activation,
-            "manifest": render::kubernetes_manifest(&install),
-            "systemd_activation": render::systemd_activation_file(&install),
-            "install": {
-                "kubernetes": format!("kubectl apply -f {file}"),
-                "systemd": "install -D -m 0600 activation.json /etc/uplink/activation.json && systemctl enable --now uplink",
-            },
-        }),
-    ))
+    json!({
+        "cluster": cluster_json(hub, c),
+        "activation": activation,
+        "manifest": render::kubernetes_manifest(&install),
+        "systemd_activation": render::systemd_activation_file(&install),
+        "install": {
+            "kubernetes": format!("kubectl apply -f {file}"),
+            "systemd": "install -D -m 0600 activation.json /etc/uplink/activation.json && systemctl enable --now uplink",
+        },
+    })
 }
 
 fn deregister(hub: &Hub, req: &Request, name: &str) -> ApiResult {
@@ -325,7 +463,7 @@ fn deregister(hub: &Hub, req: &Request, name: &str) -> ApiResult {
         crate::proto::GoAwayCode::Deregistered,
         &format!("cluster {name} was deregistered from the hub; this agent must stop"),
     );
-    log::info!("cluster deregistered cluster={name} by={} agents_notified={notified}", admin.name);
+    log::info!("cluster deregistered cluster={name} by={:?} agents_notified={notified}", admin.name);
     hub.bus.publish(name, "deregistered", "DEREGISTERED");
     Ok(Response::json(
         200,
@@ -379,7 +517,9 @@ pub fn kubeconfig_yaml(hub_url: &str, ca_pem: Option<&str>, cluster: &str, user:
     let ca = ca_pem.map_or(String::new(), |pem| {
         format!("      certificate-authority-data: {}\n", base64::engine::general_purpose::STANDARD.encode(pem))
     });
-    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    // Quoted as ASCII with escapes: a name may hold characters (U+2028,
+    // U+0085) that YAML 1.1 parsers such as kubectl's read as line breaks.
+    let q = render::yaml_quote;
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n  - name: {c}\n    cluster:\n      server: {server}\n{ca}\
 users:\n  - name: {u}\n    user:\n      token: {t}\ncontexts:\n  - name: {c}\n    context:\n      cluster: {c}\n      user: {u}\n\
@@ -404,12 +544,11 @@ struct UserBody {
 async fn add_user(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) -> ApiResult {
     let admin = admin_of(hub, req)?;
     let b: UserBody = json_body(body, inb).await?;
-    if let Some(bad) = std::iter::once(&b.name).chain(&b.groups).find(|n| !valid_subject_name(n)) {
-        return Err(fail(400, "bad_request", format!("{bad:?} is not a valid name: letters, digits and ._@:- only")));
-    }
+    check_names(NameKind::User, [&b.name])?;
+    check_names(NameKind::Group, &b.groups)?;
     let (token, hash) = new_token();
     let u = hub.store.create_user(&b.name, &b.groups, b.admin, &hash, now_ms())?;
-    log::info!("user added user={} admin={} by={}", u.name, u.admin, admin.name);
+    log::info!("user added user={:?} admin={} by={:?}", u.name, u.admin, admin.name);
     Ok(Response::json(201, &json!({ "user": user_json(&u), "token": token.expose() })))
 }
 
@@ -427,9 +566,15 @@ async fn add_grant(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In)
     admin_of(hub, req)?;
     let b: GrantBody = json_body(body, inb).await?;
     let subject = match (b.user, b.group) {
-        (Some(u), None) if valid_subject_name(&u) => Subject::User(u),
-        (None, Some(g)) if valid_subject_name(&g) => Subject::Group(g),
-        _ => return Err(fail(400, "bad_request", "a grant names exactly one valid \"user\" or \"group\"")),
+        (Some(u), None) => {
+            names::check_user(&u).map_err(name_error)?;
+            Subject::User(u)
+        }
+        (None, Some(g)) => {
+            names::check_group(&g).map_err(name_error)?;
+            Subject::Group(g)
+        }
+        _ => return Err(fail(400, "bad_request", "a grant names exactly one \"user\" or \"group\"")),
     };
     let pattern_ok = !b.clusters.is_empty()
         && b.clusters.bytes().all(|c| c == b'*' || c == b'-' || c.is_ascii_lowercase() || c.is_ascii_digit());
@@ -467,4 +612,49 @@ fn audit(hub: &Hub, req: &Request) -> ApiResult {
         })
         .collect();
     Ok(Response::json(200, &json!({ "entries": entries })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yaml_rust2::YamlLoader;
+
+    /// The kubeconfig's user entry reads back as the person's name for
+    /// every name Kubernetes has, and kubectl's context points at it.
+    #[test]
+    fn kubeconfig_user_entries_are_quoted() {
+        for name in [
+            "arn:aws:iam::1234567890:user/Alice",
+            "jane@example.com",
+            "oidc:https://idp.example.com#42",
+            "Jane Doe",
+            "Zoë Ångström",
+            "山田",
+            "a\"b\\c",
+            "line\u{2028}sep",
+            "no",
+        ] {
+            let text = kubeconfig_yaml("https://hub.example.com:8443", Some("PEM"), "edge-1", name, "uh_t");
+            let doc = &YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{name:?}: {e}\n{text}"))[0];
+            let user = format!("{name}@uplink");
+            assert_eq!(doc["users"][0]["name"].as_str(), Some(&*user), "{text}");
+            assert_eq!(doc["contexts"][0]["context"]["user"].as_str(), Some(&*user), "{text}");
+            assert_eq!(doc["users"][0]["user"]["token"].as_str(), Some("uh_t"));
+            assert_eq!(
+                doc["clusters"][0]["cluster"]["server"].as_str(),
+                Some("https://hub.example.com:8443/k8s/clusters/edge-1")
+            );
+            assert!(text.is_ascii(), "{text}");
+        }
+    }
+
+    #[test]
+    fn path_segments_are_decoded_after_splitting() {
+        let parts = segments("/api/v1/users/arn%3Aaws%3Aiam%3A%3A1234567890%3Auser%2FAlice/tokens").ok().unwrap();
+        assert_eq!(parts, ["users", "arn:aws:iam::1234567890:user/Alice", "tokens"]);
+        let parts = segments("/api/v1/users/Zo%C3%AB%20%C3%85ngstr%C3%B6m").ok().unwrap();
+        assert_eq!(parts, ["users", "Zoë Ångström"]);
+        assert!(segments("/api/v1/users/%C3").is_err());
+        assert!(segments("/api/v1/users/100%").is_err());
+    }
 }

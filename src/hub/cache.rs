@@ -128,6 +128,16 @@ impl<S: Store> Store for CachedStore<S> {
     fn activations(&self, cluster_id: &str) -> Result<Vec<Activation>> {
         self.inner.activations(cluster_id)
     }
+    fn renew_activation(
+        &self,
+        name: &str,
+        subjects: Option<(&[String], &[String])>,
+        activation: &NewActivation<'_>,
+        now: Millis,
+    ) -> Result<Cluster> {
+        // Writes the cluster's users and groups: cached clusters go.
+        self.write(|s| s.renew_activation(name, subjects, activation, now))
+    }
     fn activate(
         &self,
         activation_id: &str,

@@ -1,13 +1,27 @@
 //! The `uplink-hub` command line: `serve`, and admin commands that talk to
 //! a running hub's REST API (URL, token and CA from flags or
 //! `UPLINK_HUB_URL`, `UPLINK_TOKEN`, `UPLINK_HUB_CA`).
+//!
+//! Names people give (users, groups, clusters) go into URLs
+//! percent-encoded, one path segment or query value each, so an IAM ARN
+//! with its `/` or a name with spaces reaches the hub whole. Tables are
+//! sized from their content ([`super::table`]).
+//!
+//! `cluster register` checks all it can before it asks the hub (names,
+//! lifetime, an existing writable output directory, files it would
+//! overwrite): a registration whose files cannot be written loses its
+//! one-time code. Should writing fail anyway, the activation and the
+//! manifest go to standard output instead of being lost.
 
 use super::client::{Client, Reply};
 use super::limits::{Limits, Timeout, setting};
 use super::server::{ServeConfig, serve};
+use super::table::{self, Align};
+use crate::http::percent_encode;
+use crate::names::{self, NameKind};
 use argh::FromArgs;
 use serde_json::{Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// uplink-hub: register Kubernetes clusters, hold their agents' tunnels, serve kubectl through them.
 #[derive(FromArgs)]
@@ -33,6 +47,7 @@ pub enum Cmd {
     User(UserArgs),
     Grant(GrantArgs),
     Kubeconfig(KubeconfigArgs),
+    Audit(AuditArgs),
     Version(VersionArgs),
 }
 
@@ -58,7 +73,7 @@ pub struct ServeArgs {
     /// most client connections held at once (env UPLINK_HUB_MAX_CONNECTIONS, default 4096, lowered to fit the open-file limit)
     #[argh(option)]
     pub max_connections: Option<usize>,
-    /// most connections one client address may hold before they authenticate (env UPLINK_HUB_MAX_CONNECTIONS_PER_ADDRESS, default 128)
+    /// most connections one client address may hold that wait over 2 s to authenticate (env UPLINK_HUB_MAX_CONNECTIONS_PER_ADDRESS, default 128)
     #[argh(option)]
     pub max_connections_per_address: Option<usize>,
     /// TLS handshake deadline, e.g. 10s or 500ms (env UPLINK_HUB_HANDSHAKE_TIMEOUT, default 10s)
@@ -76,6 +91,19 @@ pub struct ServeArgs {
     /// deadline for a whole activation or REST request body, and for writing an in-memory answer (env UPLINK_HUB_SMALL_BODY_TIMEOUT, default 30s)
     #[argh(option)]
     pub small_body_timeout: Option<Timeout>,
+    /// how often each side of a tunnel pings, e.g. 5s or 500ms; agents
+    /// take it from the hub (env UPLINK_HUB_KEEPALIVE, default 5s)
+    #[argh(option)]
+    pub keepalive: Option<String>,
+    /// silence after which a tunnel is dead and its streams fail, at least
+    /// twice --keepalive; agents take it from the hub (env
+    /// UPLINK_HUB_DEAD_AFTER, default 15s)
+    #[argh(option)]
+    pub dead_after: Option<String>,
+    /// share the port with another hub process (SO_REUSEPORT), so a new
+    /// one can start while this one drains (env UPLINK_HUB_REUSE_PORT=1)
+    #[argh(switch)]
+    pub reuse_port: bool,
 }
 
 impl ServeArgs {
@@ -101,6 +129,30 @@ impl ServeArgs {
         }
         Ok(limits)
     }
+
+    /// Keepalive interval and dead-peer deadline from flags, else the
+    /// environment, else the defaults; the deadline must allow two pings.
+    fn keepalive(&self) -> Result<(std::time::Duration, std::time::Duration), String> {
+        use crate::proto::mux::{DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE};
+        let get = |flag: &Option<String>, name: &str, env: &str, default| match flag
+            .clone()
+            .or_else(|| std::env::var(env).ok().filter(|v| !v.trim().is_empty()))
+        {
+            Some(v) => crate::time::parse_duration(&v).map_err(|e| format!("--{name} (or {env}): {e}")),
+            None => Ok(default),
+        };
+        let every = get(&self.keepalive, "keepalive", "UPLINK_HUB_KEEPALIVE", DEFAULT_KEEPALIVE)?;
+        let dead = get(&self.dead_after, "dead-after", "UPLINK_HUB_DEAD_AFTER", DEFAULT_DEAD_AFTER)?;
+        if every < std::time::Duration::from_millis(100) {
+            return Err(format!("--keepalive {every:?} is below 100ms"));
+        }
+        if dead < every * 2 {
+            return Err(format!(
+                "--dead-after {dead:?} must be at least twice --keepalive {every:?}, or quiet tunnels would be cut"
+            ));
+        }
+        Ok((every, dead))
+    }
 }
 
 /// manage clusters
@@ -115,6 +167,7 @@ pub struct ClusterArgs {
 #[argh(subcommand)]
 pub enum ClusterCmd {
     Register(RegisterArgs),
+    Renew(RenewArgs),
     List(ListArgs),
     Show(ShowArgs),
     Deregister(DeregisterArgs),
@@ -130,12 +183,33 @@ pub struct RegisterArgs {
     /// hours the activation stays valid (default 72)
     #[argh(option, default = "72")]
     pub expires_hours: u64,
-    /// a user the cluster may impersonate (repeatable)
+    /// a user the cluster may impersonate (repeatable; any Kubernetes user name, e.g. an IAM ARN)
     #[argh(option)]
     pub user: Vec<String>,
     /// a group the cluster may impersonate (repeatable)
     #[argh(option)]
     pub group: Vec<String>,
+    /// where to write uplink-NAME.yaml and uplink-NAME-activation.json (default .)
+    #[argh(option, default = "PathBuf::from(\".\")")]
+    pub out_dir: PathBuf,
+    /// if NAME is registered but PENDING, issue a fresh activation (the old code stops working); also overwrite the files
+    #[argh(switch)]
+    pub force: bool,
+    /// print the API answer as JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// issue a fresh activation for a PENDING cluster (expired code, lost files); rewrites its files
+#[derive(FromArgs)]
+#[argh(subcommand, name = "renew")]
+pub struct RenewArgs {
+    /// cluster name
+    #[argh(positional)]
+    pub name: String,
+    /// hours the new activation stays valid (default 72)
+    #[argh(option, default = "72")]
+    pub expires_hours: u64,
     /// where to write uplink-NAME.yaml and uplink-NAME-activation.json (default .)
     #[argh(option, default = "PathBuf::from(\".\")")]
     pub out_dir: PathBuf,
@@ -271,6 +345,27 @@ pub struct KubeconfigArgs {
     pub out: Option<PathBuf>,
 }
 
+/// show the audit log of proxied requests, newest first
+#[derive(FromArgs)]
+#[argh(subcommand, name = "audit")]
+pub struct AuditArgs {
+    /// only this user's requests
+    #[argh(option)]
+    pub user: Option<String>,
+    /// only requests to this cluster
+    #[argh(option)]
+    pub cluster: Option<String>,
+    /// only requests since this RFC 3339 time, e.g. 2026-01-01T00:00:00Z
+    #[argh(option)]
+    pub since: Option<String>,
+    /// at most this many entries (default 100)
+    #[argh(option, default = "100")]
+    pub limit: u32,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
 /// print the version
 #[derive(FromArgs)]
 #[argh(subcommand, name = "version")]
@@ -336,46 +431,25 @@ fn run_inner(args: Args) -> Result<(), String> {
         }
         Cmd::Serve(a) => {
             super::logger::init();
+            let (keepalive, dead_after) = a.keepalive()?;
+            let reuse_port = a.reuse_port || std::env::var("UPLINK_HUB_REUSE_PORT").is_ok_and(|v| v == "1");
             serve(ServeConfig {
                 listen: a.listen,
                 data_dir: a.data_dir.clone(),
                 public_url: a.public_url.clone(),
                 cert: a.cert.clone(),
                 key: a.key.clone(),
+                keepalive,
+                dead_after,
+                reuse_port,
                 limits: a.limits()?,
             })
         }
         Cmd::Cluster(c) => {
             let api = client(&args)?;
             match &c.cmd {
-                ClusterCmd::Register(r) => {
-                    let v = check(api.post_json(
-                        "/api/v1/clusters",
-                        &json!({ "name": r.name, "expires_in_hours": r.expires_hours, "users": r.user, "groups": r.group }),
-                    ))?;
-                    let manifest = r.out_dir.join(format!("uplink-{}.yaml", r.name));
-                    let activation = r.out_dir.join(format!("uplink-{}-activation.json", r.name));
-                    write_private(&manifest, v["manifest"].as_str().unwrap_or_default())?;
-                    write_private(&activation, v["systemd_activation"].as_str().unwrap_or_default())?;
-                    if r.json {
-                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                        return Ok(());
-                    }
-                    println!("cluster {} registered: PENDING", r.name);
-                    println!(
-                        "activation {} expires {}",
-                        s(&v["activation"]["activation_id"]),
-                        s(&v["activation"]["expires_at"])
-                    );
-                    println!("(the activation code is inside the files below and is not shown again)");
-                    println!();
-                    println!("in the cluster (pod):     kubectl apply -f {}", manifest.display());
-                    println!(
-                        "beside it (systemd):      install -D -m 0600 {} /etc/uplink/activation.json && systemctl enable --now uplink",
-                        activation.display()
-                    );
-                    Ok(())
-                }
+                ClusterCmd::Register(r) => register(&api, r),
+                ClusterCmd::Renew(r) => renew(&api, r),
                 ClusterCmd::List(l) => {
                     let path = if l.all { "/api/v1/clusters?all=true" } else { "/api/v1/clusters" };
                     let v = check(api.get(path))?;
@@ -383,32 +457,45 @@ fn run_inner(args: Args) -> Result<(), String> {
                         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                         return Ok(());
                     }
-                    println!(
-                        "{:<24} {:<13} {:>6} {:<10} {:<8} {:<12} {:>5}  LAST SEEN",
-                        "NAME", "STATUS", "AGENTS", "VERSION", "ARCH", "KUBE", "NODES"
+                    let rows: Vec<Vec<String>> = v["clusters"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| {
+                            [
+                                "name",
+                                "status",
+                                "agents",
+                                "agent_version",
+                                "arch",
+                                "kube_version",
+                                "node_count",
+                                "last_seen",
+                            ]
+                            .iter()
+                            .map(|k| s(&c[*k]))
+                            .collect()
+                        })
+                        .collect();
+                    let align =
+                        [Align::Left, Align::Left, Align::Right, Align::Left, Align::Left, Align::Left, Align::Right];
+                    print!(
+                        "{}",
+                        table::render(
+                            &["NAME", "STATUS", "AGENTS", "VERSION", "ARCH", "KUBE", "NODES", "LAST SEEN"],
+                            &rows,
+                            &align
+                        )
                     );
-                    for c in v["clusters"].as_array().into_iter().flatten() {
-                        println!(
-                            "{:<24} {:<13} {:>6} {:<10} {:<8} {:<12} {:>5}  {}",
-                            s(&c["name"]),
-                            s(&c["status"]),
-                            s(&c["agents"]),
-                            s(&c["agent_version"]),
-                            s(&c["arch"]),
-                            s(&c["kube_version"]),
-                            s(&c["node_count"]),
-                            s(&c["last_seen"])
-                        );
-                    }
                     Ok(())
                 }
                 ClusterCmd::Show(sh) => {
-                    let v = check(api.get(&format!("/api/v1/clusters/{}", sh.name)))?;
+                    let v = check(api.get(&format!("/api/v1/clusters/{}", percent_encode(&sh.name))))?;
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     Ok(())
                 }
                 ClusterCmd::Deregister(d) => {
-                    let v = check(api.delete(&format!("/api/v1/clusters/{}", d.name)))?;
+                    let v = check(api.delete(&format!("/api/v1/clusters/{}", percent_encode(&d.name))))?;
                     println!(
                         "cluster {} deregistered ({} connected agent(s) told to stop)",
                         d.name,
@@ -432,21 +519,20 @@ fn run_inner(args: Args) -> Result<(), String> {
                 }
                 UserCmd::List(_) => {
                     let v = check(api.get("/api/v1/users"))?;
-                    println!("{:<24} {:<6} {:<22} GROUPS", "NAME", "ADMIN", "REVOKED");
-                    for u in v["users"].as_array().into_iter().flatten() {
-                        let groups: Vec<String> = u["groups"].as_array().into_iter().flatten().map(s).collect();
-                        println!(
-                            "{:<24} {:<6} {:<22} {}",
-                            s(&u["name"]),
-                            s(&u["admin"]),
-                            s(&u["revoked_at"]),
-                            groups.join(",")
-                        );
-                    }
+                    let rows: Vec<Vec<String>> = v["users"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|u| {
+                            let groups: Vec<String> = u["groups"].as_array().into_iter().flatten().map(s).collect();
+                            vec![s(&u["name"]), s(&u["admin"]), s(&u["revoked_at"]), groups.join(",")]
+                        })
+                        .collect();
+                    print!("{}", table::render(&["NAME", "ADMIN", "REVOKED", "GROUPS"], &rows, &[]));
                     Ok(())
                 }
                 UserCmd::Revoke(r) => {
-                    check(api.delete(&format!("/api/v1/users/{}", r.name)))?;
+                    check(api.delete(&format!("/api/v1/users/{}", percent_encode(&r.name))))?;
                     println!("user {} revoked; their tokens no longer work", r.name);
                     Ok(())
                 }
@@ -465,15 +551,20 @@ fn run_inner(args: Args) -> Result<(), String> {
                 }
                 GrantCmd::List(_) => {
                     let v = check(api.get("/api/v1/grants"))?;
-                    println!("{:<6} {:<30} CLUSTERS", "ID", "SUBJECT");
-                    for g in v["grants"].as_array().into_iter().flatten() {
-                        let subject = if g["user"].is_string() {
-                            format!("user:{}", s(&g["user"]))
-                        } else {
-                            format!("group:{}", s(&g["group"]))
-                        };
-                        println!("{:<6} {:<30} {}", s(&g["id"]), subject, s(&g["clusters"]));
-                    }
+                    let rows: Vec<Vec<String>> = v["grants"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|g| {
+                            let subject = if g["user"].is_string() {
+                                format!("user:{}", s(&g["user"]))
+                            } else {
+                                format!("group:{}", s(&g["group"]))
+                            };
+                            vec![s(&g["id"]), subject, s(&g["clusters"])]
+                        })
+                        .collect();
+                    print!("{}", table::render(&["ID", "SUBJECT", "CLUSTERS"], &rows, &[Align::Right]));
                     Ok(())
                 }
                 GrantCmd::Remove(r) => {
@@ -483,10 +574,11 @@ fn run_inner(args: Args) -> Result<(), String> {
                 }
             }
         }
+        Cmd::Audit(a) => audit(&client(&args)?, a),
         Cmd::Kubeconfig(k) => {
             let api = client(&args)?;
             let r = api
-                .get(&format!("/api/v1/kubeconfig?cluster={}", k.cluster))
+                .get(&format!("/api/v1/kubeconfig?cluster={}", percent_encode(&k.cluster)))
                 .map_err(|e| format!("cannot reach the hub: {e}"))?;
             if r.status != 200 {
                 check(Ok(r))?;
@@ -504,11 +596,212 @@ fn run_inner(args: Args) -> Result<(), String> {
     }
 }
 
+/// `cluster register`: check, ask the hub, write the files (or print
+/// what could not be written).
+fn register(api: &Client, r: &RegisterArgs) -> Result<(), String> {
+    if !super::valid_cluster_name(&r.name) {
+        return Err(format!(
+            "{:?} is not a cluster name: a DNS label of lowercase letters, digits and '-', at most 63",
+            r.name
+        ));
+    }
+    for u in &r.user {
+        names::check(NameKind::User, u).map_err(|e| format!("--user: {e}"))?;
+    }
+    for g in &r.group {
+        names::check(NameKind::Group, g).map_err(|e| format!("--group: {e}"))?;
+    }
+    check_lifetime(r.expires_hours)?;
+    let files = InstallFiles::new(&r.name, &r.out_dir);
+    files.check(r.force)?;
+    let files = InstallFiles { overwrite: r.force, ..files };
+    let v = check(api.post_json(
+        "/api/v1/clusters",
+        &json!({
+            "name": r.name, "expires_in_hours": r.expires_hours, "users": r.user, "groups": r.group, "force": r.force,
+        }),
+    ))?;
+    // With --force, a cluster that was already PENDING keeps its id and
+    // gets a new activation (the hub says which happened).
+    let what = if v["renewed"] == true { "has a new activation" } else { "registered" };
+    files.write(&v, r.json, what)
+}
+
+/// `cluster renew`: a fresh activation for a PENDING cluster.
+fn renew(api: &Client, r: &RenewArgs) -> Result<(), String> {
+    check_lifetime(r.expires_hours)?;
+    let files = InstallFiles::new(&r.name, &r.out_dir);
+    // Renewing replaces this cluster's own files: the activation in them
+    // stops working.
+    files.check(true)?;
+    let files = InstallFiles { overwrite: true, ..files };
+    let v = check(api.post_json(
+        &format!("/api/v1/clusters/{}/activation", percent_encode(&r.name)),
+        &json!({ "expires_in_hours": r.expires_hours }),
+    ))?;
+    files.write(&v, r.json, "has a new activation")
+}
+
+fn check_lifetime(hours: u64) -> Result<(), String> {
+    const MAX_HOURS: u64 = 24 * 365;
+    if hours == 0 || hours > MAX_HOURS {
+        return Err(format!("--expires-hours must be between 1 and {MAX_HOURS}"));
+    }
+    Ok(())
+}
+
+/// Where `cluster register` and `cluster renew` put what they got.
+struct InstallFiles {
+    name: String,
+    dir: PathBuf,
+    manifest: PathBuf,
+    activation: PathBuf,
+    /// Whether [`InstallFiles::write`] may replace existing files; when
+    /// not, it creates them or fails, so a file made between the check
+    /// and the write is not clobbered either.
+    overwrite: bool,
+}
+
+impl InstallFiles {
+    fn new(name: &str, dir: &Path) -> InstallFiles {
+        InstallFiles {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            manifest: dir.join(format!("uplink-{name}.yaml")),
+            activation: dir.join(format!("uplink-{name}-activation.json")),
+            overwrite: false,
+        }
+    }
+
+    /// Before the hub is asked: the directory exists and takes files,
+    /// and nothing is overwritten unless `overwrite`.
+    fn check(&self, overwrite: bool) -> Result<(), String> {
+        let dir = self.dir.display();
+        match std::fs::metadata(&self.dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("--out-dir {dir} is not a directory; nothing was registered")),
+            Err(e) => {
+                return Err(format!("--out-dir {dir}: {e}; create it or pick another, nothing was registered"));
+            }
+        }
+        let probe = self.dir.join(format!(".uplink-{}-{}.probe", self.name, std::process::id()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+            }
+            Err(e) => {
+                return Err(format!("--out-dir {dir} does not take new files ({e}); nothing was registered"));
+            }
+        }
+        for f in [&self.manifest, &self.activation] {
+            if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_dir()) {
+                return Err(format!("{} is a directory; nothing was registered", f.display()));
+            }
+            // Any entry counts, a dangling link too: it would be written through.
+            if !overwrite && std::fs::symlink_metadata(f).is_ok() {
+                return Err(format!(
+                    "{} exists; move it away, pick another --out-dir, or pass --force to replace it \
+                     (nothing was registered)",
+                    f.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the manifest and the activation file from the hub's answer
+    /// `v`. Should that fail, both go to standard output so the one-time
+    /// code is not lost, and the command fails.
+    fn write(&self, v: &Value, json_out: bool, what: &str) -> Result<(), String> {
+        let manifest = v["manifest"].as_str().unwrap_or_default();
+        let activation = v["systemd_activation"].as_str().unwrap_or_default();
+        let failed: Vec<String> = [(&self.manifest, manifest), (&self.activation, activation)]
+            .into_iter()
+            .filter_map(|(path, text)| write_secret(path, text, self.overwrite).err())
+            .collect();
+        if !failed.is_empty() {
+            println!("# ---- {} (install as /etc/uplink/activation.json) ----", file_name(&self.activation));
+            print!("{activation}");
+            println!("# ---- {} (kubectl apply -f) ----", file_name(&self.manifest));
+            print!("{manifest}");
+            return Err(format!(
+                "cluster {} {what}, but its files could not be written: {}.\n\
+                 The activation and the manifest are printed on standard output: save them now, the \
+                 activation code is not shown again (or issue a fresh one later with \
+                 `uplink-hub cluster renew {} --out-dir DIR`).",
+                self.name,
+                failed.join("; "),
+                self.name
+            ));
+        }
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            return Ok(());
+        }
+        println!("cluster {} {what}: {}", self.name, s(&v["cluster"]["status"]));
+        println!("activation {} expires {}", s(&v["activation"]["activation_id"]), s(&v["activation"]["expires_at"]));
+        println!("(the activation code is inside the files below and is not shown again)");
+        println!();
+        println!("in the cluster (pod):     kubectl apply -f {}", self.manifest.display());
+        println!(
+            "beside it (systemd):      install -D -m 0600 {} /etc/uplink/activation.json && systemctl enable --now uplink",
+            self.activation.display()
+        );
+        Ok(())
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// `audit`: the audit log as a table; names go out percent-encoded.
+fn audit(api: &Client, a: &AuditArgs) -> Result<(), String> {
+    let mut query = vec![format!("limit={}", a.limit)];
+    for (key, value) in [("user", &a.user), ("cluster", &a.cluster), ("since", &a.since)] {
+        if let Some(v) = value {
+            query.push(format!("{key}={}", percent_encode(v)));
+        }
+    }
+    let v = check(api.get(&format!("/api/v1/audit?{}", query.join("&"))))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                s(&e["time"]),
+                s(&e["user"]),
+                s(&e["cluster"]),
+                s(&e["status"]),
+                format!("{} ms", s(&e["duration_ms"])),
+                format!("{} {}", s(&e["method"]), s(&e["path"])),
+            ]
+        })
+        .collect();
+    let align = [Align::Left, Align::Left, Align::Left, Align::Right, Align::Right];
+    print!("{}", table::render(&["TIME", "USER", "CLUSTER", "STATUS", "DURATION", "REQUEST"], &rows, &align));
+    Ok(())
+}
+
 /// Files with secrets in them are written 0600.
 fn write_private(path: &std::path::Path, contents: &str) -> Result<(), String> {
+    write_secret(path, contents, true)
+}
+
+/// [`write_private`]; unless `overwrite`, only as a new file.
+fn write_secret(path: &std::path::Path, contents: &str, overwrite: bool) -> Result<(), String> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    if overwrite {
+        opts.write(true).create(true).truncate(true);
+    } else {
+        opts.write(true).create_new(true);
+    }
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     opts.open(path).and_then(|mut f| f.write_all(contents.as_bytes())).map_err(|e| format!("{}: {e}", path.display()))

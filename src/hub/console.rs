@@ -175,7 +175,10 @@ mod tests {
         assert_eq!(INDEX.matches("<script").count(), 1);
         for a in ASSETS.iter().filter(|a| a.name.ends_with(".js") || a.name.ends_with(".css")) {
             let text = String::from_utf8_lossy(a.body);
-            assert!(!text.contains("innerHTML"), "{}: build DOM nodes, never HTML strings", a.name);
+            // Names (IAM ARNs, `<`, `&`, quotes) and cluster data stay text.
+            for sink in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "createContextualFragment"] {
+                assert!(!text.contains(sink), "{}: build DOM nodes, never HTML strings ({sink})", a.name);
+            }
             assert!(!text.contains("http://") && !text.contains("https://"), "{}: no foreign URLs", a.name);
         }
     }

@@ -23,9 +23,9 @@ use super::http::{self, BodyState, Request, Response, head_bytes};
 use super::server::{In, Out, Reply};
 use super::store::{AuditEntry, Lifecycle, User};
 use super::{Hub, api, may_reach, valid_cluster_name};
-use crate::driver::Stream;
+use crate::driver::{Stream, StreamClosed};
 use crate::http::{LAST_CHUNK, connection_options, is_hop_by_hop, push_chunk};
-use crate::proto::{Header, Identity, RequestHead};
+use crate::proto::{Header, Identity, RequestHead, ResetCode, StreamError};
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use std::cell::RefCell;
@@ -331,16 +331,6 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
             ),
         );
     }
-    let Some(session) = hub.tunnels.pick(&cluster.id) else {
-        return refuse(
-            &mut audit,
-            503,
-            format!(
-                "cluster \"{cluster_name}\" is not connected to uplink-hub (DISCONNECTED): its agent is not running or cannot reach the hub"
-            ),
-        );
-    };
-
     let upgrade = req.upgrade().map(str::to_string);
     let head = RequestHead {
         method: req.method.clone(),
@@ -348,9 +338,18 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
         headers: forward_headers(req, upgrade.as_deref()),
         identity: Identity { user: user.name.clone(), groups, uid: None, extra: Vec::new() },
     };
-    let mut stream = match session.open(head) {
+    let mut stream = match open_stream(hub, &cluster.id, head).await {
         Ok(s) => s,
-        Err(e) => {
+        Err(None) => {
+            return refuse(
+                &mut audit,
+                503,
+                format!(
+                    "cluster \"{cluster_name}\" is not connected to uplink-hub (DISCONNECTED): its agent is not running or cannot reach the hub"
+                ),
+            );
+        }
+        Err(Some(e)) => {
             return refuse(&mut audit, 503, format!("cluster \"{cluster_name}\" could not take the request: {e}"));
         }
     };
@@ -363,8 +362,8 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
             match inb.read_body(body).await {
                 Ok(Some(chunk)) => {
                     audit.bytes_in += chunk.len() as u64;
-                    if stream.write_all(&chunk).await.is_err() {
-                        return Err(502);
+                    if let Err(e) = stream.write_all(&chunk).await {
+                        return Err(Some(e));
                     }
                 }
                 Ok(None) => {
@@ -375,31 +374,28 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
                     }
                     break;
                 }
-                Err(_) => return Err(0),
+                Err(_) => return Err(None),
             }
         }
         match stream.response_head().await {
             Ok(h) => Ok(h),
             Err(e) => {
                 log::warn!("no response head cluster={cluster_name} error={e}");
-                Err(502)
+                Err(Some(e))
             }
         }
     };
     let resp_head = match upload.await {
         Ok(h) => h,
-        Err(0) => {
+        Err(None) => {
             audit.status = 499;
             audit.finish();
             return Reply::Done(false);
         }
-        Err(code) => {
+        Err(Some(e)) => {
             drop(stream);
-            return refuse(
-                &mut audit,
-                code,
-                format!("cluster \"{cluster_name}\" stopped answering (tunnel or API server failed)"),
-            );
+            let (code, message) = tunnel_failure(&cluster_name, &e);
+            return refuse(&mut audit, code, message);
         }
     };
     audit.status = resp_head.status;
@@ -537,7 +533,18 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
             }
         }
     };
-    let (sent, complete) = download.or(client_gone).await;
+    // A watch or followed log ends at once when the hub shuts down: the
+    // client opens it again on the next process, and the drain (during
+    // which a socket-activated successor cannot start) is not held up.
+    let streaming = crate::http::is_kube_stream(&forward);
+    let shutdown = async {
+        if !streaming {
+            std::future::pending::<()>().await;
+        }
+        hub.draining_started().await;
+        (0, false)
+    };
+    let (sent, complete) = download.or(client_gone).or(shutdown).await;
     audit.bytes_out = sent;
     audit.finish();
     Reply::Done(keep && complete)
@@ -563,6 +570,55 @@ async fn small_body(stream: &mut Stream) -> Option<Vec<u8>> {
 fn status_message(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     (v["kind"] == "Status").then(|| v["message"].as_str().map(str::to_string)).flatten().filter(|m| !m.is_empty())
+}
+
+/// How long a request waits for a cluster's agent that is expected back
+/// (see [`super::tunnels::Tunnels::expecting`]) before it is refused: a
+/// redial after a cut or a hub restart is quicker than this.
+const TUNNEL_GRACE: Duration = Duration::from_secs(3);
+
+/// A stream to the cluster on its least busy tunnel. A request that lands
+/// while the agent is redialling waits for it, up to [`TUNNEL_GRACE`],
+/// rather than being refused. `Err(None)`: no tunnel; `Err(Some)`: the
+/// tunnel could not take the stream.
+async fn open_stream(hub: &Hub, cluster_id: &str, head: RequestHead) -> Result<Stream, Option<StreamError>> {
+    let until = Instant::now() + TUNNEL_GRACE;
+    loop {
+        let error = match hub.tunnels.pick(cluster_id) {
+            Some(session) => match session.open(head.clone()) {
+                Ok(stream) => return Ok(stream),
+                // Going away or closing: a new tunnel is on its way.
+                Err(e @ (StreamError::GoingAway | StreamError::Closed | StreamError::NotConnected)) => Some(e),
+                Err(e) => return Err(Some(e)),
+            },
+            None => None,
+        };
+        if hub.draining.get() || Instant::now() >= until || !hub.tunnels.expecting(cluster_id) {
+            return Err(error);
+        }
+        smol::Timer::after(Duration::from_millis(20)).await;
+    }
+}
+
+/// The status and message for a request whose tunnel stream failed before
+/// the answer's head: which hop failed, and what to do.
+fn tunnel_failure(cluster: &str, e: &StreamClosed) -> (u16, String) {
+    match e {
+        StreamClosed::Session(why) => (
+            503,
+            format!(
+                "uplink-hub ↔ agent of cluster \"{cluster}\": the tunnel was lost before the answer came ({why}); \
+                 the agent reconnects by itself, retry in a moment"
+            ),
+        ),
+        StreamClosed::Reset { code: ResetCode::Refused, message } => {
+            (503, format!("the agent of cluster \"{cluster}\" refused the request ({message}); retry in a moment"))
+        }
+        StreamClosed::Reset { code: ResetCode::Upstream, message } => {
+            (502, format!("uplink agent → API server of cluster \"{cluster}\": {message}"))
+        }
+        other => (502, format!("cluster \"{cluster}\" stopped answering: {other}")),
+    }
 }
 
 /// Most response bytes gathered before a write.

@@ -5,9 +5,19 @@
 //! loop on a `LocalExecutor`; each connection is admitted by the
 //! connection caps (`limits::Gate`, a 503 otherwise), then is a task that
 //! reads requests in turn (keep-alive) under the deadlines of `limits`
-//! and routes them. SIGTERM/SIGINT: agents
-//! get `GoAway(ShuttingDown)` so they reconnect at once (to another hub),
-//! and in-flight requests get a short drain.
+//! and routes them.
+//!
+//! SIGTERM/SIGINT: the listener closes at once, agents get
+//! `GoAway(ShuttingDown)` so they reconnect at once to whoever holds the
+//! port next, and in-flight requests get a short drain. So that someone
+//! does hold it, the port can be shared:
+//!
+//! ```text
+//!  systemd socket activation (LISTEN_FDS=1, fd 3): the socket outlives the
+//!      process; connections made during a restart wait in its queue.
+//!  --reuse-port (SO_REUSEPORT): start the new process, then SIGTERM the
+//!      old one; the kernel sends new connections to whichever listens.
+//! ```
 
 use super::http::{BodyState, HttpError, Inbound, Request, Response};
 use super::limits::{self, Gate, Limits, Ticket};
@@ -46,6 +56,13 @@ pub struct ServeConfig {
     pub key: Option<PathBuf>,
     /// Deadlines and connection caps (`limits`).
     pub limits: Limits,
+    /// Tunnel ping interval, told to agents in `Welcome`.
+    pub keepalive: Duration,
+    /// Tunnel dead-peer deadline, told to agents in `Deadline`.
+    pub dead_after: Duration,
+    /// Listen with `SO_REUSEPORT` so a successor can bind while this
+    /// process drains.
+    pub reuse_port: bool,
 }
 
 /// What a handler hands back to the connection loop.
@@ -71,8 +88,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         super::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?,
     ));
 
-    let listener =
-        std::net::TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let (listener, socket_activated) = listen(&cfg)?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let public_url = match &cfg.public_url {
         Some(u) => u.trim_end_matches('/').to_string(),
@@ -152,8 +168,14 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         public_url,
         ca_pem: material.ca_pem,
         draining: Default::default(),
+        drain_started: Default::default(),
         agent_image: format!("ghcr.io/uplink/uplink:{}", env!("CARGO_PKG_VERSION")),
         gate: Gate::new(limits),
+        tunnel_config: crate::proto::Config {
+            keepalive: cfg.keepalive,
+            dead_after: cfg.dead_after,
+            ..Default::default()
+        },
     });
 
     let ex = LocalExecutor::new();
@@ -169,7 +191,22 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
             info!("shutting down signal={sig:?} agents={}", hub.tunnels.agent_count());
         };
         accept.or(signal).await;
+        // Stop listening now, not after the drain: new connections go to
+        // the next process (SO_REUSEPORT) or wait in systemd's socket.
+        // Those already queued on a socket of our own would be reset with
+        // it, so they are taken and served first: one poll of the accept
+        // loop takes every connection that is ready (it does not yield
+        // while accepts succeed).
+        if !socket_activated {
+            accept_loop(&ex, &hub, &listener, &acceptor).or(async {}).await;
+        }
+        drop(listener);
+        info!("stopped listening; draining");
+        // Requests on connections accepted a moment ago get their streams
+        // before the agents hear GoAway (after which no stream opens).
+        Timer::after(Duration::from_millis(200)).await;
         hub.draining.set(true);
+        hub.drain_started.notify(usize::MAX);
         hub.tunnels.go_away_all(GoAwayCode::ShuttingDown, "hub shutting down; reconnect");
         let drained = async {
             while hub.tunnels.agent_count() > 0 {
@@ -184,6 +221,33 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         info!("stopped");
         Ok::<(), String>(())
     }))
+}
+
+/// The listening socket: the one systemd passed (socket activation), else
+/// a new one on `cfg.listen`, shared with `SO_REUSEPORT` when asked.
+fn listen(cfg: &ServeConfig) -> Result<(std::net::TcpListener, bool), String> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() > 0 {
+        let listener = fds
+            .take_tcp_listener(0)
+            .map_err(|e| format!("the socket systemd passed (fd 3): {e}"))?
+            .ok_or("systemd passed no TCP socket at fd 3: the .socket unit needs ListenStream=")?;
+        info!("listening on the socket systemd passed addr={:?}", listener.local_addr().ok());
+        return Ok((listener, true));
+    }
+    let cannot = |e: std::io::Error| format!("cannot listen on {}: {e}", cfg.listen);
+    if !cfg.reuse_port {
+        return std::net::TcpListener::bind(cfg.listen).map(|l| (l, false)).map_err(cannot);
+    }
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let family = if cfg.listen.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+        .map_err(|e| cannot(e.into()))?;
+    sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| cannot(e.into()))?;
+    sockopt::set_socket_reuseport(&fd, true).map_err(|e| cannot(e.into()))?;
+    rustix::net::bind(&fd, &cfg.listen).map_err(|e| cannot(e.into()))?;
+    rustix::net::listen(&fd, 1024).map_err(|e| cannot(e.into()))?;
+    Ok((std::net::TcpListener::from(fd), false))
 }
 
 fn url_host(url: &str) -> Option<String> {

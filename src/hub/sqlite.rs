@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS clusters(
 CREATE UNIQUE INDEX IF NOT EXISTS clusters_live_name ON clusters(name) WHERE deregistered_at IS NULL;
 CREATE TABLE IF NOT EXISTS activations(
   id TEXT PRIMARY KEY, cluster_id TEXT NOT NULL REFERENCES clusters(id), code_hash TEXT NOT NULL,
-  expires_at INTEGER NOT NULL, used_at INTEGER);
+  expires_at INTEGER NOT NULL, used_at INTEGER, replaced_at INTEGER);
 CREATE TABLE IF NOT EXISTS cluster_events(
   id INTEGER PRIMARY KEY AUTOINCREMENT, cluster_id TEXT NOT NULL, time INTEGER NOT NULL,
   kind TEXT NOT NULL, message TEXT NOT NULL);
@@ -177,6 +177,22 @@ fn write_audit(db: &mut Connection, entries: &[AuditEntry]) -> rusqlite::Result<
     tx.commit()
 }
 
+/// Brings a database made by an older hub up to [`SCHEMA`]: each step is
+/// idempotent and keyed on what the database lacks, not on a version
+/// number, so a half-done upgrade finishes on the next start.
+fn migrate(db: &Connection) -> rusqlite::Result<()> {
+    // `activations.replaced_at` (renewed activations), added after v1.
+    let has_replaced: bool = db.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('activations') WHERE name = 'replaced_at'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_replaced {
+        db.execute_batch("ALTER TABLE activations ADD COLUMN replaced_at INTEGER")?;
+    }
+    Ok(())
+}
+
 fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -260,6 +276,7 @@ impl SqliteStore {
         db.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
         db.pragma_update(None, "foreign_keys", "ON").map_err(backend)?;
         db.execute_batch(SCHEMA).map_err(backend)?;
+        migrate(&db).map_err(backend)?;
         let writer = Connection::open(path).map_err(backend)?;
         writer.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
         writer.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
@@ -471,10 +488,19 @@ impl Store for SqliteStore {
     fn activations(&self, cluster_id: &str) -> Result<Vec<Activation>> {
         let mut st = self
             .db
-            .prepare_cached("SELECT id, cluster_id, expires_at, used_at FROM activations WHERE cluster_id = ?1")
+            .prepare_cached(
+                "SELECT id, cluster_id, expires_at, used_at, replaced_at FROM activations WHERE cluster_id = ?1
+                 ORDER BY rowid",
+            )
             .map_err(backend)?;
         st.query_map([cluster_id], |r| {
-            Ok(Activation { id: r.get(0)?, cluster_id: r.get(1)?, expires_at: r.get(2)?, used_at: r.get(3)? })
+            Ok(Activation {
+                id: r.get(0)?,
+                cluster_id: r.get(1)?,
+                expires_at: r.get(2)?,
+                used_at: r.get(3)?,
+                replaced_at: r.get(4)?,
+            })
         })
         .map_err(backend)?
         .collect::<rusqlite::Result<_>>()
@@ -490,15 +516,17 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> std::result::Result<Cluster, ActivateError> {
         let tx = self.db.unchecked_transaction().map_err(backend)?;
-        let row: Option<(String, String, Millis, Option<Millis>)> = tx
+        // (cluster_id, code_hash, expires_at, used_at, replaced_at)
+        type Found = (String, String, Millis, Option<Millis>, Option<Millis>);
+        let row: Option<Found> = tx
             .query_row(
-                "SELECT cluster_id, code_hash, expires_at, used_at FROM activations WHERE id = ?1",
+                "SELECT cluster_id, code_hash, expires_at, used_at, replaced_at FROM activations WHERE id = ?1",
                 [activation_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(backend)?;
-        let Some((cluster_id, stored_hash, expires_at, used_at)) = row else {
+        let Some((cluster_id, stored_hash, expires_at, used_at, replaced_at)) = row else {
             return Err(ActivateError::Unknown);
         };
         if !ct_eq(stored_hash.as_bytes(), code_hash.as_bytes()) {
@@ -512,6 +540,9 @@ impl Store for SqliteStore {
         }
         if used_at.is_some() {
             return Err(ActivateError::Used);
+        }
+        if replaced_at.is_some() {
+            return Err(ActivateError::Replaced);
         }
         if now >= expires_at {
             return Err(ActivateError::Expired);
@@ -546,6 +577,68 @@ impl Store for SqliteStore {
         .map_err(backend)?;
         tx.commit().map_err(backend)?;
         self.cluster_where("id = ?1", [&cluster_id])?.ok_or(ActivateError::Unknown)
+    }
+
+    fn renew_activation(
+        &self,
+        name: &str,
+        subjects: Option<(&[String], &[String])>,
+        a: &NewActivation<'_>,
+        now: Millis,
+    ) -> Result<Cluster> {
+        let tx = self.db.unchecked_transaction().map_err(backend)?;
+        let row: Option<(String, Option<Millis>)> = tx
+            .query_row(
+                "SELECT id, activated_at FROM clusters WHERE name = ?1 AND deregistered_at IS NULL",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(backend)?;
+        let Some((id, activated_at)) = row else {
+            return Err(StoreError::NotFound(format!(
+                "no registered cluster {name}; register it with `uplink-hub cluster register {name}`"
+            )));
+        };
+        if activated_at.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "cluster {name} is already activated: an agent holds its credential, so a new activation would \
+                 not replace it. Deregister it first with `uplink-hub cluster deregister {name}`, then register it again"
+            )));
+        }
+        let replaced = tx
+            .execute(
+                "UPDATE activations SET replaced_at = ?2 WHERE cluster_id = ?1 AND used_at IS NULL AND replaced_at IS NULL",
+                params![id, now],
+            )
+            .map_err(backend)?;
+        tx.execute(
+            "INSERT INTO activations(id, cluster_id, code_hash, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![a.id, id, a.code_hash, a.expires_at],
+        )
+        .map_err(backend)?;
+        if let Some((users, groups)) = subjects {
+            tx.execute(
+                "UPDATE clusters SET users = ?2, groups = ?3 WHERE id = ?1",
+                params![id, to_json(users), to_json(groups)],
+            )
+            .map_err(backend)?;
+        }
+        tx.execute(
+            "INSERT INTO cluster_events(cluster_id, time, kind, message) VALUES (?1, ?2, 'renewed', ?3)",
+            params![
+                id,
+                now,
+                format!(
+                    "new activation {} valid until {}; {replaced} earlier unused activation(s) replaced",
+                    a.id,
+                    super::clock::rfc3339(a.expires_at)
+                )
+            ],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        self.cluster_where("id = ?1", [&id])?.ok_or_else(|| StoreError::Backend("cluster vanished".into()))
     }
 
     fn credential(&self, credential_hash: &str) -> Result<CredentialStatus> {
@@ -695,6 +788,71 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.cluster("edge-1").unwrap().unwrap().id, "c_2");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn renewal_replaces_unused_activations_of_pending_clusters_only() {
+        let (s, dir) = store();
+        let f = AgentFacts::default();
+        s.register_cluster(
+            &NewCluster { id: "c_1", name: "edge-1", users: &["alice".into()], groups: &[], now: 1000 },
+            &NewActivation { id: "act_1", code_hash: &sha256_hex("one"), expires_at: 5000 },
+        )
+        .unwrap();
+        assert!(matches!(
+            s.renew_activation("edge-9", None, &NewActivation { id: "x", code_hash: "x", expires_at: 1 }, 1),
+            Err(StoreError::NotFound(_))
+        ));
+        let users = vec!["arn:aws:iam::1234567890:user/Alice".to_string()];
+        let c = s
+            .renew_activation(
+                "edge-1",
+                Some((&users, &["ops".into()])),
+                &NewActivation { id: "act_2", code_hash: &sha256_hex("two"), expires_at: 9000 },
+                2000,
+            )
+            .unwrap();
+        assert_eq!((c.lifecycle, c.users, c.groups), (Lifecycle::Pending, users, vec!["ops".to_string()]));
+        assert_eq!(s.activate("act_1", &sha256_hex("one"), "h", &f, 2500), Err(ActivateError::Replaced));
+        let acts = s.activations("c_1").unwrap();
+        assert_eq!((acts[0].replaced_at, acts[1].replaced_at), (Some(2000), None));
+        // Renewal also revives an expired registration.
+        s.renew_activation(
+            "edge-1",
+            None,
+            &NewActivation { id: "act_3", code_hash: &sha256_hex("three"), expires_at: 20_000 },
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(s.activate("act_2", &sha256_hex("two"), "h", &f, 10_500), Err(ActivateError::Replaced));
+        assert_eq!(s.activate("act_3", &sha256_hex("three"), "h", &f, 10_500).unwrap().lifecycle, Lifecycle::Activated);
+        let again =
+            s.renew_activation("edge-1", None, &NewActivation { id: "act_4", code_hash: "x", expires_at: 1 }, 11_000);
+        assert!(matches!(&again, Err(StoreError::Conflict(m)) if m.contains("cluster deregister edge-1")), "{again:?}");
+        assert_eq!(s.events("c_1", 10).unwrap().iter().filter(|e| e.kind == "renewed").count(), 2);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A database from before `replaced_at` gains the column on open.
+    #[test]
+    fn old_databases_are_migrated() {
+        let (s, dir) = store();
+        drop(s);
+        let path = dir.join("old.db");
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch(&SCHEMA.replace(", replaced_at INTEGER", "")).unwrap();
+        drop(db);
+        let s = SqliteStore::open(&path).unwrap();
+        s.register_cluster(
+            &NewCluster { id: "c_1", name: "edge-1", users: &[], groups: &[], now: 1 },
+            &NewActivation { id: "act_1", code_hash: "h", expires_at: 5 },
+        )
+        .unwrap();
+        s.renew_activation("edge-1", None, &NewActivation { id: "act_2", code_hash: "h2", expires_at: 5 }, 2).unwrap();
+        assert_eq!(s.activations("c_1").unwrap()[0].replaced_at, Some(2));
+        drop(s);
+        assert!(SqliteStore::open(&path).is_ok(), "migrating twice is harmless");
         std::fs::remove_dir_all(dir).ok();
     }
 

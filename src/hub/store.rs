@@ -127,6 +127,9 @@ pub struct Activation {
     pub cluster_id: String,
     pub expires_at: Millis,
     pub used_at: Option<Millis>,
+    /// When a newer activation of the cluster replaced this unused one
+    /// ([`Store::renew_activation`]); its code no longer works.
+    pub replaced_at: Option<Millis>,
 }
 
 /// Why an activation was refused. Each maps to its own HTTP answer.
@@ -136,6 +139,9 @@ pub enum ActivateError {
     Unknown,
     Expired,
     Used,
+    /// A newer activation of the same cluster replaced this one before it
+    /// was used ([`Store::renew_activation`]).
+    Replaced,
     /// The cluster was deregistered before the agent activated.
     Deregistered,
     Store(StoreError),
@@ -160,7 +166,8 @@ pub enum CredentialStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterEvent {
     pub time: Millis,
-    /// `registered`, `activated`, `connected`, `disconnected`, `deregistered`.
+    /// `registered`, `renewed`, `activated`, `connected`, `disconnected`,
+    /// `deregistered`.
     pub kind: String,
     pub message: String,
 }
@@ -220,6 +227,20 @@ pub trait Store {
     /// The live cluster of that name, else the latest deregistered one.
     fn cluster(&self, name: &str) -> Result<Option<Cluster>>;
     fn activations(&self, cluster_id: &str) -> Result<Vec<Activation>>;
+    /// Gives the live `Pending` cluster of that name a fresh activation:
+    /// every unused activation it had is marked replaced (its code stops
+    /// working) and `activation` becomes the one to install. With
+    /// `subjects` (users, groups) the cluster's impersonation lists are
+    /// replaced as well. `NotFound` if no live cluster has the name;
+    /// `Conflict` if an agent already activated it (it holds a
+    /// credential: deregister first).
+    fn renew_activation(
+        &self,
+        name: &str,
+        subjects: Option<(&[String], &[String])>,
+        activation: &NewActivation<'_>,
+        now: Millis,
+    ) -> Result<Cluster>;
     /// Consumes an activation code (once) and stores the agent credential.
     fn activate(
         &self,

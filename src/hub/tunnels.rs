@@ -3,6 +3,10 @@
 //! Several agents of one cluster (replicas) may be connected at once; a
 //! new stream goes to the open session with the fewest streams. Sessions
 //! that received or sent `GoAway` take no new streams.
+//!
+//! It also remembers when each cluster's last tunnel ended, so a request
+//! that arrives while the agent is redialling (a cut a moment ago, or this
+//! hub just started) can wait for it instead of being refused.
 
 use super::clock::Millis;
 use super::store::AgentFacts;
@@ -11,6 +15,11 @@ use crate::proto::GoAwayCode;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// For this long after a cluster's last tunnel ended, or after the hub
+/// started, its agent is expected back (it redials at once).
+pub const EXPECT_BACK: Duration = Duration::from_secs(30);
 
 /// One connected agent.
 pub struct AgentConn {
@@ -21,10 +30,23 @@ pub struct AgentConn {
     pub peer: String,
 }
 
-#[derive(Default)]
 pub struct Tunnels {
     by_cluster: RefCell<HashMap<String, Vec<Rc<AgentConn>>>>,
     next_session: Cell<u64>,
+    /// When each cluster's last tunnel ended.
+    gone_at: RefCell<HashMap<String, Instant>>,
+    started: Instant,
+}
+
+impl Default for Tunnels {
+    fn default() -> Self {
+        Tunnels {
+            by_cluster: Default::default(),
+            next_session: Default::default(),
+            gone_at: Default::default(),
+            started: Instant::now(),
+        }
+    }
 }
 
 impl Tunnels {
@@ -50,8 +72,16 @@ impl Tunnels {
         let empty = list.is_empty();
         if empty {
             map.remove(cluster_id);
+            self.gone_at.borrow_mut().insert(cluster_id.to_string(), Instant::now());
         }
         empty
+    }
+
+    /// Whether the cluster's agent is probably redialling: its last tunnel
+    /// ended, or this hub started, less than [`EXPECT_BACK`] ago.
+    pub fn expecting(&self, cluster_id: &str) -> bool {
+        let recent = |t: Instant| t.elapsed() < EXPECT_BACK;
+        recent(self.started) || self.gone_at.borrow().get(cluster_id).is_some_and(|t| recent(*t))
     }
 
     /// The session for a new stream: open, not going away, fewest streams.

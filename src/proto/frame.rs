@@ -35,6 +35,11 @@ pub const DEFAULT_INITIAL_WINDOW: u32 = 256 * 1024;
 /// the credit past this is a protocol violation (it would overflow).
 pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 
+/// [`Hello::capabilities`] bit: the agent understands [`Frame::Deadline`],
+/// so the hub follows its `Welcome` with one naming its dead-peer
+/// deadline. Without it the agent takes three keepalive intervals.
+pub const CAP_DEADLINE: u64 = 1;
+
 /// Identifies one stream within a session.
 ///
 /// Hub-opened streams have odd ids, agent-opened streams even ids, so the
@@ -111,7 +116,8 @@ pub struct Hello {
     pub arch: String,
     pub kube_version: String,
     pub node_count: u32,
-    /// Bit set of optional features; none defined in v1.
+    /// Bit set of optional features added within v1 (`CAP_*`); a side
+    /// uses one only when the other announced it.
     pub capabilities: u64,
     /// The agent's per-stream receive window (the hub's send credit).
     pub initial_window: u32,
@@ -215,6 +221,12 @@ pub enum Frame {
         last_id: StreamId,
         code: GoAwayCode,
         message: String,
+    },
+    /// Hub → agent, right after `Welcome`, only to an agent that announced
+    /// [`CAP_DEADLINE`]: silence from the hub longer than this means the
+    /// tunnel is dead. Appended within v1, so older agents never see it.
+    Deadline {
+        dead_after_ms: u32,
     },
 }
 

@@ -16,6 +16,7 @@
 //!  agent                                   hub
 //!    │ ── Hello{version, windows, limits} ──► │
 //!    │ ◄── Welcome{keepalive, windows, ...} ─ │   both: Connected
+//!    │ ◄── Deadline{dead_after} ───────────── │   if Hello announced CAP_DEADLINE
 //!    │ ◄─────── streams, Ping/Pong ─────────► │
 //!    │ ◄──────── GoAway{last_id, code} ────── │   no new streams; in-flight finish
 //! ```
@@ -71,7 +72,9 @@ pub struct Config {
     pub max_frame: u32,
     /// Ping interval. The hub's value wins: it is sent in `Welcome`.
     pub keepalive: Duration,
-    /// Silence longer than this means the peer is gone.
+    /// Silence longer than this means the peer is gone. The hub's value
+    /// wins too: it follows `Welcome` in a `Deadline` frame, or is taken
+    /// as three keepalive intervals from a hub that sends none.
     pub dead_after: Duration,
     /// `send_data` accepts nothing while this many bytes wait to be sent.
     pub max_tx_buffer: usize,
@@ -83,12 +86,20 @@ impl Default for Config {
             initial_window: DEFAULT_INITIAL_WINDOW,
             max_streams: DEFAULT_MAX_STREAMS,
             max_frame: MAX_FRAME_LEN,
-            keepalive: Duration::from_secs(15),
-            dead_after: Duration::from_secs(45),
+            // Edge links: a dead tunnel is noticed within seconds, at a
+            // cost of one tiny frame each way every interval.
+            keepalive: DEFAULT_KEEPALIVE,
+            dead_after: DEFAULT_DEAD_AFTER,
             max_tx_buffer: 256 * 1024,
         }
     }
 }
+
+/// Default ping interval (the hub's `--keepalive`).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
+/// Default dead-peer deadline (the hub's `--dead-after`): three missed
+/// pings.
+pub const DEFAULT_DEAD_AFTER: Duration = Duration::from_secs(15);
 
 /// What the agent tells the hub about itself in `Hello`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -277,7 +288,7 @@ impl Mux {
             arch: info.arch,
             kube_version: info.kube_version,
             node_count: info.node_count,
-            capabilities: 0,
+            capabilities: CAP_DEADLINE,
             initial_window: mux.config.initial_window,
             max_streams: mux.config.max_streams,
             max_frame: mux.config.max_frame,
@@ -362,6 +373,11 @@ impl Mux {
     /// The keepalive interval in force (the hub's, once connected).
     pub fn keepalive(&self) -> Duration {
         self.keepalive
+    }
+
+    /// The dead-peer deadline in force (the hub's, once connected).
+    pub fn dead_after(&self) -> Duration {
+        self.config.dead_after
     }
 
     /// Bytes waiting to be sent.
@@ -751,6 +767,14 @@ impl Mux {
                 }
             }
             Frame::GoAway { last_id, code, message } => self.handle_goaway(last_id, code, message),
+            Frame::Deadline { dead_after_ms } => {
+                if self.side == Side::Hub {
+                    return self.violation("Deadline frame from the agent".into());
+                }
+                // Never below two intervals: a deadline shorter than the
+                // ping interval would end every quiet session.
+                self.config.dead_after = Duration::from_millis(dead_after_ms as u64).max(self.keepalive * 2);
+            }
         }
     }
 
@@ -774,6 +798,10 @@ impl Mux {
                     max_frame: self.config.max_frame.min(MAX_FRAME_LEN),
                 };
                 self.queue(&Frame::Welcome(welcome.clone()));
+                if hello.capabilities & CAP_DEADLINE != 0 {
+                    let dead_after_ms = self.config.dead_after.as_millis().min(u32::MAX as u128) as u32;
+                    self.queue(&Frame::Deadline { dead_after_ms });
+                }
                 self.open_session(now);
                 self.events.push_back(Event::Connected { hello: Some(hello), welcome });
             }
@@ -783,9 +811,9 @@ impl Mux {
                 }
                 if welcome.keepalive_ms > 0 {
                     self.keepalive = Duration::from_millis(welcome.keepalive_ms as u64);
-                    // Dead after three missed keepalives, never sooner than
-                    // the local setting.
-                    self.config.dead_after = self.config.dead_after.max(self.keepalive * 3);
+                    // Three missed pings, unless a `Deadline` frame follows
+                    // with the hub's own setting.
+                    self.config.dead_after = self.keepalive * 3;
                 }
                 self.session_id = welcome.session_id;
                 self.open_session(now);
@@ -902,5 +930,6 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Ping { .. } => "Ping",
         Frame::Pong { .. } => "Pong",
         Frame::GoAway { .. } => "GoAway",
+        Frame::Deadline { .. } => "Deadline",
     }
 }

@@ -75,6 +75,7 @@ fn golden() -> Vec<(Frame, &'static str)> {
             Frame::GoAway { last_id: StreamId(9), code: GoAwayCode::Deregistered, message: "bye".into() },
             "00000007 0a09 00 03627965",
         ),
+        (Frame::Deadline { dead_after_ms: 15000 }, "00000003 0b9875"),
     ]
 }
 
@@ -259,6 +260,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             ][c as usize],
             message
         }),
+        any::<u32>().prop_map(|dead_after_ms| Frame::Deadline { dead_after_ms }),
     ]
 }
 

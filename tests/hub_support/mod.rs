@@ -60,11 +60,15 @@ impl HubProc {
     }
 
     pub fn start_with(dir: &Path, args: &[&str]) -> HubProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_uplink-hub"))
-            .arg("serve")
-            .args(args)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
+        let mut hub = Command::new(env!("CARGO_BIN_EXE_uplink-hub"));
+        hub.arg("serve").args(args).arg("--data-dir").arg(dir.join("data"));
+        HubProc::start_command(dir, hub)
+    }
+
+    /// Runs `hub`, a prepared `uplink-hub serve ... --data-dir DIR/data`
+    /// (perhaps behind a launcher), and waits until it listens.
+    pub fn start_command(dir: &Path, mut hub: Command) -> HubProc {
+        let mut child = hub
             .stdout(Stdio::piped())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("hub.log")).unwrap())
             .spawn()

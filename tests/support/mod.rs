@@ -5,3 +5,4 @@
 pub mod https;
 pub mod kube;
 pub mod kubectl;
+pub mod relay;

@@ -10,11 +10,16 @@
 //! `Impersonate-*` is dropped: the agent's credential and the identity
 //! from the hub replace them, and a request without a user is refused
 //! (an empty `Impersonate-User` makes the API server skip impersonation
-//! and act as the agent). `Host` is the API server's. Everything else —
+//! and act as the agent). User and group names go out byte for byte as
+//! the hub sent them — IAM ARNs, emails, spaces, UTF-8 — and the agent
+//! checks them itself against [`crate::names`] (no control characters,
+//! no space at either end) rather than trust the hub to have done it.
+//! `Host` is the API server's. Everything else —
 //! `Accept` (with `as=Table` or protobuf), `Content-Type`,
 //! `Content-Length`, `Accept-Encoding`, `User-Agent` — goes on unchanged.
 
 use crate::http::{connection_options, has_token, is_hop_by_hop};
+use crate::names::{self, NameError};
 use crate::proto::{Header, Identity};
 use std::fmt;
 
@@ -35,8 +40,11 @@ pub enum Refusal {
     /// The agent's allow-list does not name this group.
     GroupNotAllowed(String),
     /// A header or identity value that cannot travel in HTTP/1.1
-    /// (CR, LF, NUL, or a name that is not a token).
+    /// (a control character, or a name that is not a token).
     BadField(String),
+    /// A user or group name that cannot travel unchanged in an
+    /// `Impersonate-*` field (see [`crate::names`]).
+    BadName(NameError),
 }
 
 impl fmt::Display for Refusal {
@@ -52,6 +60,7 @@ impl fmt::Display for Refusal {
                 write!(f, "the agent's configuration does not allow impersonating group {g:?}")
             }
             Refusal::BadField(what) => write!(f, "invalid header field: {what}"),
+            Refusal::BadName(e) => write!(f, "cannot impersonate: {e}"),
         }
     }
 }
@@ -67,8 +76,12 @@ fn is_token(name: &[u8]) -> bool {
     !name.is_empty() && name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// A field value as RFC 9110 §5.5 has it: no control bytes but HTAB
+/// (CR, LF and NUL would end or corrupt the line; Go's `net/http`, the
+/// API server's, refuses the rest too). Bytes 0x80–0xFF (obs-text, the
+/// bytes of UTF-8) pass unchanged.
 fn is_field_value(v: &[u8]) -> bool {
-    !v.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0)
+    !v.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
 }
 
 /// Checks the request line: the method a token, the target an
@@ -128,11 +141,11 @@ fn check_identity(identity: &Identity, allow: &AllowLists) -> Result<(), Refusal
     if identity.user.trim().is_empty() {
         return Err(Refusal::EmptyUser);
     }
-    let values = std::iter::once(&identity.user)
-        .chain(&identity.groups)
-        .chain(&identity.uid)
-        .chain(identity.extra.iter().flat_map(|(_, v)| v));
-    for v in values {
+    names::check_user(&identity.user).map_err(Refusal::BadName)?;
+    for g in &identity.groups {
+        names::check_group(g).map_err(Refusal::BadName)?;
+    }
+    for v in identity.uid.iter().chain(identity.extra.iter().flat_map(|(_, v)| v)) {
         if !is_field_value(v.as_bytes()) {
             return Err(Refusal::BadField("identity value with a control character".into()));
         }
@@ -289,9 +302,51 @@ mod tests {
         assert_eq!(request_headers(&[], &id, &AllowLists::default(), None), Err(Refusal::EmptyUser));
         let mut id = alice();
         id.groups.push("evil\r\nImpersonate-User: root".into());
+        let refused = request_headers(&[], &id, &AllowLists::default(), None).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            r#"cannot impersonate: group name "evil\r\nImpersonate-User: root" has a control character U+000D at byte 4; names may hold any printable character"#
+        );
+        let mut id = alice();
+        id.uid = Some("u\u{7f}".into());
         assert!(matches!(request_headers(&[], &id, &AllowLists::default(), None), Err(Refusal::BadField(_))));
         let bad = vec![Header::new("X-A", "1\r\nX-B: 2")];
         assert!(matches!(request_headers(&bad, &alice(), &AllowLists::default(), None), Err(Refusal::BadField(_))));
+    }
+
+    /// Names as Kubernetes has them go out byte for byte; control
+    /// characters and edge spaces (which HTTP would strip) are refused
+    /// by the agent itself, whatever the hub sent.
+    #[test]
+    fn names_travel_unchanged_and_controls_are_refused() {
+        for name in ["arn:aws:iam::1234567890:user/Alice", "jane@example.com", "Jane Doe", "Zoë Ångström", "山田"]
+        {
+            let id = Identity {
+                user: name.into(),
+                groups: vec![name.into(), "system:masters".into()],
+                ..Default::default()
+            };
+            let out = request_headers(&[], &id, &AllowLists::default(), None).unwrap();
+            assert_eq!(out[0], Header::new("Impersonate-User", name));
+            assert_eq!(out[0].value, name.as_bytes());
+            assert_eq!(out[1], Header::new("Impersonate-Group", name));
+            assert_eq!(out[2], Header::new("Impersonate-Group", "system:masters"));
+        }
+        for (bad, at) in
+            [("a\u{85}b", "U+0085 at byte 1"), ("a\u{7f}", "U+007F at byte 1"), ("a\tb", "U+0009 at byte 1")]
+        {
+            let id = Identity { user: bad.into(), ..Default::default() };
+            let e = request_headers(&[], &id, &AllowLists::default(), None).unwrap_err();
+            assert!(matches!(e, Refusal::BadName(_)) && e.to_string().contains(at), "{bad:?}: {e}");
+        }
+        let id = Identity { user: "alice ".into(), ..Default::default() };
+        let e = request_headers(&[], &id, &AllowLists::default(), None).unwrap_err();
+        assert!(e.to_string().contains("has a space at byte 5"), "{e}");
+        // Client fields: UTF-8 bytes pass, control bytes other than HTAB do not.
+        let utf8 = vec![Header::new("X-Name", "Zoë\tÅ")];
+        assert!(request_headers(&utf8, &alice(), &AllowLists::default(), None).is_ok());
+        let del = vec![Header::new("X-Name", "a\u{7f}")];
+        assert!(matches!(request_headers(&del, &alice(), &AllowLists::default(), None), Err(Refusal::BadField(_))));
     }
 
     #[test]

@@ -15,9 +15,16 @@
 //!
 //! A reset from the hub (the person went away) is noticed even while the
 //! API server is silent (an idle watch), and the connection is dropped.
+//!
+//! Deadlines: connecting (TCP, TLS) has [`net::dial_timeout`]; the
+//! response head has [`net::response_timeout`], after which the person
+//! gets `504` naming the API server as the hop that timed out. A streaming
+//! body (watch, `logs -f`) is never cut for being quiet; any other body
+//! that stops for that long is reset (the hub then cuts its answer short).
 
 use super::super::AgentCtx;
 use super::super::http1::{self, BodyKind, BodyReader, Conn};
+use super::super::net;
 use super::headers::{self, Refusal};
 use crate::driver::{Stream, StreamClosed};
 use crate::proto::{Header, RequestHead, ResetCode, ResponseHead};
@@ -38,6 +45,8 @@ enum Failure {
     /// The API server answered with a head that cannot be read safely
     /// ([`http1::MalformedResponse`]): `502`, and its connection dropped.
     BadGateway(String),
+    /// The API server took longer than its deadline to answer.
+    UpstreamTimeout(String),
     /// The API server broke off after the head went out.
     UpstreamAfterHead(String),
     /// The tunnel stream is gone.
@@ -93,6 +102,17 @@ pub async fn serve(ctx: Rc<AgentCtx>, mut stream: Stream, head: RequestHead) {
             )
             .await;
             502
+        }
+        Err(Failure::UpstreamTimeout(message)) => {
+            log::warn!("{} {}: API server too slow: {message}", head.method, path_only(&head.path));
+            let _ = send_status(
+                &mut stream,
+                504,
+                "Timeout",
+                &format!("uplink agent → API server {}: {message}", ctx.kube.pool.target),
+            )
+            .await;
+            504
         }
         Err(Failure::UpstreamAfterHead(message)) => {
             log::warn!("{} {}: API server broke off: {message}", head.method, path_only(&head.path));
@@ -172,7 +192,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
     let upgrade = headers::is_upgrade(&head.headers);
     let mut out =
         headers::request_headers(&head.headers, &head.identity, &ctx.allow, auth.as_deref()).map_err(|r| {
-            let code = if matches!(r, Refusal::BadField(_)) { 400 } else { 403 };
+            let code = if matches!(r, Refusal::BadField(_) | Refusal::BadName(_)) { 400 } else { 403 };
             Failure::Refused(code, if code == 400 { "BadRequest" } else { "Forbidden" }, r.to_string())
         })?;
     let body = request_body(head, upgrade)?;
@@ -186,26 +206,29 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
     // Send the head (and body), read the answer's head. A pooled
     // connection the server closed meanwhile fails here; a bodiless
     // request is then retried once on a fresh connection.
-    let (mut conn, mut reused) = pool.get().await.map_err(|e| Failure::Upstream(e.to_string()))?;
+    let (mut conn, mut reused) = pool.get().await.map_err(upstream)?;
     let resp = loop {
         let attempt = async {
             conn.write_all(&wire_head).await.map_err(|e| (Failure::Upstream(e.to_string()), true))?;
             send_body(ctx, stream, &mut conn, body).await.map_err(|f| (f, false))?;
-            conn.read_head(head_request).await.map_err(|e| {
-                // A malformed answer is not a stale pooled connection: no
-                // retry, and `conn` is dropped with it, never pooled.
-                if http1::is_malformed(&e) {
-                    (Failure::BadGateway(e.to_string()), false)
-                } else {
-                    (Failure::Upstream(e.to_string()), true)
-                }
-            })
+            let limit = net::response_timeout();
+            net::deadline(limit, || "waiting for the response head".into(), conn.read_head(head_request)).await.map_err(
+                |e| {
+                    // A malformed answer is not a stale pooled connection:
+                    // no retry, and `conn` is dropped with it, never pooled.
+                    if http1::is_malformed(&e) {
+                        (Failure::BadGateway(e.to_string()), false)
+                    } else {
+                        (upstream(e), true)
+                    }
+                },
+            )
         };
         match attempt.await {
             Ok(r) => break r,
             Err((Failure::Upstream(e), true)) if reused && body == ReqBody::None => {
                 log::debug!("pooled API-server connection failed ({e}); retrying on a fresh one");
-                conn = pool.connect().await.map_err(|e| Failure::Upstream(e.to_string()))?;
+                conn = pool.connect().await.map_err(upstream)?;
                 reused = false;
             }
             Err((f, _)) => return Err(f),
@@ -226,8 +249,35 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
         .send_head(ResponseHead { status, headers: headers::response_headers(status, &resp.headers) })
         .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
     let mut reader = BodyReader::new(resp.body);
+    // A body that stops for the response deadline is a wedged server,
+    // unless the request asked for a stream (watch, logs -f) whose silence
+    // is normal. One timer for the whole body, moved on only when it goes
+    // off (arming a timer per piece would cost a reactor wake-up each).
+    let stall_limit = net::response_timeout();
+    let streaming = crate::http::is_kube_stream(&head.path);
+    let last_piece = std::cell::Cell::new(std::time::Instant::now());
+    let mut stall = smol::Timer::after(stall_limit);
     loop {
-        let piece = async { Ok(reader.next(&mut conn).await) }.or(async { Err(stream.closed().await) }).await?;
+        let stalled = async {
+            if streaming {
+                return std::future::pending().await;
+            }
+            loop {
+                (&mut stall).await;
+                let quiet = last_piece.get().elapsed();
+                if quiet >= stall_limit {
+                    return Failure::UpstreamAfterHead(format!(
+                        "the API server sent no byte of the body for {quiet:?}"
+                    ));
+                }
+                stall.set_at(last_piece.get() + stall_limit);
+            }
+        };
+        let piece = async { Ok(reader.next(&mut conn).await) }
+            .or(async { Err(Failure::Tunnel(stream.closed().await)) })
+            .or(async { Err(stalled.await) })
+            .await?;
+        last_piece.set(std::time::Instant::now());
         match piece {
             Ok(Some(data)) => {
                 ctx.metrics.add_to_hub(data.len());
@@ -251,6 +301,15 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
             .await;
     }
     Ok(Outcome::Done(status))
+}
+
+/// A failure to reach the API server, a deadline kept apart.
+fn upstream(e: io::Error) -> Failure {
+    if e.kind() == io::ErrorKind::TimedOut {
+        Failure::UpstreamTimeout(e.to_string())
+    } else {
+        Failure::Upstream(e.to_string())
+    }
 }
 
 /// Copies the request body from the tunnel to the API server.

@@ -13,7 +13,12 @@ function adminOnly(ctx) {
   return true;
 }
 
-const list = (s) => s.split(/[\s,]+/).map((x) => x.trim()).filter(Boolean);
+// Names are separated by commas or new lines, never by spaces: a
+// Kubernetes user or group name may hold spaces ("Jane Doe").
+const list = (s) => s.split(/[,\n]/).map((x) => x.trim()).filter(Boolean);
+
+/** The audit page filtered to one user; the name is query-encoded. */
+const auditOf = (user) => `#/audit?${new URLSearchParams({ user })}`;
 
 function field(id, label, input, help) {
   input.id = id;
@@ -56,7 +61,7 @@ export function registerView(ctx) {
   const form = h('form', { class: 'card form', 'aria-labelledby': 'reg-title' },
     field('reg-name', 'Cluster name', name, 'A DNS label: lowercase letters, digits and “-”, e.g. edge-1. It appears in URLs and kubeconfigs.'),
     field('reg-expiry', 'Activation expires after', expiry, 'The agent must activate within this time; the one-time code is useless afterwards.'),
-    field('reg-users', 'Users the agent may impersonate', users, 'Hub user names, separated by commas. The manifest lets the agent impersonate only these (and the groups below); the cluster’s own RBAC still decides what each may do.'),
+    field('reg-users', 'Users the agent may impersonate', users, 'Hub user names, separated by commas (a name may hold spaces, e.g. an IAM ARN or “Jane Doe”). The manifest lets the agent impersonate only these (and the groups below); the cluster’s own RBAC still decides what each may do.'),
     field('reg-groups', 'Groups the agent may impersonate', groups, 'Optional; separated by commas.'),
     h('div', { class: 'check' }, grant, h('label', { for: 'grant' }, 'Also grant these users and groups access to the cluster on the hub')),
     status,
@@ -85,12 +90,14 @@ export function registerView(ctx) {
     form, result);
 }
 
-function showInstall(ctx, el, r, grantErrors) {
+/** What to install for a cluster just registered, or given a new
+ * activation (`r.renewed`): the answer of both REST calls. */
+export function showInstall(ctx, el, r, grantErrors = []) {
   const c = r.cluster;
   const file = `uplink-${c.name}.yaml`;
   put(el,
     h('div', { class: 'callout ok', role: 'status' },
-      h('strong', `Cluster ${c.name} is registered (PENDING).`),
+      h('strong', r.renewed ? `Cluster ${c.name} has a new activation (PENDING); the earlier code no longer works.` : `Cluster ${c.name} is registered (PENDING).`),
       h('p', `Install one of the two below before ${localTime(r.activation.expires_at)} (`, when(r.activation.expires_at), '). ',
         'The files hold a one-time activation code: treat them as secrets. They are shown only now.')),
     grantErrors.length ? errorBox({ message: grantErrors.join('; '), hint: 'Add the grants on the Users & grants page.' }, 'Some grants were not added') : null,
@@ -111,7 +118,7 @@ function showInstall(ctx, el, r, grantErrors) {
   el.querySelector('h2')?.setAttribute('tabindex', '-1');
   el.querySelector('.callout')?.setAttribute('tabindex', '-1');
   el.querySelector('.callout')?.focus();
-  ctx.announce(`Cluster ${c.name} registered`);
+  ctx.announce(r.renewed ? `Cluster ${c.name} has a new activation` : `Cluster ${c.name} registered`);
 }
 
 function command(text, id) {
@@ -136,7 +143,7 @@ export async function usersView(ctx) {
   const ustatus = formStatus();
   const uform = h('form', { class: 'card form', 'aria-labelledby': 'add-user' },
     h('h3', { id: 'add-user' }, 'Add a user'),
-    field('user-name', 'Name', uname, 'The name clusters see (Impersonate-User): letters, digits and . _ @ : -'),
+    field('user-name', 'Name', uname, 'The name clusters see (Impersonate-User), exactly as their RBAC bindings name it: an IAM ARN such as arn:aws:iam::1234567890:user/Alice, an email, an OIDC subject; any text without control characters or spaces at either end.'),
     field('user-groups', 'Groups', ugroups, 'Optional, separated by commas (Impersonate-Group).'),
     h('div', { class: 'check' }, uadmin, h('label', { for: 'user-admin' }, 'Hub admin (may register clusters and manage users)')),
     ustatus, h('div', { class: 'actions' }, usubmit));
@@ -185,7 +192,7 @@ export async function usersView(ctx) {
       const { users } = await hub.get('/users', { signal });
       if (!users.length) return put(usersBox, empty('No users.'));
       put(usersBox, table('Users', ['Name', 'Groups', 'Role', 'Created', 'State', 'Actions'], users.map((u) => h('tr', { 'data-user': u.name },
-        h('th', { scope: 'row' }, u.name),
+        h('th', { scope: 'row' }, h('a', { href: auditOf(u.name), title: `Audit log of ${u.name}` }, u.name)),
         h('td', u.groups.length ? u.groups.join(', ') : h('span', { class: 'muted' }, '—')),
         h('td', u.admin ? 'admin' : 'user'),
         h('td', when(u.created_at)),
@@ -294,7 +301,7 @@ export async function auditView(ctx) {
     if (!entries.length) return put(box, empty(q.size ? 'No requests match these filters.' : 'No requests yet. They appear here as people use clusters through the hub.'));
     put(box, table('Audit log', ['Time', 'User', 'Cluster', 'Request', 'Status', 'Sent / received', 'Duration'], entries.map((e) => h('tr',
       h('td', h('time', { datetime: e.time, title: e.time }, localTime(e.time))),
-      h('td', e.user),
+      h('td', h('a', { href: auditOf(e.user) }, e.user)),
       h('td', e.cluster),
       h('td', { class: 'path' }, h('code', `${e.method} ${e.path}`), e.upgrade ? h('span', { class: 'tag' }, 'stream') : null),
       h('td', h('span', { class: `state ${e.status >= 400 ? (e.status === 403 ? 'warn' : 'bad') : 'ok'}` }, String(e.status))),

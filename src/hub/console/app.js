@@ -176,7 +176,9 @@ function route() {
   const signal = current.signal;
   const raw = location.hash.replace(/^#\/?/, '');
   const [pathPart, query = ''] = raw.split('?');
-  const parts = pathPart.split('/').filter(Boolean).map(decodeURIComponent);
+  // Each segment decoded on its own, after splitting on '/'; a malformed
+  // escape is kept as typed rather than failing the whole page.
+  const parts = pathPart.split('/').filter(Boolean).map((p) => { try { return decodeURIComponent(p); } catch { return p; } });
   for (const li of nav.querySelectorAll('a')) {
     if (li.isActive(pathPart)) li.setAttribute('aria-current', 'page'); else li.removeAttribute('aria-current');
   }

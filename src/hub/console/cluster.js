@@ -10,6 +10,7 @@ import {
   copyButton, download, downloadButton, confirmDialog,
 } from './dom.js';
 import { presence } from './clusters.js';
+import { showInstall } from './admin.js';
 
 const enc = encodeURIComponent;
 const base = (name) => `#/clusters/${enc(name)}`;
@@ -98,6 +99,9 @@ function renderHead(ctx, head, c, section) {
     c.status !== 'DEREGISTERED'
       ? h('button', { type: 'button', onclick: () => kubeconfig(c.name) }, 'Download kubeconfig')
       : null,
+    me.admin && c.status === 'PENDING'
+      ? h('button', { type: 'button', id: 'renew', onclick: () => renew(ctx, c) }, 'New activation…')
+      : null,
     me.admin && c.status !== 'DEREGISTERED'
       ? h('button', { type: 'button', class: 'danger', id: 'deregister', onclick: () => deregister(ctx, c) }, 'Deregister…')
       : null);
@@ -116,7 +120,7 @@ function renderHead(ctx, head, c, section) {
       h('p', 'What is shown below may fail until it reconnects. Check the agent: ', h('code', 'kubectl -n uplink logs deploy/uplink-agent'), ' or ', h('code', 'journalctl -u uplink'), '.')) : null,
     c.status === 'PENDING' ? h('div', { class: 'callout info', role: 'status' },
       h('strong', 'Waiting for the agent.'),
-      h('p', 'Install the manifest or activation file you got at registration; this page turns ACTIVE by itself when the agent dials in.')) : null,
+      h('p', 'Install the manifest or activation file you got at registration; this page turns ACTIVE by itself when the agent dials in. Lost them, or the code expired? A hub admin can issue a new activation here (or with ', h('code', `uplink-hub cluster renew ${c.name}`), ').')) : null,
     c.status === 'DEREGISTERED' ? h('div', { class: 'callout warn', role: 'status' },
       h('strong', 'This cluster was deregistered.'), h('p', 'Its agent credential is revoked. Register it again to reconnect.')) : null);
   if (focusedHeading) h1.focus();
@@ -134,6 +138,27 @@ async function kubeconfig(name) {
   } catch (e) {
     confirmDialog({ title: 'Could not get a kubeconfig', body: [e.message], confirm: 'OK' });
   }
+}
+
+/** A fresh activation for a PENDING cluster; the earlier code stops working. */
+async function renew(ctx, c) {
+  const ok = await confirmDialog({
+    title: `New activation for ${c.name}?`,
+    body: ['The hub issues a new one-time activation code and the manifest and activation file that carry it. The code from the earlier files stops working.'],
+    confirm: 'Issue a new activation',
+  });
+  if (!ok) return;
+  const { main } = ctx;
+  let r;
+  try {
+    r = await hub.post(`/clusters/${enc(c.name)}/activation`, {});
+  } catch (e) {
+    main.prepend(errorBox(e, `Could not renew the activation of ${c.name}`));
+    return;
+  }
+  const result = h('div', { id: 'register-result' });
+  put(main, h('h1', { tabindex: '-1' }, `New activation for ${c.name}`), result);
+  showInstall(ctx, result, r);
 }
 
 async function deregister(ctx, c) {

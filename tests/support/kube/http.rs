@@ -243,7 +243,10 @@ fn parse_head(r: &httparse::Request, n: usize) -> Result<Head, ReadError> {
     let mut chunked = false;
     for h in r.headers.iter() {
         let name = h.name.to_ascii_lowercase();
-        let value = String::from_utf8_lossy(h.value).trim().to_string();
+        // Optional white space only (RFC 9110 §5.5), as Go's net/http trims:
+        // a name ending in U+3000 or U+00A0 arrives with it. Bytes past
+        // 0x7F (UTF-8 names in Impersonate-*) arrive as they were sent.
+        let value = String::from_utf8_lossy(h.value).trim_matches([' ', '\t']).to_string();
         if name == "content-length" {
             body_len = value.parse().map_err(|_| ReadError::BadRequest("bad Content-Length".into()))?;
         }
