@@ -11,11 +11,17 @@
 //! share these rules, so the hub and the agent agree on what is
 //! connection-scoped and how a chunk is framed.
 //!
+//! And on where a body ends: [`content_length`] is the one accepted form
+//! of `Content-Length` (RFC 9110 §8.6, RFC 9112 §6.3), for the requests
+//! the hub reads and the agent forwards and the responses the agent and
+//! the hub's admin client read.
+//!
 //! Not here: what each side adds or refuses (the agent's impersonation
 //! policy in `agent::kube::headers`, the hub's refusal of client
 //! `Impersonate-*`), reading or buffering bodies, I/O.
 
 use crate::proto::Header;
+use std::fmt;
 
 /// Fields that are hop-by-hop whatever `Connection` says (RFC 9110
 /// §7.6.1), plus the proxy credentials (§11.7.1, §11.7.2), which are
@@ -37,8 +43,8 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
-/// A header field as one side holds it: the tunnel's [`Header`] or the
-/// hub server's `(name, value)` pair.
+/// A header field as one side holds it: the tunnel's [`Header`], the
+/// hub server's `(name, value)` pair or the admin client's.
 pub trait Field {
     fn name(&self) -> &[u8];
     fn value(&self) -> &[u8];
@@ -50,6 +56,15 @@ impl Field for Header {
     }
     fn value(&self) -> &[u8] {
         &self.value
+    }
+}
+
+impl Field for (String, String) {
+    fn name(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+    fn value(&self) -> &[u8] {
+        self.1.as_bytes()
     }
 }
 
@@ -89,6 +104,76 @@ pub fn has_token<F: Field>(fields: &[F], name: &str, token: &str) -> bool {
 /// message only (RFC 9110 §7.6.1).
 pub fn connection_options<F: Field>(fields: &[F]) -> Vec<Vec<u8>> {
     members(fields, "connection").map(<[u8]>::to_ascii_lowercase).collect()
+}
+
+/// Why a message's `Content-Length` cannot say where its body ends.
+///
+/// Leniency here is how request smuggling starts: if the hub read `+5`
+/// as 5 and a proxy in front of it read it as an error (or the other way
+/// round), the two would disagree on where one request ends and the next
+/// begins. So only one form is accepted, and everything else is refused
+/// before a body byte is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentLengthError {
+    /// An empty value.
+    Empty,
+    /// A byte that is not an ASCII digit: a sign (`+5`), an inner space
+    /// (`1 2`), hex, a unit. The grammar is `1*DIGIT` (RFC 9110 §8.6).
+    NotDigits,
+    /// More than a `u64` holds.
+    Overflow,
+    /// Several fields, or one field holding a list (`5, 5`). RFC 9110 §8.6
+    /// lets a recipient either collapse identical values or reject; uplink
+    /// rejects even identical ones: the field is forwarded hop to hop, and
+    /// one rule (exactly one value) is easier for every hop to hold than
+    /// "equal after parsing". No Kubernetes client sends a list.
+    Several,
+}
+
+impl fmt::Display for ContentLengthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ContentLengthError::Empty => "empty Content-Length",
+            ContentLengthError::NotDigits => "Content-Length must be digits only (no sign, space or other characters)",
+            ContentLengthError::Overflow => "Content-Length too large",
+            ContentLengthError::Several => "several Content-Length values (send exactly one)",
+        })
+    }
+}
+
+impl std::error::Error for ContentLengthError {}
+
+/// The body length the `Content-Length` fields of a message announce:
+/// `Ok(None)` without one, the value when there is exactly one field
+/// holding `1*DIGIT` (RFC 9110 §8.6) with optional white space around it
+/// (RFC 9110 §5.5), an error for anything else (RFC 9112 §6.3 item 5:
+/// an invalid length is unrecoverable; the connection must close).
+///
+/// The caller decides what to do with Transfer-Encoding beside it
+/// (RFC 9112 §6.1): the hub refuses such a request, the agent such a
+/// request or response.
+pub fn content_length<F: Field>(fields: &[F]) -> Result<Option<u64>, ContentLengthError> {
+    let mut values = fields.iter().filter(|f| f.name().eq_ignore_ascii_case(b"content-length")).map(Field::value);
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ContentLengthError::Several);
+    }
+    // Only SP and HTAB are optional white space (RFC 9110 §5.6.3).
+    let start = value.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(value.len());
+    let end = value.iter().rposition(|&b| b != b' ' && b != b'\t').map_or(start, |i| i + 1);
+    let v = &value[start..end];
+    if v.is_empty() {
+        return Err(ContentLengthError::Empty);
+    }
+    if v.contains(&b',') {
+        return Err(ContentLengthError::Several);
+    }
+    if !v.iter().all(u8::is_ascii_digit) {
+        return Err(ContentLengthError::NotDigits);
+    }
+    // Digits only, so the one failure left is overflow. `parse` alone
+    // would also take a leading `+`, which the check above refused.
+    std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).map(Some).ok_or(ContentLengthError::Overflow)
 }
 
 /// Appends `data` as one chunk of a chunked body (RFC 9112 §7.1).
@@ -262,6 +347,36 @@ mod tests {
         for bad in [&b"+5"[..], b"-1", b"", b" ", b"0x10", b"1 2", b"11111111111111111"] {
             assert_eq!(chunk_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn content_length_is_one_field_of_digits() {
+        let cl = |values: &[&str]| {
+            let fields: Vec<Header> = values.iter().map(|v| Header::new("Content-Length", *v)).collect();
+            content_length(&fields)
+        };
+        assert_eq!(cl(&[]), Ok(None));
+        assert_eq!(cl(&["5"]), Ok(Some(5)));
+        assert_eq!(cl(&[" \t42 "]), Ok(Some(42)));
+        assert_eq!(cl(&["0"]), Ok(Some(0)));
+        assert_eq!(cl(&["007"]), Ok(Some(7)));
+        assert_eq!(cl(&["18446744073709551615"]), Ok(Some(u64::MAX)));
+        assert_eq!(cl(&["18446744073709551616"]), Err(ContentLengthError::Overflow));
+        assert_eq!(cl(&[&"9".repeat(100)]), Err(ContentLengthError::Overflow));
+        for bad in ["+5", "-5", "5 5", "0x10", "5a", "½", "5\u{b}", "\u{b}5", "1e3", "5.0"] {
+            assert_eq!(cl(&[bad]), Err(ContentLengthError::NotDigits), "{bad:?}");
+        }
+        assert_eq!(cl(&[""]), Err(ContentLengthError::Empty));
+        assert_eq!(cl(&["  "]), Err(ContentLengthError::Empty));
+        assert_eq!(cl(&["5, 5"]), Err(ContentLengthError::Several));
+        assert_eq!(cl(&["5,"]), Err(ContentLengthError::Several));
+        assert_eq!(cl(&["5", "5"]), Err(ContentLengthError::Several));
+        assert_eq!(cl(&["5", "6"]), Err(ContentLengthError::Several));
+        // Any case of the name; other fields are not looked at.
+        let fields = vec![Header::new("CONTENT-length", "3"), Header::new("Content-Type", "+5")];
+        assert_eq!(content_length(&fields), Ok(Some(3)));
+        let pairs = vec![("content-length".to_string(), b"+5".to_vec())];
+        assert_eq!(content_length(&pairs), Err(ContentLengthError::NotDigits));
     }
 
     #[test]

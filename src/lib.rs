@@ -18,7 +18,8 @@
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins). Not dialling or certificate generation.
 //! - [`http`]: HTTP/1.1 rules the agent and the hub share (hop-by-hop
-//!   and list-valued fields, chunk framing, percent-decoding). Not I/O or
+//!   and list-valued fields, the one accepted `Content-Length`, chunk
+//!   framing, percent-decoding). Not I/O or
 //!   reading loops: the agent's client and the hub's server keep their own.
 //! - [`kube_status`]: the Kubernetes `Status` failure object both answer
 //!   their own errors with. Not which code or reason an error gets.
@@ -36,8 +37,8 @@
 //!   impersonating kube proxy, health. Not anything the hub runs.
 //! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store,
 //!   auth and grants (hub tokens, the organisation's OIDC provider), REST
-//!   API, tunnel sessions, kube front end, console.
-//!   Never linked into the agent.
+//!   API, tunnel sessions, kube front end, console, connection caps and
+//!   deadlines (`hub::limits`). Never linked into the agent.
 //! - `render` (feature `hub`): the Kubernetes manifest, systemd activation
 //!   file and cleanup instructions the hub hands out for a cluster. Not
 //!   name validation or applying anything.

@@ -840,3 +840,131 @@ fn measure_footprint_and_latency() {
         s.reset();
     }
 }
+
+/// A bad `Content-Length` in a request the hub forwards is refused with a
+/// `Status` on the stream and never reaches the API server.
+#[test]
+fn bad_content_length_in_a_forwarded_request_is_refused() {
+    let w = World::new("bad-cl-request");
+    let _a = w.connected_agent();
+    let before = w.k.requests().len();
+    for (value, expect) in [("+5", "digits only"), ("5, 5", "several"), ("99999999999999999999", "too large")] {
+        let s = w.hub.open(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            bob(),
+            &[("Content-Type", "application/json"), ("Content-Length", value)],
+            b"hello",
+            true,
+        );
+        let (status, _) = s.head();
+        let body: Value = serde_json::from_slice(&s.body()).unwrap();
+        assert_eq!((status, body["kind"].as_str(), body["code"].as_u64()), (400, Some("Status"), Some(400)), "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(expect) && message.contains("Content-Length"), "{value:?}: {message}");
+    }
+    let s = w.hub.open(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        bob(),
+        &[("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+        b"hello",
+        true,
+    );
+    let (status, _) = s.head();
+    let body = String::from_utf8_lossy(&s.body()).into_owned();
+    assert!(status == 400 && body.contains("both Transfer-Encoding and Content-Length"), "{status} {body}");
+    assert_eq!(w.k.requests().len(), before, "nothing reached the API server");
+    // The agent still serves the next request.
+    assert_eq!(w.hub.get("/api/v1/namespaces/default/pods", bob()).0, 200);
+}
+
+/// An API server whose answers the test chooses: `/bad-length` gets a
+/// `Content-Length: +5`, `/both` gets Content-Length beside chunked, and
+/// everything else a small JSON object. Each connection records what
+/// it was asked, so the test can see whether a connection that carried
+/// a malformed answer was ever used again.
+struct RawApiServer {
+    url: String,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+}
+
+impl RawApiServer {
+    fn start() -> RawApiServer {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<String>>::new()));
+        let record = conns.clone();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                let record = record.clone();
+                let i = {
+                    let mut c = record.lock().unwrap();
+                    c.push(Vec::new());
+                    c.len() - 1
+                };
+                std::thread::spawn(move || {
+                    let mut w = tcp.try_clone().unwrap();
+                    let mut r = BufReader::new(tcp);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                                break;
+                            }
+                        }
+                        record.lock().unwrap()[i].push(path.clone());
+                        let answer: &[u8] = match path.as_str() {
+                            "/bad-length" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: +5\r\n\r\nhello",
+                            "/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                            _ => b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+                        };
+                        if w.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RawApiServer { url, conns }
+    }
+}
+
+/// A malformed answer from the API server becomes a `502` Status for the
+/// client, and the connection that carried it is dropped, not pooled.
+#[test]
+fn bad_content_length_from_the_api_server_is_a_502_and_the_connection_is_dropped() {
+    let w = World::new("bad-cl-response");
+    let api = RawApiServer::start();
+    let mut args = w.args();
+    let i = args.iter().position(|a| a == "--kube-url").unwrap();
+    args[i + 1] = api.url.clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let n = w.hub.tunnels();
+    let a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(n + 1);
+    for (path, expect) in [("/bad-length", "digits only"), ("/both", "both Transfer-Encoding and Content-Length")] {
+        // A good exchange first, so a warm connection sits in the pool.
+        assert_eq!(w.hub.get("/ok", bob()).0, 200);
+        let (status, body) = w.hub.get(path, bob());
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((status, body["code"].as_u64()), (502, Some(502)), "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(expect) && message.contains("API server"), "{message}");
+        assert_eq!(w.hub.get("/ok", bob()).0, 200);
+    }
+    let conns = api.conns.lock().unwrap().clone();
+    for c in &conns {
+        if let Some(i) = c.iter().position(|p| p == "/bad-length" || p == "/both") {
+            assert_eq!(i + 1, c.len(), "a connection was reused after a malformed answer: {conns:?}");
+        }
+    }
+    assert!(a.log().contains("malformed API-server response"), "{}", a.log());
+}

@@ -501,7 +501,11 @@ fn kube_front_end_through_a_simulated_agent() {
         .request("GET", "/v1/tunnel", &[("Connection", "Upgrade"), ("Upgrade", "uplink/1")], None)
         .unwrap();
     assert_eq!(r.json()["error"], "cluster_deregistered");
-    assert_eq!(alice_c.get("/k8s/clusters/edge-1/api").unwrap().status, 404);
+    // Discovery paths get a hub-made refusal as 403 text, which kubectl
+    // prints verbatim (a 404 on /api would read as "no resources").
+    let gone = alice_c.get("/k8s/clusters/edge-1/api").unwrap();
+    assert_eq!((gone.status, gone.text().trim()), (403, r#"uplink-hub: no registered cluster "edge-1""#));
+    assert_eq!(alice_c.get("/k8s/clusters/edge-1/api/v1/pods").unwrap().status, 404);
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -222,11 +222,51 @@ impl Conn {
     }
 }
 
+/// A response the server framed in a way that cannot be read safely: a
+/// `Content-Length` that is not one field of digits, or one beside
+/// `Transfer-Encoding`. Carried inside an [`io::Error`] (kind
+/// `InvalidData`) so callers can tell it from a broken connection with
+/// [`is_malformed`]: it is the server's fault, retrying the same request
+/// elsewhere would not help, and the connection must not be reused.
+#[derive(Debug)]
+pub struct MalformedResponse(pub String);
+
+impl std::fmt::Display for MalformedResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MalformedResponse {}
+
+/// Whether `e` is a [`MalformedResponse`].
+pub fn is_malformed(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<MalformedResponse>())
+}
+
+fn malformed(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, MalformedResponse(msg))
+}
+
 fn response_body_kind(status: u16, head_request: bool, headers: &[Header]) -> io::Result<BodyKind> {
+    // Checked even where no body follows: a server that frames one answer
+    // wrongly may frame the next one wrongly too, and the connection is
+    // then not reused.
+    let length = crate::http::content_length(headers)
+        .map_err(|e| malformed(format!("API server response has a bad Content-Length: {e} (RFC 9112 §6.3)")))?;
+    let te = find_header(headers, "transfer-encoding").is_some();
     if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(BodyKind::None);
     }
-    if find_header(headers, "transfer-encoding").is_some() {
+    if te {
+        // RFC 9112 §6.3 item 3: Transfer-Encoding overrides Content-Length,
+        // but a message with both "ought to be handled as an error"; an
+        // intermediary (which the agent is) must not pass it on as is.
+        if length.is_some() {
+            return Err(malformed(
+                "API server response has both Transfer-Encoding and Content-Length (RFC 9112 §6.3)".into(),
+            ));
+        }
         // RFC 9112 §6.3: chunked must be the final coding; otherwise the
         // body runs to close.
         return Ok(if has_token(headers, "transfer-encoding", "chunked") {
@@ -235,13 +275,7 @@ fn response_body_kind(status: u16, head_request: bool, headers: &[Header]) -> io
             BodyKind::Close
         });
     }
-    match find_header(headers, "content-length") {
-        Some(v) => {
-            let n = std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok());
-            n.map(BodyKind::Length).ok_or_else(|| bad("bad Content-Length"))
-        }
-        None => Ok(BodyKind::Close),
-    }
+    Ok(length.map_or(BodyKind::Close, BodyKind::Length))
 }
 
 /// Reads one body chunk by chunk.
@@ -538,7 +572,16 @@ mod tests {
         assert_eq!(response_body_kind(200, false, &[]).unwrap(), BodyKind::Close);
         assert_eq!(response_body_kind(204, false, &[]).unwrap(), BodyKind::None);
         assert_eq!(response_body_kind(200, true, &h("Content-Length", "5")).unwrap(), BodyKind::None);
-        assert!(response_body_kind(200, false, &h("Content-Length", "x")).is_err());
+        for bad in ["x", "+5", "5, 5", "-1", "99999999999999999999", ""] {
+            let e = response_body_kind(200, false, &h("Content-Length", bad)).unwrap_err();
+            assert!(is_malformed(&e), "{bad:?}: {e}");
+        }
+        let two = [Header::new("Content-Length", "5"), Header::new("Content-Length", "5")];
+        assert!(is_malformed(&response_body_kind(200, false, &two).unwrap_err()));
+        let both = [Header::new("Transfer-Encoding", "chunked"), Header::new("Content-Length", "5")];
+        assert!(is_malformed(&response_body_kind(200, false, &both).unwrap_err()));
+        // A broken connection is not a malformed response.
+        assert!(!is_malformed(&io::Error::new(io::ErrorKind::InvalidData, "tls alert")));
     }
 
     #[test]

@@ -126,6 +126,12 @@ pub async fn activate(hub: &Hub, _req: &Request, body: &mut BodyState, inb: &mut
     }
 }
 
+/// Whether the request carries a live agent credential (the connection
+/// limits' question; [`tunnel`] answers each refusal in its own words).
+pub fn credential_valid(hub: &Hub, req: &Request) -> bool {
+    api::bearer(req).is_some_and(|t| matches!(hub.store.credential(&sha256_hex(t)), Ok(CredentialStatus::Valid(_))))
+}
+
 /// `GET /v1/tunnel`: authenticates the credential and runs the session on
 /// this connection until it ends.
 pub async fn tunnel(hub: &Rc<Hub>, req: &Request, inb: &mut In, out: &mut Out, peer: SocketAddr) -> Reply {

@@ -14,6 +14,7 @@
 //! manifest go to standard output instead of being lost.
 
 use super::client::{Client, Reply};
+use super::limits::{Limits, Timeout, setting};
 use super::oidc::{self, OidcConfig};
 use super::server::{ServeConfig, serve};
 use super::table::{self, Align};
@@ -74,6 +75,27 @@ pub struct ServeArgs {
     /// PEM private key for --cert
     #[argh(option)]
     pub key: Option<PathBuf>,
+    /// most client connections held at once (env UPLINK_HUB_MAX_CONNECTIONS, default 4096, lowered to fit the open-file limit)
+    #[argh(option)]
+    pub max_connections: Option<usize>,
+    /// most connections one client address may hold that wait over 2 s to authenticate (env UPLINK_HUB_MAX_CONNECTIONS_PER_ADDRESS, default 128)
+    #[argh(option)]
+    pub max_connections_per_address: Option<usize>,
+    /// TLS handshake deadline, e.g. 10s or 500ms (env UPLINK_HUB_HANDSHAKE_TIMEOUT, default 10s)
+    #[argh(option)]
+    pub handshake_timeout: Option<Timeout>,
+    /// deadline for a whole request head from its first byte (env UPLINK_HUB_HEAD_TIMEOUT, default 10s)
+    #[argh(option)]
+    pub head_timeout: Option<Timeout>,
+    /// how long an idle kept-alive connection stays open (env UPLINK_HUB_IDLE_TIMEOUT, default 60s)
+    #[argh(option)]
+    pub idle_timeout: Option<Timeout>,
+    /// longest pause inside an activation or REST request body (env UPLINK_HUB_BODY_TIMEOUT, default 10s)
+    #[argh(option)]
+    pub body_timeout: Option<Timeout>,
+    /// deadline for a whole activation or REST request body, and for writing an in-memory answer (env UPLINK_HUB_SMALL_BODY_TIMEOUT, default 30s)
+    #[argh(option)]
+    pub small_body_timeout: Option<Timeout>,
     /// how often each side of a tunnel pings, e.g. 5s or 500ms; agents
     /// take it from the hub (env UPLINK_HUB_KEEPALIVE, default 5s)
     #[argh(option)]
@@ -123,6 +145,29 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The limits these flags, else the environment, else the defaults set.
+    fn limits(&self) -> Result<Limits, String> {
+        let d = Limits::default();
+        let t = |flag: Option<Timeout>, env: &str, default| setting(flag, env, Timeout(default)).map(|t| t.0);
+        let limits = Limits {
+            max_connections: setting(self.max_connections, "UPLINK_HUB_MAX_CONNECTIONS", d.max_connections)?,
+            max_pending_per_address: setting(
+                self.max_connections_per_address,
+                "UPLINK_HUB_MAX_CONNECTIONS_PER_ADDRESS",
+                d.max_pending_per_address,
+            )?,
+            handshake: t(self.handshake_timeout, "UPLINK_HUB_HANDSHAKE_TIMEOUT", d.handshake)?,
+            head: t(self.head_timeout, "UPLINK_HUB_HEAD_TIMEOUT", d.head)?,
+            idle: t(self.idle_timeout, "UPLINK_HUB_IDLE_TIMEOUT", d.idle)?,
+            body_stall: t(self.body_timeout, "UPLINK_HUB_BODY_TIMEOUT", d.body_stall)?,
+            small_body: t(self.small_body_timeout, "UPLINK_HUB_SMALL_BODY_TIMEOUT", d.small_body)?,
+        };
+        if limits.max_connections == 0 || limits.max_pending_per_address == 0 {
+            return Err("--max-connections and --max-connections-per-address must be at least 1".into());
+        }
+        Ok(limits)
+    }
+
     /// Keepalive interval and dead-peer deadline from flags, else the
     /// environment, else the defaults; the deadline must allow two pings.
     fn keepalive(&self) -> Result<(std::time::Duration, std::time::Duration), String> {
@@ -516,6 +561,7 @@ fn run_inner(args: Args) -> Result<(), String> {
                 dead_after,
                 reuse_port,
                 oidc: oidc_config(a)?,
+                limits: a.limits()?,
             })
         }
         Cmd::Login(l) => login(l),

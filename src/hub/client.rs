@@ -180,8 +180,8 @@ pub fn parse_response(raw: &[u8], head_only: bool) -> io::Result<Reply> {
         Vec::new()
     } else if find("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
         dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
-    } else if let Some(len) = find("content-length") {
-        let len: usize = len.parse().map_err(|_| bad("bad content-length"))?;
+    } else if let Some(len) = crate::http::content_length(&headers).map_err(|e| bad(&e.to_string()))? {
+        let len = usize::try_from(len).map_err(|_| bad("Content-Length too large"))?;
         rest.get(..len).ok_or_else(|| bad("short body"))?.to_vec()
     } else {
         rest.to_vec()
@@ -212,5 +212,8 @@ mod tests {
         assert_eq!(super::parse_url("https://[::1]").unwrap(), ("::1".into(), 443, "".into()));
         assert!(super::parse_url("http://h").is_err());
         assert_eq!(super::dechunk(b"3\r\nabc\r\n1;x\r\nd\r\n0\r\n\r\n").unwrap(), b"abcd");
+        let r = super::parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokextra", false).unwrap();
+        assert_eq!(r.body, b"ok");
+        assert!(super::parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", false).is_err());
     }
 }

@@ -8,11 +8,15 @@
 //!
 //! Not here: routing, TLS, HTTP/2.
 
+use super::limits::Pace;
+use smol::Timer;
+use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 /// Largest request head accepted (RFC 9110 §5.4 lets servers pick; kube
 /// clients send a few KiB).
@@ -31,8 +35,13 @@ pub enum HttpError {
     Malformed(&'static str),
     /// The head is larger than [`MAX_HEAD`].
     HeadTooLarge,
+    /// The `Content-Length` cannot frame the body (RFC 9112 §6.3 item 5).
+    ContentLength(crate::http::ContentLengthError),
     /// The connection failed or ended in the middle of a message.
     Io(io::Error),
+    /// The client let a deadline pass (`crate::hub::limits`); the text
+    /// names what it was sending.
+    TimedOut(&'static str),
 }
 
 impl fmt::Display for HttpError {
@@ -40,7 +49,9 @@ impl fmt::Display for HttpError {
         match self {
             HttpError::Malformed(m) => write!(f, "malformed request: {m}"),
             HttpError::HeadTooLarge => write!(f, "request head over {MAX_HEAD} bytes"),
+            HttpError::ContentLength(e) => write!(f, "malformed request: {e} (RFC 9112 §6.3)"),
             HttpError::Io(e) => write!(f, "connection failed: {e}"),
+            HttpError::TimedOut(what) => write!(f, "{what} not received in time"),
         }
     }
 }
@@ -84,27 +95,32 @@ impl Request {
         crate::http::has_token(&self.headers, name, token)
     }
 
-    /// The body framing (RFC 9112 §6.1–6.3). Transfer-Encoding wins; one
-    /// with both is refused, as is any coding other than chunked.
+    /// The body framing (RFC 9112 §6.1–6.3). A request with both
+    /// Transfer-Encoding and Content-Length is refused (RFC 9112 §6.1
+    /// lets a server treat it as an error, and it is the classic shape of
+    /// request smuggling), as is any coding list other than exactly
+    /// `chunked` (§6.3 item 4: 411 or 400 and close) and any
+    /// Content-Length but one field of digits ([`crate::http::content_length`]).
     pub fn framing(&self) -> Result<Framing, HttpError> {
-        let te = self.header_str("transfer-encoding");
-        let cl: Vec<&[u8]> = self
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| v.as_slice())
-            .collect();
-        match (te, cl.as_slice()) {
-            (Some(_), [_, ..]) => Err(HttpError::Malformed("both Transfer-Encoding and Content-Length")),
-            (Some(te), []) if te.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
-            (Some(_), []) => Err(HttpError::Malformed("unsupported Transfer-Encoding")),
-            (None, []) => Ok(Framing::Length(0)),
-            (None, [one]) => std::str::from_utf8(one)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .map(Framing::Length)
-                .ok_or(HttpError::Malformed("bad Content-Length")),
-            (None, _) => Err(HttpError::Malformed("several Content-Length fields")),
+        let te = self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
+        let cl = crate::http::content_length(&self.headers).map_err(HttpError::ContentLength)?;
+        match (te, cl) {
+            (true, Some(_)) => {
+                Err(HttpError::Malformed("both Transfer-Encoding and Content-Length (RFC 9112 §6.1): send one of them"))
+            }
+            (true, None) => {
+                let mut codings = self
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
+                    .flat_map(|(_, v)| v.split(|&b| b == b','))
+                    .map(<[u8]>::trim_ascii);
+                match (codings.next(), codings.next()) {
+                    (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
+                    _ => Err(HttpError::Malformed("unsupported Transfer-Encoding: only `chunked` is accepted")),
+                }
+            }
+            (false, n) => Ok(Framing::Length(n.unwrap_or(0))),
         }
     }
 
@@ -155,11 +171,24 @@ pub struct Inbound<R> {
     io: R,
     buf: Vec<u8>,
     start: usize,
+    /// How bodies read into memory must progress; none: no deadline.
+    pace: Option<Pace>,
+    /// A body read failed (malformed, cut short, too slow): where this
+    /// request ends is unknown, so no further body read is attempted and
+    /// the connection cannot carry another request.
+    body_failed: bool,
 }
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
     pub fn new(io: R) -> Self {
-        Inbound { io, buf: Vec::new(), start: 0 }
+        Inbound { io, buf: Vec::new(), start: 0, pace: None, body_failed: false }
+    }
+
+    /// Sets how bodies read with [`Inbound::read_body_to_end`] and
+    /// [`Inbound::read_body_paced`] must progress. Streamed bodies
+    /// ([`Inbound::read_body`]) are not affected.
+    pub fn set_pace(&mut self, pace: Pace) {
+        self.pace = Some(pace);
     }
 
     fn avail(&self) -> &[u8] {
@@ -194,6 +223,16 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
     /// Buffered bytes not yet consumed.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    /// Drops the empty lines a client may send between requests (RFC 9112
+    /// §2.2); true if bytes of a request remain buffered.
+    pub fn skip_empty_lines(&mut self) -> bool {
+        while self.avail().starts_with(b"\r\n") {
+            self.consume(2);
+        }
+        // A lone CR may be the first half of one more empty line.
+        self.buffered() > 0 && self.avail() != b"\r"
     }
 
     /// Reads the next request head; `Ok(None)` when the peer closed the
@@ -263,7 +302,17 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
     }
 
     /// The next piece of a request body, `Ok(None)` once it is complete.
+    /// After one failure every later call fails at once.
     pub async fn read_body(&mut self, st: &mut BodyState) -> Result<Option<Vec<u8>>, HttpError> {
+        if self.body_failed {
+            return Err(HttpError::Malformed("the request body could not be read"));
+        }
+        let piece = self.next_body_piece(st).await;
+        self.body_failed = piece.is_err();
+        piece
+    }
+
+    async fn next_body_piece(&mut self, st: &mut BodyState) -> Result<Option<Vec<u8>>, HttpError> {
         loop {
             match *st {
                 BodyState::Done => return Ok(None),
@@ -300,10 +349,40 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
     }
 
-    /// Reads a whole body of at most `limit` bytes.
+    /// The next piece of a body that is read into memory or skipped,
+    /// under the connection's [`Pace`]: some bytes within `pace.stall`,
+    /// the whole body within `pace.total` of `started`. Such bodies are
+    /// small and are read before or without authentication (activation
+    /// codes, REST JSON, what a refusal left unread), so a client that
+    /// stops sending one must not hold the connection.
+    pub async fn read_body_paced(
+        &mut self,
+        st: &mut BodyState,
+        started: Instant,
+    ) -> Result<Option<Vec<u8>>, HttpError> {
+        let Some(pace) = self.pace else { return self.read_body(st).await };
+        // Most small bodies are already buffered: no timer for them.
+        if let Some(done) = smol::future::poll_once(self.read_body(st)).await {
+            return done;
+        }
+        let at = (Instant::now() + pace.stall).min(started + pace.total);
+        let piece = self
+            .read_body(st)
+            .or(async {
+                Timer::at(at).await;
+                Err(HttpError::TimedOut("request body"))
+            })
+            .await;
+        self.body_failed |= piece.is_err();
+        piece
+    }
+
+    /// Reads a whole small body of at most `limit` bytes, under the
+    /// connection's pace (see [`Inbound::read_body_paced`]).
     pub async fn read_body_to_end(&mut self, st: &mut BodyState, limit: usize) -> Result<Vec<u8>, HttpError> {
+        let started = Instant::now();
         let mut out = Vec::new();
-        while let Some(chunk) = self.read_body(st).await? {
+        while let Some(chunk) = self.read_body_paced(st, started).await? {
             out.extend_from_slice(&chunk);
             if out.len() > limit {
                 return Err(HttpError::Malformed("request body too large"));
@@ -479,6 +558,28 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_body_stays_failed() {
+        smol::block_on(async {
+            let mut inb = Inbound::new(&b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"[..]);
+            let req = inb.read_head().await.unwrap().unwrap();
+            let mut st = BodyState::from(req.framing().unwrap());
+            assert!(matches!(inb.read_body_to_end(&mut st, 100).await, Err(HttpError::Io(_))));
+            assert!(matches!(inb.read_body(&mut st).await, Err(HttpError::Malformed(_))));
+            let mut done = BodyState::Done;
+            assert!(inb.read_body(&mut done).await.is_err(), "where the request ends is unknown");
+        });
+    }
+
+    #[test]
+    fn empty_lines_between_requests_are_not_a_head() {
+        for (raw, rest) in [(&b"\r\n\r\n"[..], false), (b"\r\n\r", false), (b"", false), (b"\r\nG", true)] {
+            let mut inb = Inbound::new(&b""[..]);
+            inb.buf = raw.to_vec();
+            assert_eq!(inb.skip_empty_lines(), rest, "{raw:?}");
+        }
+    }
+
+    #[test]
     fn framing_rules() {
         let req = |h: &[(&str, &str)]| Request {
             method: "POST".into(),
@@ -489,7 +590,16 @@ mod tests {
         assert!(req(&[("Content-Length", "1"), ("Transfer-Encoding", "chunked")]).framing().is_err());
         assert!(req(&[("Content-Length", "1"), ("Content-Length", "1")]).framing().is_err());
         assert!(req(&[("Transfer-Encoding", "gzip")]).framing().is_err());
+        assert!(req(&[("Transfer-Encoding", "gzip, chunked")]).framing().is_err());
+        assert!(req(&[("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")]).framing().is_err());
+        assert_eq!(req(&[("Transfer-Encoding", " Chunked ")]).framing().unwrap(), Framing::Chunked);
         assert_eq!(req(&[("content-length", " 7 ")]).framing().unwrap(), Framing::Length(7));
+        assert_eq!(req(&[]).framing().unwrap(), Framing::Length(0));
+        for bad in ["+5", "5, 5", "-1", "0x5", "99999999999999999999", ""] {
+            assert!(matches!(req(&[("Content-Length", bad)]).framing(), Err(HttpError::ContentLength(_))), "{bad:?}");
+        }
+        let e = req(&[("Content-Length", "+5")]).framing().unwrap_err().to_string();
+        assert!(e.contains("digits only"), "{e}");
         assert_eq!(req(&[("Connection", "keep-alive, Upgrade"), ("Upgrade", "SPDY/3.1")]).upgrade(), Some("SPDY/3.1"));
     }
 

@@ -54,22 +54,83 @@ pub fn status_response(code: u16, message: &str) -> Response {
     Response::json(code, &crate::kube_status::failure(code, reason, message))
 }
 
+/// Whether client-go reads the answer to `path` raw: the discovery
+/// documents (`/api`, `/apis`, with or without aggregated discovery's
+/// `Accept`), `/version` and `/openapi/...` are fetched with
+/// `Request.Do().Raw()`, which never decodes a `Status` from the body.
+fn read_raw_by_client_go(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
+    matches!(path, "/api" | "/apis" | "/version" | "") || path.starts_with("/openapi")
+}
+
 /// A hub-made error for a request whose forwarded path is `forward`.
 ///
-/// client-go reads discovery answers (`/api`, `/apis`, `/version`,
-/// `/openapi/...`) raw and shows the body of a failed one only when it is
-/// `text/*` (otherwise kubectl prints "unknown"). Those paths get the
-/// message as text so `kubectl --as` or a missing grant reads clearly on
-/// a fresh discovery cache; everything else gets a `Status` object.
+/// Resource requests get a `Status` object with the real code: kubectl
+/// prints its message ("Error from server (ServiceUnavailable): ...").
+///
+/// Discovery is different. client-go reads `/api`, `/apis`, `/version`
+/// and `/openapi/...` raw ([`read_raw_by_client_go`]) and builds the
+/// error from the status code alone (`errors.NewGenericServerResponse`),
+/// which keeps the server's text only when it is `text/*` and only for
+/// some codes. Tried with kubectl 1.27 and 1.32 from an empty cache:
+///
+/// | code on `/api` | kubectl prints                                         |
+/// |----------------|--------------------------------------------------------|
+/// | 503            | "the server is currently unable to handle the request" |
+/// | 401            | "You must be logged in to the server (...)", generic   |
+/// | 404            | nothing: read as "no API groups" ("doesn't have a resource type") |
+/// | 500, 502       | `an error on the server ("<text, quotes escaped>") ...` |
+/// | 403            | "Error from server (Forbidden): <text>", verbatim      |
+///
+/// So on those paths every hub-made refusal but 401 is a `403` with the
+/// message as plain text: the person reads the hub's own words (why the
+/// cluster cannot answer, what to do) instead of a generic line. 401
+/// keeps its code: kubectl's "You must be logged in" is the right advice.
+/// A `200` with an empty discovery document would be worse: kubectl
+/// caches it and then believes the cluster has no resources at all.
 pub fn error_for(forward: &str, code: u16, message: &str) -> Response {
-    let path = forward.split('?').next().unwrap_or("").trim_end_matches('/');
-    if matches!(path, "/api" | "/apis" | "/version" | "") || path.starts_with("/openapi") {
-        let mut r = status_response(code, message);
+    if read_raw_by_client_go(forward) {
+        let mut r = status_response(if code == 401 { 401 } else { 403 }, message);
         r.content_type = "text/plain; charset=utf-8";
         r.body = format!("{message}\n").into_bytes();
         return r;
     }
     status_response(code, message)
+}
+
+/// An answer for a Kubernetes path asked of the hub's root (a kubeconfig
+/// whose server is `https://HUB` instead of `https://HUB/k8s/clusters/NAME`),
+/// saying where the cluster is; `None` for the hub's own paths.
+///
+/// The paths: `/api` (the REST API is `/api/v1/...`, which stays the
+/// hub's: kubectl reaches it only with `get --raw`, and there a REST 404
+/// is no false "healthy"), `/apis/...`, `/version`, `/openapi/...`,
+/// `/livez`, `/readyz` and `/healthz/...`. `/healthz` itself is the
+/// hub's probe: it gets the hint only when the request carries
+/// credentials, which kubectl sends and kubelet and load-balancer probes
+/// do not, so `kubectl get --raw /healthz` no longer reads "ok" for a
+/// cluster it never reached.
+pub fn root_hint(req: &Request, public_url: &str) -> Option<Response> {
+    let path = req.target.split('?').next().unwrap_or("");
+    let under = |p: &str| path == p || path.starts_with(&format!("{p}/"));
+    let kube_like = path == "/api"
+        || path == "/api/"
+        || under("/apis")
+        || under("/version")
+        || under("/openapi")
+        || under("/livez")
+        || under("/readyz")
+        || path.starts_with("/healthz/")
+        || (path == "/healthz" && req.header("authorization").is_some());
+    if !kube_like {
+        return None;
+    }
+    let message = format!(
+        "this is uplink-hub, not a Kubernetes API server: set kubectl's server to {public_url}/k8s/clusters/NAME \
+         (`uplink-hub kubeconfig --cluster NAME` writes such a kubeconfig); \
+         for a raw path, `kubectl get --raw /k8s/clusters/NAME{path}`"
+    );
+    Some(error_for(path, 404, &message))
 }
 
 /// Splits `/k8s/clusters/NAME/REST?QUERY` into the cluster name and the
@@ -368,11 +429,39 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
 
     // Status and end-to-end headers pass through; framing is ours.
     let no_body = req.method == "HEAD" || resp_head.status == 204 || resp_head.status == 304 || resp_head.status < 200;
-    let length: Option<u64> = resp_head
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(b"content-length"))
-        .and_then(|h| std::str::from_utf8(&h.value).ok()?.trim().parse().ok());
+    // The agent is not trusted to have framed its answer: a length that
+    // is not one field of digits (RFC 9110 §8.6) is a bad gateway, not a
+    // guess at where the body ends.
+    let length = match crate::http::content_length(&resp_head.headers) {
+        Ok(l) => l,
+        Err(e) => {
+            log::warn!("bad response framing from agent cluster={cluster_name} error={e}");
+            return refuse(
+                &mut audit,
+                502,
+                format!("cluster \"{cluster_name}\" answered with a malformed header: {e}"),
+            );
+        }
+    };
+    // A failure on a path client-go reads raw (discovery) would reach the
+    // person as "unknown" or a generic line: the agent's refusals and the
+    // API server's own Status lose their message there. Retold the way
+    // `error_for` tells the hub's own, so kubectl prints the words. Not
+    // retold: a 404 (client-go reads it as "no such API" and falls back,
+    // e.g. from /openapi/v3 to v2) and anything client-go retries by
+    // itself (429, or a `Retry-After`).
+    let retried = resp_head.status == 429 || crate::http::find(&resp_head.headers, "retry-after").is_some();
+    if resp_head.status >= 400 && resp_head.status != 404 && !retried && !no_body && read_raw_by_client_go(&forward) {
+        let code = resp_head.status;
+        let message = match small_body(&mut stream).await {
+            Some(body) => {
+                audit.bytes_out = body.len() as u64;
+                status_message(&body).unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string())
+            }
+            None => format!("cluster \"{cluster_name}\" answered {code} with a body that could not be read"),
+        };
+        return refuse(&mut audit, code, message);
+    }
     let chunked = !no_body && length.is_none() && req.minor >= 1;
     let keep = req.keep_alive() && (no_body || length.is_some() || chunked);
     let Some(mut fields) = response_fields(resp_head.headers) else {
@@ -466,6 +555,28 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
     audit.bytes_out = sent;
     audit.finish();
     Reply::Done(keep && complete)
+}
+
+/// Largest error body from a cluster that is read to retell its message.
+const SMALL_BODY: usize = 64 * 1024;
+
+/// A whole response body of at most [`SMALL_BODY`] bytes; `None` when it
+/// is larger or the stream breaks.
+async fn small_body(stream: &mut Stream) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.read_chunk().await.ok()? {
+        body.extend_from_slice(&chunk);
+        if body.len() > SMALL_BODY {
+            return None;
+        }
+    }
+    Some(body)
+}
+
+/// The message of a Kubernetes `Status` failure.
+fn status_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    (v["kind"] == "Status").then(|| v["message"].as_str().map(str::to_string)).flatten().filter(|m| !m.is_empty())
 }
 
 /// How long a request waits for a cluster's agent that is expected back
@@ -678,7 +789,63 @@ async fn pipe(stream: Stream, inb: &mut In, out: &mut Out) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::split_target;
+    use super::{error_for, root_hint, split_target, status_message};
+    use crate::hub::http::Request;
+
+    #[test]
+    fn discovery_refusals_are_403_text_except_401() {
+        for path in ["/api", "/apis", "/apis/", "/version?timeout=32s", "/openapi/v3", "/"] {
+            let r = error_for(path, 503, "cluster \"x\" is not connected");
+            assert_eq!((r.status, r.content_type), (403, "text/plain; charset=utf-8"), "{path}");
+            assert_eq!(r.body, b"cluster \"x\" is not connected\n");
+            assert_eq!(error_for(path, 401, "log in").status, 401);
+        }
+        for path in ["/api/v1/pods", "/apis/apps/v1", "/healthz"] {
+            let r = error_for(path, 503, "not connected");
+            assert_eq!((r.status, r.content_type), (503, "application/json"), "{path}");
+            assert!(String::from_utf8_lossy(&r.body).contains(r#""kind": "Status""#));
+        }
+    }
+
+    #[test]
+    fn status_messages() {
+        let st = crate::kube_status::failure(403, "Forbidden", "not you").to_string();
+        assert_eq!(status_message(st.as_bytes()).as_deref(), Some("not you"));
+        assert_eq!(status_message(br#"{"kind":"Status","message":""}"#), None);
+        assert_eq!(status_message(br#"{"kind":"APIVersions","message":"x"}"#), None);
+        assert_eq!(status_message(b"<html>"), None);
+    }
+
+    #[test]
+    fn kubernetes_paths_at_the_hub_root_get_a_hint() {
+        let req = |target: &str, auth: bool| Request {
+            method: "GET".into(),
+            target: target.into(),
+            minor: 1,
+            headers: if auth { vec![("Authorization".into(), b"Bearer t".to_vec())] } else { vec![] },
+        };
+        for (target, auth) in [
+            ("/api", false),
+            ("/api?timeout=32s", true),
+            ("/apis", false),
+            ("/apis/apps/v1", true),
+            ("/version", false),
+            ("/openapi/v2", false),
+            ("/livez", false),
+            ("/readyz?verbose", false),
+            ("/healthz/ping", false),
+            ("/healthz", true),
+        ] {
+            let r = root_hint(&req(target, auth), "https://hub:8443").unwrap_or_else(|| panic!("{target}"));
+            let text = String::from_utf8_lossy(&r.body).into_owned();
+            assert!(text.contains("https://hub:8443/k8s/clusters/NAME"), "{target}: {text}");
+            assert!([403, 404].contains(&r.status), "{target}");
+        }
+        // The hub's own paths: its probe, REST API, console, metrics.
+        for target in ["/healthz", "/api/v1/clusters", "/api/v1", "/", "/metrics", "/assets/app.js", "/apiary"] {
+            assert!(root_hint(&req(target, false), "https://hub").is_none(), "{target}");
+        }
+    }
 
     #[test]
     fn paths() {

@@ -13,6 +13,10 @@ pub struct Metrics {
     pub tunnels_accepted: Cell<u64>,
     pub activations: Cell<u64>,
     pub http_requests: Cell<u64>,
+    /// Connections refused over a cap (`limits`).
+    pub connections_refused: Cell<u64>,
+    /// Connections closed for missing a handshake, head or body deadline.
+    pub slow_closed: Cell<u64>,
 }
 
 impl Metrics {
@@ -55,6 +59,16 @@ impl Metrics {
             ("uplink_hub_tunnels_accepted_total", "Agent tunnels accepted.", self.tunnels_accepted.get()),
             ("uplink_hub_activations_total", "Successful activations.", self.activations.get()),
             ("uplink_hub_http_requests_total", "HTTP requests served.", self.http_requests.get()),
+            (
+                "uplink_hub_connections_refused_total",
+                "Connections refused over a connection cap.",
+                self.connections_refused.get(),
+            ),
+            (
+                "uplink_hub_slow_clients_closed_total",
+                "Connections closed for missing a handshake, head or body deadline.",
+                self.slow_closed.get(),
+            ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }

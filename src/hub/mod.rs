@@ -3,12 +3,15 @@
 //! themselves through those tunnels.
 //!
 //! ```text
-//!  client ─TLS─► server (accept, HTTP/1.1 keep-alive, routing)
+//!  client ─TLS─► server (accept, HTTP/1.1 keep-alive, routing; limits:
+//!                 caps per address and in total, deadlines for heads and
+//!                 unauthenticated bodies)
 //!                 ├─ /api/v1/...            api      REST for the CLI and console
 //!                 ├─ /k8s/clusters/NAME/..  kube     authn, grant, open stream, pipe
 //!                 ├─ /v1/activate, /v1/tunnel agents activation, tunnel sessions
 //!                 ├─ /, /assets/...         console  the web console, embedded
 //!                 ├─ /auth/...              oidc     console sign-in with the identity provider
+//!                 ├─ /api, /apis, /version, ...  kube::root_hint: "use /k8s/clusters/NAME"
 //!                 └─ /healthz, /metrics
 //!  state: Store (sqlite) · Tunnels (live sessions) · Bus (status events) · Metrics
 //! ```
@@ -34,6 +37,7 @@ pub mod events;
 pub mod http;
 pub mod install;
 pub mod kube;
+pub mod limits;
 pub mod logger;
 pub mod metrics;
 pub mod oidc;
@@ -69,6 +73,8 @@ pub struct Hub {
     pub drain_started: event_listener::Event,
     /// Agent image named in rendered manifests.
     pub agent_image: String,
+    /// Connection caps and deadlines, and who is connected (`limits`).
+    pub gate: limits::Gate,
     /// Settings of every tunnel session (keepalive, dead-peer deadline).
     pub tunnel_config: crate::proto::Config,
     /// The organisation's identity provider, when configured.

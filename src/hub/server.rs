@@ -2,8 +2,10 @@
 //!
 //! Start-up: data directory → store → TLS material → listener → (first
 //! start only) admin user, whose token is printed once. Then an accept
-//! loop on a `LocalExecutor`; each connection is a task that reads
-//! requests in turn (keep-alive) and routes them.
+//! loop on a `LocalExecutor`; each connection is admitted by the
+//! connection caps (`limits::Gate`, a 503 otherwise), then is a task that
+//! reads requests in turn (keep-alive) under the deadlines of `limits`
+//! and routes them.
 //!
 //! SIGTERM/SIGINT: the listener closes at once, agents get
 //! `GoAway(ShuttingDown)` so they reconnect at once to whoever holds the
@@ -18,6 +20,7 @@
 //! ```
 
 use super::http::{BodyState, HttpError, Inbound, Request, Response};
+use super::limits::{self, Gate, Limits, Ticket};
 use super::store::Store;
 use super::{Hub, agents, api, cert, console, kube, new_token};
 use crate::proto::GoAwayCode;
@@ -30,7 +33,7 @@ use smol::{LocalExecutor, Timer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub type Tls = futures_rustls::server::TlsStream<TcpStream>;
 /// The reading side of a client connection, with its buffer.
@@ -38,10 +41,6 @@ pub type In = Inbound<smol::io::ReadHalf<Tls>>;
 /// The writing side of a client connection.
 pub type Out = smol::io::WriteHalf<Tls>;
 
-/// How long a kept-alive connection may sit idle between requests.
-const IDLE: Duration = Duration::from_secs(120);
-/// How long a TLS handshake may take.
-const HANDSHAKE: Duration = Duration::from_secs(15);
 /// How long shutdown waits for agents to leave and requests to finish.
 const DRAIN: Duration = Duration::from_secs(5);
 /// Largest request body left unread by a handler that is skipped to keep
@@ -55,6 +54,8 @@ pub struct ServeConfig {
     pub public_url: Option<String>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Deadlines and connection caps (`limits`).
+    pub limits: Limits,
     /// Tunnel ping interval, told to agents in `Welcome`.
     pub keepalive: Duration,
     /// Tunnel dead-peer deadline, told to agents in `Deadline`.
@@ -154,6 +155,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
 
+    let limits = cfg.limits.fit_open_files(limits::open_file_limit());
+    if limits.max_connections < cfg.limits.max_connections {
+        warn!(
+            "connection cap lowered to {} to fit the open-file limit (raise LimitNOFILE / ulimit -n for more)",
+            limits.max_connections
+        );
+    }
     let hub = Rc::new(Hub {
         store,
         tunnels: Default::default(),
@@ -164,6 +172,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         draining: Default::default(),
         drain_started: Default::default(),
         agent_image: format!("ghcr.io/uplink/uplink:{}", env!("CARGO_PKG_VERSION")),
+        gate: Gate::new(limits),
         tunnel_config: crate::proto::Config {
             keepalive: cfg.keepalive,
             dead_after: cfg.dead_after,
@@ -280,69 +289,140 @@ async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListen
             }
         };
         let _ = tcp.set_nodelay(true);
+        let ticket = match hub.gate.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                refuse_connection(ex, hub, acceptor, tcp, peer, why);
+                continue;
+            }
+        };
         let hub = hub.clone();
         let acceptor = acceptor.clone();
         // Detached: a connection task owns its socket and ends with it
-        // (EOF, error, idle timeout); dropping the executor at shutdown
+        // (EOF, error, a deadline); dropping the executor at shutdown
         // cancels any left.
         ex.spawn(async move {
-            let tls = match acceptor
-                .accept(tcp)
-                .or(async {
-                    Timer::after(HANDSHAKE).await;
-                    Err(std::io::ErrorKind::TimedOut.into())
-                })
-                .await
-            {
-                Ok(t) => t,
-                Err(e) => {
-                    log::debug!("tls handshake failed peer={peer} error={e}");
-                    return;
+            match handshake(&acceptor, tcp, peer, hub.gate.limits().handshake).await {
+                Ok(tls) => connection(hub, tls, peer, ticket).await,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    super::metrics::Metrics::bump(&hub.metrics.slow_closed);
                 }
-            };
-            connection(hub, tls, peer).await;
+                Err(_) => {}
+            }
         })
         .detach();
     }
 }
 
-async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
-    let (r, mut out) = smol::io::split(tls);
-    let mut inb = Inbound::new(r);
-    // One idle timer for the connection's life, re-armed only when it
-    // goes off: arming a timer wakes the reactor, too dear per request.
-    let mut idle = Timer::after(IDLE);
-    loop {
-        let waiting_since = std::time::Instant::now();
-        let head = inb
-            .read_head()
-            .or(async {
-                loop {
-                    (&mut idle).await;
-                    if waiting_since.elapsed() >= IDLE {
-                        return Ok(None);
-                    }
-                    idle.set_at(waiting_since + IDLE);
+/// The TLS handshake, within `deadline` of accept (else `TimedOut`).
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    deadline: Duration,
+) -> std::io::Result<Tls> {
+    let timeout = async {
+        Timer::after(deadline).await;
+        Err(std::io::ErrorKind::TimedOut.into())
+    };
+    let tls = acceptor.accept(tcp).or(timeout).await;
+    if let Err(e) = &tls {
+        log::debug!("tls handshake failed peer={peer} error={e}");
+    }
+    tls
+}
+
+/// Answers a connection over a cap with `503` and `Retry-After`, then
+/// closes it.
+///
+/// The 503 is worth a TLS handshake: with the hub's ECDSA key it costs
+/// well under a millisecond, and a client that gets one (kubectl,
+/// client-go) waits and retries by itself instead of reporting a reset
+/// connection. The answer is sent before the request is read (a slow
+/// client must not hold even this), then the hub reads and discards a
+/// little so closing does not reset the 503 away (RFC 9112 §9.6). At most
+/// [`limits::MAX_REFUSALS_IN_FLIGHT`] refusals run at once, each within
+/// [`limits::REFUSAL_DEADLINE`]; past that a refused connection is just
+/// closed, so a flood costs the hub accepts and closes, not handshakes.
+fn refuse_connection(
+    ex: &LocalExecutor<'_>,
+    hub: &Rc<Hub>,
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    why: limits::Refused,
+) {
+    let message = why.message(hub.gate.limits());
+    super::metrics::Metrics::bump(&hub.metrics.connections_refused);
+    log::debug!("connection refused peer={peer} reason={why:?}");
+    let Some(slot) = hub.gate.refusal_slot() else { return };
+    let acceptor = acceptor.clone();
+    // Detached: bounded by REFUSAL_DEADLINE and by the slot count.
+    ex.spawn(async move {
+        let _slot = slot;
+        let answer = async {
+            let Ok(mut tls) = handshake(&acceptor, tcp, peer, limits::REFUSAL_DEADLINE).await else { return };
+            let resp = Response::json(503, &crate::kube_status::failure(503, "ServiceUnavailable", &message))
+                .with_header("Retry-After", limits::RETRY_AFTER_SECS.to_string());
+            if resp.write(&mut tls, false, false).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = smol::io::split(tls);
+            let _ = w.close().await;
+            let mut sink = [0u8; 4096];
+            let mut left: usize = 64 * 1024;
+            while left > 0 {
+                match smol::io::AsyncReadExt::read(&mut r, &mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
                 }
+            }
+        };
+        answer
+            .or(async {
+                Timer::after(limits::REFUSAL_DEADLINE).await;
             })
             .await;
-        let req = match head {
+    })
+    .detach();
+}
+
+async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr, mut ticket: Ticket) {
+    let limits = *hub.gate.limits();
+    let (r, mut out) = smol::io::split(tls);
+    let mut inb = Inbound::new(r);
+    inb.set_pace(limits.body_pace());
+    // One idle timer for the connection's life, re-armed only when it
+    // goes off: arming a timer wakes the reactor, too dear per request.
+    let mut idle = Timer::after(limits.idle);
+    loop {
+        let req = match next_head(&mut inb, &mut idle, &limits).await {
             Ok(Some(req)) => req,
             Ok(None) | Err(HttpError::Io(_)) => break,
-            Err(HttpError::HeadTooLarge) => {
-                let _ = api::error(431, "head_too_large", "request head too large").write(&mut out, false, false).await;
+            Err(e @ HttpError::TimedOut(_)) => {
+                // Debug: under a slow-client flood this is thousands of
+                // lines; `uplink_hub_slow_clients_closed_total` counts them
+                // (with the handshakes that timed out).
+                super::metrics::Metrics::bump(&hub.metrics.slow_closed);
+                log::debug!("connection closed peer={peer} reason={e}");
                 break;
             }
-            Err(HttpError::Malformed(m)) => {
-                let _ = api::error(400, "bad_request", m).write(&mut out, false, false).await;
+            Err(e) => {
+                refuse_request(&mut out, peer, &e).await;
                 break;
             }
         };
         super::metrics::Metrics::bump(&hub.metrics.http_requests);
+        if ticket.is_pending() && credential_valid(&hub, &req) {
+            ticket.authenticated();
+        }
         let mut body = match req.framing() {
             Ok(f) => BodyState::from(f),
             Err(e) => {
-                let _ = api::error(400, "bad_request", &e.to_string()).write(&mut out, false, false).await;
+                // RFC 9112 §6.3: a message whose length cannot be known is
+                // answered 400 and the connection closed; reading on would
+                // mean guessing where the next request starts.
+                refuse_request(&mut out, peer, &e).await;
                 break;
             }
         };
@@ -350,7 +430,24 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
         match route(&hub, &req, &mut body, &mut inb, &mut out, peer).await {
             Reply::Send(resp) => {
                 let keep = keep && drain_body(&mut inb, &mut body).await;
-                if resp.write(&mut out, keep, req.method == "HEAD").await.is_err() || !keep {
+                // An answer held in memory must leave within the body
+                // deadline: a client that stops reading it (a slow read)
+                // must not hold the connection either.
+                // Most answers fit the socket buffer at once: no timer for
+                // them (arming one per request wakes the reactor).
+                let send = async { resp.write(&mut out, keep, req.method == "HEAD").await.is_ok() };
+                let mut send = std::pin::pin!(send);
+                let sent = match smol::future::poll_once(send.as_mut()).await {
+                    Some(sent) => sent,
+                    None => {
+                        send.or(async {
+                            Timer::after(limits.small_body).await;
+                            false
+                        })
+                        .await
+                    }
+                };
+                if !sent || !keep {
                     break;
                 }
             }
@@ -364,12 +461,74 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
     let _ = out.close().await;
 }
 
-/// Skips what a handler left of a small body; false if the connection
-/// cannot be reused.
+/// The next request head: its first byte within `limits.idle` (else
+/// `Ok(None)`: an idle kept-alive connection is closed), the rest within
+/// `limits.head` of that byte (else [`HttpError::TimedOut`]), so a client
+/// that trickles a head holds the connection for seconds, not minutes.
+async fn next_head(inb: &mut In, idle: &mut Timer, limits: &Limits) -> Result<Option<Request>, HttpError> {
+    // Empty lines between requests (some clients end a body with one)
+    // are idleness, not the start of a head.
+    let waiting_since = Instant::now();
+    while !inb.skip_empty_lines() {
+        let more = async { inb.fill().await.map(|n| n > 0) }
+            .or(async {
+                loop {
+                    (&mut *idle).await;
+                    if waiting_since.elapsed() >= limits.idle {
+                        return Ok(false);
+                    }
+                    idle.set_at(waiting_since + limits.idle);
+                }
+            })
+            .await?;
+        if !more {
+            return Ok(None);
+        }
+    }
+    let first_byte = Instant::now();
+    // A head usually arrives whole, in one TLS record: no timer for it.
+    if let Some(head) = smol::future::poll_once(inb.read_head()).await {
+        return head;
+    }
+    inb.read_head()
+        .or(async {
+            Timer::at(first_byte + limits.head).await;
+            Err(HttpError::TimedOut("request head"))
+        })
+        .await
+}
+
+/// Whether the request carries a credential the hub knows: a person's
+/// token, or on `/v1/tunnel` an agent's. Asked once per connection, on
+/// its first request, to take it off its address's cap (`limits`);
+/// handlers still authenticate every request themselves.
+fn credential_valid(hub: &Hub, req: &Request) -> bool {
+    if req.target.split('?').next() == Some("/v1/tunnel") {
+        return agents::credential_valid(hub, req);
+    }
+    matches!(api::authenticate(hub, req), Ok(Some(_)))
+}
+
+/// Answers a request that could not be read (`431` for a head too
+/// large, `400` otherwise) before the connection closes, and says so in
+/// the log: a client or a proxy in front that frames requests
+/// differently is worth an operator's look.
+async fn refuse_request(out: &mut Out, peer: SocketAddr, e: &HttpError) {
+    let (status, code) = match e {
+        HttpError::HeadTooLarge => (431, "head_too_large"),
+        _ => (400, "bad_request"),
+    };
+    warn!("request refused peer={peer} status={status} error={e}");
+    let _ = api::error(status, code, &e.to_string()).write(out, false, false).await;
+}
+
+/// Skips what a handler left of a small body, under the body deadlines;
+/// false if the connection cannot be reused.
 async fn drain_body(inb: &mut In, body: &mut BodyState) -> bool {
+    let started = Instant::now();
     let mut skipped = 0;
     loop {
-        match inb.read_body(body).await {
+        match inb.read_body_paced(body, started).await {
             Ok(None) => return true,
             Ok(Some(c)) => {
                 skipped += c.len();
@@ -399,12 +558,15 @@ async fn route(
     if path == "/k8s/clusters" || path.starts_with("/k8s/clusters/") || path.starts_with("/k8s/") {
         return kube::proxy(hub, req, body, inb, out).await;
     }
+    if let Some(hint) = kube::root_hint(req, &hub.public_url) {
+        return Reply::Send(hint);
+    }
     match (req.method.as_str(), path) {
         ("GET" | "HEAD", "/healthz") => Reply::Send(Response::new(200, "text/plain", "ok\n")),
         ("GET" | "HEAD", "/metrics") => Reply::Send(Response::new(
             200,
             "text/plain; version=0.0.4",
-            hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count()),
+            hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count()) + &connection_gauges(&hub.gate),
         )),
         ("POST", "/v1/activate") => Reply::Send(agents::activate(hub, req, body, inb).await),
         ("GET", "/v1/tunnel") => agents::tunnel(hub, req, inb, out, peer).await,
@@ -428,6 +590,20 @@ async fn auth_route(hub: &Hub, req: &Request, method: &str, path: &str) -> Respo
         ("POST", "/auth/logout") => browser::logout(hub, req),
         _ => api::error(405, "method_not_allowed", &format!("{method} is not supported on {path}")),
     }
+}
+
+/// The connection accounting as Prometheus gauges.
+fn connection_gauges(gate: &Gate) -> String {
+    let (open, pending) = gate.open();
+    format!(
+        "# HELP uplink_hub_connections_open Client connections held.\n# TYPE uplink_hub_connections_open gauge\n\
+         uplink_hub_connections_open {open}\n\
+         # HELP uplink_hub_connections_unauthenticated Connections that have not proved a credential yet.\n\
+         # TYPE uplink_hub_connections_unauthenticated gauge\nuplink_hub_connections_unauthenticated {pending}\n\
+         # HELP uplink_hub_connections_max The connection cap.\n# TYPE uplink_hub_connections_max gauge\n\
+         uplink_hub_connections_max {}\n",
+        gate.limits().max_connections
+    )
 }
 
 fn agents_by_name(hub: &Hub) -> Vec<(String, usize)> {

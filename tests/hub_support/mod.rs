@@ -409,6 +409,10 @@ async fn answer(mut stream: uplink::driver::Stream, head: RequestHead) {
         headers.push(Header::new("Access-Control-Allow-Origin", "*"));
         headers.push(Header::new("Content-Security-Policy", "script-src *"));
     }
+    // An agent whose framing the hub must not trust.
+    if head.path.starts_with("/bad-length") {
+        headers.push(Header::new("Content-Length", format!("+{}", bytes.len())));
+    }
     if head.path.starts_with("/split") {
         headers.push(Header::new("X-Evil", "a\r\nSet-Cookie: session=stolen"));
     }
@@ -417,4 +421,25 @@ async fn answer(mut stream: uplink::driver::Stream, head: RequestHead) {
     let _ = stream.write_all(&bytes).await;
     stream.finish();
     smol::Timer::after(Duration::from_millis(200)).await;
+}
+
+/// A TCP connection to `dst` from the loopback address `src` (any
+/// 127.0.0.N works on Linux without configuration), so tests can stand
+/// for several client addresses.
+pub fn tcp_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    bind(&fd, &SocketAddr::from((src, 0)))?;
+    connect(&fd, &dst)?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
+/// A blocking TLS client session to the hub over `tcp`.
+pub fn tls_over(
+    hub: &HubProc,
+    tcp: std::net::TcpStream,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let cfg = client_config(&Trust::CaPem(hub.ca_pem.clone()), None, &[]).unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    rustls::StreamOwned::new(rustls::ClientConnection::new(cfg, name).unwrap(), tcp)
 }

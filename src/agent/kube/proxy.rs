@@ -42,6 +42,9 @@ enum Failure {
     Refused(u16, &'static str, String),
     /// The API server could not be reached or broke off before a head.
     Upstream(String),
+    /// The API server answered with a head that cannot be read safely
+    /// ([`http1::MalformedResponse`]): `502`, and its connection dropped.
+    BadGateway(String),
     /// The API server took longer than its deadline to answer.
     UpstreamTimeout(String),
     /// The API server broke off after the head went out.
@@ -88,6 +91,17 @@ pub async fn serve(ctx: Rc<AgentCtx>, mut stream: Stream, head: RequestHead) {
             )
             .await;
             503
+        }
+        Err(Failure::BadGateway(message)) => {
+            log::warn!("{} {}: malformed API-server response: {message}", head.method, path_only(&head.path));
+            let _ = send_status(
+                &mut stream,
+                502,
+                "InternalError",
+                &format!("the agent could not read the API server's answer: {message}"),
+            )
+            .await;
+            502
         }
         Err(Failure::UpstreamTimeout(message)) => {
             log::warn!("{} {}: API server too slow: {message}", head.method, path_only(&head.path));
@@ -138,11 +152,23 @@ fn request_body(head: &RequestHead, upgrade: bool) -> Result<ReqBody, Failure> {
     if upgrade {
         return Ok(ReqBody::None);
     }
-    if let Some(v) = crate::http::find(&head.headers, "content-length") {
-        let n = std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok());
-        return n.map(ReqBody::Length).ok_or_else(|| Failure::Refused(400, "BadRequest", "bad Content-Length".into()));
-    }
+    // The hub checked the framing already; the agent checks again, since
+    // it forwards `Content-Length` as it is and must not frame a body
+    // differently from the API server (RFC 9112 §6.1, §6.3).
+    let length = crate::http::content_length(&head.headers).map_err(|e| {
+        Failure::Refused(400, "BadRequest", format!("uplink agent refused the request: {e} (RFC 9112 §6.3)"))
+    })?;
     let chunked = crate::http::has_token(&head.headers, "transfer-encoding", "chunked");
+    if let Some(n) = length {
+        if crate::http::find(&head.headers, "transfer-encoding").is_some() {
+            return Err(Failure::Refused(
+                400,
+                "BadRequest",
+                "uplink agent refused the request: both Transfer-Encoding and Content-Length (RFC 9112 §6.1)".into(),
+            ));
+        }
+        return Ok(ReqBody::Length(n));
+    }
     if chunked || matches!(head.method.as_str(), "POST" | "PUT" | "PATCH") {
         Ok(ReqBody::Chunked)
     } else {
@@ -186,9 +212,17 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
             conn.write_all(&wire_head).await.map_err(|e| (Failure::Upstream(e.to_string()), true))?;
             send_body(ctx, stream, &mut conn, body).await.map_err(|f| (f, false))?;
             let limit = net::response_timeout();
-            net::deadline(limit, || "waiting for the response head".into(), conn.read_head(head_request))
-                .await
-                .map_err(|e| (upstream(e), true))
+            net::deadline(limit, || "waiting for the response head".into(), conn.read_head(head_request)).await.map_err(
+                |e| {
+                    // A malformed answer is not a stale pooled connection:
+                    // no retry, and `conn` is dropped with it, never pooled.
+                    if http1::is_malformed(&e) {
+                        (Failure::BadGateway(e.to_string()), false)
+                    } else {
+                        (upstream(e), true)
+                    }
+                },
+            )
         };
         match attempt.await {
             Ok(r) => break r,
