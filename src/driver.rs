@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!   socket ──read──► reader loop ──handle_input──► Mux ──events──► Stream handles
-//!   socket ◄─write── writer loop ◄──take_transmit── Mux ◄──send_*── Stream handles
+//!   socket ◄─write── writer loop ◄──poll_transmit── Mux ◄──send_*── Stream handles
 //!                    timer loop  ──handle_timeout──►
 //! ```
 //!
@@ -35,6 +35,18 @@ use std::time::{Duration, Instant};
 
 /// Bytes asked of the socket per read.
 const READ_BUF: usize = 64 * 1024;
+
+/// Bytes asked of the mux per write: a few scheduler turns. Small, so
+/// that what is already committed to TLS and the socket is small and the
+/// mux's scheduler, not a deep buffer, decides what goes next; big
+/// enough that a busy tunnel writes in whole TLS records.
+pub const WRITE_CHUNK: usize = 32 * 1024;
+
+/// `TCP_NOTSENT_LOWAT` for tunnel sockets, both ends: the kernel holds
+/// at most about this many unsent bytes (plus the write in progress), so
+/// a small answer queued behind a download waits for this much to leave,
+/// not for a send buffer of megabytes.
+pub const TUNNEL_NOTSENT_LOWAT: u32 = 32 * 1024;
 
 /// Why a stream can no longer be read or written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -277,35 +289,43 @@ impl Session {
         }
     }
 
+    /// Asks the mux for a little at a time ([`WRITE_CHUNK`]) and writes
+    /// it out before asking again: the mux decides the order, this loop
+    /// only moves bytes.
     async fn write_loop<W: AsyncWrite + Unpin>(&self, mut writer: W) -> io::Result<()> {
-        let mut spare = Vec::new();
+        let mut buf = Vec::with_capacity(WRITE_CHUNK + super::proto::sched::QUANTUM + 1024);
         loop {
-            let out = future::poll_fn(|cx| {
+            let more = future::poll_fn(|cx| {
                 let mut s = self.shared.borrow_mut();
-                if s.mux.pending_transmit() > 0 {
-                    let buf = s.mux.take_transmit(std::mem::take(&mut spare));
-                    Poll::Ready(Some(buf))
+                buf.clear();
+                if s.mux.poll_transmit(&mut buf, WRITE_CHUNK) > 0 {
+                    Poll::Ready(true)
                 } else if s.mux.is_closed() {
-                    Poll::Ready(None)
+                    Poll::Ready(false)
                 } else {
                     store(&mut s.driver_waker, cx);
                     Poll::Pending
                 }
             })
             .await;
-            let Some(buf) = out else {
+            if !more {
                 writer.flush().await?;
                 return writer.close().await;
-            };
+            }
             writer.write_all(&buf).await?;
             writer.flush().await?;
-            spare = buf;
-            // Shrink a buffer a burst blew up, keep a modest one for reuse.
-            if spare.capacity() > 1 << 20 {
-                spare = Vec::new();
+            // A burst of control frames may have blown the buffer up.
+            if buf.capacity() > 1 << 20 {
+                buf = Vec::with_capacity(WRITE_CHUNK);
             }
             let mut s = self.shared.borrow_mut();
             s.room_wakers.drain(..).for_each(Waker::wake);
+            // The last queued data may just have left a session that was
+            // only waiting for it to go away.
+            if s.mux.is_drained() && !s.mux.is_closed() {
+                s.mux.shutdown_drained();
+                s.dispatch();
+            }
         }
     }
 

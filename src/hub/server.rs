@@ -188,6 +188,16 @@ fn url_host(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_string())
 }
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn tunnel_socket(tcp: &TcpStream) -> std::io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_notsent_lowat(crate::driver::TUNNEL_NOTSENT_LOWAT)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn tunnel_socket(_: &TcpStream) -> std::io::Result<()> {
+    Ok(())
+}
+
 async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListener, acceptor: &TlsAcceptor) {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -227,6 +237,9 @@ async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListen
 }
 
 async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
+    // A handle on the socket for options set once the connection's use is
+    // known (a tunnel's TCP_NOTSENT_LOWAT).
+    let tcp = tls.get_ref().0.clone();
     let (r, mut out) = smol::io::split(tls);
     let mut inb = Inbound::new(r);
     // One idle timer for the connection's life, re-armed only when it
@@ -267,7 +280,7 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr) {
             }
         };
         let keep = req.keep_alive() && !hub.draining.get();
-        match route(&hub, &req, &mut body, &mut inb, &mut out, peer).await {
+        match route(&hub, &req, &mut body, &mut inb, &mut out, peer, &tcp).await {
             Reply::Send(resp) => {
                 let keep = keep && drain_body(&mut inb, &mut body).await;
                 if resp.write(&mut out, keep, req.method == "HEAD").await.is_err() || !keep {
@@ -309,6 +322,7 @@ async fn route(
     inb: &mut In,
     out: &mut Out,
     peer: SocketAddr,
+    tcp: &TcpStream,
 ) -> Reply {
     let path = req.target.split('?').next().unwrap_or("");
     if path == "/k8s/clusters" || path.starts_with("/k8s/clusters/") || path.starts_with("/k8s/") {
@@ -322,7 +336,14 @@ async fn route(
             hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count()),
         )),
         ("POST", "/v1/activate") => Reply::Send(agents::activate(hub, req, body, inb).await),
-        ("GET", "/v1/tunnel") => agents::tunnel(hub, req, inb, out, peer).await,
+        ("GET", "/v1/tunnel") => {
+            // The tunnel's scheduler, not the kernel's send buffer, decides
+            // what crosses the link next (see crate::driver).
+            if let Err(e) = tunnel_socket(tcp) {
+                log::debug!("TCP_NOTSENT_LOWAT not set on the tunnel peer={peer}: {e}");
+            }
+            agents::tunnel(hub, req, inb, out, peer).await
+        }
         (_, "/v1/activate" | "/v1/tunnel") => Reply::Send(api::error(405, "method_not_allowed", "wrong method")),
         (_, p) if p == "/api/v1" || p.starts_with("/api/v1/") => Reply::Send(api::handle(hub, req, body, inb).await),
         ("GET" | "HEAD", p) if console::is_console_path(p) => Reply::Send(console::serve(req)),
