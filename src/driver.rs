@@ -36,11 +36,17 @@ use std::time::{Duration, Instant};
 /// Bytes asked of the socket per read.
 const READ_BUF: usize = 64 * 1024;
 
-/// Bytes asked of the mux per write: a few scheduler turns. Small, so
-/// that what is already committed to TLS and the socket is small and the
-/// mux's scheduler, not a deep buffer, decides what goes next; big
-/// enough that a busy tunnel writes in whole TLS records.
-pub const WRITE_CHUNK: usize = 32 * 1024;
+/// Bytes asked of the mux per write while the socket keeps up (the last
+/// write went through at once): a batch the kernel takes in one send (one
+/// TSO segment of 64 KiB, TLS records included), so a busy tunnel on a
+/// fast link makes few, large writes.
+pub const WRITE_BATCH: usize = 60 * 1024;
+
+/// Bytes asked of the mux per write while the socket does not keep up
+/// (the link is the bottleneck): one scheduler turn, so that what is
+/// committed below the scheduler stays small and the mux, not a deep
+/// buffer, decides what crosses the slow link next.
+pub const WRITE_CHUNK: usize = 16 * 1024;
 
 /// `TCP_NOTSENT_LOWAT` for tunnel sockets, both ends: the kernel holds
 /// at most about this many unsent bytes (plus the write in progress), so
@@ -289,16 +295,20 @@ impl Session {
         }
     }
 
-    /// Asks the mux for a little at a time ([`WRITE_CHUNK`]) and writes
-    /// it out before asking again: the mux decides the order, this loop
-    /// only moves bytes.
+    /// Asks the mux for a batch, writes it out, and only then asks again:
+    /// the mux decides the order, this loop only moves bytes. A write that
+    /// had to wait for the socket means the link is the bottleneck: the
+    /// next batches are small ([`WRITE_CHUNK`]) until one goes through at
+    /// once again.
     async fn write_loop<W: AsyncWrite + Unpin>(&self, mut writer: W) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(WRITE_CHUNK + super::proto::sched::QUANTUM + 1024);
+        let mut buf = Vec::with_capacity(WRITE_BATCH + super::proto::sched::QUANTUM + 1024);
+        let mut congested = false;
         loop {
+            let limit = if congested { WRITE_CHUNK } else { WRITE_BATCH };
             let more = future::poll_fn(|cx| {
                 let mut s = self.shared.borrow_mut();
                 buf.clear();
-                if s.mux.poll_transmit(&mut buf, WRITE_CHUNK) > 0 {
+                if s.mux.poll_transmit(&mut buf, limit) > 0 {
                     Poll::Ready(true)
                 } else if s.mux.is_closed() {
                     Poll::Ready(false)
@@ -312,11 +322,25 @@ impl Session {
                 writer.flush().await?;
                 return writer.close().await;
             }
-            writer.write_all(&buf).await?;
-            writer.flush().await?;
+            {
+                let mut write = std::pin::pin!(async {
+                    writer.write_all(&buf).await?;
+                    writer.flush().await
+                });
+                congested = match future::poll_once(write.as_mut()).await {
+                    Some(done) => {
+                        done?;
+                        false
+                    }
+                    None => {
+                        write.await?;
+                        true
+                    }
+                };
+            }
             // A burst of control frames may have blown the buffer up.
             if buf.capacity() > 1 << 20 {
-                buf = Vec::with_capacity(WRITE_CHUNK);
+                buf = Vec::with_capacity(WRITE_BATCH);
             }
             let mut s = self.shared.borrow_mut();
             s.room_wakers.drain(..).for_each(Waker::wake);
