@@ -52,7 +52,7 @@ pub const WRITE_CHUNK: usize = 16 * 1024;
 /// at most about this many unsent bytes (plus the write in progress), so
 /// a small answer queued behind a download waits for this much to leave,
 /// not for a send buffer of megabytes.
-pub const TUNNEL_NOTSENT_LOWAT: u32 = 32 * 1024;
+pub const TUNNEL_NOTSENT_LOWAT: u32 = 16 * 1024;
 
 /// Why a stream can no longer be read or written.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -110,9 +110,10 @@ if [ -n "${WRK:-}" ]; then
     for side in hub agent; do
         pid=$([ $side = hub ] && echo "$hubpid" || echo "$agentpid")
         perf stat -x, -e raw_syscalls:sys_enter,context-switches,task-clock -p "$pid" -o "$dir/$side.stat" -- sleep 5 &
+        [ -z "${STRACE:-}" ] || timeout -s INT 5 strace -c -f -p "$pid" -o "$STRACE.$side" &
         [ -z "${PERF_RECORD:-}" ] || perf record -F 2000 -g -p "$pid" -o "$PERF_RECORD.$side" -- sleep 5 2>/dev/null &
     done
-    wrk -t2 -c"$WRK" -d5s -H "Authorization: Bearer $token" "$hub/k8s/clusters/bench/small.json" | tee wrk.out
+    wrk -t$((WRK < 2 ? 1 : 2)) -c"$WRK" -d5s -H "Authorization: Bearer $token" "$hub/k8s/clusters/bench/small.json" | tee wrk.out
     wait %% 2>/dev/null || sleep 1
     sleep 1
     reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' wrk.out)

@@ -656,9 +656,11 @@ fn start_bore(bin: &Path, dir: &Path, nginx: &Nginx) -> Option<(Proc, Proc, Sock
 
 /// A TCP relay that behaves like a slow link: each direction is
 /// serialized at `EDGE_BITS_PER_SEC` and delivered `EDGE_DELAY` later.
-/// Its sockets have small receive buffers and it reads only while its own
-/// queue (bytes waiting to go onto the link) is short, like a router with
-/// a modest buffer; what does not fit waits in the sender's socket.
+/// It reads only while its own queue (bytes waiting to go onto the link)
+/// is short, like a router with a modest buffer, and its sockets' receive
+/// buffers are tiny so they add next to nothing to that queue: what does
+/// not fit waits in the sender's socket, where the sender's own policy
+/// (TCP_NOTSENT_LOWAT, its scheduler) is in charge.
 struct Relay {
     addr: SocketAddr,
 }
@@ -666,11 +668,13 @@ struct Relay {
 /// Bytes waiting to go onto the emulated link before the relay stops
 /// reading: about 13 ms of the link.
 const EDGE_QUEUE: usize = 32 * 1024;
+/// The relay's socket receive buffers (the kernel doubles and rounds up).
+const EDGE_SOCKET_BUFFER: usize = 4 * 1024;
 
 impl Relay {
     fn start(to: SocketAddr) -> Relay {
         let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        listener.set_recv_buffer_size(EDGE_QUEUE).unwrap();
+        listener.set_recv_buffer_size(EDGE_SOCKET_BUFFER).unwrap();
         listener.set_reuse_address(true).unwrap();
         listener.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
         listener.listen(16).unwrap();
@@ -680,7 +684,7 @@ impl Relay {
             for inbound in listener.incoming() {
                 let Ok(inbound) = inbound else { return };
                 let out = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-                out.set_recv_buffer_size(EDGE_QUEUE).unwrap();
+                out.set_recv_buffer_size(EDGE_SOCKET_BUFFER).unwrap();
                 if out.connect(&to.into()).is_err() {
                     continue;
                 }
