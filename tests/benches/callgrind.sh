@@ -11,7 +11,7 @@
 #   CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
 #     cargo build --release --bins --target-dir target/prof
 # Env: N (requests measured, default 2000), P (concurrent connections,
-# default 1), KEEP=1 keeps the work dir with
+# default 1), PER_THREAD=1 (with WRK: figures per thread), KEEP=1 keeps the work dir with
 # the callgrind.out files for callgrind_annotate.
 # Needs nginx, valgrind, openssl, curl, python3.
 set -euo pipefail
@@ -109,7 +109,7 @@ if [ -n "${WRK:-}" ]; then
     # context switches per request on each side from perf stat.
     for side in hub agent; do
         pid=$([ $side = hub ] && echo "$hubpid" || echo "$agentpid")
-        perf stat -x, -e raw_syscalls:sys_enter,context-switches,task-clock -p "$pid" -o "$dir/$side.stat" -- sleep 5 &
+        perf stat -x, ${PER_THREAD:+--per-thread} -e raw_syscalls:sys_enter,context-switches,task-clock -p "$pid" -o "$dir/$side.stat" -- sleep 5 &
         [ -z "${STRACE:-}" ] || timeout -s INT 5 strace -c -f -p "$pid" -o "$STRACE.$side" &
         [ -z "${PERF_RECORD:-}" ] || perf record -F 2000 -g -p "$pid" -o "$PERF_RECORD.$side" -- sleep 5 2>/dev/null &
     done
@@ -118,7 +118,11 @@ if [ -n "${WRK:-}" ]; then
     sleep 1
     reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' wrk.out)
     for side in hub agent; do
-        awk -F, -v side=$side -v n="$reqs" '$3 ~ /sys_enter|context-switches|task-clock/ {printf "%s: %s %.2f per request\n", side, $3, $1 / n}' "$dir/$side.stat"
+        if [ -n "${PER_THREAD:-}" ]; then
+            awk -F, -v side=$side -v n="$reqs" '$4 ~ /sys_enter|context-switches|task-clock/ {printf "%s %s: %s %.2f per request\n", side, $1, $4, $2 / n}' "$dir/$side.stat"
+        else
+            awk -F, -v side=$side -v n="$reqs" '$3 ~ /sys_enter|context-switches|task-clock/ {printf "%s: %s %.2f per request\n", side, $3, $1 / n}' "$dir/$side.stat"
+        fi
     done
     exit 0
 fi
