@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!   socket ──read──► reader loop ──handle_input──► Mux ──events──► Stream handles
-//!   socket ◄─write── writer loop ◄──take_transmit── Mux ◄──send_*── Stream handles
+//!   socket ◄─write── writer loop ◄──poll_transmit── Mux ◄──send_*── Stream handles
 //!                    timer loop  ──handle_timeout──►
 //! ```
 //!
@@ -47,6 +47,24 @@ enum Ended {
     /// The mux closed while the transport still works.
     Closed,
 }
+
+/// Bytes asked of the mux per write while the socket keeps up (the last
+/// write went through at once): a batch the kernel takes in one send (one
+/// TSO segment of 64 KiB, TLS records included), so a busy tunnel on a
+/// fast link makes few, large writes.
+pub const WRITE_BATCH: usize = 60 * 1024;
+
+/// Bytes asked of the mux per write while the socket does not keep up
+/// (the link is the bottleneck): one scheduler turn, so that what is
+/// committed below the scheduler stays small and the mux, not a deep
+/// buffer, decides what crosses the slow link next.
+pub const WRITE_CHUNK: usize = 16 * 1024;
+
+/// `TCP_NOTSENT_LOWAT` for tunnel sockets, both ends: the kernel holds
+/// at most about this many unsent bytes (plus the write in progress), so
+/// a small answer queued behind a download waits for this much to leave,
+/// not for a send buffer of megabytes.
+pub const TUNNEL_NOTSENT_LOWAT: u32 = 16 * 1024;
 
 /// Why a stream can no longer be read or written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -296,35 +314,61 @@ impl Session {
         }
     }
 
+    /// Asks the mux for a batch, writes it out, and only then asks again:
+    /// the mux decides the order, this loop only moves bytes. A write that
+    /// had to wait for the socket means the link is the bottleneck: the
+    /// next batches are small ([`WRITE_CHUNK`]) until one goes through at
+    /// once again.
     async fn write_loop<W: AsyncWrite + Unpin>(&self, mut writer: W) -> io::Result<()> {
-        let mut spare = Vec::new();
+        let mut buf = Vec::with_capacity(WRITE_BATCH + super::proto::sched::QUANTUM + 1024);
+        let mut congested = false;
         loop {
-            let out = future::poll_fn(|cx| {
+            let limit = if congested { WRITE_CHUNK } else { WRITE_BATCH };
+            let more = future::poll_fn(|cx| {
                 let mut s = self.shared.borrow_mut();
-                if s.mux.pending_transmit() > 0 {
-                    let buf = s.mux.take_transmit(std::mem::take(&mut spare));
-                    Poll::Ready(Some(buf))
+                buf.clear();
+                if s.mux.poll_transmit(&mut buf, limit) > 0 {
+                    Poll::Ready(true)
                 } else if s.mux.is_closed() {
-                    Poll::Ready(None)
+                    Poll::Ready(false)
                 } else {
                     store(&mut s.driver_waker, cx);
                     Poll::Pending
                 }
             })
             .await;
-            let Some(buf) = out else {
+            if !more {
                 writer.flush().await?;
                 return writer.close().await;
-            };
-            writer.write_all(&buf).await?;
-            writer.flush().await?;
-            spare = buf;
-            // Shrink a buffer a burst blew up, keep a modest one for reuse.
-            if spare.capacity() > 1 << 20 {
-                spare = Vec::new();
+            }
+            {
+                let mut write = std::pin::pin!(async {
+                    writer.write_all(&buf).await?;
+                    writer.flush().await
+                });
+                congested = match future::poll_once(write.as_mut()).await {
+                    Some(done) => {
+                        done?;
+                        false
+                    }
+                    None => {
+                        write.await?;
+                        true
+                    }
+                };
+            }
+            // A burst of control frames may have blown the buffer up.
+            if buf.capacity() > 1 << 20 {
+                buf = Vec::with_capacity(WRITE_BATCH);
             }
             let mut s = self.shared.borrow_mut();
             s.room_wakers.drain(..).for_each(Waker::wake);
+            // The last queued data may just have left a session that was
+            // only waiting for it to go away.
+            if s.mux.is_drained() && !s.mux.is_closed() {
+                s.mux.shutdown_drained();
+                s.dispatch();
+            }
         }
     }
 

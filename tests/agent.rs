@@ -312,7 +312,7 @@ fn exec_with_stdin_through_an_upgrade() {
 fn many_streams_proceed_while_one_reader_stalls() {
     let w = World::new("many");
     let a = w.connected_agent();
-    // A log bigger than the tunnel window (256 KiB) for the stalled reader.
+    // A log bigger than the tunnel window (128 KiB) for the stalled reader.
     let line = "x".repeat(1000);
     for _ in 0..1200 {
         w.k.append_log("default", "web-7d4b9c8f6d-abcde", &line);

@@ -729,3 +729,186 @@ fn an_oversized_response_head_resets_the_stream() {
     assert!(matches!(&p.take_hub_events()[..], [Event::Reset { message, .. }] if message.contains("too many header")));
     assert!(p.hub.is_open());
 }
+
+// ---------------------------------------------------------------------
+// Fairness: control frames first, data in round-robin quanta.
+
+use uplink::proto::sched::QUANTUM;
+
+/// Decodes a transmit buffer into its frames, in wire order.
+fn frames(mut bytes: &[u8]) -> Vec<Frame> {
+    let mut out = Vec::new();
+    while let Some((frame, used)) = uplink::proto::codec::decode(bytes, MAX_FRAME_LEN).unwrap() {
+        out.push(frame);
+        bytes = &bytes[used..];
+    }
+    assert!(bytes.is_empty(), "transmit buffers hold whole frames");
+    out
+}
+
+/// A pair whose streams may queue megabytes: window and buffer of 8 MiB.
+fn bulk_pair() -> Pair {
+    let mut p = Pair::with(Config { initial_window: 8 << 20, max_tx_buffer: 8 << 20, ..Config::default() });
+    p.take_hub_events();
+    p.take_agent_events();
+    p
+}
+
+/// The hub opens a stream and the agent answers its head.
+fn answered(p: &mut Pair, path: &str) -> StreamId {
+    let id = p.hub.open(head(path)).unwrap();
+    p.hub.finish(id).unwrap();
+    p.run();
+    p.take_agent_events();
+    p.agent.send_head(id, ok_head()).unwrap();
+    p.run();
+    p.take_hub_events();
+    id
+}
+
+#[test]
+fn a_small_answer_overtakes_a_bulk_backlog_within_one_quantum() {
+    let mut p = bulk_pair();
+    let bulk = answered(&mut p, "/api/v1/pods?watch=1");
+    let big = vec![b'b'; 6 << 20];
+    assert_eq!(p.agent.send_data(bulk, &big).unwrap(), big.len(), "megabytes queued at once");
+    // The driver has taken a first write's worth; the rest waits in the mux.
+    let mut wire = Vec::new();
+    p.agent.poll_transmit(&mut wire, 32 * 1024);
+    p.hub.handle_input(&wire, p.now);
+    // Now a `kubectl get` arrives and is answered while the download runs.
+    let small = p.hub.open(head("/api/v1/namespaces")).unwrap();
+    p.hub.finish(small).unwrap();
+    let to_agent = p.hub.take_transmit(Vec::new());
+    p.agent.handle_input(&to_agent, p.now);
+    p.collect();
+    assert!(p.take_agent_events().contains(&Event::Opened { id: small, head: head("/api/v1/namespaces") }));
+    let body = vec![b'{'; 2500];
+    p.agent.send_head(small, ok_head()).unwrap();
+    assert_eq!(p.agent.send_data(small, &body).unwrap(), body.len());
+    p.agent.finish(small).unwrap();
+
+    // Pull the way the driver does: a little at a time.
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        let mut wire = Vec::new();
+        p.agent.poll_transmit(&mut wire, 32 * 1024);
+        p.hub.handle_input(&wire, p.now);
+        order.extend(frames(&wire));
+    }
+    let bulk_before = |i: usize| -> usize {
+        order[..i]
+            .iter()
+            .map(|f| match f {
+                Frame::Data { id, data } if *id == bulk => data.len(),
+                _ => 0,
+            })
+            .sum()
+    };
+    let head_at = order.iter().position(|f| matches!(f, Frame::Head { id, .. } if *id == small)).unwrap();
+    let end_at = order.iter().position(|f| matches!(f, Frame::End { id } if *id == small)).unwrap();
+    assert_eq!(head_at, 0, "the head is a control frame: it goes first");
+    assert!(
+        bulk_before(end_at) <= QUANTUM,
+        "the answer is done within one quantum: {} bulk bytes first",
+        bulk_before(end_at)
+    );
+    assert!(order.iter().any(|f| matches!(f, Frame::Data { id, data } if *id == small && data.len() == 2500)));
+    // And the whole exchange arrives intact, the download too.
+    p.run();
+    let ev = p.take_hub_events();
+    assert_eq!(data_for(&ev, small), body);
+    assert!(ev.contains(&Event::End { id: small }));
+    assert_eq!(data_for(&ev, bulk).len(), big.len());
+}
+#[test]
+fn two_bulk_streams_take_turns() {
+    let mut p = bulk_pair();
+    let a = answered(&mut p, "/a");
+    let b = answered(&mut p, "/b");
+    let big = vec![7u8; 2 << 20];
+    p.agent.send_data(a, &big).unwrap();
+    p.agent.send_data(b, &big).unwrap();
+    p.agent.finish(a).unwrap();
+    p.agent.finish(b).unwrap();
+    let (mut sent_a, mut sent_b) = (0usize, 0usize);
+    let mut ends = Vec::new();
+    loop {
+        let mut wire = Vec::new();
+        if p.agent.poll_transmit(&mut wire, 32 * 1024) == 0 {
+            break;
+        }
+        for f in frames(&wire) {
+            match f {
+                Frame::Data { id, data } if id == a => sent_a += data.len(),
+                Frame::Data { id, data } if id == b => sent_b += data.len(),
+                Frame::End { id } => ends.push(id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(sent_a.abs_diff(sent_b) <= QUANTUM, "fair within a quantum: {sent_a} vs {sent_b}");
+    }
+    assert_eq!((sent_a, sent_b), (big.len(), big.len()));
+    assert_eq!(ends, vec![a, b]);
+}
+
+#[test]
+fn control_frames_overtake_queued_data() {
+    let mut p = bulk_pair();
+    let a = answered(&mut p, "/download");
+    p.agent.send_data(a, &vec![1u8; 1 << 20]).unwrap();
+    // A keepalive and a refusal do not wait for the megabyte.
+    p.agent.handle_timeout(p.now + Duration::from_secs(16));
+    let other = p.hub.open(head("/other")).unwrap();
+    let to_agent = p.hub.take_transmit(Vec::new());
+    p.agent.handle_input(&to_agent, p.now);
+    p.agent.reset(other, ResetCode::Forbidden, "no");
+    let mut wire = Vec::new();
+    p.agent.poll_transmit(&mut wire, 1);
+    let f = frames(&wire);
+    assert!(matches!(f[0], Frame::Ping { .. }), "{:?}", f[0]);
+    assert!(matches!(f[1], Frame::Reset { id, .. } if id == other));
+    assert_eq!(f.len(), 2, "the control frames filled the limit");
+    wire.clear();
+    p.agent.poll_transmit(&mut wire, 1);
+    assert!(matches!(&frames(&wire)[..], [Frame::Data { id, data }] if *id == a && data.len() == QUANTUM));
+}
+
+#[test]
+fn a_small_answer_is_queued_even_when_bulk_filled_the_buffer() {
+    let mut p = Pair::with(Config { max_tx_buffer: 64 * 1024, ..Config::default() });
+    let bulk = answered(&mut p, "/logs");
+    let small = answered(&mut p, "/version");
+    assert_eq!(p.agent.send_data(bulk, &vec![0u8; 256 * 1024]).unwrap(), 64 * 1024, "bulk stops at the buffer");
+    assert_eq!(p.agent.send_data(bulk, b"more").unwrap(), 0);
+    assert_eq!(p.agent.send_capacity(small), QUANTUM);
+    assert_eq!(p.agent.send_data(small, &[b'x'; 2500]).unwrap(), 2500, "a small answer never waits for the backlog");
+    assert_eq!(p.agent.send_data(small, &vec![b'x'; 64 * 1024]).unwrap(), QUANTUM - 2500, "but only one quantum of it");
+}
+
+#[test]
+fn a_reset_after_end_follows_the_queued_data() {
+    let mut p = bulk_pair();
+    let id = p.hub.open(head("/upload")).unwrap();
+    p.run();
+    p.agent.send_head(id, ResponseHead { status: 413, headers: vec![] }).unwrap();
+    p.agent.send_data(id, &vec![9u8; 100_000]).unwrap();
+    p.agent.finish(id).unwrap();
+    // The agent is done and refuses the rest of the upload.
+    p.agent.reset(id, ResetCode::Cancel, "stream dropped");
+    p.run();
+    let ev = p.take_hub_events();
+    assert_eq!(data_for(&ev, id).len(), 100_000);
+    let rest: Vec<_> = ev.iter().filter(|e| !matches!(e, Event::Data { .. })).collect();
+    assert!(matches!(rest[..], [Event::Head { .. }, Event::End { .. }, Event::Reset { .. }]), "{rest:?}");
+    // A reset before End, by contrast, drops what was queued.
+    let id = p.hub.open(head("/again")).unwrap();
+    p.run();
+    p.agent.send_head(id, ok_head()).unwrap();
+    p.agent.send_data(id, &vec![9u8; 100_000]).unwrap();
+    p.agent.reset(id, ResetCode::Internal, "upstream failed");
+    p.run();
+    let ev = p.take_hub_events();
+    assert!(data_for(&ev, id).is_empty());
+    assert!(matches!(ev.last(), Some(Event::Reset { code: ResetCode::Internal, .. })));
+}

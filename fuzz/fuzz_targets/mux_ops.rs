@@ -21,6 +21,9 @@ enum Op {
     GoAway(bool),
     Inject(bool, Vec<u8>),
     Deliver,
+    /// One side sends only a little, as the driver does when the socket
+    /// is slow: the rest stays in the scheduler while other ops run.
+    DeliverSome(bool, u16),
 }
 
 fn head() -> RequestHead {
@@ -90,6 +93,12 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::GoAway(h) => sides[h as usize].go_away(GoAwayCode::ShuttingDown, "fuzz"),
             Op::Inject(h, bytes) => sides[h as usize].handle_input(&bytes, now),
+            Op::DeliverSome(h, limit) => {
+                let i = h as usize;
+                let mut wire = Vec::new();
+                sides[i].poll_transmit(&mut wire, limit as usize);
+                sides[1 - i].handle_input(&wire, now);
+            }
             Op::Deliver => {
                 let a = sides[0].take_transmit(Vec::new());
                 let b = sides[1].take_transmit(Vec::new());

@@ -213,6 +213,13 @@ impl AsyncWrite for Io {
 }
 
 impl Io {
+    /// Keeps at most about `bytes` unsent in the kernel (`TCP_NOTSENT_LOWAT`,
+    /// Linux; elsewhere a no-op): the tunnel's scheduler then decides
+    /// what goes next, not a send buffer of megabytes.
+    pub fn set_notsent_lowat(&self, bytes: u32) -> io::Result<()> {
+        set_notsent_lowat(self.tcp(), bytes)
+    }
+
     fn tcp(&self) -> &TcpStream {
         match self {
             Io::Plain(s) => s.get_ref(),
@@ -227,6 +234,17 @@ impl Io {
     pub fn idle_alive(&self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.tcp().peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// `TCP_NOTSENT_LOWAT` on a socket; a no-op where the option is missing.
+pub fn set_notsent_lowat(tcp: &TcpStream, bytes: u32) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    return socket2::SockRef::from(tcp).set_tcp_notsent_lowat(bytes);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = (tcp, bytes);
+        Ok(())
     }
 }
 

@@ -236,6 +236,9 @@ async fn open(ctx: &AgentCtx) -> Result<Prefixed<Io>, Open> {
     let io = net::dial(target, Some(&ctx.hub_tls), proxy.as_ref()).await.map_err(|e| {
         Open::Failed(format!("{target}{}: {e}", proxy.map(|p| format!(" via proxy {}", p.target)).unwrap_or_default()))
     })?;
+    if let Err(e) = io.set_notsent_lowat(crate::driver::TUNNEL_NOTSENT_LOWAT) {
+        log::debug!("TCP_NOTSENT_LOWAT not set on the tunnel: {e}");
+    }
     let mut conn = Conn::new(io);
     let path = format!("{}/v1/tunnel", target.path_prefix);
     let headers = [

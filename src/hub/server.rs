@@ -277,6 +277,16 @@ fn url_host(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_string())
 }
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn tunnel_socket(tcp: &TcpStream) -> std::io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_notsent_lowat(crate::driver::TUNNEL_NOTSENT_LOWAT)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn tunnel_socket(_: &TcpStream) -> std::io::Result<()> {
+    Ok(())
+}
+
 async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListener, acceptor: &TlsAcceptor) {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -389,6 +399,9 @@ fn refuse_connection(
 
 async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr, mut ticket: Ticket) {
     let limits = *hub.gate.limits();
+    // A handle on the socket for options set once the connection's use is
+    // known (a tunnel's TCP_NOTSENT_LOWAT).
+    let tcp = tls.get_ref().0.clone();
     let (r, mut out) = smol::io::split(tls);
     let mut inb = Inbound::new(r);
     inb.set_pace(limits.body_pace());
@@ -427,7 +440,7 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr, mut ticket: Ticket
             }
         };
         let keep = req.keep_alive() && !hub.draining.get();
-        match route(&hub, &req, &mut body, &mut inb, &mut out, peer).await {
+        match route(&hub, &req, &mut body, &mut inb, &mut out, peer, &tcp).await {
             Reply::Send(resp) => {
                 let keep = keep && drain_body(&mut inb, &mut body).await;
                 // An answer held in memory must leave within the body
@@ -548,6 +561,7 @@ async fn route(
     inb: &mut In,
     out: &mut Out,
     peer: SocketAddr,
+    tcp: &TcpStream,
 ) -> Reply {
     let path = req.target.split('?').next().unwrap_or("");
     // An ID token naming a key the hub lacks: fetch the keys first, so
@@ -569,7 +583,14 @@ async fn route(
             hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count()) + &connection_gauges(&hub.gate),
         )),
         ("POST", "/v1/activate") => Reply::Send(agents::activate(hub, req, body, inb).await),
-        ("GET", "/v1/tunnel") => agents::tunnel(hub, req, inb, out, peer).await,
+        ("GET", "/v1/tunnel") => {
+            // The tunnel's scheduler, not the kernel's send buffer, decides
+            // what crosses the link next (see crate::driver).
+            if let Err(e) = tunnel_socket(tcp) {
+                log::debug!("TCP_NOTSENT_LOWAT not set on the tunnel peer={peer}: {e}");
+            }
+            agents::tunnel(hub, req, inb, out, peer).await
+        }
         (_, "/v1/activate" | "/v1/tunnel") => Reply::Send(api::error(405, "method_not_allowed", "wrong method")),
         (m, "/auth/login" | "/auth/callback" | "/auth/logout") => Reply::Send(auth_route(hub, req, m, path).await),
         (_, p) if p == "/api/v1" || p.starts_with("/api/v1/") => Reply::Send(api::handle(hub, req, body, inb).await),

@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod frame;
 pub mod mux;
+pub mod sched;
 
 pub use codec::{DecodeError, Decoder, EncodeError};
 pub use frame::*;

@@ -10,6 +10,18 @@
 //! What it does not do: buffer application data beyond the credit the
 //! peer granted, interpret HTTP, or know about TLS.
 //!
+//! # Sending: control first, data in turns
+//!
+//! Control frames (`Open`, `Head`, `Window`, `End`, `Reset`, `Ping`,
+//! `Pong`, `GoAway`) are encoded at once into a small buffer that always
+//! leaves first. Data waits in per-stream queues ([`super::sched`]) and
+//! is encoded only when the driver asks for bytes
+//! ([`Mux::poll_transmit`]): streams take turns of one
+//! [`super::sched::QUANTUM`] each. So a `kubectl get` answered while
+//! another stream downloads gigabytes leaves within one quantum, and the
+//! driver, which asks for a little at a time and keeps the socket's unsent
+//! bytes low, leaves the order to this scheduler.
+//!
 //! # Session
 //!
 //! ```text
@@ -56,6 +68,7 @@
 
 use super::codec::{self, DecodeError, Decoder};
 use super::frame::*;
+use super::sched::{QUANTUM, SendQueue};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -76,7 +89,10 @@ pub struct Config {
     /// wins too: it follows `Welcome` in a `Deadline` frame, or is taken
     /// as three keepalive intervals from a hub that sends none.
     pub dead_after: Duration,
-    /// `send_data` accepts nothing while this many bytes wait to be sent.
+    /// `send_data` accepts nothing while this many data bytes wait to be
+    /// sent, except that a stream with less than a quantum queued may
+    /// always queue up to one (while the total stays under twice this),
+    /// so a small answer never waits for a bulk backlog to drain first.
     pub max_tx_buffer: usize,
 }
 
@@ -243,7 +259,10 @@ pub struct Mux {
     config: Config,
     state: State,
     decoder: Decoder,
-    tx: Vec<u8>,
+    /// Encoded control frames: they leave before any queued data.
+    ctrl: Vec<u8>,
+    /// Data accepted from the application, sent in round-robin turns.
+    sendq: SendQueue,
     events: VecDeque<Event>,
     streams: HashMap<StreamId, Stream>,
     /// Next id this side will open.
@@ -273,7 +292,8 @@ impl fmt::Debug for Mux {
             .field("side", &self.side)
             .field("state", &self.state)
             .field("streams", &self.streams.len())
-            .field("tx", &self.tx.len())
+            .field("ctrl", &self.ctrl.len())
+            .field("queued", &self.sendq.bytes())
             .finish()
     }
 }
@@ -308,7 +328,8 @@ impl Mux {
             side,
             decoder: Decoder::new(max_frame),
             state: State::Handshake,
-            tx: Vec::new(),
+            ctrl: Vec::new(),
+            sendq: SendQueue::default(),
             events: VecDeque::new(),
             streams: HashMap::new(),
             next_local: if side == Side::Hub { 1 } else { 2 },
@@ -348,7 +369,7 @@ impl Mux {
     /// True when a `GoAway` went either way and no stream is left: the
     /// driver may close the transport.
     pub fn is_drained(&self) -> bool {
-        (self.goaway_sent || self.goaway_received.is_some()) && self.streams.is_empty()
+        (self.goaway_sent || self.goaway_received.is_some()) && self.streams.is_empty() && self.sendq.is_empty()
     }
 
     /// Ends a drained session (see [`Mux::is_drained`]) without another
@@ -380,9 +401,13 @@ impl Mux {
         self.config.dead_after
     }
 
-    /// Bytes waiting to be sent.
+    /// Bytes waiting to be sent: control frames plus queued data (frame
+    /// headers of the data not counted).
     pub fn pending_transmit(&self) -> usize {
-        self.tx.len()
+        match self.state {
+            State::Closed => self.ctrl.len(),
+            _ => self.ctrl.len() + self.sendq.bytes(),
+        }
     }
 
     /// Feeds bytes read from the transport.
@@ -454,11 +479,51 @@ impl Mux {
         self.events.pop_front()
     }
 
-    /// Hands over the bytes to transmit, leaving `spare` (cleared) in their
-    /// place so buffers are reused rather than reallocated.
+    /// Appends bytes to send to `out`: every control frame first, then
+    /// data in round-robin turns of one quantum per stream, until `out`
+    /// has grown by at least `limit` bytes or nothing is left. Returns how
+    /// many bytes were appended (0: nothing to send).
+    ///
+    /// Data stays queued here until asked for, so a driver that asks for a
+    /// little at a time, as the socket takes it, lets later control frames
+    /// and other streams' turns overtake a backlog.
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>, limit: usize) -> usize {
+        let start = out.len();
+        out.extend_from_slice(&self.ctrl);
+        self.ctrl.clear();
+        // Once the session is closed only the control frames (the GoAway
+        // that says why) are worth sending.
+        if self.state != State::Closed {
+            let chunk = self.data_chunk().min(QUANTUM);
+            while out.len() - start < limit && self.sendq.poll(out, chunk) {}
+        }
+        out.len() - start
+    }
+
+    /// Everything there is to send (see [`Mux::poll_transmit`]), in
+    /// `spare`, which is cleared first so buffers are reused.
     pub fn take_transmit(&mut self, mut spare: Vec<u8>) -> Vec<u8> {
         spare.clear();
-        std::mem::replace(&mut self.tx, spare)
+        self.poll_transmit(&mut spare, usize::MAX);
+        spare
+    }
+
+    /// Largest payload per `Data` frame the peer accepts.
+    fn data_chunk(&self) -> usize {
+        (self.peer_max_frame as usize).saturating_sub(16).clamp(1, MAX_DATA_CHUNK)
+    }
+
+    /// How many more data bytes stream `id` may queue (credit aside).
+    fn queue_room(&self, id: StreamId) -> usize {
+        let max = self.config.max_tx_buffer;
+        let total = self.sendq.bytes();
+        let room = max.saturating_sub(total);
+        let mine = self.sendq.stream_bytes(id);
+        // A stream with less than a quantum queued may go past a buffer
+        // that bulk streams filled, so its answer is queued at once and
+        // leaves in the next round instead of after the backlog.
+        let reserve = if mine < QUANTUM { (QUANTUM - mine).min((2 * max).saturating_sub(total)) } else { 0 };
+        room.max(reserve)
     }
 
     /// Opens a stream carrying a request head.
@@ -478,7 +543,7 @@ impl Mux {
         let id = StreamId(self.next_local);
         self.next_local += 2;
         let frame = Frame::Open { id, head };
-        if codec::encode(&frame, self.peer_max_frame, &mut self.tx).is_err() {
+        if codec::encode(&frame, self.peer_max_frame, &mut self.ctrl).is_err() {
             return Err(StreamError::Limits("request head larger than the peer's frame limit"));
         }
         self.streams.insert(id, self.new_stream());
@@ -500,7 +565,7 @@ impl Mux {
             return Err(StreamError::AlreadyFinished);
         }
         let frame = Frame::Head { id, head };
-        if codec::encode(&frame, peer_max_frame, &mut self.tx).is_err() {
+        if codec::encode(&frame, peer_max_frame, &mut self.ctrl).is_err() {
             return Err(StreamError::Limits("response head larger than the peer's frame limit"));
         }
         s.head = true;
@@ -510,10 +575,7 @@ impl Mux {
     /// How many bytes [`Mux::send_data`] would accept now.
     pub fn send_capacity(&self, id: StreamId) -> usize {
         match self.streams.get(&id) {
-            Some(s) if self.state == State::Open && !s.local_end => {
-                let room = self.config.max_tx_buffer.saturating_sub(self.tx.len());
-                (s.send_credit as usize).min(room)
-            }
+            Some(s) if self.state == State::Open && !s.local_end => (s.send_credit as usize).min(self.queue_room(id)),
             _ => 0,
         }
     }
@@ -524,8 +586,7 @@ impl Mux {
     pub fn send_data(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
         self.usable()?;
         let side = self.side;
-        let room = self.config.max_tx_buffer.saturating_sub(self.tx.len());
-        let chunk_max = (self.peer_max_frame as usize).saturating_sub(16).clamp(1, MAX_DATA_CHUNK);
+        let room = self.queue_room(id);
         let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
         if s.local_end {
             return Err(StreamError::AlreadyFinished);
@@ -534,10 +595,8 @@ impl Mux {
             return Err(StreamError::HeadOrder);
         }
         let n = data.len().min(s.send_credit as usize).min(room);
-        for chunk in data[..n].chunks(chunk_max) {
-            codec::encode_data(id, chunk, u32::MAX, &mut self.tx).expect("chunk fits");
-        }
         s.send_credit -= n as u32;
+        self.sendq.push(id, &data[..n]);
         Ok(n)
     }
 
@@ -553,7 +612,11 @@ impl Mux {
             return Err(StreamError::HeadOrder);
         }
         s.local_end = true;
-        self.queue(&Frame::End { id });
+        // End follows the stream's queued data; with none queued it is a
+        // control frame like any other.
+        if !self.sendq.then(id, &Frame::End { id }) {
+            self.queue(&Frame::End { id });
+        }
         self.maybe_remove(id);
         Ok(())
     }
@@ -561,10 +624,18 @@ impl Mux {
     /// Abandons a stream. Unknown ids are ignored: the stream may have
     /// ended on its own a moment ago.
     pub fn reset(&mut self, id: StreamId, code: ResetCode, message: &str) {
-        if self.state == State::Closed || !self.streams.contains_key(&id) {
+        let Some(s) = self.streams.get(&id) else { return };
+        if self.state == State::Closed {
             return;
         }
-        self.queue(&Frame::Reset { id, code, message: truncate(message, 1024) });
+        let frame = Frame::Reset { id, code, message: truncate(message, 1024) };
+        // After this side's End the data is complete: it still goes out,
+        // and the Reset follows it, refusing only the peer's further data.
+        if s.local_end && self.sendq.then(id, &frame) {
+            self.forget(id);
+            return;
+        }
+        self.queue(&frame);
         self.remove(id);
     }
 
@@ -627,7 +698,7 @@ impl Mux {
     fn queue(&mut self, frame: &Frame) {
         // Control frames are tiny and bounded in count by the streams and
         // credit that caused them, so they bypass the transmit limit.
-        if let Err(e) = codec::encode(frame, u32::MAX, &mut self.tx) {
+        if let Err(e) = codec::encode(frame, u32::MAX, &mut self.ctrl) {
             log::error!("dropping unencodable frame: {e}");
         }
     }
@@ -640,6 +711,7 @@ impl Mux {
         self.goaway_sent = true;
         self.state = State::Closed;
         self.streams.clear();
+        self.sendq.clear();
         self.local_open = 0;
         self.peer_open = 0;
         self.events.push_back(Event::Closed { error });
@@ -656,7 +728,14 @@ impl Mux {
         self.events.push_back(Event::Reset { id, code: ResetCode::StreamProtocol, message: why.to_string() });
     }
 
+    /// Forgets a reset stream, with whatever data it still had queued.
     fn remove(&mut self, id: StreamId) {
+        self.sendq.discard(id);
+        self.forget(id);
+    }
+
+    /// Forgets a stream's state; its queued data, if any, still goes out.
+    fn forget(&mut self, id: StreamId) {
         if self.streams.remove(&id).is_some() {
             if id.opener() == self.side {
                 self.local_open -= 1;
@@ -669,7 +748,7 @@ impl Mux {
     fn maybe_remove(&mut self, id: StreamId) {
         if let Some(s) = self.streams.get(&id) {
             if s.local_end && s.remote_end {
-                self.remove(id);
+                self.forget(id);
             }
         }
     }
@@ -899,7 +978,8 @@ impl Mux {
     /// Bytes of heap held by this session beyond the struct itself, for
     /// tests that check memory stays bounded.
     pub fn memory_estimate(&self) -> usize {
-        self.tx.capacity()
+        self.ctrl.capacity()
+            + self.sendq.memory()
             + self.decoder.capacity()
             + self.streams.capacity() * (std::mem::size_of::<StreamId>() + std::mem::size_of::<Stream>() + 8)
             + self.events.capacity() * std::mem::size_of::<Event>()

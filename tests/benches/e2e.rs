@@ -1,26 +1,38 @@
-//! End-to-end benchmark (`cargo bench --bench e2e`): one client, two
-//! paths to the same nginx "API server" over TLS on loopback.
+//! End-to-end benchmark (`cargo bench --bench e2e`): the same client
+//! against the same nginx "API server" over TLS, on several paths.
 //!
 //! ```text
-//!  DIRECT  client ──TLS──► nginx
-//!  UPLINK  client ──TLS──► uplink-hub ══tunnel (TLS)══► uplink run ──TLS──► nginx
-//!          (GET /k8s/clusters/bench/PATH)
+//!  direct    client ──TLS──► nginx
+//!  uplink    client ──TLS──► uplink-hub ══tunnel (TLS)══► uplink run ──TLS──► nginx
+//!  before    the same with other builds (UPLINK_BENCH_BASELINE=DIR holding
+//!            uplink and uplink-hub), to compare before/after in one run
+//!  bore      client ──TLS (end to end)── bore server ══TCP══ bore local ── nginx
+//!            (`cargo install bore-cli`; skipped with a notice when missing)
+//!  edge      uplink with an emulated edge link between agent and hub: a
+//!            relay in this bench, 20 Mbit/s each way and 20 ms each way
+//!            (40 ms RTT), with a small queue, since `tc netem` is not here
 //! ```
 //!
 //! Real processes: nginx (`daemon off;`, temp prefix, rcgen certificate),
 //! `uplink-hub serve` on a temp data dir, `uplink run` activated through
 //! the hub's REST API. The client (HTTP/1.1 keep-alive, rustls,
-//! `TCP_NODELAY`) is the same code for both paths; only the address, the
+//! `TCP_NODELAY`) is the same code for every path; only the address, the
 //! trust root and the path prefix differ.
 //!
-//! Measured, in one run so the ratios share the machine's mood:
-//! warm small-request latency (p50, p99), request rate with 32 keep-alive
-//! clients, bulk download of 64 MiB, a request on a fresh connection
-//! (TCP + full TLS handshake, no resumption), and the RSS and CPU time of
-//! the hub and the agent. The binaries are the ones `cargo bench` builds
-//! (the `bench` profile inherits `release`). `UPLINK_BENCH_AGENT=PATH`
-//! runs another agent binary (e.g. the shipped `--no-default-features`
-//! build); `UPLINK_BENCH_QUICK=1` shortens every phase.
+//! Measured per round, paths interleaved, medians of the rounds reported
+//! as ratios to direct: warm latency of a 2.5 KB JSON answer (like a small
+//! `kubectl get`; c=1 p50, p99), request rate with 32 keep-alive clients,
+//! CPU ms per 10k of those requests on each side of the tunnel (utime +
+//! stime from /proc), bulk download of 64 MiB, small-request latency while
+//! a bulk download runs on another connection through the same tunnel,
+//! and a request on a fresh connection (full TLS handshake). On the edge
+//! link: small-request p50/p99 and the time to the first byte of a
+//! watch-like stream while a download runs. Agent RSS when idle.
+//!
+//! `UPLINK_BENCH_QUICK=1` shortens every phase; `UPLINK_BENCH_ROUNDS=N`
+//! (default 3); `UPLINK_BENCH_AGENT=PATH` runs another agent binary for
+//! the uplink path (e.g. the shipped `--no-default-features` build);
+//! `UPLINK_BENCH_BORE=PATH` names bore when it is not on `PATH`.
 //!
 //! Needs `nginx` on `PATH` or in /usr/sbin; without it the bench says so
 //! and exits 0.
@@ -28,37 +40,58 @@
 #[path = "../hub_support/mod.rs"]
 mod hub_support;
 
-use hub_support::{HubProc, temp_dir, wait_for};
+use hub_support::{temp_dir, wait_for};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use serde_json::json;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use uplink::hub::client::Client;
 
-const CLUSTER: &str = "bench";
-const SMALL: usize = 100;
+/// The small answer: a 2.5 KB JSON list, like `kubectl get` of a few objects.
+const SMALL: &str = "/small.json";
 const LARGE: usize = 64 << 20;
 const CLIENTS: usize = 32;
+/// The emulated edge link, each direction.
+const EDGE_BITS_PER_SEC: f64 = 20e6;
+const EDGE_DELAY: Duration = Duration::from_millis(20);
 
 /// How much of each phase to run.
 struct Plan {
+    rounds: usize,
     latency_requests: usize,
     rate_secs: f64,
-    bulk_rounds: usize,
+    busy_requests: usize,
     fresh_requests: usize,
+    edge_requests: usize,
 }
 
 impl Plan {
     fn from_env() -> Plan {
+        let rounds = std::env::var("UPLINK_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok());
         if std::env::var_os("UPLINK_BENCH_QUICK").is_some() {
-            Plan { latency_requests: 300, rate_secs: 1.5, bulk_rounds: 1, fresh_requests: 40 }
+            Plan {
+                rounds: rounds.unwrap_or(1),
+                latency_requests: 300,
+                rate_secs: 1.0,
+                busy_requests: 200,
+                fresh_requests: 20,
+                edge_requests: 10,
+            }
         } else {
-            Plan { latency_requests: 2000, rate_secs: 5.0, bulk_rounds: 3, fresh_requests: 200 }
+            Plan {
+                rounds: rounds.unwrap_or(3),
+                latency_requests: 2000,
+                rate_secs: 3.0,
+                busy_requests: 1000,
+                fresh_requests: 60,
+                edge_requests: 30,
+            }
         }
     }
 }
@@ -152,6 +185,26 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Sends a request for a stream (a watch) and returns once its head
+    /// and the first body byte are in.
+    fn first_body_byte(&mut self, request: &[u8]) {
+        self.io.write_all(request).expect("write request");
+        self.io.flush().unwrap();
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(n) = resp.parse(&self.buf[self.start..self.end]).expect("response head") {
+                assert_eq!(resp.code, Some(200));
+                if self.end - self.start > n {
+                    return;
+                }
+            }
+            self.fill();
+        }
+    }
+}
+
 // ---------------------------------------------------------------------
 // Measurements.
 
@@ -167,11 +220,12 @@ fn percentiles(mut v: Vec<Duration>) -> Latency {
     Latency { p50: at(0.50), p99: at(0.99) }
 }
 
+/// `n` small requests one after another on one warm connection.
 fn warm_latency(ep: &Endpoint, n: usize) -> Latency {
-    let req = ep.request("/small");
+    let req = ep.request(SMALL);
     let mut c = ep.connect();
     for _ in 0..n / 10 + 20 {
-        assert_eq!(c.get(&req), SMALL);
+        c.get(&req);
     }
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
@@ -183,25 +237,29 @@ fn warm_latency(ep: &Endpoint, n: usize) -> Latency {
 }
 
 fn fresh_latency(ep: &Endpoint, n: usize) -> Latency {
-    let req = ep.request("/small");
+    let mut tls = (*ep.tls).clone();
+    tls.resumption = rustls::client::Resumption::disabled();
+    let ep = Endpoint { tls: Arc::new(tls), ..ep.clone() };
+    let req = ep.request(SMALL);
     let mut samples = Vec::with_capacity(n);
-    for i in 0..n + 5 {
+    for i in 0..n + 3 {
         let t = Instant::now();
         let mut c = ep.connect();
-        assert_eq!(c.get(&req), SMALL);
+        c.get(&req);
         let took = t.elapsed();
         c.io.conn.send_close_notify();
         let _ = c.io.flush();
         drop(c);
-        if i >= 5 {
+        if i >= 3 {
             samples.push(took);
         }
     }
     percentiles(samples)
 }
 
-/// Requests per second with `CLIENTS` keep-alive clients for `secs`.
-fn rate(ep: &Endpoint, secs: f64) -> f64 {
+/// Requests per second with `CLIENTS` keep-alive clients for `secs`;
+/// also how many requests that was.
+fn rate(ep: &Endpoint, secs: f64) -> (f64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let go = Arc::new(std::sync::Barrier::new(CLIENTS + 1));
     let total = Arc::new(AtomicU64::new(0));
@@ -209,7 +267,7 @@ fn rate(ep: &Endpoint, secs: f64) -> f64 {
         .map(|_| {
             let (ep, stop, go, total) = (ep.clone(), stop.clone(), go.clone(), total.clone());
             std::thread::spawn(move || {
-                let req = ep.request("/small");
+                let req = ep.request(SMALL);
                 let mut c = ep.connect();
                 c.get(&req);
                 go.wait();
@@ -229,21 +287,101 @@ fn rate(ep: &Endpoint, secs: f64) -> f64 {
     for th in threads {
         th.join().unwrap();
     }
-    total.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+    let n = total.load(Ordering::Relaxed);
+    (n as f64 / t.elapsed().as_secs_f64(), n)
 }
 
-/// Best MiB/s over `rounds` downloads of the large file.
-fn bulk(ep: &Endpoint, rounds: usize) -> f64 {
+/// MiB/s of one download of the large file on a warm connection.
+fn bulk(ep: &Endpoint) -> f64 {
     let req = ep.request("/large");
     let mut c = ep.connect();
-    c.get(&ep.request("/small"));
-    (0..rounds)
-        .map(|_| {
-            let t = Instant::now();
-            assert_eq!(c.get(&req), LARGE);
-            LARGE as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
-        })
-        .fold(0.0, f64::max)
+    c.get(&ep.request(SMALL));
+    let t = Instant::now();
+    assert_eq!(c.get(&req), LARGE);
+    LARGE as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Downloads the large file over and over on its own connection until
+/// dropped; dropping mid-body closes the connection.
+struct Download {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Download {
+    fn start(ep: &Endpoint) -> Download {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ep, flag) = (ep.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let req = ep.request("/large");
+            let mut c = ep.connect();
+            while !flag.load(Ordering::Relaxed) {
+                if c.io.write_all(&req).and_then(|_| c.io.flush()).is_err() {
+                    return;
+                }
+                // Read raw bytes: stop promptly, mid-body if need be. No
+                // panics here: the bench profile aborts on one.
+                let mut got = 0usize;
+                while got < LARGE && !flag.load(Ordering::Relaxed) {
+                    match c.io.read(&mut c.buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                if got < LARGE {
+                    return;
+                }
+                // The head's bytes were counted as body: skip the excess
+                // by reconnecting rather than parsing.
+                c = ep.connect();
+            }
+        });
+        Download { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Small-request latency while a bulk download runs through the same path.
+fn busy_latency(ep: &Endpoint, n: usize, settle: Duration) -> Latency {
+    let req = ep.request(SMALL);
+    let mut c = ep.connect();
+    c.get(&req);
+    let _download = Download::start(ep);
+    std::thread::sleep(settle);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.get(&req);
+        samples.push(t.elapsed());
+    }
+    percentiles(samples)
+}
+
+/// Time to the first byte of a watch-like stream opened while a download
+/// runs through the same path; `n` of them, each on a fresh request.
+fn busy_watch_ttfb(ep: &Endpoint, n: usize, settle: Duration) -> Latency {
+    let req = ep.request("/watch");
+    let mut conns: Vec<Conn> = (0..n).map(|_| ep.connect()).collect();
+    for c in &mut conns {
+        c.get(&ep.request(SMALL));
+    }
+    let _download = Download::start(ep);
+    std::thread::sleep(settle);
+    let mut samples = Vec::with_capacity(n);
+    for mut c in conns {
+        let t = Instant::now();
+        c.first_body_byte(&req);
+        samples.push(t.elapsed());
+    }
+    percentiles(samples)
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
@@ -268,35 +406,69 @@ fn cpu_time(pid: u32) -> Duration {
 // ---------------------------------------------------------------------
 // The processes.
 
-struct Nginx {
-    child: Child,
-    addr: SocketAddr,
-    ca_pem: String,
+/// A child process killed (SIGTERM, then SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
 }
 
-impl Drop for Nginx {
-    /// SIGTERM, not SIGKILL: the master then stops its workers, which a
+impl Drop for Proc {
+    /// SIGTERM first: nginx's master then stops its workers, which a
     /// killed master would leave running.
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let stopped = wait_for(5, || matches!(self.child.try_wait(), Ok(Some(_))));
-        if !stopped {
-            let _ = self.child.kill();
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        if !wait_for(5, || matches!(self.0.try_wait(), Ok(Some(_)))) {
+            let _ = self.0.kill();
         }
-        let _ = self.child.wait();
+        let _ = self.0.wait();
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn find_nginx() -> Option<PathBuf> {
+fn find_program(name: &str, env: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
     std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
-        .map(|d| d.join("nginx"))
+        .chain(home)
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+struct Nginx {
+    proc: Proc,
+    addr: SocketAddr,
+    ca_pem: String,
+}
+
+/// A JSON list of about 2.5 KB, shaped like `kubectl get pods -o json`.
+fn small_json() -> Vec<u8> {
+    let items: Vec<_> = (0..6)
+        .map(|i| {
+            json!({
+                "metadata": { "name": format!("web-7d4b9c8f6d-{i:05}"), "namespace": "default",
+                    "uid": format!("3f1c2a9e-8b7d-4e6f-a5c4-{i:012}"), "resourceVersion": format!("{}", 81234 + i),
+                    "labels": { "app": "web", "pod-template-hash": "7d4b9c8f6d" } },
+                "spec": { "nodeName": "edge-1", "containers": [{ "name": "web", "image": "nginx:1.27" }] },
+                "status": { "phase": "Running", "podIP": format!("10.42.0.{}", 10 + i) }
+            })
+        })
+        .collect();
+    let mut body = serde_json::to_vec(&json!({
+        "apiVersion": "v1", "kind": "PodList", "metadata": { "resourceVersion": "81299" }, "items": items
+    }))
+    .unwrap();
+    body.resize(2500.max(body.len()), b' ');
+    body
 }
 
 fn start_nginx(bin: &Path, dir: &Path) -> Nginx {
@@ -316,13 +488,15 @@ fn start_nginx(bin: &Path, dir: &Path) -> Nginx {
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
     std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    std::fs::write(www.join("small"), vec![b'x'; SMALL]).unwrap();
+    std::fs::write(www.join("small.json"), small_json()).unwrap();
+    std::fs::write(www.join("watch"), vec![b'\n'; 1 << 20]).unwrap();
     let large: Vec<u8> = (0..LARGE as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     std::fs::write(www.join("large"), large).unwrap();
     std::fs::write(www.join("version"), r#"{"gitVersion":"v1.32.0-nginx"}"#).unwrap();
 
     let port = free_port();
     let d = dir.display();
+    // `/watch` trickles like a watch: events now and then, never done soon.
     let conf = format!(
         r#"worker_processes 1;
 daemon off;
@@ -344,6 +518,8 @@ http {{
         ssl_protocols TLSv1.2 TLSv1.3;
         root {d}/www;
         location = /version {{ default_type application/json; }}
+        location = /small.json {{ default_type application/json; }}
+        location = /watch {{ default_type application/json; limit_rate 1k; }}
     }}
 }}
 "#
@@ -363,26 +539,54 @@ http {{
         .expect("spawn nginx");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(wait_for(10, || TcpStream::connect(addr).is_ok()), "nginx did not start; see {d}/error.log");
-    Nginx { child, addr, ca_pem: ca.pem() }
+    Nginx { proc: Proc(child), addr, ca_pem: ca.pem() }
 }
 
-struct Agent(Child);
+struct Hub {
+    proc: Proc,
+    addr: SocketAddr,
+    ca_pem: String,
+    admin: Client,
+}
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// `uplink-hub serve` from `bin` on `port`; agents are told to dial it
+/// at `public` (the hub itself, or a relay in front of it).
+fn start_hub(bin: &Path, dir: &Path, port: u16, public: SocketAddr) -> Hub {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--public-url", &format!("https://{public}")])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("hub.log")).unwrap())
+        .spawn()
+        .expect("spawn uplink-hub");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut token = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.starts_with("admin token") {
+            token = line.rsplit(' ').next().unwrap().to_string();
+        }
+        if line.starts_with("hub CA:") {
+            break;
+        }
     }
+    std::thread::spawn(move || for _ in lines {});
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ca_pem = std::fs::read_to_string(dir.join("data/ca.pem")).unwrap();
+    let admin = Client::new(&format!("https://{addr}"), Some(&ca_pem), Some(&token)).unwrap();
+    Hub { proc: Proc(child), addr, ca_pem, admin }
 }
 
-fn start_agent(dir: &Path, hub: &HubProc, nginx: &Nginx) -> Agent {
-    let admin = hub.admin();
-    let r = admin.post_json("/api/v1/clusters", &json!({ "name": CLUSTER })).unwrap();
+/// Registers `cluster` and runs `bin` as its agent.
+fn start_agent(bin: &Path, dir: &Path, admin: &Client, cluster: &str, nginx: &Nginx) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let r = admin.post_json("/api/v1/clusters", &json!({ "name": cluster })).unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
     std::fs::write(dir.join("activation.json"), r.json()["systemd_activation"].as_str().unwrap()).unwrap();
     std::fs::write(dir.join("kube-token"), "bench-agent-token\n").unwrap();
     std::fs::write(dir.join("kube-ca.pem"), &nginx.ca_pem).unwrap();
-    let bin = std::env::var_os("UPLINK_BENCH_AGENT").map_or(PathBuf::from(env!("CARGO_BIN_EXE_uplink")), PathBuf::from);
     let child = Command::new(bin)
         .args(["run", "--activation"])
         .arg(dir.join("activation.json"))
@@ -402,203 +606,416 @@ fn start_agent(dir: &Path, hub: &HubProc, nginx: &Nginx) -> Agent {
         .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
         .spawn()
         .expect("spawn uplink");
-    let agent = Agent(child);
+    let agent = Proc(child);
     let active =
-        wait_for(30, || admin.get(&format!("/api/v1/clusters/{CLUSTER}")).unwrap().json()["status"] == "ACTIVE");
+        wait_for(30, || admin.get(&format!("/api/v1/clusters/{cluster}")).unwrap().json()["status"] == "ACTIVE");
     assert!(active, "agent did not connect; log:\n{}", std::fs::read_to_string(dir.join("agent.log")).unwrap());
     agent
 }
 
-// ---------------------------------------------------------------------
-// The report.
-
-fn ms(d: Duration) -> String {
-    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+/// bore: a server and a client exposing nginx's port through it. The
+/// client connects to the server's fixed control port 7835.
+fn start_bore(bin: &Path, dir: &Path, nginx: &Nginx) -> Option<(Proc, Proc, SocketAddr)> {
+    if TcpStream::connect("127.0.0.1:7835").is_ok() {
+        eprintln!("e2e bench: port 7835 (bore's control port) is taken; bore skipped");
+        return None;
+    }
+    let log = |n: &str| std::fs::File::create(dir.join(n)).unwrap();
+    let server = Proc(
+        Command::new(bin)
+            .args(["server", "--bind-addr", "127.0.0.1"])
+            .stdout(log("bore-server.log"))
+            .stderr(log("bore-server.err"))
+            .spawn()
+            .ok()?,
+    );
+    if !wait_for(10, || TcpStream::connect("127.0.0.1:7835").is_ok()) {
+        eprintln!("e2e bench: bore server did not start; bore skipped");
+        return None;
+    }
+    let port = free_port();
+    let local = Proc(
+        Command::new(bin)
+            .args(["local", &nginx.addr.port().to_string(), "--local-host", "127.0.0.1", "--to", "127.0.0.1"])
+            .args(["--port", &port.to_string()])
+            .stdout(log("bore-local.log"))
+            .stderr(log("bore-local.err"))
+            .spawn()
+            .ok()?,
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    if !wait_for(10, || TcpStream::connect(addr).is_ok()) {
+        eprintln!("e2e bench: bore local did not connect; bore skipped");
+        return None;
+    }
+    Some((server, local, addr))
 }
 
-/// How a ratio compares with the reverse tunnels' range `[best, worst]`.
-fn verdict(ratio: f64, best: f64, worst: f64) -> &'static str {
-    let lower_is_better = best < worst;
-    let beats = if lower_is_better { ratio <= best } else { ratio >= best };
-    let within = if lower_is_better { ratio <= worst } else { ratio >= worst };
-    if beats {
-        "BEATS all"
-    } else if within {
-        "within range"
-    } else {
-        "WORSE than all"
+// ---------------------------------------------------------------------
+// The emulated edge link.
+
+/// A TCP relay that behaves like a slow link: each direction is
+/// serialized at `EDGE_BITS_PER_SEC` and delivered `EDGE_DELAY` later.
+/// It reads only while its own queue (bytes waiting to go onto the link)
+/// is short, like a router with a modest buffer, and its sockets' receive
+/// buffers are tiny so they add next to nothing to that queue: what does
+/// not fit waits in the sender's socket, where the sender's own policy
+/// (TCP_NOTSENT_LOWAT, its scheduler) is in charge.
+struct Relay {
+    addr: SocketAddr,
+}
+
+/// Bytes waiting to go onto the emulated link before the relay stops
+/// reading: about 13 ms of the link.
+const EDGE_QUEUE: usize = 32 * 1024;
+/// The relay's socket receive buffers (the kernel doubles and rounds up).
+const EDGE_SOCKET_BUFFER: usize = 4 * 1024;
+
+impl Relay {
+    fn start(to: SocketAddr) -> Relay {
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener.set_recv_buffer_size(EDGE_SOCKET_BUFFER).unwrap();
+        listener.set_reuse_address(true).unwrap();
+        listener.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        listener.listen(16).unwrap();
+        let listener: TcpListener = listener.into();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { return };
+                let out = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                out.set_recv_buffer_size(EDGE_SOCKET_BUFFER).unwrap();
+                if out.connect(&to.into()).is_err() {
+                    continue;
+                }
+                let out: TcpStream = out.into();
+                let _ = inbound.set_nodelay(true);
+                let _ = out.set_nodelay(true);
+                link(inbound.try_clone().unwrap(), out.try_clone().unwrap());
+                link(out, inbound);
+            }
+        });
+        Relay { addr }
     }
 }
 
-fn row(name: &str, direct: String, uplink: String, ratio: f64, target: &str, verdict: &str) {
-    println!("{name:<28} {direct:>14} {uplink:>14} {ratio:>8.2}x  {target:<14} {verdict}");
+/// One direction of the link: a reader that schedules each chunk's
+/// departure at the link rate, a writer that delivers it after the delay.
+fn link(mut from: TcpStream, mut to: TcpStream) {
+    type Queue = Mutex<std::collections::VecDeque<(Instant, Vec<u8>)>>;
+    let queue: Arc<(Queue, Condvar)> = Arc::new((Mutex::new(Default::default()), Condvar::new()));
+    let q = queue.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        let mut free_at = Instant::now(); // when the link finishes its current backlog
+        let per_byte = Duration::from_secs_f64(8.0 / EDGE_BITS_PER_SEC);
+        loop {
+            // Read only while the backlog before the link is short.
+            let backlog = free_at.saturating_duration_since(Instant::now());
+            let max_backlog = per_byte * EDGE_QUEUE as u32;
+            if backlog > max_backlog {
+                std::thread::sleep(backlog - max_backlog);
+            }
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => 0,
+                Ok(n) => n,
+            };
+            let now = Instant::now();
+            free_at = free_at.max(now) + per_byte * n as u32;
+            let (lock, cv) = &*q;
+            lock.lock().unwrap().push_back((free_at + EDGE_DELAY, buf[..n].to_vec()));
+            cv.notify_one();
+            if n == 0 {
+                return;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        loop {
+            let (at, bytes) = {
+                let (lock, cv) = &*queue;
+                let mut q = lock.lock().unwrap();
+                while q.is_empty() {
+                    q = cv.wait(q).unwrap();
+                }
+                q.pop_front().unwrap()
+            };
+            let wait = at.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+            if bytes.is_empty() {
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            if to.write_all(&bytes).is_err() {
+                let _ = from_shutdown(&to);
+                return;
+            }
+        }
+    });
+}
+
+fn from_shutdown(s: &TcpStream) -> std::io::Result<()> {
+    s.shutdown(std::net::Shutdown::Both)
+}
+
+// ---------------------------------------------------------------------
+// The run.
+
+/// One way from the client to nginx.
+struct Route {
+    name: String,
+    ep: Endpoint,
+    /// The tunnel's two processes: (edge side, hub side).
+    pids: Option<(u32, u32)>,
+}
+
+/// One round's numbers for one route.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    warm: Latency,
+    rate: f64,
+    cpu_edge: f64,
+    cpu_hub: f64,
+    bulk: f64,
+    busy: Latency,
+    fresh: Latency,
+}
+
+#[derive(Clone, Copy, Default)]
+struct EdgeSample {
+    idle: Latency,
+    busy: Latency,
+    watch: Latency,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Milliseconds of CPU per 10k requests.
+fn cpu_per_10k(d: Duration, requests: u64) -> f64 {
+    ms(d) * 10_000.0 / requests.max(1) as f64
+}
+
+fn measure(route: &Route, plan: &Plan) -> Sample {
+    let warm = warm_latency(&route.ep, plan.latency_requests);
+    let cpu0 = route.pids.map(|(e, h)| (cpu_time(e), cpu_time(h)));
+    let (rate, n) = rate(&route.ep, plan.rate_secs);
+    let (cpu_edge, cpu_hub) = match (route.pids, cpu0) {
+        (Some((e, h)), Some((e0, h0))) => (cpu_per_10k(cpu_time(e) - e0, n), cpu_per_10k(cpu_time(h) - h0, n)),
+        _ => (f64::NAN, f64::NAN),
+    };
+    let bulk = bulk(&route.ep);
+    let busy = busy_latency(&route.ep, plan.busy_requests, Duration::from_millis(200));
+    let fresh = fresh_latency(&route.ep, plan.fresh_requests);
+    Sample { warm, rate, cpu_edge, cpu_hub, bulk, busy, fresh }
+}
+
+fn measure_edge(ep: &Endpoint, plan: &Plan) -> EdgeSample {
+    let idle = warm_latency(ep, plan.edge_requests / 3 + 1);
+    // The download needs a moment to fill the link and the buffers.
+    let busy = busy_latency(ep, plan.edge_requests, Duration::from_millis(1500));
+    let watch = busy_watch_ttfb(ep, 5, Duration::from_millis(1500));
+    EdgeSample { idle, busy, watch }
+}
+
+/// A bench user with a grant on every cluster of `hub`, and the client
+/// endpoint for the cluster `bench` through it.
+fn client_endpoint(hub: &Hub) -> Endpoint {
+    let r = hub.admin.post_json("/api/v1/users", &json!({ "name": "bench", "groups": ["bench"] })).unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    let g = hub.admin.post_json("/api/v1/grants", &json!({ "user": "bench", "clusters": "*" })).unwrap();
+    assert_eq!(g.status, 201, "{}", g.text());
+    let tls = uplink::tls::client_config(&uplink::tls::Trust::CaPem(hub.ca_pem.clone()), None, &[b"http/1.1"]).unwrap();
+    Endpoint { addr: hub.addr, tls, prefix: "/k8s/clusters/bench".into(), token }
 }
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` / `cargo test --benches` probe
     }
-    let Some(nginx_bin) = find_nginx() else {
+    let Some(nginx_bin) = find_program("nginx", "UPLINK_BENCH_NGINX") else {
         eprintln!("e2e bench: nginx not found (apt-get install nginx-light); skipped");
         return;
     };
     let plan = Plan::from_env();
     let dir = temp_dir("bench-e2e");
     let nginx = start_nginx(&nginx_bin, &dir.join("nginx"));
-    let hub = HubProc::start_on_free_port(&dir);
-    let agent = start_agent(&dir, &hub, &nginx);
-    let admin = hub.admin();
-    let r = admin.post_json("/api/v1/users", &json!({ "name": "bench", "groups": ["bench"] })).unwrap();
-    assert_eq!(r.status, 201, "{}", r.text());
-    let token = r.json()["token"].as_str().unwrap().to_string();
-    let g = admin.post_json("/api/v1/grants", &json!({ "user": "bench", "clusters": CLUSTER })).unwrap();
-    assert_eq!(g.status, 201, "{}", g.text());
-
     let trust = |pem: &str| uplink::tls::client_config(&uplink::tls::Trust::CaPem(pem.into()), None, &[b"http/1.1"]);
-    let direct = Endpoint { addr: nginx.addr, tls: trust(&nginx.ca_pem).unwrap(), prefix: String::new(), token };
-    let via = Endpoint {
-        addr: hub.addr,
-        tls: trust(&hub.ca_pem).unwrap(),
-        prefix: format!("/k8s/clusters/{CLUSTER}"),
-        ..direct.clone()
-    };
-    // A fresh connection does a full handshake, like a new kubectl process.
-    let no_resume = |ep: &Endpoint| {
-        let mut tls = (*ep.tls).clone();
-        tls.resumption = rustls::client::Resumption::disabled();
-        Endpoint { tls: Arc::new(tls), ..ep.clone() }
-    };
+    let direct =
+        Endpoint { addr: nginx.addr, tls: trust(&nginx.ca_pem).unwrap(), prefix: String::new(), token: String::new() };
+    let mut routes = vec![Route { name: "direct".into(), ep: direct.clone(), pids: None }];
+    let mut edges: Vec<(String, Endpoint)> = Vec::new();
+    // Kept alive until the end; dropped in reverse order.
+    let mut procs: Vec<Proc> = Vec::new();
+    let mut idle_rss = Vec::new();
 
-    // First request through: proves the path and warms the agent's pool.
-    assert_eq!(via.connect().get(&via.request("/small")), SMALL);
-    std::thread::sleep(Duration::from_millis(500));
-    let (hub_pid, agent_pid) = (hub.child.id(), agent.0.id());
-    let rss_idle = (proc_status_kib(hub_pid, "VmRSS:"), proc_status_kib(agent_pid, "VmRSS:"));
-
+    let this_build = (
+        std::env::var_os("UPLINK_BENCH_AGENT").map_or(PathBuf::from(env!("CARGO_BIN_EXE_uplink")), PathBuf::from),
+        PathBuf::from(env!("CARGO_BIN_EXE_uplink-hub")),
+    );
+    let mut builds = vec![("uplink".to_string(), this_build)];
+    if let Some(base) = std::env::var_os("UPLINK_BENCH_BASELINE").map(PathBuf::from) {
+        builds.push(("uplink before".to_string(), (base.join("uplink"), base.join("uplink-hub"))));
+    }
+    for (name, (agent_bin, hub_bin)) in &builds {
+        let d = dir.join(name.replace(' ', "-"));
+        let port = free_port();
+        let hub = start_hub(hub_bin, &d.join("hub"), port, SocketAddr::from(([127, 0, 0, 1], port)));
+        let agent = start_agent(agent_bin, &d.join("agent"), &hub.admin, "bench", &nginx);
+        // The edge: another hub, whose public URL (what its agents dial)
+        // is the relay in front of it.
+        let port = free_port();
+        let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], port)));
+        let edge_hub = start_hub(hub_bin, &d.join("edge-hub"), port, relay.addr);
+        let edge_agent = start_agent(agent_bin, &d.join("edge"), &edge_hub.admin, "bench", &nginx);
+        let near = client_endpoint(&hub);
+        let far = client_endpoint(&edge_hub);
+        // First request through: proves the path and warms the agent's pool.
+        near.connect().get(&near.request(SMALL));
+        far.connect().get(&far.request(SMALL));
+        std::thread::sleep(Duration::from_millis(300));
+        idle_rss.push((
+            name.clone(),
+            proc_status_kib(agent.pid(), "VmRSS:"),
+            proc_status_kib(hub.proc.pid(), "VmRSS:"),
+        ));
+        routes.push(Route { name: name.clone(), ep: near, pids: Some((agent.pid(), hub.proc.pid())) });
+        edges.push((name.clone(), far));
+        eprintln!(
+            "e2e bench: {name}: hub pid {}, agent pid {}, edge hub pid {}, edge agent pid {}",
+            hub.proc.pid(),
+            agent.pid(),
+            edge_hub.proc.pid(),
+            edge_agent.pid()
+        );
+        procs.extend([edge_agent, edge_hub.proc, agent, hub.proc]);
+    }
+    match find_program("bore", "UPLINK_BENCH_BORE") {
+        None => {
+            eprintln!("e2e bench: bore not found (cargo install bore-cli, or UPLINK_BENCH_BORE=PATH); bore skipped")
+        }
+        Some(bin) => {
+            if let Some((server, local, addr)) = start_bore(&bin, &dir, &nginx) {
+                routes.push(Route {
+                    name: "bore".into(),
+                    ep: Endpoint { addr, ..direct.clone() },
+                    pids: Some((local.pid(), server.pid())),
+                });
+                procs.extend([local, server]);
+            }
+        }
+    }
     // The bench profile aborts on panic, so no Drop runs then: say what
     // to stop by hand if an assertion fails.
-    eprintln!(
-        "e2e bench: nginx pid {}, hub pid {hub_pid}, agent pid {agent_pid}, data in {}",
-        nginx.child.id(),
-        dir.display()
-    );
-    let phase = |name: &str| eprintln!("e2e bench: {name}");
-    phase("warm latency");
-    let lat = (warm_latency(&direct, plan.latency_requests), warm_latency(&via, plan.latency_requests));
-    phase("request rate, 32 clients");
-    let rd = rate(&direct, plan.rate_secs);
-    let cpu0 = (cpu_time(hub_pid), cpu_time(agent_pid));
-    let t0 = Instant::now();
-    let ru = rate(&via, plan.rate_secs);
-    let cpu_rate = (cpu_time(hub_pid) - cpu0.0, cpu_time(agent_pid) - cpu0.1);
-    let requests = ru * t0.elapsed().as_secs_f64();
-    phase("bulk 64 MiB");
-    let bd = bulk(&direct, plan.bulk_rounds);
-    let cpu1 = (cpu_time(hub_pid), cpu_time(agent_pid));
-    let bu = bulk(&via, plan.bulk_rounds);
-    let cpu_bulk = (cpu_time(hub_pid) - cpu1.0, cpu_time(agent_pid) - cpu1.1);
-    phase("fresh connections");
-    let fresh =
-        (fresh_latency(&no_resume(&direct), plan.fresh_requests), fresh_latency(&no_resume(&via), plan.fresh_requests));
-    std::thread::sleep(Duration::from_millis(500));
-    let rss_load = (proc_status_kib(hub_pid, "VmRSS:"), proc_status_kib(agent_pid, "VmRSS:"));
-    let hwm = (proc_status_kib(hub_pid, "VmHWM:"), proc_status_kib(agent_pid, "VmHWM:"));
+    eprintln!("e2e bench: nginx pid {}, data in {}", nginx.proc.pid(), dir.display());
 
-    println!();
-    println!(
-        "uplink e2e: client -> nginx (TLS) vs client -> uplink-hub -> tunnel -> uplink -> nginx; {} CPUs; nginx 1 worker",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    println!(
-        "{:<28} {:>14} {:>14} {:>9}  {:<14} vs rathole/bore/ssh -R",
-        "", "direct", "uplink", "ratio", "their range"
-    );
-    row(
-        "small GET p50 (warm)",
-        ms(lat.0.p50),
-        ms(lat.1.p50),
-        lat.1.p50.as_secs_f64() / lat.0.p50.as_secs_f64(),
-        "1.3 - 2.0x",
-        verdict(lat.1.p50.as_secs_f64() / lat.0.p50.as_secs_f64(), 1.3, 2.0),
-    );
-    row(
-        "small GET p99 (warm)",
-        ms(lat.0.p99),
-        ms(lat.1.p99),
-        lat.1.p99.as_secs_f64() / lat.0.p99.as_secs_f64(),
-        "",
-        "",
-    );
-    row(
-        "requests/s, 32 clients",
-        format!("{rd:.0}/s"),
-        format!("{ru:.0}/s"),
-        ru / rd,
-        "0.07 - 0.5x",
-        verdict(ru / rd, 0.5, 0.07),
-    );
-    row(
-        "bulk 64 MiB (best)",
-        format!("{bd:.0} MiB/s"),
-        format!("{bu:.0} MiB/s"),
-        bu / bd,
-        "0.26 - 0.42x",
-        verdict(bu / bd, 0.42, 0.26),
-    );
-    row(
-        "fresh connection p50",
-        ms(fresh.0.p50),
-        ms(fresh.1.p50),
-        fresh.1.p50.as_secs_f64() / fresh.0.p50.as_secs_f64(),
-        "7 - 11x",
-        verdict(fresh.1.p50.as_secs_f64() / fresh.0.p50.as_secs_f64(), 7.0, 11.0),
-    );
-    row(
-        "fresh connection p99",
-        ms(fresh.0.p99),
-        ms(fresh.1.p99),
-        fresh.1.p99.as_secs_f64() / fresh.0.p99.as_secs_f64(),
-        "",
-        "",
-    );
-    let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
-    println!();
-    println!("{:<28} {:>14} {:>14}   their edge process: 3.5 - 8 MiB", "RSS", "hub", "agent");
-    println!(
-        "{:<28} {:>14} {:>14}   {}",
-        "idle, after connect",
-        mib(rss_idle.0),
-        mib(rss_idle.1),
-        verdict_rss(rss_idle.1)
-    );
-    println!(
-        "{:<28} {:>14} {:>14}   {}",
-        "idle, after the load",
-        mib(rss_load.0),
-        mib(rss_load.1),
-        verdict_rss(rss_load.1)
-    );
-    println!("{:<28} {:>14} {:>14}", "peak (VmHWM)", mib(hwm.0), mib(hwm.1));
-    println!();
-    let per = |d: Duration| format!("{:.1} us", d.as_secs_f64() * 1e6 / requests.max(1.0));
-    let per_mib = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3 / (plan.bulk_rounds * 64) as f64);
-    println!("{:<28} {:>14} {:>14}", "CPU", "hub", "agent");
-    println!("{:<28} {:>14} {:>14}", "per request (rate phase)", per(cpu_rate.0), per(cpu_rate.1));
-    println!("{:<28} {:>14} {:>14}", "per MiB (bulk phase)", per_mib(cpu_bulk.0), per_mib(cpu_bulk.1));
-    println!("profile: bench (= release: opt-level z, LTO); data in {}", dir.display());
-    drop(agent);
-    drop(hub);
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); routes.len()];
+    let mut edge_samples: Vec<Vec<EdgeSample>> = vec![Vec::new(); edges.len()];
+    for round in 0..plan.rounds {
+        // Interleaved, and each round in another order, so a noisy
+        // neighbour's burst does not always land on the same path.
+        let n = routes.len();
+        for k in 0..n {
+            let i = (k + round) % n;
+            eprintln!("e2e bench: round {}/{}: {}", round + 1, plan.rounds, routes[i].name);
+            samples[i].push(measure(&routes[i], &plan));
+        }
+        for k in 0..edges.len() {
+            let i = (k + round) % edges.len();
+            eprintln!("e2e bench: round {}/{}: {} over the edge link", round + 1, plan.rounds, edges[i].0);
+            edge_samples[i].push(measure_edge(&edges[i].1, &plan));
+        }
+    }
+
+    report(&routes, &samples, &edges, &edge_samples, &idle_rss, &plan);
+    drop(procs);
     drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn verdict_rss(kib: u64) -> &'static str {
-    let mib = kib as f64 / 1024.0;
-    if mib <= 3.5 {
-        "BEATS all"
-    } else if mib <= 8.0 {
-        "within range"
-    } else {
-        "WORSE than all"
+fn report(
+    routes: &[Route],
+    samples: &[Vec<Sample>],
+    edges: &[(String, Endpoint)],
+    edge_samples: &[Vec<EdgeSample>],
+    idle_rss: &[(String, u64, u64)],
+    plan: &Plan,
+) {
+    let med = |i: usize, f: &dyn Fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
+    let d = |f: &dyn Fn(&Sample) -> f64| med(0, f);
+    let (d50, drate, dbulk, dfresh) = (d(&|s| ms(s.warm.p50)), d(&|s| s.rate), d(&|s| s.bulk), d(&|s| ms(s.fresh.p50)));
+    println!();
+    println!(
+        "uplink e2e: 2.5 KB JSON answers from nginx (TLS), {} CPUs, medians of {} rounds, paths interleaved",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        plan.rounds
+    );
+    println!();
+    println!(
+        "| path | c=1 p50 | × direct | c=1 p99 | c=32 req/s | × direct | bulk MiB/s | × direct | fresh conn p50 × direct | small p50 during bulk × idle | p99 during bulk | edge CPU ms/10k req | hub CPU ms/10k req |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, r) in routes.iter().enumerate() {
+        let p50 = med(i, &|s| ms(s.warm.p50));
+        let cpu = |x: f64| if x.is_nan() { "-".to_string() } else { format!("{x:.0}") };
+        println!(
+            "| {} | {:.3} ms | {:.2} | {:.3} ms | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} ms | {} | {} |",
+            r.name,
+            p50,
+            p50 / d50,
+            med(i, &|s| ms(s.warm.p99)),
+            med(i, &|s| s.rate),
+            med(i, &|s| s.rate) / drate,
+            med(i, &|s| s.bulk),
+            med(i, &|s| s.bulk) / dbulk,
+            med(i, &|s| ms(s.fresh.p50)) / dfresh,
+            med(i, &|s| ms(s.busy.p50) / ms(s.warm.p50)),
+            med(i, &|s| ms(s.busy.p99)),
+            cpu(med(i, &|s| s.cpu_edge)),
+            cpu(med(i, &|s| s.cpu_hub)),
+        );
     }
+    if !edges.is_empty() {
+        let rtt = ms(EDGE_DELAY) * 2.0;
+        println!();
+        println!(
+            "Edge link between agent and hub: {:.0} Mbit/s each way, {rtt:.0} ms RTT, {} KiB queue; a 64 MiB download runs through the same tunnel",
+            EDGE_BITS_PER_SEC / 1e6,
+            EDGE_QUEUE / 1024
+        );
+        println!();
+        println!(
+            "| path | idle p50 | small p50 during download | p99 | × RTT (p50) | watch first byte during download (p50) | × RTT |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for (i, (name, _)) in edges.iter().enumerate() {
+            let m = |f: &dyn Fn(&EdgeSample) -> f64| median(edge_samples[i].iter().map(f).collect());
+            let busy = m(&|s| ms(s.busy.p50));
+            let watch = m(&|s| ms(s.watch.p50));
+            println!(
+                "| {name} | {:.1} ms | {busy:.1} ms | {:.1} ms | {:.2} | {watch:.1} ms | {:.2} |",
+                m(&|s| ms(s.idle.p50)),
+                m(&|s| ms(s.busy.p99)),
+                busy / rtt,
+                watch / rtt
+            );
+        }
+    }
+    println!();
+    println!("| build | agent RSS idle | hub RSS idle |");
+    println!("|---|---:|---:|");
+    for (name, agent, hub) in idle_rss {
+        println!("| {name} | {:.1} MiB | {:.1} MiB |", *agent as f64 / 1024.0, *hub as f64 / 1024.0);
+    }
+    println!();
+    println!("profile: bench (= release); CPU from /proc/PID/stat over the c=32 phase");
 }
