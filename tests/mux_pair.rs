@@ -857,8 +857,9 @@ fn control_frames_overtake_queued_data() {
     let mut p = bulk_pair();
     let a = answered(&mut p, "/download");
     p.agent.send_data(a, &vec![1u8; 1 << 20]).unwrap();
-    // A keepalive and a refusal do not wait for the megabyte.
-    p.agent.handle_timeout(p.now + Duration::from_secs(16));
+    // A keepalive and a refusal do not wait for the megabyte. (Just past
+    // the ping interval, well before the dead-peer deadline.)
+    p.agent.handle_timeout(p.now + Config::default().keepalive + Duration::from_millis(1));
     let other = p.hub.open(head("/other")).unwrap();
     let to_agent = p.hub.take_transmit(Vec::new());
     p.agent.handle_input(&to_agent, p.now);
