@@ -31,6 +31,7 @@ pub mod client;
 pub mod clock;
 pub mod console;
 pub mod events;
+pub mod fleet;
 pub mod http;
 pub mod install;
 pub mod kube;
