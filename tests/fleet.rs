@@ -408,6 +408,11 @@ fn fleet_queries_across_clusters_with_each_clusters_rbac() {
         let none = fleet(&["get", "pod", "nowhere", "-n", "default"]);
         assert!(!none.status.success() && stderr(&none).contains("NotFound"), "{version}: {}", stderr(&none));
 
+        // A watch: the first listing prints, then the watch is refused.
+        let w = fleet(&["get", "nodes", "-w"]);
+        assert!(stdout(&w).contains("shop-1"), "{version}: {}", stdout(&w));
+        assert!(stderr(&w).contains("the fleet context does not watch"), "{version}: {}", stderr(&w));
+
         // Writes and per-cluster streams are refused, readably.
         for args in [
             &["delete", "pod", "pos-1a", "-n", "default"][..],
