@@ -219,6 +219,8 @@ pub async fn kube(hub: &Hub, req: &Request, inb: &mut In, out: &mut Out) -> Repl
     };
     let (query, watch) = rewrite_query(query, &["limit", "continue"]);
     if watch {
+        // kubectl 1.27 prints a refused watch generically ("does not
+        // allow this method") whatever the code; later ones print this.
         return Reply::Send(status_response(
             405,
             "the fleet context does not watch (a watch is per cluster): use --context CLUSTER -w, or list again",
