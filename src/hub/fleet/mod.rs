@@ -53,6 +53,9 @@ pub const REST_PREFIX: &str = "/api/v1/fleet/k8s/";
 const MAX_WARNINGS: usize = 20;
 /// Longest message quoted in one warning.
 const WARNING_CHARS: usize = 400;
+/// Largest merged answer for kubectl: beyond it, a cluster's rows are
+/// left out with a warning (the REST query streams and has no such cap).
+const MAX_MERGED: usize = 128 << 20;
 /// Longest per-cluster timeout a REST caller may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -234,7 +237,7 @@ pub async fn kube(hub: &Hub, req: &Request, inb: &mut In, out: &mut Out) -> Repl
         timeout: CLUSTER_TIMEOUT,
     };
     let merged = fan_out(hub, &ask, &targets, async |rx| {
-        let mut m = Merged::new(table);
+        let mut m = Merged::new(table, MAX_MERGED);
         while let Ok((cluster, outcome)) = rx.recv().await {
             m.add(&cluster, outcome);
         }
@@ -300,6 +303,9 @@ async fn discovery(hub: &Hub, user: &User, targets: &[Cluster], forward: &str, r
 /// The merged answer for kubectl, built as clusters answer.
 struct Merged {
     table: bool,
+    /// Most bytes of rows or items held (see [`MAX_MERGED`]).
+    cap: usize,
+    held: usize,
     columns: Option<Vec<Value>>,
     /// Each cluster's serialized rows or items, comma-separated; sent in
     /// cluster-name order, whatever order the answers came in.
@@ -309,8 +315,8 @@ struct Merged {
 }
 
 impl Merged {
-    fn new(table: bool) -> Merged {
-        Merged { table, columns: None, parts: Vec::new(), answered: 0, failures: Vec::new() }
+    fn new(table: bool, cap: usize) -> Merged {
+        Merged { table, cap, held: 0, columns: None, parts: Vec::new(), answered: 0, failures: Vec::new() }
     }
 
     /// Appends one row or item to `cluster`'s part.
@@ -346,6 +352,14 @@ impl Merged {
             }
             (Err(e), _) => return self.failures.push((cluster.into(), unmergeable(e.to_string()))),
         }
+        if self.held + part.len() > self.cap {
+            let message = format!(
+                "left out: the merged answer would be over {} MiB; narrow it (a pattern, a namespace, a selector) or use the REST fleet query, which streams",
+                self.cap >> 20
+            );
+            return self.failures.push((cluster.into(), Failure { reason: "TooLarge".into(), code: 507, message }));
+        }
+        self.held += part.len();
         self.parts.push((cluster.to_string(), part));
         self.answered += 1;
     }
@@ -612,6 +626,64 @@ mod tests {
     fn warnings_are_quoted_strings() {
         assert_eq!(warning("cluster e: Forbidden: user \"a\\b\"\n"), r#"299 - "cluster e: Forbidden: user \"a\\b\" ""#);
         assert!(warning(&"x".repeat(1000)).len() < WARNING_CHARS + 10);
+    }
+
+    fn answer(v: Value) -> Outcome {
+        Outcome::Answer { content_type: "application/json".into(), body: serde_json::to_vec(&v).unwrap() }
+    }
+
+    fn table_of(names: &[&str]) -> Value {
+        json!({"kind": "Table", "columnDefinitions": [{"name": "Name"}],
+               "rows": names.iter().map(|n| json!({"cells": [n]})).collect::<Vec<_>>()})
+    }
+
+    /// Rows in cluster order whatever the arrival order; failures warn;
+    /// past the cap a cluster is left out with a warning, never silently.
+    #[test]
+    fn merged_tables_warn_and_keep_to_their_cap() {
+        let mut m = Merged::new(true, 70);
+        m.add("b", answer(table_of(&["b1"])));
+        m.add("a", answer(table_of(&["a1", "a2"])));
+        m.add("c", Outcome::Failed(Failure { reason: "Forbidden".into(), code: 403, message: "no \"pods\"".into() }));
+        m.add("d", answer(table_of(&["d1", "d2", "d3"])));
+        m.add("e", answer(json!({"kind": "PodList", "items": []})));
+        let r = m.response(false, "*", 5);
+        assert_eq!(r.status, 200);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        let firsts: Vec<&str> = v["rows"].as_array().unwrap().iter().map(|r| r["cells"][0].as_str().unwrap()).collect();
+        assert_eq!(firsts, ["a", "a", "b"]);
+        assert_eq!(v["columnDefinitions"][0]["name"], "Cluster");
+        let warnings: Vec<&str> = r.headers.iter().filter(|(n, _)| n == "Warning").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings[0].starts_with(r#"299 - "cluster c: Forbidden: no \"pods\""#), "{warnings:?}");
+        assert!(warnings[1].contains("cluster d: TooLarge: left out"), "{warnings:?}");
+        assert!(warnings[2].contains("cluster e: Unreadable: the cluster answered no Table"), "{warnings:?}");
+    }
+
+    /// A get by name: the one object where one cluster has it, 404 where
+    /// none has, and the others' "not found" is no warning.
+    #[test]
+    fn gets_by_name() {
+        let nf = || {
+            Outcome::Failed(Failure { reason: "NotFound".into(), code: 404, message: "pods \"x\" not found".into() })
+        };
+        let mut m = Merged::new(false, MAX_MERGED);
+        m.add("a", nf());
+        m.add("b", answer(json!({"kind": "Pod", "metadata": {"name": "x"}})));
+        let r = m.response(true, "*", 2);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            (v["kind"].as_str(), v["metadata"]["annotations"][merge::CLUSTER_ANNOTATION].as_str()),
+            (Some("Pod"), Some("b"))
+        );
+        assert!(!r.headers.iter().any(|(n, _)| n == "Warning"));
+        let mut m = Merged::new(false, MAX_MERGED);
+        m.add("a", nf());
+        m.add("b", Outcome::Failed(Failure { reason: "Timeout".into(), code: 504, message: "slow".into() }));
+        let r = m.response(true, "shop-*", 2);
+        assert_eq!(r.status, 404);
+        assert!(String::from_utf8_lossy(&r.body).contains(r#"(in none of the 2 clusters matching \"shop-*\")"#));
+        assert!(r.headers.iter().any(|(n, v)| n == "Warning" && v.contains("cluster b: Timeout")));
     }
 
     #[test]
