@@ -36,7 +36,8 @@
 //!   impersonating kube proxy, health. Not anything the hub runs.
 //! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store,
 //!   auth and grants (hub tokens, the organisation's OIDC provider), REST
-//!   API, tunnel sessions, kube front end, console.
+//!   API, tunnel sessions, kube front end, the fleet view (one read to
+//!   many clusters, merged), console.
 //!   Never linked into the agent.
 //! - `render` (feature `hub`): the Kubernetes manifest, systemd activation
 //!   file and cleanup instructions the hub hands out for a cluster. Not
