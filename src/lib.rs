@@ -37,8 +37,9 @@
 //!   impersonating kube proxy, health. Not anything the hub runs.
 //! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store,
 //!   auth and grants (hub tokens, the organisation's OIDC provider), REST
-//!   API, tunnel sessions, kube front end, console, connection caps and
-//!   deadlines (`hub::limits`). Never linked into the agent.
+//!   API, tunnel sessions, kube front end, the fleet view (one read to
+//!   many clusters, merged), console, connection caps and deadlines
+//!   (`hub::limits`). Never linked into the agent.
 //! - `render` (feature `hub`): the Kubernetes manifest, systemd activation
 //!   file and cleanup instructions the hub hands out for a cluster. Not
 //!   name validation or applying anything.

@@ -670,12 +670,15 @@ fn kubeconfig_with(hub_url: &str, ca_pem: Option<&str>, cluster: &str, user: &st
     // Quoted as ASCII with escapes: a name may hold characters (U+2028,
     // U+0085) that YAML 1.1 parsers such as kubectl's read as line breaks.
     let q = render::yaml_quote;
+    // A second context, `fleet`, asks every cluster the person may reach
+    // at once (read-only; see `fleet`).
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n  - name: {c}\n    cluster:\n      server: {server}\n{ca}\
-users:\n  - name: {u}\n    user:\n{user_yaml}contexts:\n  - name: {c}\n    context:\n      cluster: {c}\n      user: {u}\n\
+        "apiVersion: v1\nkind: Config\nclusters:\n  - name: {c}\n    cluster:\n      server: {server}\n{ca}  - name: uplink-fleet\n    cluster:\n      server: {fleet}\n{ca}\
+users:\n  - name: {u}\n    user:\n{user_yaml}contexts:\n  - name: {c}\n    context:\n      cluster: {c}\n      user: {u}\n  - name: fleet\n    context:\n      cluster: uplink-fleet\n      user: {u}\n\
 current-context: {c}\n",
         c = q(&ctx),
         server = q(&format!("{hub_url}/k8s/clusters/{cluster}")),
+        fleet = q(&format!("{hub_url}{}*", super::fleet::KUBE_PREFIX)),
         u = q(&format!("{user}@uplink")),
     )
 }
@@ -792,6 +795,16 @@ mod tests {
             assert_eq!(
                 doc["clusters"][0]["cluster"]["server"].as_str(),
                 Some("https://hub.example.com:8443/k8s/clusters/edge-1")
+            );
+            assert_eq!(doc["contexts"][1]["name"].as_str(), Some("fleet"), "{text}");
+            assert_eq!(doc["contexts"][1]["context"]["user"].as_str(), Some(&*user), "{text}");
+            assert_eq!(
+                doc["clusters"][1]["cluster"]["server"].as_str(),
+                Some("https://hub.example.com:8443/k8s/fleet/*")
+            );
+            assert_eq!(
+                doc["clusters"][1]["cluster"]["certificate-authority-data"],
+                doc["clusters"][0]["cluster"]["certificate-authority-data"]
             );
             assert!(text.is_ascii(), "{text}");
         }

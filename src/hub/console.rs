@@ -53,6 +53,7 @@ const ASSETS: &[Asset] = &[
     asset!("dom.js", JS),
     asset!("clusters.js", JS),
     asset!("cluster.js", JS),
+    asset!("fleet.js", JS),
     asset!("admin.js", JS),
 ];
 

@@ -588,7 +588,7 @@ const TUNNEL_GRACE: Duration = Duration::from_secs(3);
 /// while the agent is redialling waits for it, up to [`TUNNEL_GRACE`],
 /// rather than being refused. `Err(None)`: no tunnel; `Err(Some)`: the
 /// tunnel could not take the stream.
-async fn open_stream(hub: &Hub, cluster_id: &str, head: RequestHead) -> Result<Stream, Option<StreamError>> {
+pub(super) async fn open_stream(hub: &Hub, cluster_id: &str, head: RequestHead) -> Result<Stream, Option<StreamError>> {
     let until = Instant::now() + TUNNEL_GRACE;
     loop {
         let error = match hub.tunnels.pick(cluster_id) {

@@ -8,6 +8,8 @@
 //!                 unauthenticated bodies)
 //!                 ├─ /api/v1/...            api      REST for the CLI and console
 //!                 ├─ /k8s/clusters/NAME/..  kube     authn, grant, open stream, pipe
+//!                 ├─ /k8s/fleet/PATTERN/.., /api/v1/fleet/k8s/..
+//!                 │                         fleet    one read to many clusters, merged
 //!                 ├─ /v1/activate, /v1/tunnel agents activation, tunnel sessions
 //!                 ├─ /, /assets/...         console  the web console, embedded
 //!                 ├─ /auth/...              oidc     console sign-in with the identity provider
@@ -34,6 +36,7 @@ pub mod client;
 pub mod clock;
 pub mod console;
 pub mod events;
+pub mod fleet;
 pub mod http;
 pub mod install;
 pub mod kube;

@@ -22,7 +22,7 @@
 use super::http::{BodyState, HttpError, Inbound, Request, Response};
 use super::limits::{self, Gate, Limits, Ticket};
 use super::store::Store;
-use super::{Hub, agents, api, cert, console, kube, new_token};
+use super::{Hub, agents, api, cert, console, fleet, kube, new_token};
 use crate::proto::GoAwayCode;
 use futures_rustls::TlsAcceptor;
 use log::{info, warn};
@@ -568,6 +568,12 @@ async fn route(
     // the (synchronous) authentication below sees them.
     if let (Some(p), Some(token)) = (&hub.oidc, api::bearer(req)) {
         p.prepare(token).await;
+    }
+    if path.starts_with(fleet::KUBE_PREFIX) {
+        return fleet::kube(hub, req, inb, out).await;
+    }
+    if path.starts_with(fleet::REST_PREFIX) {
+        return fleet::rest(hub, req, out).await;
     }
     if path == "/k8s/clusters" || path.starts_with("/k8s/clusters/") || path.starts_with("/k8s/") {
         return kube::proxy(hub, req, body, inb, out).await;

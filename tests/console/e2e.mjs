@@ -227,6 +227,27 @@ try {
   assert.match(audit, /403/);
   await shot(admin, '11-audit-log');
 
+  // ---- the fleet --------------------------------------------------------------------
+  step = 'alice asks the whole fleet';
+  log(step);
+  await alice.goto(`${HUB}/#/fleet`);
+  await alice.locator(`table.fleet-nodes tr[data-cluster="${CLUSTER}"]`).waitFor();
+  assert.match(await alice.locator(`table.fleet-nodes tr[data-cluster="${CLUSTER}"]`).innerText(), /\d+\/\d+ Ready/);
+  // All namespaces: the article's RBAC lets alice list pods only in default.
+  const note = alice.locator(`#fleet-notes li[data-cluster="${CLUSTER}"]`);
+  await note.waitFor();
+  assert.match(await note.innerText(), /Forbidden[\s\S]*pods is forbidden: User "alice" cannot list resource "pods"/);
+  await shot(alice, '14-fleet');
+  await alice.getByLabel('Namespace').fill('default');
+  await alice.getByRole('button', { name: 'Ask' }).click();
+  await alice.waitForURL(/#\/fleet\?clusters=.*ns=default/);
+  await alice.locator(`table.fleet-nodes tr[data-cluster="${CLUSTER}"]`).waitFor();
+  await alice.locator('#fleet-pods').getByText(/running and ready|Pods not running/).first().waitFor();
+  assert.equal(await note.count(), 0, 'in default alice may see everything asked');
+  // The fleet links to the cluster's own pages.
+  await alice.locator(`table.fleet-nodes tr[data-cluster="${CLUSTER}"]`).getByRole('link', { name: CLUSTER }).click();
+  await alice.locator('table.nodes tbody tr').first().waitFor();
+
   // ---- a tablet --------------------------------------------------------------------
   step = 'alice on a tablet';
   log(step);
@@ -249,6 +270,12 @@ try {
   assert.equal(await alice.evaluate(() => window.__sameDocument), true, 'no reload');
   assert.match(await clusterRow(alice, CLUSTER).innerText(), /last seen/);
   await shot(alice, '13-cluster-disconnected');
+  step = 'the fleet page says which cluster is disconnected';
+  log(step);
+  await alice.goto(`${HUB}/#/fleet`);
+  await alice.locator(`#fleet-notes li[data-cluster="${CLUSTER}"][data-reason="Disconnected"]`).waitFor({ timeout: 20_000 });
+  assert.match(await alice.locator('#fleet-pods').innerText(), /No cluster could answer this/, 'nothing is called healthy that was not seen');
+  await shot(alice, '15-fleet-disconnected');
 
   assert.deepEqual(pageErrors, [], 'no script errors in the pages');
   log('all console checks passed');

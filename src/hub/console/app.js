@@ -8,12 +8,14 @@
 //   #/clusters/NAME/ns/NS                workloads in a namespace
 //   #/clusters/NAME/ns/NS/KIND/OBJ[/TAB] one object (TAB: yaml, json, events, logs)
 //   #/clusters/NAME/nodes/NODE[/TAB]     one node
+//   #/fleet?clusters=PATTERN&ns=NS       every reachable cluster at once
 //   #/register  #/users  #/audit         admin pages
 
 import { api, hub, onUnauthorized, session } from './api.js';
 import { h, put, errorBox } from './dom.js';
 import { clustersView } from './clusters.js';
 import { clusterView } from './cluster.js';
+import { fleetView } from './fleet.js';
 import { registerView, usersView, auditView } from './admin.js';
 
 const root = document.getElementById('app');
@@ -167,6 +169,7 @@ let nav;
 function shell() {
   const links = [
     ['#/', 'Clusters', (r) => r === '' || r.startsWith('clusters')],
+    ['#/fleet', 'Fleet', (r) => r === 'fleet'],
     ...(me.admin ? [
       ['#/register', 'Register a cluster', (r) => r === 'register'],
       ['#/users', 'Users & grants', (r) => r === 'users'],
@@ -220,6 +223,7 @@ function route() {
   let view;
   if (parts.length === 0) view = clustersView(ctx);
   else if (parts[0] === 'clusters' && parts[1]) view = clusterView(ctx, parts.slice(1));
+  else if (parts[0] === 'fleet') view = fleetView(ctx);
   else if (parts[0] === 'register') view = registerView(ctx);
   else if (parts[0] === 'users') view = usersView(ctx);
   else if (parts[0] === 'audit') view = auditView(ctx);
