@@ -24,7 +24,6 @@
 
 pub mod agents;
 pub mod api;
-pub mod cache;
 pub mod cert;
 pub mod cli;
 pub mod client;
@@ -38,7 +37,6 @@ pub mod logger;
 pub mod metrics;
 pub mod oidc;
 pub mod server;
-pub mod sqlite;
 pub mod store;
 pub mod table;
 pub mod tunnels;

@@ -85,8 +85,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
     }
     // The cache answers every kube request's token, grant and cluster
     // reads; this process is the database's only writer.
-    let store: Rc<dyn Store> = Rc::new(super::cache::CachedStore::new(
-        super::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?,
+    let store: Rc<dyn Store> = Rc::new(super::store::cache::CachedStore::new(
+        super::store::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?,
     ));
 
     let (listener, socket_activated) = listen(&cfg)?;

@@ -14,11 +14,11 @@
 //!
 //! Not cached: anything else (lists, audit, credentials, events).
 
-use super::clock::Millis;
-use super::store::{
+use super::{
     ActivateError, Activation, AgentFacts, AuditEntry, AuditQuery, Cluster, ClusterEvent, ConsoleSession,
     CredentialStatus, Grant, NewActivation, NewCluster, Result, Store, Subject, User,
 };
+use crate::hub::clock::Millis;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -211,8 +211,8 @@ impl<S: Store> Store for CachedStore<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::sqlite::SqliteStore;
     use crate::hub::store::Subject;
+    use crate::hub::store::sqlite::SqliteStore;
 
     fn store() -> (CachedStore<SqliteStore>, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("uplink-cache-{}-{}", std::process::id(), rand_suffix()));

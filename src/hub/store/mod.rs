@@ -3,16 +3,19 @@
 //! [`Store`] speaks in clusters, activations, users, grants and audit
 //! entries, never in SQL, so that a PostgreSQL backend (several hub
 //! replicas sharing one database) can implement the same trait. The
-//! embedded default is [`super::sqlite::SqliteStore`].
+//! embedded default is [`sqlite::SqliteStore`].
 //!
 //! Secrets never reach the store: it keeps SHA-256 hashes of tokens,
 //! activation codes and agent credentials, and compares them in constant
 //! time where a lookup by hash returns a row.
 //!
 //! What is *live* (which agents are connected right now) is not stored:
-//! it lives in the hub process ([`super::tunnels`]).
+//! it lives in the hub process ([`crate::hub::tunnels`]).
 
-use super::clock::Millis;
+pub mod cache;
+pub mod sqlite;
+
+use crate::hub::clock::Millis;
 use std::fmt;
 
 /// Why a store operation failed.
