@@ -13,6 +13,7 @@
 //! it lives in the hub process ([`crate::hub::tunnels`]).
 
 pub mod cache;
+pub mod postgres;
 pub mod sqlite;
 
 use crate::hub::clock::Millis;
@@ -28,6 +29,10 @@ pub enum StoreError {
     NotFound(String),
     /// The database failed; the text says how. Not the caller's fault.
     Backend(String),
+    /// The database cannot be reached right now (a shared store whose
+    /// connection dropped); the hub retries by itself. Answered with
+    /// `503`, never `500`.
+    Unavailable(String),
 }
 
 impl fmt::Display for StoreError {
@@ -35,6 +40,7 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::Conflict(m) | StoreError::NotFound(m) => f.write_str(m),
             StoreError::Backend(m) => write!(f, "store failed: {m}"),
+            StoreError::Unavailable(m) => write!(f, "store unavailable: {m}"),
         }
     }
 }
