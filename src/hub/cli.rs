@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// data directory: database, certificates (default ./uplink-data)
     #[argh(option, default = "PathBuf::from(\"uplink-data\")")]
     pub data_dir: PathBuf,
+    /// where the hub keeps its state: an SQLite path or sqlite: URL (default DATA_DIR/hub.db), or
+    /// postgres://USER@HOST:PORT/DB?sslmode=disable|prefer&passfile=PATH to share one database
+    /// among several hubs (env UPLINK_HUB_STORE)
+    #[argh(option)]
+    pub store: Option<String>,
     /// URL agents and people use to reach this hub (default https://HOSTNAME:PORT)
     #[argh(option)]
     pub public_url: Option<String>,
@@ -516,6 +521,7 @@ fn run_inner(args: Args) -> Result<(), String> {
                 dead_after,
                 reuse_port,
                 oidc: oidc_config(a)?,
+                store: a.store.clone().or_else(|| std::env::var("UPLINK_HUB_STORE").ok()),
             })
         }
         Cmd::Login(l) => login(l),

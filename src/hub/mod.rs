@@ -10,15 +10,18 @@
 //!                 ├─ /, /assets/...         console  the web console, embedded
 //!                 ├─ /auth/...              oidc     console sign-in with the identity provider
 //!                 └─ /healthz, /metrics
-//!  state: Store (sqlite) · Tunnels (live sessions) · Bus (status events) · Metrics
+//!  state: Store (store/: SQLite, or PostgreSQL shared by replicas, behind a cache)
+//!         · Tunnels (live sessions) · Bus (status events) · Metrics
 //! ```
 //!
 //! Runs on one thread (`smol::LocalExecutor`): the tunnel driver is `!Send`
 //! by design, and one core serves many agents because every connection
 //! is I/O bound. The store is called synchronously from that thread; a
-//! SQLite commit in WAL mode is a short write, but a remote database
-//! (PostgreSQL for several replicas) will want its calls moved off the
-//! loop.
+//! SQLite commit in WAL mode is a short write. With PostgreSQL each call
+//! the cache cannot answer is a network round trip on that thread (hot
+//! reads are prepared statements, one round trip each; kube requests are
+//! answered from the cache); moving those calls off the loop is future
+//! work.
 //!
 //! Not here: the agent (never linked into it).
 

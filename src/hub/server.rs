@@ -18,7 +18,10 @@
 //! ```
 
 use super::http::{BodyState, HttpError, Inbound, Request, Response};
-use super::store::Store;
+use super::store::cache::CachedStore;
+use super::store::postgres::{self, PgConfig, PostgresStore, SharedIdentity};
+use super::store::sqlite::SqliteStore;
+use super::store::{Store, notify};
 use super::{Hub, agents, api, cert, console, kube, new_token};
 use crate::proto::GoAwayCode;
 use futures_rustls::TlsAcceptor;
@@ -64,6 +67,8 @@ pub struct ServeConfig {
     pub reuse_port: bool,
     /// The organisation's identity provider (`--oidc-*`).
     pub oidc: Option<super::oidc::OidcConfig>,
+    /// `--store`: see [`StoreSpec`].
+    pub store: Option<String>,
 }
 
 /// What a handler hands back to the connection loop.
@@ -83,11 +88,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
     }
-    // The cache answers every kube request's token, grant and cluster
-    // reads; this process is the database's only writer.
-    let store: Rc<dyn Store> = Rc::new(super::store::cache::CachedStore::new(
-        super::store::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?,
-    ));
+    let Opened { store, identity, shared } = open_store(&cfg)?;
 
     let (listener, socket_activated) = listen(&cfg)?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
@@ -119,7 +120,10 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
             }
             names.sort();
             names.dedup();
-            cert::self_signed(&cfg.data_dir, &names)?
+            match &identity {
+                Some(id) => cert::from_identity(id, &cfg.data_dir, &names)?,
+                None => cert::self_signed(&cfg.data_dir, &names)?,
+            }
         }
         _ => return Err("--cert and --key go together".into()),
     };
@@ -131,11 +135,20 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
     println!("public URL: {public_url}");
     if store.user_count().map_err(|e| e.to_string())? == 0 {
         let (token, hash) = new_token();
-        store.create_user("admin", &[], true, &hash, super::clock::now_ms()).map_err(|e| e.to_string())?;
-        println!("first start: created admin user \"admin\"");
-        println!("admin token (shown only this once; keep it safe): {}", token.expose());
-        println!("console: {public_url}/");
-        println!("CLI:     export UPLINK_HUB_URL={public_url} UPLINK_TOKEN=<the token above>");
+        match store.create_user("admin", &[], true, &hash, super::clock::now_ms()) {
+            Ok(_) => {
+                println!("first start: created admin user \"admin\"");
+                println!("admin token (shown only this once; keep it safe): {}", token.expose());
+                println!("console: {public_url}/");
+                println!("CLI:     export UPLINK_HUB_URL={public_url} UPLINK_TOKEN=<the token above>");
+            }
+            // Replicas of a shared store starting together: another one
+            // made the admin a moment ago and printed its token.
+            Err(super::store::StoreError::Conflict(_)) => {
+                println!("first start: another replica created the admin user")
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
     if let Some(ca) = &material.ca_pem {
         let pin = crate::tls::certs_from_pem(&material.cert_pem, "hub cert")
@@ -190,6 +203,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
             })
             .detach();
         }
+        if let Some(pg) = shared {
+            watch_shared_store(&ex, &hub, pg)?;
+        }
         let accept = accept_loop(&ex, &hub, &listener, &acceptor);
         let signal = async {
             use smol::stream::StreamExt;
@@ -230,6 +246,92 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
     }))
 }
 
+/// What [`open_store`] opened.
+struct Opened {
+    store: Rc<dyn Store>,
+    /// The CA and keys every replica shares (shared store only).
+    identity: Option<SharedIdentity>,
+    /// Where the shared store is, for the change listener.
+    shared: Option<PgConfig>,
+}
+
+/// Where the store is: `--store` (or `UPLINK_HUB_STORE`), a PostgreSQL
+/// URL, an SQLite path or `sqlite:` URL, by default `DATA_DIR/hub.db`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    Sqlite(PathBuf),
+    /// The connection string (it may hold a password: never logged).
+    Postgres(String),
+}
+
+impl StoreSpec {
+    pub fn parse(spec: Option<&str>, data_dir: &std::path::Path) -> StoreSpec {
+        match spec.map(str::trim).filter(|s| !s.is_empty()) {
+            None => StoreSpec::Sqlite(data_dir.join("hub.db")),
+            Some(s) if s.starts_with("postgres://") || s.starts_with("postgresql://") => StoreSpec::Postgres(s.into()),
+            Some(s) => {
+                let path = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")).unwrap_or(s);
+                StoreSpec::Sqlite(PathBuf::from(path))
+            }
+        }
+    }
+}
+
+/// Opens the store behind its cache. The cache answers every kube
+/// request's token, grant and cluster reads; with SQLite this process is
+/// the database's only writer, with PostgreSQL other replicas' writes
+/// reach it through [`watch_shared_store`].
+fn open_store(cfg: &ServeConfig) -> Result<Opened, String> {
+    match StoreSpec::parse(cfg.store.as_deref(), &cfg.data_dir) {
+        StoreSpec::Sqlite(path) => {
+            let db = SqliteStore::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(Opened { store: Rc::new(CachedStore::new(db)), identity: None, shared: None })
+        }
+        StoreSpec::Postgres(url) => {
+            let config = PgConfig::parse(&url)?;
+            let replica = format!("r_{}", crate::secret::Secret::random(6).expose());
+            let db = PostgresStore::open(config.clone(), &replica, cert::new_identity)?;
+            info!(
+                "store: PostgreSQL at {} (schema version {}) replica={replica}",
+                config.display,
+                postgres::SCHEMA_VERSION
+            );
+            let identity = Some(db.identity().clone());
+            Ok(Opened { store: Rc::new(CachedStore::new(db)), identity, shared: Some(config) })
+        }
+    }
+}
+
+/// Keeps this replica's cache in step with the shared store: change
+/// notifications empty it within moments of another replica's commit,
+/// and a periodic refresh (while the store answers) covers any that were
+/// lost. The tasks are detached: they belong to the executor and end
+/// with the hub.
+fn watch_shared_store(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, pg: PgConfig) -> Result<(), String> {
+    let (tx, rx) = smol::channel::bounded(1);
+    notify::listen(pg, tx).map_err(|e| format!("cannot start the change listener: {e}"))?;
+    let h = hub.clone();
+    ex.spawn(async move {
+        while let Ok(change) = rx.recv().await {
+            log::debug!("store change={change:?}");
+            h.store.invalidate();
+        }
+    })
+    .detach();
+    let h = hub.clone();
+    ex.spawn(async move {
+        loop {
+            Timer::after(notify::REFRESH).await;
+            // While the store is away the cache is all there is: keep it.
+            if h.store.check().is_ok() {
+                h.store.invalidate();
+            }
+        }
+    })
+    .detach();
+    Ok(())
+}
+
 /// The listening socket: the one systemd passed (socket activation), else
 /// a new one on `cfg.listen`, shared with `SO_REUSEPORT` when asked.
 fn listen(cfg: &ServeConfig) -> Result<(std::net::TcpListener, bool), String> {
@@ -255,6 +357,18 @@ fn listen(cfg: &ServeConfig) -> Result<(std::net::TcpListener, bool), String> {
     rustix::net::bind(&fd, &cfg.listen).map_err(|e| cannot(e.into()))?;
     rustix::net::listen(&fd, 1024).map_err(|e| cannot(e.into()))?;
     Ok((std::net::TcpListener::from(fd), false))
+}
+
+/// Whether this hub should get new work: not while draining, not while
+/// its store is away (the reason is in the body).
+fn readyz(hub: &Hub) -> Response {
+    if hub.draining.get() {
+        return Response::new(503, "text/plain", "draining\n");
+    }
+    match hub.store.check() {
+        Ok(()) => Response::new(200, "text/plain", "ready\n"),
+        Err(e) => Response::new(503, "text/plain", format!("{e}\n")),
+    }
 }
 
 fn url_host(url: &str) -> Option<String> {
@@ -401,6 +515,7 @@ async fn route(
     }
     match (req.method.as_str(), path) {
         ("GET" | "HEAD", "/healthz") => Reply::Send(Response::new(200, "text/plain", "ok\n")),
+        ("GET" | "HEAD", "/readyz") => Reply::Send(readyz(hub)),
         ("GET" | "HEAD", "/metrics") => Reply::Send(Response::new(
             200,
             "text/plain; version=0.0.4",

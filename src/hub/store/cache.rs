@@ -12,11 +12,20 @@
 //! The token map is keyed by the SHA-256 of the token, as the database
 //! is, so its lookup times say nothing useful about a token.
 //!
+//! With a shared store (PostgreSQL, several replicas) this process is
+//! not the only writer: the others' writes arrive as change
+//! notifications ([`super::notify`]) that call [`Store::invalidate`],
+//! and a periodic full refresh covers a notification that was lost.
+//!
+//! While the store is away ([`StoreError::Unavailable`]) what is cached
+//! keeps answering: a write that failed because the store was away
+//! changed nothing, so it does not empty the cache.
+//!
 //! Not cached: anything else (lists, audit, credentials, events).
 
 use super::{
     ActivateError, Activation, AgentFacts, AuditEntry, AuditQuery, Cluster, ClusterEvent, ConsoleSession,
-    CredentialStatus, Grant, NewActivation, NewCluster, Result, Store, Subject, User,
+    CredentialStatus, Grant, NewActivation, NewCluster, Result, Store, StoreError, Subject, User,
 };
 use crate::hub::clock::Millis;
 use std::cell::RefCell;
@@ -52,11 +61,33 @@ impl<S: Store> CachedStore<S> {
     }
 
     /// Runs a write and forgets the cache whatever its outcome (a failed
-    /// write may still have changed something).
-    fn write<T>(&self, f: impl FnOnce(&S) -> T) -> T {
+    /// write may still have changed something), unless the store was
+    /// unreachable (then nothing changed, and the cache is what still
+    /// answers).
+    fn write<T: Outcome>(&self, f: impl FnOnce(&S) -> T) -> T {
         let r = f(&self.inner);
-        self.forget();
+        if !r.unreachable() {
+            self.forget();
+        }
         r
+    }
+}
+
+/// What [`CachedStore::write`] needs to know of a write's result.
+trait Outcome {
+    /// The store could not be reached, so it changed nothing.
+    fn unreachable(&self) -> bool;
+}
+
+impl<T> Outcome for Result<T> {
+    fn unreachable(&self) -> bool {
+        matches!(self, Err(StoreError::Unavailable(_)))
+    }
+}
+
+impl<T> Outcome for std::result::Result<T, ActivateError> {
+    fn unreachable(&self) -> bool {
+        matches!(self, Err(ActivateError::Store(StoreError::Unavailable(_))))
     }
 }
 
@@ -205,6 +236,14 @@ impl<S: Store> Store for CachedStore<S> {
     }
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
         self.inner.audit(query)
+    }
+
+    fn check(&self) -> Result<()> {
+        self.inner.check()
+    }
+    fn invalidate(&self) {
+        self.forget();
+        self.inner.invalidate();
     }
 }
 

@@ -13,6 +13,7 @@
 //! it lives in the hub process ([`crate::hub::tunnels`]).
 
 pub mod cache;
+pub mod notify;
 pub mod postgres;
 pub mod sqlite;
 
@@ -298,4 +299,13 @@ pub trait Store {
     fn append_audit(&self, entry: &AuditEntry) -> Result<()>;
     /// Matching entries, newest first.
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;
+
+    // Health and caches.
+    /// Whether the store answers now; `Unavailable` says why not. The
+    /// embedded store always does.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Another process changed the database: forget any cached answer.
+    fn invalidate(&self) {}
 }

@@ -208,7 +208,9 @@ impl PgConfig {
         Ok(PgConfig { config, display: format!("{user}@{host}:{port}/{db}") })
     }
 
-    fn connect(&self) -> std::result::Result<Client, String> {
+    /// A new connection of its own (the audit writer and the change
+    /// listener each keep one).
+    pub fn connect_client(&self) -> std::result::Result<Client, String> {
         self.config
             .connect(NoTls)
             .map_err(|e| format!("cannot connect to PostgreSQL at {}: {}", self.display, describe(&e)))
@@ -321,11 +323,7 @@ fn describe(e: &::postgres::Error) -> String {
 }
 
 fn backend(e: ::postgres::Error) -> StoreError {
-    if e.is_closed() {
-        StoreError::Unavailable(format!("the connection to PostgreSQL was lost: {}", describe(&e)))
-    } else {
-        StoreError::Backend(describe(&e))
-    }
+    if e.is_closed() { StoreError::Unavailable(describe(&e)) } else { StoreError::Backend(describe(&e)) }
 }
 
 fn is_unique_violation(e: &::postgres::Error) -> bool {
@@ -419,7 +417,7 @@ impl PostgresStore {
         replica: &str,
         new_identity: impl FnOnce() -> std::result::Result<SharedIdentity, String>,
     ) -> std::result::Result<Self, String> {
-        let mut client = config.connect()?;
+        let mut client = config.connect_client()?;
         let identity =
             prepare_database(&mut client, new_identity).map_err(|e| format!("PostgreSQL {}: {e}", config.display))?;
         let audit = AuditWriter::start(config.clone(), replica.to_string()).map_err(|e| e.to_string())?;
@@ -469,7 +467,7 @@ impl PostgresStore {
             if Instant::now() < a.retry_at {
                 return Err(StoreError::Unavailable(a.reason.clone()));
             }
-            match self.config.connect() {
+            match self.config.connect_client() {
                 Ok(client) => {
                     log::info!("store back: reconnected to PostgreSQL at {}", self.config.display);
                     *away = None;
@@ -488,8 +486,10 @@ impl PostgresStore {
         let r = f(conn);
         if conn.client.is_closed() {
             let reason = match &r {
-                Err(StoreError::Unavailable(m) | StoreError::Backend(m)) => m.clone(),
-                _ => "the connection to PostgreSQL was lost".into(),
+                Err(StoreError::Unavailable(m) | StoreError::Backend(m)) => {
+                    format!("lost the connection to PostgreSQL at {}: {m}", self.config.display)
+                }
+                _ => format!("lost the connection to PostgreSQL at {}", self.config.display),
             };
             log::error!("store away: {reason}; retrying with backoff");
             *slot = None;
@@ -1138,6 +1138,10 @@ impl Store for PostgresStore {
         self.audit.send(AuditMsg::Entry(e.clone()))
     }
 
+    fn check(&self) -> Result<()> {
+        self.probe()
+    }
+
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
         self.audit.flush()?;
         self.with(|c| {
@@ -1272,7 +1276,7 @@ fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>)
         }
         while !held.is_empty() {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = config.connect().ok();
+                client = config.connect_client().ok();
             }
             let Some(c) = client.as_mut() else { break };
             let n = held.len().min(AUDIT_BATCH);
