@@ -32,11 +32,43 @@ fn temp_dir(tag: &str) -> std::path::PathBuf {
 }
 
 /// Every method of [`Store`], with the answers the hub relies on.
-fn suite(st: &dyn Store) {
+fn suite(st: &dyn Store, shared: bool) {
     people(st);
     grants(st);
     clusters(st);
     audit(st);
+    replicas(st, shared);
+}
+
+/// The replica set: rows on a shared store, nothing on the embedded one.
+fn replicas(st: &dyn Store, shared: bool) {
+    let r = |id: &str, url: &str| Replica { id: s(id), advertise_url: s(url), version: s("0.1.0"), started_at: 1 };
+    let (a, b) = (r("r_a", "https://a:1"), r("r_b", "https://b:1"));
+    st.join_replica(&a, 100, 10).unwrap();
+    st.join_replica(&b, 100, 10).unwrap();
+    let clash = st.join_replica(&r("r_c", "https://a:1"), 105, 10);
+    let f = AgentFacts { agent_version: s("0.1.0"), arch: s("x86_64"), kube_version: s("v1.32.0"), node_count: 2 };
+    let sess = |rep: &Replica, n| AgentSession {
+        replica_id: rep.id.clone(),
+        cluster_id: s("c_1"),
+        session_id: n,
+        since: 100,
+        facts: f.clone(),
+    };
+    st.replica_heartbeat(&a, Some(&[sess(&a, 1), sess(&a, 2)]), 106, 10).unwrap();
+    let seen_by_b = st.replica_heartbeat(&b, Some(&[]), 107, 10).unwrap();
+    // Later: a stops beating; past the deadline b no longer sees it.
+    let after = st.replica_heartbeat(&b, None, 120, 10).unwrap();
+    st.leave_replica("r_b").unwrap();
+    if shared {
+        assert!(matches!(clash, Err(StoreError::Conflict(m)) if m.contains("https://a:1")));
+        assert_eq!(seen_by_b, [sess(&a, 1), sess(&a, 2)]);
+        assert!(after.is_empty(), "{after:?}");
+        // The URL of a replica that expired may be taken again.
+        st.join_replica(&r("r_d", "https://a:1"), 130, 10).unwrap();
+    } else {
+        assert!(clash.is_ok() && seen_by_b.is_empty() && after.is_empty());
+    }
 }
 
 fn people(st: &dyn Store) {
@@ -250,7 +282,7 @@ fn audit(st: &dyn Store) {
 fn sqlite_passes_the_suite() {
     let dir = temp_dir("suite");
     let st = SqliteStore::open(&dir.join("hub.db")).unwrap();
-    suite(&st);
+    suite(&st, false);
     drop(st);
     std::fs::remove_dir_all(dir).ok();
 }
@@ -259,7 +291,7 @@ fn sqlite_passes_the_suite() {
 fn postgres_passes_the_suite() {
     let Some(pg) = Postgres::start("store-suite") else { return };
     let st = open_pg(&pg);
-    suite(&st);
+    suite(&st, true);
     // The audit rows carry the replica that wrote them.
     assert_eq!(pg.query("SELECT DISTINCT replica FROM audit"), "r_test");
     // Opening again (a restart, or a second replica) migrates nothing and
@@ -275,7 +307,7 @@ fn postgres_passes_the_suite() {
 #[test]
 fn cached_postgres_passes_the_suite() {
     let Some(pg) = Postgres::start("store-cached") else { return };
-    suite(&cache::CachedStore::new(open_pg(&pg)));
+    suite(&cache::CachedStore::new(open_pg(&pg)), true);
 }
 
 #[test]

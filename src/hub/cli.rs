@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// among several hubs (env UPLINK_HUB_STORE)
     #[argh(option)]
     pub store: Option<String>,
+    /// this replica's own URL when several hubs share a postgres store (default
+    /// https://HOSTNAME:PORT of --listen); --public-url is the load balancer's
+    #[argh(option)]
+    pub advertise_url: Option<String>,
     /// URL agents and people use to reach this hub (default https://HOSTNAME:PORT)
     #[argh(option)]
     pub public_url: Option<String>,
@@ -522,6 +526,7 @@ fn run_inner(args: Args) -> Result<(), String> {
                 reuse_port,
                 oidc: oidc_config(a)?,
                 store: a.store.clone().or_else(|| std::env::var("UPLINK_HUB_STORE").ok()),
+                advertise_url: a.advertise_url.clone(),
             })
         }
         Cmd::Login(l) => login(l),

@@ -39,6 +39,7 @@ pub mod kube;
 pub mod logger;
 pub mod metrics;
 pub mod oidc;
+pub mod replicas;
 pub mod server;
 pub mod store;
 pub mod table;
@@ -51,13 +52,15 @@ use metrics::Metrics;
 use serde_json::{Value, json};
 use std::cell::Cell;
 use std::rc::Rc;
-use store::{Cluster, Grant, Lifecycle, Store, Subject, User};
+use store::{AgentFacts, Cluster, Grant, Lifecycle, Store, Subject, User};
 use tunnels::Tunnels;
 
 /// Everything the request handlers share.
 pub struct Hub {
     pub store: Rc<dyn Store>,
     pub tunnels: Tunnels,
+    /// The other replicas sharing the store, and the tunnels they hold.
+    pub replicas: replicas::Replicas,
     pub bus: Bus,
     pub metrics: Metrics,
     /// How agents and people reach this hub, e.g. `https://hub.example.com:8443`.
@@ -95,6 +98,8 @@ pub fn status(hub: &Hub, c: &Cluster) -> &'static str {
         Lifecycle::Pending => "PENDING",
         Lifecycle::Deregistered => "DEREGISTERED",
         Lifecycle::Activated if hub.tunnels.is_connected(&c.id) => "ACTIVE",
+        // Another live replica holds its tunnel.
+        Lifecycle::Activated if !hub.replicas.elsewhere(&c.id).is_empty() => "ACTIVE",
         Lifecycle::Activated => "DISCONNECTED",
     }
 }
@@ -105,10 +110,13 @@ fn opt_time(t: Option<Millis>) -> Value {
 
 /// A cluster as the REST API shows it.
 pub fn cluster_json(hub: &Hub, c: &Cluster) -> Value {
-    let agents = hub.tunnels.agents(&c.id);
-    let connected_since = agents.iter().map(|a| a.connected_at).min();
+    // This replica's tunnels and those other live replicas hold.
+    let (local, remote) = (hub.tunnels.agents(&c.id), hub.replicas.elsewhere(&c.id));
+    let agents: Vec<(Millis, &AgentFacts)> =
+        local.iter().map(|a| (a.connected_at, &a.facts)).chain(remote.iter().map(|s| (s.since, &s.facts))).collect();
+    let connected_since = agents.iter().map(|a| a.0).min();
     // The newest live agent's own words beat what the store remembers.
-    let facts = agents.iter().max_by_key(|a| a.connected_at).map(|a| a.facts.clone()).or_else(|| c.agent.clone());
+    let facts = agents.iter().max_by_key(|a| a.0).map(|a| a.1.clone()).or_else(|| c.agent.clone());
     let last_seen = if agents.is_empty() { c.last_seen_at } else { Some(now_ms()) };
     json!({
         "id": c.id,

@@ -69,6 +69,9 @@ pub struct ServeConfig {
     pub oidc: Option<super::oidc::OidcConfig>,
     /// `--store`: see [`StoreSpec`].
     pub store: Option<String>,
+    /// Where agents reach this replica itself, beside the load balancer's
+    /// `public_url` (shared store only).
+    pub advertise_url: Option<String>,
 }
 
 /// What a handler hands back to the connection loop.
@@ -88,7 +91,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
     }
-    let Opened { store, identity, shared } = open_store(&cfg)?;
+    let Opened { store, identity, shared, replica } = open_store(&cfg)?;
 
     let (listener, socket_activated) = listen(&cfg)?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
@@ -126,6 +129,22 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
             }
         }
         _ => return Err("--cert and --key go together".into()),
+    };
+    let replicas = match replica {
+        None => super::replicas::Replicas::default(),
+        Some(id) => {
+            let me = super::store::Replica {
+                id,
+                advertise_url: advertise_url(&cfg, local),
+                version: env!("CARGO_PKG_VERSION").into(),
+                started_at: super::clock::now_ms(),
+            };
+            store
+                .join_replica(&me, me.started_at, super::replicas::DEADLINE.as_millis() as i64)
+                .map_err(|e| e.to_string())?;
+            info!("replica joined id={} advertise_url={}", me.id, me.advertise_url);
+            super::replicas::Replicas::shared(me)
+        }
     };
     let tls = crate::tls::server_config(&material.cert_pem, &material.key_pem).map_err(|e| e.to_string())?;
     let acceptor = TlsAcceptor::from(tls);
@@ -170,6 +189,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
     let hub = Rc::new(Hub {
         store,
         tunnels: Default::default(),
+        replicas,
         bus: Default::default(),
         metrics: Default::default(),
         public_url,
@@ -205,6 +225,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         }
         if let Some(pg) = shared {
             watch_shared_store(&ex, &hub, pg)?;
+            // Owned by the executor: it ends with the hub.
+            ex.spawn(super::replicas::Replicas::run(hub.clone())).detach();
         }
         let accept = accept_loop(&ex, &hub, &listener, &acceptor);
         let signal = async {
@@ -241,6 +263,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
                 Timer::after(DRAIN).await;
             })
             .await;
+        hub.replicas.leave(&hub);
         info!("stopped");
         Ok::<(), String>(())
     }))
@@ -253,6 +276,8 @@ struct Opened {
     identity: Option<SharedIdentity>,
     /// Where the shared store is, for the change listener.
     shared: Option<PgConfig>,
+    /// This replica's id (shared store only).
+    replica: Option<String>,
 }
 
 /// Where the store is: `--store` (or `UPLINK_HUB_STORE`), a PostgreSQL
@@ -285,7 +310,7 @@ fn open_store(cfg: &ServeConfig) -> Result<Opened, String> {
     match StoreSpec::parse(cfg.store.as_deref(), &cfg.data_dir) {
         StoreSpec::Sqlite(path) => {
             let db = SqliteStore::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(Opened { store: Rc::new(CachedStore::new(db)), identity: None, shared: None })
+            Ok(Opened { store: Rc::new(CachedStore::new(db)), identity: None, shared: None, replica: None })
         }
         StoreSpec::Postgres(url) => {
             let config = PgConfig::parse(&url)?;
@@ -297,7 +322,7 @@ fn open_store(cfg: &ServeConfig) -> Result<Opened, String> {
                 postgres::SCHEMA_VERSION
             );
             let identity = Some(db.identity().clone());
-            Ok(Opened { store: Rc::new(CachedStore::new(db)), identity, shared: Some(config) })
+            Ok(Opened { store: Rc::new(CachedStore::new(db)), identity, shared: Some(config), replica: Some(replica) })
         }
     }
 }
@@ -357,6 +382,22 @@ fn listen(cfg: &ServeConfig) -> Result<(std::net::TcpListener, bool), String> {
     rustix::net::bind(&fd, &cfg.listen).map_err(|e| cannot(e.into()))?;
     rustix::net::listen(&fd, 1024).map_err(|e| cannot(e.into()))?;
     Ok((std::net::TcpListener::from(fd), false))
+}
+
+/// This replica's own URL: `--advertise-url`, else this host's name (or
+/// the listening address) and port, never the load balancer's.
+fn advertise_url(cfg: &ServeConfig, local: SocketAddr) -> String {
+    if let Some(u) = &cfg.advertise_url {
+        return u.trim_end_matches('/').to_string();
+    }
+    let host = if local.ip().is_unspecified() {
+        cert::hostname().unwrap_or_else(|| "localhost".into())
+    } else if local.is_ipv6() {
+        format!("[{}]", local.ip())
+    } else {
+        local.ip().to_string()
+    };
+    format!("https://{host}:{}", local.port())
 }
 
 /// Whether this hub should get new work: not while draining, not while

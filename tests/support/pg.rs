@@ -116,7 +116,12 @@ impl Postgres {
 
     /// (Re)starts the server on its port; `-w` waits until it accepts.
     pub fn start_server(&self) -> Output {
-        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.display());
+        // pg_stat_statements: tests count the statements the hub runs.
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c shared_preload_libraries=pg_stat_statements",
+            self.port,
+            self.dir.display()
+        );
         let log = self.dir.join("server.log");
         self.run(
             "pg_ctl",

@@ -24,8 +24,8 @@
 //! Not cached: anything else (lists, audit, credentials, events).
 
 use super::{
-    ActivateError, Activation, AgentFacts, AuditEntry, AuditQuery, Cluster, ClusterEvent, ConsoleSession,
-    CredentialStatus, Grant, NewActivation, NewCluster, Result, Store, StoreError, Subject, User,
+    ActivateError, Activation, AgentFacts, AgentSession, AuditEntry, AuditQuery, Cluster, ClusterEvent, ConsoleSession,
+    CredentialStatus, Grant, NewActivation, NewCluster, Replica, Result, Store, StoreError, Subject, User,
 };
 use crate::hub::clock::Millis;
 use std::cell::RefCell;
@@ -236,6 +236,23 @@ impl<S: Store> Store for CachedStore<S> {
     }
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
         self.inner.audit(query)
+    }
+
+    // The replica set is never cached: it is what changes by itself.
+    fn join_replica(&self, replica: &Replica, now: Millis, deadline: Millis) -> Result<()> {
+        self.inner.join_replica(replica, now, deadline)
+    }
+    fn replica_heartbeat(
+        &self,
+        replica: &Replica,
+        sessions: Option<&[AgentSession]>,
+        now: Millis,
+        deadline: Millis,
+    ) -> Result<Vec<AgentSession>> {
+        self.inner.replica_heartbeat(replica, sessions, now, deadline)
+    }
+    fn leave_replica(&self, id: &str) -> Result<()> {
+        self.inner.leave_replica(id)
     }
 
     fn check(&self) -> Result<()> {

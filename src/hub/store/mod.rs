@@ -210,6 +210,29 @@ pub struct AuditEntry {
     pub upgrade: bool,
 }
 
+/// One hub process sharing the store with others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// `r_...`, new at every start.
+    pub id: String,
+    /// Where agents reach this replica itself (`--advertise-url`).
+    pub advertise_url: String,
+    pub version: String,
+    pub started_at: Millis,
+}
+
+/// An agent tunnel a replica holds, as the store records it for the
+/// other replicas to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSession {
+    pub replica_id: String,
+    pub cluster_id: String,
+    /// The session's number on its replica.
+    pub session_id: u64,
+    pub since: Millis,
+    pub facts: AgentFacts,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
     pub user: Option<String>,
@@ -299,6 +322,31 @@ pub trait Store {
     fn append_audit(&self, entry: &AuditEntry) -> Result<()>;
     /// Matching entries, newest first.
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;
+
+    // The replica set (a shared store only; the embedded store has one
+    // process, whose own tunnels are the whole truth, and keeps nothing).
+    /// Records this replica. `Conflict` if another live replica (its
+    /// heartbeat younger than `deadline`) advertises the same URL.
+    fn join_replica(&self, _replica: &Replica, _now: Millis, _deadline: Millis) -> Result<()> {
+        Ok(())
+    }
+    /// Refreshes this replica's heartbeat (re-creating its row if it had
+    /// expired), replaces its agent-session rows with `sessions` when
+    /// given, forgets replicas silent past `deadline` (and their
+    /// sessions), and returns the sessions the *other* live replicas hold.
+    fn replica_heartbeat(
+        &self,
+        _replica: &Replica,
+        _sessions: Option<&[AgentSession]>,
+        _now: Millis,
+        _deadline: Millis,
+    ) -> Result<Vec<AgentSession>> {
+        Ok(Vec::new())
+    }
+    /// Removes this replica's row and sessions (a clean shutdown).
+    fn leave_replica(&self, _id: &str) -> Result<()> {
+        Ok(())
+    }
 
     // Health and caches.
     /// Whether the store answers now; `Unavailable` says why not. The

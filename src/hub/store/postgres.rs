@@ -99,6 +99,12 @@ CREATE INDEX audit_time ON audit(time);
 CREATE TABLE hub_identity(
   id INTEGER PRIMARY KEY CHECK (id = 1), ca_key_pem TEXT NOT NULL, ca_pem TEXT NOT NULL, key_pem TEXT NOT NULL,
   created_at BIGINT NOT NULL);
+CREATE TABLE replicas(
+  id TEXT PRIMARY KEY, advertise_url TEXT NOT NULL, version TEXT NOT NULL, started_at BIGINT NOT NULL,
+  heartbeat_at BIGINT NOT NULL);
+CREATE TABLE agent_sessions(
+  replica_id TEXT NOT NULL REFERENCES replicas(id) ON DELETE CASCADE, session_id BIGINT NOT NULL,
+  cluster_id TEXT NOT NULL, since BIGINT NOT NULL, facts TEXT NOT NULL, PRIMARY KEY(replica_id, session_id));
 CREATE FUNCTION uplink_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   PERFORM pg_notify('uplink_changes', TG_TABLE_NAME);
@@ -513,6 +519,17 @@ impl PostgresStore {
             .map(|r| cluster_row(&r))
             .ok_or_else(|| StoreError::Backend("cluster vanished".into()))
     }
+}
+
+/// This replica's row, created or refreshed.
+fn upsert_replica(tx: &mut ::postgres::Transaction<'_>, r: &Replica, now: Millis) -> Result<()> {
+    tx.execute(
+        "INSERT INTO replicas(id, advertise_url, version, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+        &[&r.id, &r.advertise_url, &r.version, &r.started_at, &now],
+    )
+    .map(|_| ())
+    .map_err(backend)
 }
 
 /// Takes the advisory lock, brings the schema to [`SCHEMA_VERSION`] and
@@ -1136,6 +1153,94 @@ impl Store for PostgresStore {
 
     fn append_audit(&self, e: &AuditEntry) -> Result<()> {
         self.audit.send(AuditMsg::Entry(e.clone()))
+    }
+
+    fn join_replica(&self, r: &Replica, now: Millis, deadline: Millis) -> Result<()> {
+        self.with(|c| {
+            let mut tx = c.client.transaction().map_err(backend)?;
+            // Serialises joins: two replicas with one URL starting at the
+            // same moment cannot both see the other absent.
+            tx.execute("LOCK TABLE replicas IN SHARE ROW EXCLUSIVE MODE", &[]).map_err(backend)?;
+            let clash = tx
+                .query_opt(
+                    "SELECT id FROM replicas WHERE advertise_url = $1 AND id <> $2 AND heartbeat_at > $3",
+                    &[&r.advertise_url, &r.id, &(now - deadline)],
+                )
+                .map_err(backend)?;
+            if let Some(row) = clash {
+                let other: String = row.get(0);
+                return Err(StoreError::Conflict(format!(
+                    "another live replica ({other}) already advertises {}: give each replica its own --advertise-url",
+                    r.advertise_url
+                )));
+            }
+            upsert_replica(&mut tx, r, now)?;
+            tx.commit().map_err(backend)
+        })
+    }
+
+    fn replica_heartbeat(
+        &self,
+        r: &Replica,
+        sessions: Option<&[AgentSession]>,
+        now: Millis,
+        deadline: Millis,
+    ) -> Result<Vec<AgentSession>> {
+        self.with(|c| {
+            let mut tx = c.client.transaction().map_err(backend)?;
+            tx.execute("DELETE FROM replicas WHERE heartbeat_at <= $1 AND id <> $2", &[&(now - deadline), &r.id])
+                .map_err(backend)?;
+            upsert_replica(&mut tx, r, now)?;
+            if let Some(sessions) = sessions {
+                tx.execute("DELETE FROM agent_sessions WHERE replica_id = $1", &[&r.id]).map_err(backend)?;
+                let st = tx
+                    .prepare(
+                        "INSERT INTO agent_sessions(replica_id, session_id, cluster_id, since, facts)
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .map_err(backend)?;
+                for s in sessions {
+                    let facts = serde_json::json!({
+                        "agent_version": s.facts.agent_version, "arch": s.facts.arch,
+                        "kube_version": s.facts.kube_version, "node_count": s.facts.node_count,
+                    })
+                    .to_string();
+                    tx.execute(&st, &[&r.id, &(s.session_id as i64), &s.cluster_id, &s.since, &facts])
+                        .map_err(backend)?;
+                }
+            }
+            let rows = tx
+                .query(
+                    "SELECT s.replica_id, s.cluster_id, s.session_id, s.since, s.facts FROM agent_sessions s
+                     JOIN replicas r ON r.id = s.replica_id WHERE r.id <> $1 AND r.heartbeat_at > $2",
+                    &[&r.id, &(now - deadline)],
+                )
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let f: serde_json::Value = serde_json::from_str(row.get(4)).unwrap_or_default();
+                    let text = |k: &str| f[k].as_str().unwrap_or_default().to_string();
+                    AgentSession {
+                        replica_id: row.get(0),
+                        cluster_id: row.get(1),
+                        session_id: row.get::<_, i64>(2) as u64,
+                        since: row.get(3),
+                        facts: AgentFacts {
+                            agent_version: text("agent_version"),
+                            arch: text("arch"),
+                            kube_version: text("kube_version"),
+                            node_count: f["node_count"].as_u64().unwrap_or_default() as u32,
+                        },
+                    }
+                })
+                .collect())
+        })
+    }
+
+    fn leave_replica(&self, id: &str) -> Result<()> {
+        self.with(|c| c.client.execute("DELETE FROM replicas WHERE id = $1", &[&id]).map(|_| ()).map_err(backend))
     }
 
     fn check(&self) -> Result<()> {
