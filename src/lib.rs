@@ -34,7 +34,8 @@
 //! One binary each:
 //! - [`agent`]: the agent (`uplink`): activation, persisted state, tunnel,
 //!   impersonating kube proxy, health. Not anything the hub runs.
-//! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store,
+//! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store
+//!   (SQLite, or PostgreSQL shared by several replicas), replica rows,
 //!   auth and grants (hub tokens, the organisation's OIDC provider), REST
 //!   API, tunnel sessions, kube front end, console.
 //!   Never linked into the agent.

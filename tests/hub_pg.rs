@@ -218,6 +218,18 @@ fn changes_on_one_replica_take_effect_on_another_within_a_second() {
     assert!(wait_for(5, || kube(&a, &bob) == 200));
     assert_eq!(b.client(Some(&admin)).delete("/api/v1/clusters/edge-1").unwrap().status, 200);
     assert!(wait_for(1, || kube(&a, &bob) == 404), "deregistration on B reaches A");
+    // ... and A tells the agent whose tunnel it holds to stop.
+    assert!(
+        wait_for(2, || agents
+            .state
+            .lock()
+            .unwrap()
+            .goaways
+            .iter()
+            .any(|(c, _)| *c == uplink::proto::GoAwayCode::Deregistered)),
+        "{:?}",
+        agents.state.lock().unwrap().goaways
+    );
 }
 
 /// A replica killed with kill -9: its session rows expire after the

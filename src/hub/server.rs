@@ -340,6 +340,7 @@ fn watch_shared_store(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, pg: PgConfig) -> Re
         while let Ok(change) = rx.recv().await {
             log::debug!("store change={change:?}");
             h.store.invalidate();
+            stop_deregistered(&h);
         }
     })
     .detach();
@@ -350,11 +351,31 @@ fn watch_shared_store(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, pg: PgConfig) -> Re
             // While the store is away the cache is all there is: keep it.
             if h.store.check().is_ok() {
                 h.store.invalidate();
+                stop_deregistered(&h);
             }
         }
     })
     .detach();
     Ok(())
+}
+
+/// Sends `GoAway(Deregistered)` on this replica's tunnels to clusters
+/// another replica deregistered. One query, only while this replica
+/// holds tunnels; its people were already refused, by the cache.
+fn stop_deregistered(hub: &Hub) {
+    let held = hub.tunnels.per_cluster();
+    if held.is_empty() {
+        return;
+    }
+    let Ok(all) = hub.store.clusters() else { return };
+    for c in all.iter().filter(|c| c.lifecycle == super::store::Lifecycle::Deregistered) {
+        if held.iter().any(|(id, _)| *id == c.id) {
+            let message = format!("cluster {} was deregistered from the hub; this agent must stop", c.name);
+            let n = hub.tunnels.go_away(&c.id, GoAwayCode::Deregistered, &message);
+            log::info!("cluster deregistered on another replica cluster={} agents_notified={n}", c.name);
+            hub.bus.publish(&c.name, "deregistered", "DEREGISTERED");
+        }
+    }
 }
 
 /// The listening socket: the one systemd passed (socket activation), else

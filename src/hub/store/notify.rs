@@ -8,6 +8,7 @@
 //!               │ Change::Changed / Change::Resync   (bounded channel, coalesced)
 //!               ▼
 //!             event loop: store.invalidate()  ──► the next read asks PostgreSQL
+//!                         tunnels of clusters deregistered elsewhere: GoAway
 //! ```
 //!
 //! A notification is a hint, not data: the cache forgets everything and
