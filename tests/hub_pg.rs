@@ -96,8 +96,26 @@ fn bad_stores_are_one_line_errors_and_nonzero_exits() {
     };
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     assert!(run(&format!("postgres://postgres@127.0.0.1:{closed}/uplink")).contains("cannot connect to PostgreSQL"));
-    assert!(run(&format!("postgres://postgres@127.0.0.1:{}/nosuch", pg.port)).contains("nosuch"));
+    assert!(
+        run(&format!("postgres://postgres:{}@127.0.0.1:{}/nosuch", support::pg::PASSWORD, pg.port))
+            .contains("database \"nosuch\" does not exist")
+    );
     assert!(run("postgres://127.0.0.1/uplink?bogus=1").contains("invalid PostgreSQL connection string"));
+    // A wrong password: said in one line, the password never.
+    let wrong = format!("postgres://postgres:hunter2@127.0.0.1:{}/uplink", pg.port);
+    let e = run(&wrong);
+    assert!(e.contains("password authentication failed") && !e.contains("hunter2"), "{e}");
+    // The password from a libpq password file (`passfile=`).
+    let pass = temp_dir("passfile").join("pgpass");
+    std::fs::write(&pass, format!("# uplink\n127.0.0.1:{}:uplink:postgres:{}\n", pg.port, support::pg::PASSWORD))
+        .unwrap();
+    let with_file = format!("{}&passfile={}", pg.url_without_password(), pass.display());
+    let h = HubProc::start_with(&temp_dir("passfile-hub"), &["--listen", "127.0.0.1:0", "--store", &with_file]);
+    assert_eq!(readyz(&h).0, 200);
+    drop(h);
+    std::fs::write(&pass, "*:*:*:postgres:hunter2\n").unwrap();
+    let e = run(&with_file);
+    assert!(e.contains("password authentication failed") && !e.contains("hunter2"), "{e}");
     // Two replicas cannot advertise one URL.
     let first = HubProc::start_with(
         &temp_dir("bad-url"),

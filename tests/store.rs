@@ -332,9 +332,12 @@ fn unreachable_and_wrong_databases_are_one_line_errors() {
         .unwrap();
     assert!(e.starts_with("cannot connect to PostgreSQL at u@127.0.0.1:") && !e.contains('\n'), "{e}");
     let Some(pg) = Postgres::start("store-wrong") else { return };
-    let url = format!("postgres://postgres@127.0.0.1:{}/nosuchdb", pg.port);
+    let url = format!("postgres://postgres:{}@127.0.0.1:{}/nosuchdb", support::pg::PASSWORD, pg.port);
     let e = PostgresStore::open(PgConfig::parse(&url).unwrap(), "r", identity).err().unwrap();
-    assert!(e.contains("nosuchdb") && !e.contains('\n'), "{e}");
+    assert!(
+        e.contains("database \"nosuchdb\" does not exist") && !e.contains('\n') && !e.contains(support::pg::PASSWORD),
+        "{e}"
+    );
 }
 
 /// Three stores opening an empty database at the same moment: one

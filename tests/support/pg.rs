@@ -15,6 +15,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The `postgres` user's password over TCP.
+pub const PASSWORD: &str = "uplink-test-pw";
+
 pub struct Postgres {
     pub bin: PathBuf,
     pub dir: PathBuf,
@@ -82,7 +85,27 @@ impl Postgres {
             }
         }
         let data = pg.data_dir();
-        let init = pg.run("initdb", &["-A", "trust", "-U", "postgres", "--no-sync", "-D", data.to_str().unwrap()]);
+        // TCP needs the password (so tests exercise it); the Unix socket,
+        // which only `psql` here uses, trusts the postgres user.
+        let pwfile = pg.dir.join("pw");
+        std::fs::write(&pwfile, PASSWORD).unwrap();
+        if as_postgres {
+            let _ = Command::new("chown").args(["postgres:postgres"]).arg(&pwfile).status();
+        }
+        let pwfile_arg = format!("--pwfile={}", pwfile.display());
+        let init = pg.run(
+            "initdb",
+            &[
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                &pwfile_arg,
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-D",
+                data.to_str().unwrap(),
+            ],
+        );
         if !init.status.success() {
             return skip_or_fail(tag, &format!("initdb failed: {}", String::from_utf8_lossy(&init.stderr).trim()));
         }
@@ -136,10 +159,10 @@ impl Postgres {
 
     /// Runs SQL through `psql` against `db`; stdout is unaligned tuples.
     pub fn psql(&self, db: &str, sql: &str) -> Output {
-        let port = self.port.to_string();
+        let (port, socket_dir) = (self.port.to_string(), self.dir.display().to_string());
         self.run(
             "psql",
-            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", db, "-v", "ON_ERROR_STOP=1", "-Atc", sql],
+            &["-h", &socket_dir, "-p", &port, "-U", "postgres", "-d", db, "-v", "ON_ERROR_STOP=1", "-Atc", sql],
         )
     }
 
@@ -150,8 +173,13 @@ impl Postgres {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
 
-    /// The connection string of the `uplink` database.
+    /// The connection string of the `uplink` database, with the password.
     pub fn url(&self) -> String {
+        format!("postgres://postgres:{PASSWORD}@127.0.0.1:{}/uplink?sslmode=disable", self.port)
+    }
+
+    /// The same without the password (for password files).
+    pub fn url_without_password(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/uplink?sslmode=disable", self.port)
     }
 
