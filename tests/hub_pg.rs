@@ -262,7 +262,14 @@ fn a_killed_replicas_sessions_expire() {
     let agents = SimAgents::start(a.addr, &a.ca_pem, &credential, 1);
     assert!(wait_for(10, || agents.state.lock().unwrap().connected == 1));
     let status = || b.client(Some(&admin)).get("/api/v1/clusters/edge-1").unwrap().json()["status"].clone();
+    let since = b.client(Some(&admin)).get("/api/v1/events").unwrap().json()["next"].as_u64().unwrap();
     assert!(wait_for(10, || status() == "ACTIVE"));
+    // B's console hears of the tunnel A holds.
+    let ev = b.client(Some(&admin)).get(&format!("/api/v1/events?since={since}&wait=3")).unwrap().json();
+    assert!(
+        ev["events"].as_array().unwrap().iter().any(|e| e["kind"] == "connected" && e["status"] == "ACTIVE"),
+        "{ev}"
+    );
     assert_eq!(pg.query("SELECT COUNT(*) FROM replicas"), "2");
     a.kill9();
     let t0 = Instant::now();

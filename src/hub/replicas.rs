@@ -88,14 +88,39 @@ impl Replicas {
                 for s in others {
                     by_cluster.entry(s.cluster_id.clone()).or_default().push(s);
                 }
+                let before: Vec<String> = {
+                    let old = self.remote.borrow();
+                    let mut ids: Vec<String> = old.keys().cloned().collect();
+                    ids.sort();
+                    ids
+                };
                 *self.remote.borrow_mut() = by_cluster;
                 *self.answered.borrow_mut() = Some(Instant::now());
+                self.publish_changes(hub, &before);
                 if changed {
                     *self.written.borrow_mut() = Some(keys);
                 }
             }
             // The store says why in its own log line (once per outage).
             Err(e) => log::debug!("replica heartbeat failed error={e}"),
+        }
+    }
+
+    /// Tells the console's live events about clusters whose tunnels on
+    /// other replicas came or went (one store query, only then).
+    fn publish_changes(&self, hub: &Hub, before: &[String]) {
+        let after: Vec<String> = {
+            let mut ids: Vec<String> = self.remote.borrow().keys().cloned().collect();
+            ids.sort();
+            ids
+        };
+        if after == before {
+            return;
+        }
+        let Ok(clusters) = hub.store.clusters() else { return };
+        for c in clusters.iter().filter(|c| before.contains(&c.id) != after.contains(&c.id)) {
+            let kind = if after.contains(&c.id) { "connected" } else { "disconnected" };
+            hub.bus.publish(&c.name, kind, super::status(hub, c));
         }
     }
 
