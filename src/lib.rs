@@ -35,7 +35,8 @@
 //! One binary each:
 //! - [`agent`]: the agent (`uplink`): activation, persisted state, tunnel,
 //!   impersonating kube proxy, health. Not anything the hub runs.
-//! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store,
+//! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store
+//!   (SQLite, or PostgreSQL shared by several replicas), replica rows,
 //!   auth and grants (hub tokens, the organisation's OIDC provider), REST
 //!   API, tunnel sessions, kube front end, the fleet view (one read to
 //!   many clusters, merged), console, connection caps and deadlines

@@ -64,6 +64,11 @@ impl From<StoreError> for ApiError {
                 log::error!("store failed error={m:?}");
                 error(500, "internal", "the hub's store failed; see the hub log")
             }
+            StoreError::Unavailable(m) => error(
+                503,
+                "store_unavailable",
+                &format!("the hub's store is unavailable ({m}); the hub reconnects by itself: retry shortly"),
+            ),
         })
     }
 }

@@ -12,6 +12,8 @@
 //!                     the public URL's host)
 //! ```
 
+use super::store::postgres::SharedIdentity;
+use crate::secret::Secret;
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use std::fs;
 use std::io::Write;
@@ -75,15 +77,50 @@ pub fn self_signed(dir: &Path, names: &[String]) -> Result<TlsMaterial, String> 
         }
     };
     let key = load_or_create_key(&dir.join("hub.key"))?;
+    let material = issue(&ca_key, &ca_cert, ca_pem, &key, names)?;
+    write_private(&dir.join("hub.pem"), &material.cert_pem).map_err(|e| e.to_string())?;
+    Ok(material)
+}
+
+/// A new CA and server key, for a shared store to keep.
+pub fn new_identity() -> Result<SharedIdentity, String> {
+    let ca_key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let ca_pem = ca_params().self_signed(&ca_key).map_err(|e| e.to_string())?.pem();
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    Ok(SharedIdentity {
+        ca_key_pem: Secret::new(ca_key.serialize_pem()),
+        ca_pem,
+        key_pem: Secret::new(key.serialize_pem()),
+    })
+}
+
+/// The material of a shared identity, with a server certificate for
+/// `names` issued now; `dir` gets a copy of the CA certificate (public)
+/// for the operator to hand out.
+pub fn from_identity(id: &SharedIdentity, dir: &Path, names: &[String]) -> Result<TlsMaterial, String> {
+    let bad = |e: rcgen::Error| format!("the hub identity in the store is unreadable: {e}");
+    let ca_key = KeyPair::from_pem(id.ca_key_pem.expose()).map_err(bad)?;
+    let ca_cert = ca_params().self_signed(&ca_key).map_err(bad)?;
+    let key = KeyPair::from_pem(id.key_pem.expose()).map_err(bad)?;
+    let ca_path = dir.join("ca.pem");
+    write_private(&ca_path, &id.ca_pem).map_err(|e| format!("{}: {e}", ca_path.display()))?;
+    issue(&ca_key, &ca_cert, id.ca_pem.clone(), &key, names)
+}
+
+fn issue(
+    ca_key: &KeyPair,
+    ca_cert: &rcgen::Certificate,
+    ca_pem: String,
+    key: &KeyPair,
+    names: &[String],
+) -> Result<TlsMaterial, String> {
     let mut params = CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
     params.distinguished_name.push(DnType::CommonName, "uplink-hub");
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = params.signed_by(&key, &ca_cert, &ca_key).map_err(|e| e.to_string())?;
-    let cert_pem = cert.pem();
-    write_private(&dir.join("hub.pem"), &cert_pem).map_err(|e| e.to_string())?;
-    Ok(TlsMaterial { cert_pem, key_pem: key.serialize_pem(), ca_pem: Some(ca_pem) })
+    let cert = params.signed_by(key, ca_cert, ca_key).map_err(|e| e.to_string())?;
+    Ok(TlsMaterial { cert_pem: cert.pem(), key_pem: key.serialize_pem(), ca_pem: Some(ca_pem) })
 }
 
 /// The host's name, for the certificate (best effort).

@@ -66,6 +66,15 @@ pub struct ServeArgs {
     /// data directory: database, certificates (default ./uplink-data)
     #[argh(option, default = "PathBuf::from(\"uplink-data\")")]
     pub data_dir: PathBuf,
+    /// where the hub keeps its state: an SQLite path or sqlite: URL (default DATA_DIR/hub.db), or
+    /// postgres://USER@HOST:PORT/DB?sslmode=disable|prefer&passfile=PATH to share one database
+    /// among several hubs (env UPLINK_HUB_STORE)
+    #[argh(option)]
+    pub store: Option<String>,
+    /// this replica's own URL when several hubs share a postgres store (default
+    /// https://HOSTNAME:PORT of --listen); --public-url is the load balancer's
+    #[argh(option)]
+    pub advertise_url: Option<String>,
     /// URL agents and people use to reach this hub (default https://HOSTNAME:PORT)
     #[argh(option)]
     pub public_url: Option<String>,
@@ -562,6 +571,8 @@ fn run_inner(args: Args) -> Result<(), String> {
                 reuse_port,
                 oidc: oidc_config(a)?,
                 limits: a.limits()?,
+                store: a.store.clone().or_else(|| std::env::var("UPLINK_HUB_STORE").ok()),
+                advertise_url: a.advertise_url.clone(),
             })
         }
         Cmd::Login(l) => login(l),

@@ -105,8 +105,9 @@ pub fn error_for(forward: &str, code: u16, message: &str) -> Response {
 /// The paths: `/api` (the REST API is `/api/v1/...`, which stays the
 /// hub's: kubectl reaches it only with `get --raw`, and there a REST 404
 /// is no false "healthy"), `/apis/...`, `/version`, `/openapi/...`,
-/// `/livez`, `/readyz` and `/healthz/...`. `/healthz` itself is the
-/// hub's probe: it gets the hint only when the request carries
+/// `/livez`, `/readyz/...` and `/healthz/...`. `/healthz` and `/readyz`
+/// themselves are the hub's probes (liveness, and readiness with the
+/// store's state): they get the hint only when the request carries
 /// credentials, which kubectl sends and kubelet and load-balancer probes
 /// do not, so `kubectl get --raw /healthz` no longer reads "ok" for a
 /// cluster it never reached.
@@ -119,9 +120,11 @@ pub fn root_hint(req: &Request, public_url: &str) -> Option<Response> {
         || under("/version")
         || under("/openapi")
         || under("/livez")
-        || under("/readyz")
+        // The hub's own probes answer a bare `/healthz` and `/readyz`; a
+        // request that carries credentials is kubectl, not a probe.
+        || path.starts_with("/readyz/")
         || path.starts_with("/healthz/")
-        || (path == "/healthz" && req.header("authorization").is_some());
+        || ((path == "/healthz" || path == "/readyz") && req.header("authorization").is_some());
     if !kube_like {
         return None;
     }
@@ -832,7 +835,8 @@ mod tests {
             ("/version", false),
             ("/openapi/v2", false),
             ("/livez", false),
-            ("/readyz?verbose", false),
+            ("/readyz?verbose", true),
+            ("/readyz/ping", false),
             ("/healthz/ping", false),
             ("/healthz", true),
         ] {
@@ -842,7 +846,9 @@ mod tests {
             assert!([403, 404].contains(&r.status), "{target}");
         }
         // The hub's own paths: its probe, REST API, console, metrics.
-        for target in ["/healthz", "/api/v1/clusters", "/api/v1", "/", "/metrics", "/assets/app.js", "/apiary"] {
+        for target in
+            ["/healthz", "/readyz", "/api/v1/clusters", "/api/v1", "/", "/metrics", "/assets/app.js", "/apiary"]
+        {
             assert!(root_hint(&req(target, false), "https://hub").is_none(), "{target}");
         }
     }

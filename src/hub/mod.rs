@@ -15,21 +15,23 @@
 //!                 ├─ /auth/...              oidc     console sign-in with the identity provider
 //!                 ├─ /api, /apis, /version, ...  kube::root_hint: "use /k8s/clusters/NAME"
 //!                 └─ /healthz, /metrics
-//!  state: Store (sqlite) · Tunnels (live sessions) · Bus (status events) · Metrics
+//!  state: Store (store/: SQLite, or PostgreSQL shared by replicas, behind a cache)
+//!         · Tunnels (live sessions) · Bus (status events) · Metrics
 //! ```
 //!
 //! Runs on one thread (`smol::LocalExecutor`): the tunnel driver is `!Send`
 //! by design, and one core serves many agents because every connection
 //! is I/O bound. The store is called synchronously from that thread; a
-//! SQLite commit in WAL mode is a short write, but a remote database
-//! (PostgreSQL for several replicas) will want its calls moved off the
-//! loop.
+//! SQLite commit in WAL mode is a short write. With PostgreSQL each call
+//! the cache cannot answer is a network round trip on that thread (hot
+//! reads are prepared statements, one round trip each; kube requests are
+//! answered from the cache); moving those calls off the loop is future
+//! work.
 //!
 //! Not here: the agent (never linked into it).
 
 pub mod agents;
 pub mod api;
-pub mod cache;
 pub mod cert;
 pub mod cli;
 pub mod client;
@@ -44,8 +46,8 @@ pub mod limits;
 pub mod logger;
 pub mod metrics;
 pub mod oidc;
+pub mod replicas;
 pub mod server;
-pub mod sqlite;
 pub mod store;
 pub mod table;
 pub mod tunnels;
@@ -57,13 +59,15 @@ use metrics::Metrics;
 use serde_json::{Value, json};
 use std::cell::Cell;
 use std::rc::Rc;
-use store::{Cluster, Grant, Lifecycle, Store, Subject, User};
+use store::{AgentFacts, Cluster, Grant, Lifecycle, Store, Subject, User};
 use tunnels::Tunnels;
 
 /// Everything the request handlers share.
 pub struct Hub {
     pub store: Rc<dyn Store>,
     pub tunnels: Tunnels,
+    /// The other replicas sharing the store, and the tunnels they hold.
+    pub replicas: replicas::Replicas,
     pub bus: Bus,
     pub metrics: Metrics,
     /// How agents and people reach this hub, e.g. `https://hub.example.com:8443`.
@@ -103,6 +107,8 @@ pub fn status(hub: &Hub, c: &Cluster) -> &'static str {
         Lifecycle::Pending => "PENDING",
         Lifecycle::Deregistered => "DEREGISTERED",
         Lifecycle::Activated if hub.tunnels.is_connected(&c.id) => "ACTIVE",
+        // Another live replica holds its tunnel.
+        Lifecycle::Activated if !hub.replicas.elsewhere(&c.id).is_empty() => "ACTIVE",
         Lifecycle::Activated => "DISCONNECTED",
     }
 }
@@ -113,10 +119,13 @@ fn opt_time(t: Option<Millis>) -> Value {
 
 /// A cluster as the REST API shows it.
 pub fn cluster_json(hub: &Hub, c: &Cluster) -> Value {
-    let agents = hub.tunnels.agents(&c.id);
-    let connected_since = agents.iter().map(|a| a.connected_at).min();
+    // This replica's tunnels and those other live replicas hold.
+    let (local, remote) = (hub.tunnels.agents(&c.id), hub.replicas.elsewhere(&c.id));
+    let agents: Vec<(Millis, &AgentFacts)> =
+        local.iter().map(|a| (a.connected_at, &a.facts)).chain(remote.iter().map(|s| (s.since, &s.facts))).collect();
+    let connected_since = agents.iter().map(|a| a.0).min();
     // The newest live agent's own words beat what the store remembers.
-    let facts = agents.iter().max_by_key(|a| a.connected_at).map(|a| a.facts.clone()).or_else(|| c.agent.clone());
+    let facts = agents.iter().max_by_key(|a| a.0).map(|a| a.1.clone()).or_else(|| c.agent.clone());
     let last_seen = if agents.is_empty() { c.last_seen_at } else { Some(now_ms()) };
     json!({
         "id": c.id,

@@ -21,7 +21,10 @@
 
 use super::http::{BodyState, HttpError, Inbound, Request, Response};
 use super::limits::{self, Gate, Limits, Ticket};
-use super::store::Store;
+use super::store::cache::CachedStore;
+use super::store::postgres::{self, PgConfig, PostgresStore, SharedIdentity};
+use super::store::sqlite::SqliteStore;
+use super::store::{Store, notify};
 use super::{Hub, agents, api, cert, console, fleet, kube, new_token};
 use crate::proto::GoAwayCode;
 use futures_rustls::TlsAcceptor;
@@ -65,6 +68,11 @@ pub struct ServeConfig {
     pub reuse_port: bool,
     /// The organisation's identity provider (`--oidc-*`).
     pub oidc: Option<super::oidc::OidcConfig>,
+    /// `--store`: see [`StoreSpec`].
+    pub store: Option<String>,
+    /// Where agents reach this replica itself, beside the load balancer's
+    /// `public_url` (shared store only).
+    pub advertise_url: Option<String>,
 }
 
 /// What a handler hands back to the connection loop.
@@ -84,11 +92,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
     }
-    // The cache answers every kube request's token, grant and cluster
-    // reads; this process is the database's only writer.
-    let store: Rc<dyn Store> = Rc::new(super::cache::CachedStore::new(
-        super::sqlite::SqliteStore::open(&cfg.data_dir.join("hub.db")).map_err(|e| e.to_string())?,
-    ));
+    let Opened { store, identity, shared, replica } = open_store(&cfg)?;
 
     let (listener, socket_activated) = listen(&cfg)?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
@@ -120,9 +124,28 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
             }
             names.sort();
             names.dedup();
-            cert::self_signed(&cfg.data_dir, &names)?
+            match &identity {
+                Some(id) => cert::from_identity(id, &cfg.data_dir, &names)?,
+                None => cert::self_signed(&cfg.data_dir, &names)?,
+            }
         }
         _ => return Err("--cert and --key go together".into()),
+    };
+    let replicas = match replica {
+        None => super::replicas::Replicas::default(),
+        Some(id) => {
+            let me = super::store::Replica {
+                id,
+                advertise_url: advertise_url(&cfg, local),
+                version: env!("CARGO_PKG_VERSION").into(),
+                started_at: super::clock::now_ms(),
+            };
+            store
+                .join_replica(&me, me.started_at, super::replicas::DEADLINE.as_millis() as i64)
+                .map_err(|e| e.to_string())?;
+            info!("replica joined id={} advertise_url={}", me.id, me.advertise_url);
+            super::replicas::Replicas::shared(me)
+        }
     };
     let tls = crate::tls::server_config(&material.cert_pem, &material.key_pem).map_err(|e| e.to_string())?;
     let acceptor = TlsAcceptor::from(tls);
@@ -132,11 +155,20 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
     println!("public URL: {public_url}");
     if store.user_count().map_err(|e| e.to_string())? == 0 {
         let (token, hash) = new_token();
-        store.create_user("admin", &[], true, &hash, super::clock::now_ms()).map_err(|e| e.to_string())?;
-        println!("first start: created admin user \"admin\"");
-        println!("admin token (shown only this once; keep it safe): {}", token.expose());
-        println!("console: {public_url}/");
-        println!("CLI:     export UPLINK_HUB_URL={public_url} UPLINK_TOKEN=<the token above>");
+        match store.create_user("admin", &[], true, &hash, super::clock::now_ms()) {
+            Ok(_) => {
+                println!("first start: created admin user \"admin\"");
+                println!("admin token (shown only this once; keep it safe): {}", token.expose());
+                println!("console: {public_url}/");
+                println!("CLI:     export UPLINK_HUB_URL={public_url} UPLINK_TOKEN=<the token above>");
+            }
+            // Replicas of a shared store starting together: another one
+            // made the admin a moment ago and printed its token.
+            Err(super::store::StoreError::Conflict(_)) => {
+                println!("first start: another replica created the admin user")
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
     if let Some(ca) = &material.ca_pem {
         let pin = crate::tls::certs_from_pem(&material.cert_pem, "hub cert")
@@ -165,6 +197,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
     let hub = Rc::new(Hub {
         store,
         tunnels: Default::default(),
+        replicas,
         bus: Default::default(),
         metrics: Default::default(),
         public_url,
@@ -198,6 +231,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
                 }
             })
             .detach();
+        }
+        if let Some(pg) = shared {
+            watch_shared_store(&ex, &hub, pg)?;
+            // Owned by the executor: it ends with the hub.
+            ex.spawn(super::replicas::Replicas::run(hub.clone())).detach();
         }
         let accept = accept_loop(&ex, &hub, &listener, &acceptor);
         let signal = async {
@@ -234,9 +272,119 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
                 Timer::after(DRAIN).await;
             })
             .await;
+        hub.replicas.leave(&hub);
         info!("stopped");
         Ok::<(), String>(())
     }))
+}
+
+/// What [`open_store`] opened.
+struct Opened {
+    store: Rc<dyn Store>,
+    /// The CA and keys every replica shares (shared store only).
+    identity: Option<SharedIdentity>,
+    /// Where the shared store is, for the change listener.
+    shared: Option<PgConfig>,
+    /// This replica's id (shared store only).
+    replica: Option<String>,
+}
+
+/// Where the store is: `--store` (or `UPLINK_HUB_STORE`), a PostgreSQL
+/// URL, an SQLite path or `sqlite:` URL, by default `DATA_DIR/hub.db`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    Sqlite(PathBuf),
+    /// The connection string (it may hold a password: never logged).
+    Postgres(String),
+}
+
+impl StoreSpec {
+    pub fn parse(spec: Option<&str>, data_dir: &std::path::Path) -> StoreSpec {
+        match spec.map(str::trim).filter(|s| !s.is_empty()) {
+            None => StoreSpec::Sqlite(data_dir.join("hub.db")),
+            Some(s) if s.starts_with("postgres://") || s.starts_with("postgresql://") => StoreSpec::Postgres(s.into()),
+            Some(s) => {
+                let path = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")).unwrap_or(s);
+                StoreSpec::Sqlite(PathBuf::from(path))
+            }
+        }
+    }
+}
+
+/// Opens the store behind its cache. The cache answers every kube
+/// request's token, grant and cluster reads; with SQLite this process is
+/// the database's only writer, with PostgreSQL other replicas' writes
+/// reach it through [`watch_shared_store`].
+fn open_store(cfg: &ServeConfig) -> Result<Opened, String> {
+    match StoreSpec::parse(cfg.store.as_deref(), &cfg.data_dir) {
+        StoreSpec::Sqlite(path) => {
+            let db = SqliteStore::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(Opened { store: Rc::new(CachedStore::new(db)), identity: None, shared: None, replica: None })
+        }
+        StoreSpec::Postgres(url) => {
+            let config = PgConfig::parse(&url)?;
+            let replica = format!("r_{}", crate::secret::Secret::random(6).expose());
+            let db = PostgresStore::open(config.clone(), &replica, cert::new_identity)?;
+            info!(
+                "store: PostgreSQL at {} (schema version {}) replica={replica}",
+                config.display,
+                postgres::SCHEMA_VERSION
+            );
+            let identity = Some(db.identity().clone());
+            Ok(Opened { store: Rc::new(CachedStore::new(db)), identity, shared: Some(config), replica: Some(replica) })
+        }
+    }
+}
+
+/// Keeps this replica's cache in step with the shared store: change
+/// notifications empty it within moments of another replica's commit,
+/// and a periodic refresh (while the store answers) covers any that were
+/// lost. The tasks are detached: they belong to the executor and end
+/// with the hub.
+fn watch_shared_store(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, pg: PgConfig) -> Result<(), String> {
+    let (tx, rx) = smol::channel::bounded(1);
+    notify::listen(pg, tx).map_err(|e| format!("cannot start the change listener: {e}"))?;
+    let h = hub.clone();
+    ex.spawn(async move {
+        while let Ok(change) = rx.recv().await {
+            log::debug!("store change={change:?}");
+            h.store.invalidate();
+            stop_deregistered(&h);
+        }
+    })
+    .detach();
+    let h = hub.clone();
+    ex.spawn(async move {
+        loop {
+            Timer::after(notify::REFRESH).await;
+            // While the store is away the cache is all there is: keep it.
+            if h.store.check().is_ok() {
+                h.store.invalidate();
+                stop_deregistered(&h);
+            }
+        }
+    })
+    .detach();
+    Ok(())
+}
+
+/// Sends `GoAway(Deregistered)` on this replica's tunnels to clusters
+/// another replica deregistered. One query, only while this replica
+/// holds tunnels; its people were already refused, by the cache.
+fn stop_deregistered(hub: &Hub) {
+    let held = hub.tunnels.per_cluster();
+    if held.is_empty() {
+        return;
+    }
+    let Ok(all) = hub.store.clusters() else { return };
+    for c in all.iter().filter(|c| c.lifecycle == super::store::Lifecycle::Deregistered) {
+        if held.iter().any(|(id, _)| *id == c.id) {
+            let message = format!("cluster {} was deregistered from the hub; this agent must stop", c.name);
+            let n = hub.tunnels.go_away(&c.id, GoAwayCode::Deregistered, &message);
+            log::info!("cluster deregistered on another replica cluster={} agents_notified={n}", c.name);
+            hub.bus.publish(&c.name, "deregistered", "DEREGISTERED");
+        }
+    }
 }
 
 /// The listening socket: the one systemd passed (socket activation), else
@@ -264,6 +412,34 @@ fn listen(cfg: &ServeConfig) -> Result<(std::net::TcpListener, bool), String> {
     rustix::net::bind(&fd, &cfg.listen).map_err(|e| cannot(e.into()))?;
     rustix::net::listen(&fd, 1024).map_err(|e| cannot(e.into()))?;
     Ok((std::net::TcpListener::from(fd), false))
+}
+
+/// This replica's own URL: `--advertise-url`, else this host's name (or
+/// the listening address) and port, never the load balancer's.
+fn advertise_url(cfg: &ServeConfig, local: SocketAddr) -> String {
+    if let Some(u) = &cfg.advertise_url {
+        return u.trim_end_matches('/').to_string();
+    }
+    let host = if local.ip().is_unspecified() {
+        cert::hostname().unwrap_or_else(|| "localhost".into())
+    } else if local.is_ipv6() {
+        format!("[{}]", local.ip())
+    } else {
+        local.ip().to_string()
+    };
+    format!("https://{host}:{}", local.port())
+}
+
+/// Whether this hub should get new work: not while draining, not while
+/// its store is away (the reason is in the body).
+fn readyz(hub: &Hub) -> Response {
+    if hub.draining.get() {
+        return Response::new(503, "text/plain", "draining\n");
+    }
+    match hub.store.check() {
+        Ok(()) => Response::new(200, "text/plain", "ready\n"),
+        Err(e) => Response::new(503, "text/plain", format!("{e}\n")),
+    }
 }
 
 fn url_host(url: &str) -> Option<String> {
@@ -583,6 +759,7 @@ async fn route(
     }
     match (req.method.as_str(), path) {
         ("GET" | "HEAD", "/healthz") => Reply::Send(Response::new(200, "text/plain", "ok\n")),
+        ("GET" | "HEAD", "/readyz") => Reply::Send(readyz(hub)),
         ("GET" | "HEAD", "/metrics") => Reply::Send(Response::new(
             200,
             "text/plain; version=0.0.4",

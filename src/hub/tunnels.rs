@@ -127,6 +127,11 @@ impl Tunnels {
         self.by_cluster.borrow().values().flatten().map(|c| c.session.stream_count()).sum()
     }
 
+    /// Every connected agent, with its cluster id.
+    pub fn all(&self) -> Vec<(String, Rc<AgentConn>)> {
+        self.by_cluster.borrow().iter().flat_map(|(k, v)| v.iter().map(|a| (k.clone(), a.clone()))).collect()
+    }
+
     /// (cluster id, agents) for every connected cluster.
     pub fn per_cluster(&self) -> Vec<(String, usize)> {
         self.by_cluster.borrow().iter().map(|(k, v)| (k.clone(), v.len())).collect()

@@ -6,4 +6,5 @@ pub mod https;
 pub mod idp;
 pub mod kube;
 pub mod kubectl;
+pub mod pg;
 pub mod relay;

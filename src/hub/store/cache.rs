@@ -12,13 +12,22 @@
 //! The token map is keyed by the SHA-256 of the token, as the database
 //! is, so its lookup times say nothing useful about a token.
 //!
+//! With a shared store (PostgreSQL, several replicas) this process is
+//! not the only writer: the others' writes arrive as change
+//! notifications ([`super::notify`]) that call [`Store::invalidate`],
+//! and a periodic full refresh covers a notification that was lost.
+//!
+//! While the store is away ([`StoreError::Unavailable`]) what is cached
+//! keeps answering: a write that failed because the store was away
+//! changed nothing, so it does not empty the cache.
+//!
 //! Not cached: anything else (lists, audit, credentials, events).
 
-use super::clock::Millis;
-use super::store::{
-    ActivateError, Activation, AgentFacts, AuditEntry, AuditQuery, Cluster, ClusterEvent, ConsoleSession,
-    CredentialStatus, Grant, NewActivation, NewCluster, Result, Store, Subject, User,
+use super::{
+    ActivateError, Activation, AgentFacts, AgentSession, AuditEntry, AuditQuery, Cluster, ClusterEvent, ConsoleSession,
+    CredentialStatus, Grant, NewActivation, NewCluster, Replica, Result, Store, StoreError, Subject, User,
 };
+use crate::hub::clock::Millis;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -52,11 +61,33 @@ impl<S: Store> CachedStore<S> {
     }
 
     /// Runs a write and forgets the cache whatever its outcome (a failed
-    /// write may still have changed something).
-    fn write<T>(&self, f: impl FnOnce(&S) -> T) -> T {
+    /// write may still have changed something), unless the store was
+    /// unreachable (then nothing changed, and the cache is what still
+    /// answers).
+    fn write<T: Outcome>(&self, f: impl FnOnce(&S) -> T) -> T {
         let r = f(&self.inner);
-        self.forget();
+        if !r.unreachable() {
+            self.forget();
+        }
         r
+    }
+}
+
+/// What [`CachedStore::write`] needs to know of a write's result.
+trait Outcome {
+    /// The store could not be reached, so it changed nothing.
+    fn unreachable(&self) -> bool;
+}
+
+impl<T> Outcome for Result<T> {
+    fn unreachable(&self) -> bool {
+        matches!(self, Err(StoreError::Unavailable(_)))
+    }
+}
+
+impl<T> Outcome for std::result::Result<T, ActivateError> {
+    fn unreachable(&self) -> bool {
+        matches!(self, Err(ActivateError::Store(StoreError::Unavailable(_))))
     }
 }
 
@@ -206,13 +237,38 @@ impl<S: Store> Store for CachedStore<S> {
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
         self.inner.audit(query)
     }
+
+    // The replica set is never cached: it is what changes by itself.
+    fn join_replica(&self, replica: &Replica, now: Millis, deadline: Millis) -> Result<()> {
+        self.inner.join_replica(replica, now, deadline)
+    }
+    fn replica_heartbeat(
+        &self,
+        replica: &Replica,
+        sessions: Option<&[AgentSession]>,
+        now: Millis,
+        deadline: Millis,
+    ) -> Result<Vec<AgentSession>> {
+        self.inner.replica_heartbeat(replica, sessions, now, deadline)
+    }
+    fn leave_replica(&self, id: &str) -> Result<()> {
+        self.inner.leave_replica(id)
+    }
+
+    fn check(&self) -> Result<()> {
+        self.inner.check()
+    }
+    fn invalidate(&self) {
+        self.forget();
+        self.inner.invalidate();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::sqlite::SqliteStore;
     use crate::hub::store::Subject;
+    use crate::hub::store::sqlite::SqliteStore;
 
     fn store() -> (CachedStore<SqliteStore>, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("uplink-cache-{}-{}", std::process::id(), rand_suffix()));

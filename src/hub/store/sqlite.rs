@@ -17,8 +17,8 @@
 //! and dropping the store commits what is queued. `kill -9` may lose the
 //! entries of the last 20 ms.
 
-use super::clock::Millis;
-use super::store::*;
+use super::*;
+use crate::hub::clock::Millis;
 use crate::secret::ct_eq;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::Path;
@@ -557,7 +557,7 @@ impl Store for SqliteStore {
             params![
                 c.id,
                 c.now,
-                format!("registered; activation {} valid until {}", a.id, super::clock::rfc3339(a.expires_at))
+                format!("registered; activation {} valid until {}", a.id, crate::hub::clock::rfc3339(a.expires_at))
             ],
         )
         .map_err(backend)?;
@@ -725,7 +725,7 @@ impl Store for SqliteStore {
                 format!(
                     "new activation {} valid until {}; {replaced} earlier unused activation(s) replaced",
                     a.id,
-                    super::clock::rfc3339(a.expires_at)
+                    crate::hub::clock::rfc3339(a.expires_at)
                 )
             ],
         )

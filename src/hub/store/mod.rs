@@ -3,16 +3,21 @@
 //! [`Store`] speaks in clusters, activations, users, grants and audit
 //! entries, never in SQL, so that a PostgreSQL backend (several hub
 //! replicas sharing one database) can implement the same trait. The
-//! embedded default is [`super::sqlite::SqliteStore`].
+//! embedded default is [`sqlite::SqliteStore`].
 //!
 //! Secrets never reach the store: it keeps SHA-256 hashes of tokens,
 //! activation codes and agent credentials, and compares them in constant
 //! time where a lookup by hash returns a row.
 //!
 //! What is *live* (which agents are connected right now) is not stored:
-//! it lives in the hub process ([`super::tunnels`]).
+//! it lives in the hub process ([`crate::hub::tunnels`]).
 
-use super::clock::Millis;
+pub mod cache;
+pub mod notify;
+pub mod postgres;
+pub mod sqlite;
+
+use crate::hub::clock::Millis;
 use std::fmt;
 
 /// Why a store operation failed.
@@ -25,6 +30,10 @@ pub enum StoreError {
     NotFound(String),
     /// The database failed; the text says how. Not the caller's fault.
     Backend(String),
+    /// The database cannot be reached right now (a shared store whose
+    /// connection dropped); the hub retries by itself. Answered with
+    /// `503`, never `500`.
+    Unavailable(String),
 }
 
 impl fmt::Display for StoreError {
@@ -32,6 +41,7 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::Conflict(m) | StoreError::NotFound(m) => f.write_str(m),
             StoreError::Backend(m) => write!(f, "store failed: {m}"),
+            StoreError::Unavailable(m) => write!(f, "store unavailable: {m}"),
         }
     }
 }
@@ -200,6 +210,29 @@ pub struct AuditEntry {
     pub upgrade: bool,
 }
 
+/// One hub process sharing the store with others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// `r_...`, new at every start.
+    pub id: String,
+    /// Where agents reach this replica itself (`--advertise-url`).
+    pub advertise_url: String,
+    pub version: String,
+    pub started_at: Millis,
+}
+
+/// An agent tunnel a replica holds, as the store records it for the
+/// other replicas to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSession {
+    pub replica_id: String,
+    pub cluster_id: String,
+    /// The session's number on its replica.
+    pub session_id: u64,
+    pub since: Millis,
+    pub facts: AgentFacts,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
     pub user: Option<String>,
@@ -289,4 +322,38 @@ pub trait Store {
     fn append_audit(&self, entry: &AuditEntry) -> Result<()>;
     /// Matching entries, newest first.
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;
+
+    // The replica set (a shared store only; the embedded store has one
+    // process, whose own tunnels are the whole truth, and keeps nothing).
+    /// Records this replica. `Conflict` if another live replica (its
+    /// heartbeat younger than `deadline`) advertises the same URL.
+    fn join_replica(&self, _replica: &Replica, _now: Millis, _deadline: Millis) -> Result<()> {
+        Ok(())
+    }
+    /// Refreshes this replica's heartbeat (re-creating its row if it had
+    /// expired), replaces its agent-session rows with `sessions` when
+    /// given, forgets replicas silent past `deadline` (and their
+    /// sessions), and returns the sessions the *other* live replicas hold.
+    fn replica_heartbeat(
+        &self,
+        _replica: &Replica,
+        _sessions: Option<&[AgentSession]>,
+        _now: Millis,
+        _deadline: Millis,
+    ) -> Result<Vec<AgentSession>> {
+        Ok(Vec::new())
+    }
+    /// Removes this replica's row and sessions (a clean shutdown).
+    fn leave_replica(&self, _id: &str) -> Result<()> {
+        Ok(())
+    }
+
+    // Health and caches.
+    /// Whether the store answers now; `Unavailable` says why not. The
+    /// embedded store always does.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Another process changed the database: forget any cached answer.
+    fn invalidate(&self) {}
 }
