@@ -241,29 +241,34 @@ impl Audit<'_> {
     }
 }
 
+/// The person behind a kube front-end request (the single-cluster proxy
+/// and the fleet view), or the answer kubectl should read: 401 for no or
+/// refused credentials, 503 when the store failed. `forward` is the
+/// Kubernetes path asked, which decides how a refusal is worded.
+pub(super) fn authenticate(hub: &Hub, req: &Request, forward: &str) -> Result<User, Response> {
+    match api::authenticate(hub, req) {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => Err(error_for(
+            forward,
+            401,
+            "Unauthorized: uplink-hub needs a valid bearer token (get a kubeconfig with `uplink-hub kubeconfig --cluster NAME`)",
+        )),
+        Err(api::AuthError::Refused(why)) => {
+            Err(error_for(forward, 401, &format!("Unauthorized: uplink-hub refused your credentials: {why}")))
+        }
+        Err(e) => Err(error_for(forward, 503, &format!("uplink-hub store failed: {e}"))),
+    }
+}
+
 /// Serves one kube front-end request.
 pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In, out: &mut Out) -> Reply {
     let (cluster_name, forward) = match split_target(&req.target) {
         Ok(x) => x,
         Err(why) => return Reply::Send(status_response(400, &format!("path rejected by uplink-hub: {why}"))),
     };
-    let user = match api::authenticate(hub, req) {
-        Ok(Some(u)) => u,
-        Ok(None) => {
-            return Reply::Send(error_for(
-                &forward,
-                401,
-                "Unauthorized: uplink-hub needs a valid bearer token (get a kubeconfig with `uplink-hub kubeconfig --cluster NAME`)",
-            ));
-        }
-        Err(api::AuthError::Refused(why)) => {
-            return Reply::Send(error_for(
-                &forward,
-                401,
-                &format!("Unauthorized: uplink-hub refused your credentials: {why}"),
-            ));
-        }
-        Err(e) => return Reply::Send(error_for(&forward, 503, &format!("uplink-hub store failed: {e}"))),
+    let user = match authenticate(hub, req, &forward) {
+        Ok(u) => u,
+        Err(refusal) => return Reply::Send(refusal),
     };
     let grants = hub.store.grants().unwrap_or_default();
     let mut audit = Audit {

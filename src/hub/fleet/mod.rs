@@ -186,23 +186,9 @@ pub async fn kube(hub: &Hub, req: &Request, inb: &mut In, out: &mut Out) -> Repl
         Ok((_, f)) => f,
         Err(why) => return Reply::Send(status_response(400, &format!("path rejected by uplink-hub: {why}"))),
     };
-    let user = match api::authenticate(hub, req) {
-        Ok(Some(u)) => u,
-        Ok(None) => {
-            return Reply::Send(error_for(
-                &forward,
-                401,
-                "Unauthorized: uplink-hub needs a valid bearer token (get a kubeconfig with `uplink-hub kubeconfig --cluster NAME`)",
-            ));
-        }
-        Err(api::AuthError::Refused(why)) => {
-            return Reply::Send(error_for(
-                &forward,
-                401,
-                &format!("Unauthorized: uplink-hub refused your credentials: {why}"),
-            ));
-        }
-        Err(e) => return Reply::Send(error_for(&forward, 503, &format!("uplink-hub store failed: {e}"))),
+    let user = match super::kube::authenticate(hub, req, &forward) {
+        Ok(u) => u,
+        Err(refusal) => return Reply::Send(refusal),
     };
     if let Some(m) = impersonation_refused(req) {
         return Reply::Send(error_for(&forward, 403, &m));
