@@ -12,6 +12,7 @@
 //! What is *live* (which agents are connected right now) is not stored:
 //! it lives in the hub process ([`crate::hub::tunnels`]).
 
+mod audit;
 pub mod cache;
 pub mod notify;
 pub mod postgres;

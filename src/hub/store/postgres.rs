@@ -35,6 +35,7 @@
 //! Not here: replica rows and agent-session rows (the replica set), and
 //! the cache's invalidation (it listens on its own connection).
 
+use super::audit::{AUDIT_BATCH, AUDIT_GATHER, AuditMsg, AuditWriter};
 use super::*;
 use crate::hub::clock::Millis;
 use crate::secret::ct_eq;
@@ -426,7 +427,11 @@ impl PostgresStore {
         let mut client = config.connect_client()?;
         let identity =
             prepare_database(&mut client, new_identity).map_err(|e| format!("PostgreSQL {}: {e}", config.display))?;
-        let audit = AuditWriter::start(config.clone(), replica.to_string()).map_err(|e| e.to_string())?;
+        let audit = {
+            let (config, replica) = (config.clone(), replica.to_string());
+            AuditWriter::start(move |rx| audit_thread(config, replica, rx))
+        }
+        .map_err(|e| e.to_string())?;
         Ok(PostgresStore {
             config,
             conn: RefCell::new(Some(Conn { client, prepared: HashMap::new() })),
@@ -1282,60 +1287,9 @@ impl Store for PostgresStore {
     }
 }
 
-/// Entries queued for the audit thread before `append_audit` waits.
-const AUDIT_QUEUE: usize = 4096;
-/// Most entries written in one transaction.
-const AUDIT_BATCH: usize = 512;
-/// How long the writer gathers entries before committing them.
-const AUDIT_GATHER: Duration = Duration::from_millis(20);
 /// Most entries kept while the database is away; older ones are dropped
 /// (and counted in the log) so the hub's memory stays bounded.
 const AUDIT_HELD: usize = 65_536;
-
-enum AuditMsg {
-    Entry(AuditEntry),
-    /// Answered once everything queued before it is committed (or the
-    /// database refused it).
-    Flush(mpsc::Sender<()>),
-}
-
-/// The audit thread's queue; dropping it commits what is queued (while
-/// the database answers) and joins the thread.
-struct AuditWriter {
-    tx: Option<mpsc::SyncSender<AuditMsg>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl AuditWriter {
-    fn start(config: PgConfig, replica: String) -> Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(AUDIT_QUEUE);
-        let thread = std::thread::Builder::new()
-            .name("audit".into())
-            .spawn(move || audit_thread(config, replica, rx))
-            .map_err(|e| StoreError::Backend(format!("cannot start the audit writer: {e}")))?;
-        Ok(AuditWriter { tx: Some(tx), thread: Some(thread) })
-    }
-
-    fn send(&self, msg: AuditMsg) -> Result<()> {
-        let tx = self.tx.as_ref().ok_or_else(|| StoreError::Backend("audit writer stopped".into()))?;
-        tx.send(msg).map_err(|_| StoreError::Backend("audit writer stopped".into()))
-    }
-
-    fn flush(&self) -> Result<()> {
-        let (done, wait) = mpsc::channel();
-        self.send(AuditMsg::Flush(done))?;
-        wait.recv().map_err(|_| StoreError::Backend("audit writer stopped".into()))
-    }
-}
-
-impl Drop for AuditWriter {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>) {
     let mut client: Option<Client> = None;

@@ -17,6 +17,7 @@
 //! and dropping the store commits what is queued. `kill -9` may lose the
 //! entries of the last 20 ms.
 
+use super::audit::{AUDIT_BATCH, AUDIT_GATHER, AuditMsg, AuditWriter};
 use super::*;
 use crate::hub::clock::Millis;
 use crate::secret::ct_eq;
@@ -63,58 +64,6 @@ const CLUSTER_COLS: &str = "id, name, users, groups, created_at, activated_at, d
 pub struct SqliteStore {
     db: Connection,
     audit: AuditWriter,
-}
-
-/// Entries queued for the audit thread before `append_audit` waits.
-const AUDIT_QUEUE: usize = 4096;
-/// Most entries written in one transaction.
-const AUDIT_BATCH: usize = 512;
-/// How long the writer gathers entries before committing them.
-const AUDIT_GATHER: std::time::Duration = std::time::Duration::from_millis(20);
-
-enum AuditMsg {
-    Entry(AuditEntry),
-    /// Answered once everything queued before it is committed.
-    Flush(mpsc::Sender<()>),
-}
-
-/// The audit thread's queue; dropping it commits what is queued and
-/// joins the thread.
-struct AuditWriter {
-    tx: Option<mpsc::SyncSender<AuditMsg>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl AuditWriter {
-    fn start(db: Connection) -> Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(AUDIT_QUEUE);
-        let thread = std::thread::Builder::new()
-            .name("audit".into())
-            .spawn(move || audit_thread(db, rx))
-            .map_err(|e| StoreError::Backend(format!("cannot start the audit writer: {e}")))?;
-        Ok(AuditWriter { tx: Some(tx), thread: Some(thread) })
-    }
-
-    fn send(&self, msg: AuditMsg) -> Result<()> {
-        let tx = self.tx.as_ref().ok_or_else(|| StoreError::Backend("audit writer stopped".into()))?;
-        tx.send(msg).map_err(|_| StoreError::Backend("audit writer stopped".into()))
-    }
-
-    /// Waits until every entry appended so far is committed.
-    fn flush(&self) -> Result<()> {
-        let (done, wait) = mpsc::channel();
-        self.send(AuditMsg::Flush(done))?;
-        wait.recv().map_err(|_| StoreError::Backend("audit writer stopped".into()))
-    }
-}
-
-impl Drop for AuditWriter {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn audit_thread(mut db: Connection, rx: mpsc::Receiver<AuditMsg>) {
@@ -292,7 +241,7 @@ impl SqliteStore {
         // It only appends: a small page cache (256 KiB, not the default
         // 2 MiB) keeps the hub's memory where it was before this thread.
         writer.pragma_update(None, "cache_size", -256).map_err(backend)?;
-        Ok(SqliteStore { db, audit: AuditWriter::start(writer)? })
+        Ok(SqliteStore { db, audit: AuditWriter::start(move |rx| audit_thread(writer, rx))? })
     }
 
     fn cluster_where(&self, clause: &str, p: impl rusqlite::Params) -> Result<Option<Cluster>> {
