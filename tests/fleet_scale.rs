@@ -19,7 +19,6 @@ mod hub_support;
 use hub_support::{HubProc, temp_dir, wait_for};
 use serde_json::{Value, json};
 use smol::future::FutureExt;
-use smol::io::{AsyncReadExt, AsyncWriteExt};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +26,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use uplink::driver::Session;
 use uplink::proto::{AgentInfo, Config, Header, Mux, RequestHead, ResponseHead};
-use uplink::tls::{Trust, client_config};
 
 /// Pods in each simulated cluster.
 const PODS: usize = 50;
@@ -68,23 +66,9 @@ fn answer_for(cluster: &str, head: &RequestHead) -> (u16, Vec<u8>) {
 }
 
 async fn sim_agent(addr: SocketAddr, ca: String, credential: String, cluster: String, slow: bool) {
-    let tls = client_config(&Trust::CaPem(ca), None, &[b"http/1.1"]).unwrap();
-    let tcp = smol::net::TcpStream::connect(addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
-    let mut io = futures_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
-    let req = format!(
-        "GET /v1/tunnel HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: uplink/1\r\nAuthorization: Bearer {credential}\r\n\r\n"
-    );
-    io.write_all(req.as_bytes()).await.unwrap();
-    io.flush().await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if io.read(&mut b).await.unwrap_or(0) == 0 {
-            return;
-        }
-        head.push(b[0]);
+    let (io, status) = hub_support::dial_tunnel(addr, ca, &credential).await;
+    if status != 101 {
+        return;
     }
     let info =
         AgentInfo { agent_version: "sim".into(), arch: "x86_64".into(), kube_version: "v1.32.0".into(), node_count: 1 };

@@ -301,7 +301,14 @@ impl Drop for SimAgents {
     }
 }
 
-async fn run_agent(addr: SocketAddr, ca: String, credential: String, state: Arc<Mutex<SimState>>) {
+/// A simulated agent's dial: TLS to the hub, `GET /v1/tunnel` with the
+/// agent's credential; the TLS stream and the answer's status (0 when the
+/// hub closed before a whole head).
+pub async fn dial_tunnel(
+    addr: SocketAddr,
+    ca: String,
+    credential: &str,
+) -> (futures_rustls::client::TlsStream<smol::net::TcpStream>, u16) {
     let tls = client_config(&Trust::CaPem(ca), None, &[b"http/1.1"]).unwrap();
     let tcp = smol::net::TcpStream::connect(addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
@@ -317,11 +324,16 @@ async fn run_agent(addr: SocketAddr, ca: String, credential: String, state: Arc<
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         if io.read(&mut b).await.unwrap_or(0) == 0 {
-            break;
+            return (io, 0);
         }
         head.push(b[0]);
     }
-    let status: u16 = String::from_utf8_lossy(&head).split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = String::from_utf8_lossy(&head).split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (io, status)
+}
+
+async fn run_agent(addr: SocketAddr, ca: String, credential: String, state: Arc<Mutex<SimState>>) {
+    let (io, status) = dial_tunnel(addr, ca, &credential).await;
     if status != 101 {
         state.lock().unwrap().refused.push(status);
         return;
