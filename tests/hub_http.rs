@@ -97,28 +97,43 @@ fn bad_content_length_gets_400_and_the_connection_closes() {
     let r = admin.post_json("/api/v1/clusters", &json!({ "name": "edge-1" })).unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
     let token = hub.admin_token.clone().unwrap();
+    // What the message says: hyper's parser refuses a malformed length
+    // itself (an empty 400, then close); uplink's own rule refuses the
+    // codings hyper would take.
+    let hypers = "";
     let cases: &[(&str, &str, &str)] = &[
-        ("POST /v1/activate", "Content-Length: +5\r\n", "digits only"),
-        ("POST /v1/activate", "Content-Length: -5\r\n", "digits only"),
-        ("POST /v1/activate", "Content-Length: 0x5\r\n", "digits only"),
-        ("POST /v1/activate", "Content-Length: 5, 5\r\n", "several Content-Length"),
-        ("POST /v1/activate", "Content-Length: 5\r\nContent-Length: 5\r\n", "several Content-Length"),
-        ("POST /v1/activate", "Content-Length: 5\r\nContent-Length: 6\r\n", "several Content-Length"),
-        ("POST /v1/activate", "Content-Length: 99999999999999999999\r\n", "too large"),
-        ("POST /v1/activate", "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "both Transfer-Encoding"),
+        ("POST /v1/activate", "Content-Length: +5\r\n", hypers),
+        ("POST /v1/activate", "Content-Length: -5\r\n", hypers),
+        ("POST /v1/activate", "Content-Length: 0x5\r\n", hypers),
+        ("POST /v1/activate", "Content-Length: 5, 5\r\n", hypers),
+        ("POST /v1/activate", "Content-Length: 5\r\nContent-Length: 6\r\n", hypers),
+        ("POST /v1/activate", "Content-Length: 99999999999999999999\r\n", hypers),
         ("POST /v1/activate", "Transfer-Encoding: gzip, chunked\r\n", "only `chunked`"),
-        ("POST /api/v1/users", "Content-Length: +5\r\n", "digits only"),
-        ("POST /k8s/clusters/edge-1/api/v1/namespaces/default/configmaps", "Content-Length: +5\r\n", "digits only"),
+        ("POST /v1/activate", "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", "only `chunked`"),
+        ("POST /api/v1/users", "Content-Length: +5\r\n", hypers),
+        ("POST /api/v1/users", "Transfer-Encoding: gzip, chunked\r\n", "only `chunked`"),
+        ("POST /k8s/clusters/edge-1/api/v1/namespaces/default/configmaps", "Content-Length: +5\r\n", hypers),
+        // Transfer-Encoding with Content-Length: chunked wins and the
+        // connection closes after the answer (RFC 9112 §6.1); "hello" is
+        // no chunk, so the body fails.
+        ("POST /v1/activate", "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "body could not be read"),
     ];
     for (line, fields, expect) in cases {
         let raw = format!("{line} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {token}\r\n{fields}\r\nhello");
         let answer = exchange_until_close(&hub, raw.as_bytes());
         assert!(answer.starts_with("HTTP/1.1 400 "), "{line} {fields:?}: {answer}");
-        assert!(answer.contains("Connection: close"), "{answer}");
         assert!(answer.contains(expect), "{fields:?}: {answer}");
         // The body bytes were not read as a second request.
         assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
     }
+    // Identical duplicate lengths are one length (RFC 9110 §8.6 lets a
+    // server collapse them, and hyper does): the body is read, once.
+    let raw = "POST /v1/activate HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}"
+        .to_string();
+    let answer = exchange_until_close(&hub, raw.as_bytes());
+    assert!(answer.contains("invalid activation request: missing field"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
     assert!(hub.log().contains("request refused"), "{}", hub.log());
     // A well-framed request on the same hub still works.
     assert_eq!(admin.get("/api/v1/whoami").unwrap().status, 200);

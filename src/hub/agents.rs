@@ -14,8 +14,7 @@
 //! ```
 
 use super::clock::now_ms;
-use super::http::{BodyState, Request, Response, head_bytes};
-use super::server::{In, Out, Reply};
+use super::http::{Incoming, Reply, Request, Response, Upgraded};
 use super::store::{ActivateError, AgentFacts, CredentialStatus};
 use super::tunnels::AgentConn;
 use super::{Hub, api, status};
@@ -27,7 +26,6 @@ use serde::Deserialize;
 use serde_json::json;
 use smol::Timer;
 use smol::future::FutureExt;
-use smol::io::AsyncWriteExt;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -50,8 +48,8 @@ struct ActivateBody {
 }
 
 /// `POST /v1/activate`: consumes the one-time code, issues the credential.
-pub async fn activate(hub: &Hub, _req: &Request, body: &mut BodyState, inb: &mut In) -> Response {
-    let bytes = match inb.read_body_to_end(body, 64 * 1024).await {
+pub async fn activate(hub: &Hub, _req: &Request, body: &mut Incoming) -> Response {
+    let bytes = match body.read_to_end(64 * 1024).await {
         Ok(b) => b,
         Err(e) => return api::error(400, "bad_request", &e.to_string()),
     };
@@ -132,9 +130,12 @@ pub fn credential_valid(hub: &Hub, req: &Request) -> bool {
     api::bearer(req).is_some_and(|t| matches!(hub.store.credential(&sha256_hex(t)), Ok(CredentialStatus::Valid(_))))
 }
 
-/// `GET /v1/tunnel`: authenticates the credential and runs the session on
-/// this connection until it ends.
-pub async fn tunnel(hub: &Rc<Hub>, req: &Request, inb: &mut In, out: &mut Out, peer: SocketAddr) -> Reply {
+/// `GET /v1/tunnel`: authenticates the credential, answers `101`, and
+/// runs the session on the upgraded connection ([`session`]) until it
+/// ends. HTTP/1.1 only: today's agents ask so, and the tunnel wants the
+/// raw socket (its own multiplexing, `TCP_NOTSENT_LOWAT`), not a stream
+/// inside someone else's.
+pub fn tunnel(hub: &Rc<Hub>, req: &Request, body: &mut Incoming, peer: SocketAddr) -> Reply {
     let wants = req.upgrade().is_some_and(|u| u.eq_ignore_ascii_case("uplink/1"));
     if !wants {
         return Reply::Send(
@@ -175,14 +176,26 @@ pub async fn tunnel(hub: &Rc<Hub>, req: &Request, inb: &mut In, out: &mut Out, p
     if hub.draining.get() {
         return Reply::Send(api::error(503, "shutting_down", "the hub is shutting down; reconnect"));
     }
-    let head = head_bytes(101, &[("Connection", "Upgrade"), ("Upgrade", "uplink/1")]);
-    if out.write_all(&head).await.is_err() || out.flush().await.is_err() {
-        return Reply::Done(false);
+    let Some(on) = body.take_upgrade() else {
+        return Reply::Send(api::error(400, "bad_request", "the agent tunnel is an HTTP/1.1 upgrade"));
+    };
+    let hub = hub.clone();
+    let fields: &[(&[u8], &[u8])] = &[(b"Connection", b"Upgrade"), (b"Upgrade", b"uplink/1")];
+    super::http::switch(on, fields, move |up| session(hub, cluster, up, peer))
+        .unwrap_or_else(|| Reply::Send(api::error(500, "internal", "the 101 could not be built")))
+}
+
+/// An agent's tunnel session on its upgraded connection: the raw TLS
+/// stream and the bytes the agent sent after its request head.
+pub async fn session(hub: Rc<Hub>, cluster: super::store::Cluster, up: Upgraded, peer: SocketAddr) {
+    if let Err(e) = super::rt::tunnel_socket(&up.io) {
+        log::debug!("TCP_NOTSENT_LOWAT not set on the tunnel peer={peer}: {e}");
     }
+    let hub = &hub;
     super::metrics::Metrics::bump(&hub.metrics.tunnels_accepted);
     let session_id = hub.tunnels.next_session_id();
     let session = Session::new(Mux::hub(hub.tunnel_config.clone(), session_id, Instant::now()));
-    let io = super::http::Duplex { r: &mut *inb, w: &mut *out };
+    let io = up;
     let registered = std::cell::Cell::new(false);
     let setup = async {
         match session
@@ -254,5 +267,4 @@ pub async fn tunnel(hub: &Rc<Hub>, req: &Request, inb: &mut In, out: &mut Out, p
             hub.bus.publish(&cluster.name, "disconnected", st);
         }
     }
-    Reply::Done(false)
 }

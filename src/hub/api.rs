@@ -27,9 +27,8 @@
 //! accepts and are checked by [`crate::names`].
 
 use super::clock::{now_ms, parse_rfc3339, rfc3339};
-use super::http::{BodyState, Request, Response, query_params};
+use super::http::{Incoming, Request, Response, query_params};
 use super::install::ActivationDoc;
-use super::server::In;
 use super::store::{AuditQuery, Cluster, NewActivation, NewCluster, StoreError, Subject, User};
 use super::{Hub, cluster_json, grant_json, may_reach, new_token, status, user_json, valid_cluster_name};
 use crate::http::percent_decode_segment;
@@ -172,8 +171,8 @@ fn admin_of(hub: &Hub, req: &Request) -> Result<User, ApiError> {
     Ok(u)
 }
 
-async fn json_body<T: for<'de> Deserialize<'de>>(body: &mut BodyState, inb: &mut In) -> Result<T, ApiError> {
-    let bytes = inb.read_body_to_end(body, MAX_JSON).await.map_err(|e| fail(400, "bad_request", e.to_string()))?;
+async fn json_body<T: for<'de> Deserialize<'de>>(body: &mut Incoming) -> Result<T, ApiError> {
+    let bytes = body.read_to_end(MAX_JSON).await.map_err(|e| fail(400, "bad_request", e.to_string()))?;
     serde_json::from_slice(&bytes).map_err(|e| fail(400, "bad_request", format!("invalid JSON body: {e}")))
 }
 
@@ -182,8 +181,8 @@ fn param(req: &Request, name: &str) -> Option<String> {
 }
 
 /// Serves one `/api/v1/` request.
-pub async fn handle(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) -> Response {
-    match dispatch(hub, req, body, inb).await {
+pub async fn handle(hub: &Hub, req: &Request, body: &mut Incoming) -> Response {
+    match dispatch(hub, req, body).await {
         Ok(r) | Err(ApiError(r)) => r,
     }
 }
@@ -219,7 +218,7 @@ fn check_names<'a>(kind: NameKind, list: impl IntoIterator<Item = &'a String>) -
     list.into_iter().try_for_each(|n| names::check(kind, n)).map_err(name_error)
 }
 
-async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) -> ApiResult {
+async fn dispatch(hub: &Hub, req: &Request, body: &mut Incoming) -> ApiResult {
     let path = req.target.split('?').next().unwrap_or("");
     let decoded = segments(path)?;
     let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
@@ -241,10 +240,10 @@ async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
             Ok(Response::json(200, &v))
         }
         ("GET", ["clusters"]) => list_clusters(hub, req),
-        ("POST", ["clusters"]) => register(hub, req, body, inb).await,
+        ("POST", ["clusters"]) => register(hub, req, body).await,
         ("GET", ["clusters", name]) => show_cluster(hub, req, name),
         ("DELETE", ["clusters", name]) => deregister(hub, req, name),
-        ("POST", ["clusters", name, "activation"]) => renew(hub, req, name, body, inb).await,
+        ("POST", ["clusters", name, "activation"]) => renew(hub, req, name, body).await,
         ("GET", ["events"]) => events(hub, req).await,
         ("GET", ["kubeconfig"]) => kubeconfig(hub, req),
         ("GET", ["users"]) => {
@@ -252,7 +251,7 @@ async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
             let users: Vec<Value> = hub.store.users()?.iter().map(user_json).collect();
             Ok(Response::json(200, &json!({ "users": users })))
         }
-        ("POST", ["users"]) => add_user(hub, req, body, inb).await,
+        ("POST", ["users"]) => add_user(hub, req, body).await,
         ("DELETE", ["users", name]) => {
             admin_of(hub, req)?;
             let u = hub.store.revoke_user(name, now_ms())?;
@@ -270,7 +269,7 @@ async fn dispatch(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
             let grants: Vec<Value> = hub.store.grants()?.iter().map(grant_json).collect();
             Ok(Response::json(200, &json!({ "grants": grants })))
         }
-        ("POST", ["grants"]) => add_grant(hub, req, body, inb).await,
+        ("POST", ["grants"]) => add_grant(hub, req, body).await,
         ("DELETE", ["grants", id]) => {
             admin_of(hub, req)?;
             let id: i64 =
@@ -436,9 +435,9 @@ impl Issued {
     }
 }
 
-async fn register(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) -> ApiResult {
+async fn register(hub: &Hub, req: &Request, body: &mut Incoming) -> ApiResult {
     let admin = admin_of(hub, req)?;
-    let b: RegisterBody = json_body(body, inb).await?;
+    let b: RegisterBody = json_body(body).await?;
     if !valid_cluster_name(&b.name) {
         return Err(fail(
             400,
@@ -489,9 +488,9 @@ async fn register(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) 
 /// `POST /api/v1/clusters/NAME/activation`: a fresh activation for a
 /// `PENDING` cluster (its code expired, or its files were lost); the
 /// earlier unused codes stop working.
-async fn renew(hub: &Hub, req: &Request, name: &str, body: &mut BodyState, inb: &mut In) -> ApiResult {
+async fn renew(hub: &Hub, req: &Request, name: &str, body: &mut Incoming) -> ApiResult {
     let admin = admin_of(hub, req)?;
-    let bytes = inb.read_body_to_end(body, MAX_JSON).await.map_err(|e| fail(400, "bad_request", e.to_string()))?;
+    let bytes = body.read_to_end(MAX_JSON).await.map_err(|e| fail(400, "bad_request", e.to_string()))?;
     let b: RenewBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         RenewBody::default()
     } else {
@@ -698,9 +697,9 @@ struct UserBody {
     admin: bool,
 }
 
-async fn add_user(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) -> ApiResult {
+async fn add_user(hub: &Hub, req: &Request, body: &mut Incoming) -> ApiResult {
     let admin = admin_of(hub, req)?;
-    let b: UserBody = json_body(body, inb).await?;
+    let b: UserBody = json_body(body).await?;
     check_names(NameKind::User, [&b.name])?;
     check_names(NameKind::Group, &b.groups)?;
     let (token, hash) = new_token();
@@ -719,9 +718,9 @@ struct GrantBody {
     clusters: String,
 }
 
-async fn add_grant(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In) -> ApiResult {
+async fn add_grant(hub: &Hub, req: &Request, body: &mut Incoming) -> ApiResult {
     admin_of(hub, req)?;
-    let b: GrantBody = json_body(body, inb).await?;
+    let b: GrantBody = json_body(body).await?;
     let subject = match (b.user, b.group) {
         (Some(u), None) => {
             names::check_user(&u).map_err(name_error)?;

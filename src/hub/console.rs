@@ -125,7 +125,12 @@ mod tests {
     use super::*;
 
     fn get(target: &str) -> Response {
-        serve(&Request { method: "GET".into(), target: target.into(), minor: 1, headers: vec![] })
+        serve(&Request {
+            method: "GET".into(),
+            target: target.into(),
+            proto: crate::hub::http::Proto::Http11,
+            headers: vec![],
+        })
     }
 
     fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {

@@ -19,17 +19,18 @@
 //! refused, never dropped silently.
 
 use super::clock::now_ms;
-use super::http::{self, BodyState, Request, Response, head_bytes};
-use super::server::{In, Out, Reply};
-use super::store::{AuditEntry, Lifecycle, User};
+use super::http::{Body, Incoming, Reply, Request, Response, Upgraded};
+use super::store::{AuditEntry, Cluster, Lifecycle, User};
 use super::{Hub, api, may_reach, valid_cluster_name};
 use crate::driver::{Stream, StreamClosed};
-use crate::http::{LAST_CHUNK, connection_options, is_hop_by_hop, push_chunk};
-use crate::proto::{Header, Identity, RequestHead, ResetCode, StreamError};
+use crate::http::{connection_options, is_hop_by_hop};
+use crate::proto::{Header, Identity, RequestHead, ResetCode, ResponseHead, StreamError};
+use bytes::Bytes;
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use std::cell::RefCell;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 const PREFIX: &str = "/k8s/clusters/";
@@ -91,7 +92,7 @@ fn read_raw_by_client_go(path: &str) -> bool {
 pub fn error_for(forward: &str, code: u16, message: &str) -> Response {
     if read_raw_by_client_go(forward) {
         let mut r = status_response(if code == 401 { 401 } else { 403 }, message);
-        r.content_type = "text/plain; charset=utf-8";
+        r.content_type = "text/plain; charset=utf-8".into();
         r.body = format!("{message}\n").into_bytes();
         return r;
     }
@@ -187,34 +188,45 @@ pub fn split_target(target: &str) -> Result<(String, String), &'static str> {
     Ok((name.to_string(), forward))
 }
 
-/// What gets audited about a request.
-struct Audit<'a> {
-    hub: &'a Hub,
+/// What gets audited about a request; written once, when dropped, so a
+/// request abandoned at any step (the client reset its stream or went
+/// away) is audited with what it had reached.
+struct Audit {
+    hub: Rc<Hub>,
     start: Instant,
     time: i64,
-    user: &'a User,
+    user: String,
     groups: Vec<String>,
     cluster: String,
     method: String,
     path: String,
+    /// 499 until an answer's status is known: the client left first.
     status: u16,
     bytes_in: u64,
     bytes_out: u64,
     upgrade: bool,
 }
 
-impl Audit<'_> {
-    fn finish(&self) {
+impl Audit {
+    /// Counts the bytes an upgraded connection moved (up, down).
+    fn moved(mut self, up: u64, down: u64) {
+        self.bytes_in += up;
+        self.bytes_out += down;
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
         let duration_ms = self.start.elapsed().as_millis() as u64;
         self.hub.metrics.record(&self.cluster, self.status, self.bytes_in, self.bytes_out);
         let entry = AuditEntry {
             id: 0,
             time: self.time,
-            user: self.user.name.clone(),
-            groups: self.groups.clone(),
-            cluster: self.cluster.clone(),
-            method: self.method.clone(),
-            path: self.path.clone(),
+            user: std::mem::take(&mut self.user),
+            groups: std::mem::take(&mut self.groups),
+            cluster: std::mem::take(&mut self.cluster),
+            method: std::mem::take(&mut self.method),
+            path: std::mem::take(&mut self.path),
             status: self.status,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
@@ -260,8 +272,8 @@ pub(super) fn authenticate(hub: &Hub, req: &Request, forward: &str) -> Result<Us
     }
 }
 
-/// Serves one kube front-end request.
-pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In, out: &mut Out) -> Reply {
+/// Serves one kube front-end request, along the module's pipeline.
+pub async fn proxy(hub: &Rc<Hub>, req: &Request, body: &mut Incoming) -> Reply {
     let (cluster_name, forward) = match split_target(&req.target) {
         Ok(x) => x,
         Err(why) => return Reply::Send(status_response(400, &format!("path rejected by uplink-hub: {why}"))),
@@ -270,82 +282,25 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
         Ok(u) => u,
         Err(refusal) => return Reply::Send(refusal),
     };
-    let grants = hub.store.grants().unwrap_or_default();
     let mut audit = Audit {
-        hub,
+        hub: hub.clone(),
         start: Instant::now(),
         time: now_ms(),
-        user: &user,
+        user: user.name.clone(),
         groups: user.groups.clone(),
         cluster: cluster_name.clone(),
         method: req.method.clone(),
         path: forward.clone(),
-        status: 0,
+        status: 499,
         bytes_in: 0,
         bytes_out: 0,
         upgrade: req.upgrade().is_some(),
     };
-    let refuse = |audit: &mut Audit<'_>, code: u16, message: String| {
-        audit.status = code;
-        audit.finish();
-        Reply::Send(error_for(&audit.path, code, &message))
-    };
-    if !may_reach(&user, &grants, &cluster_name) {
-        return refuse(
-            &mut audit,
-            403,
-            format!(
-                "uplink-hub: user \"{}\" has no grant for cluster \"{cluster_name}\"; ask a hub admin for one (`uplink-hub grant add`)",
-                user.name
-            ),
-        );
-    }
-    if let Some((name, _)) =
-        req.headers.iter().find(|(n, _)| n.len() >= 12 && n[..12].eq_ignore_ascii_case("impersonate-"))
-    {
-        return refuse(
-            &mut audit,
-            403,
-            format!(
-                "uplink-hub refuses impersonation ({name} header): requests reach cluster \"{cluster_name}\" as your hub user \"{}\"{}; remove --as/--as-group",
-                user.name,
-                if user.groups.is_empty() { String::new() } else { format!(" (groups {})", user.groups.join(", ")) }
-            ),
-        );
-    }
-    let cluster = match hub.store.cluster(&cluster_name) {
-        Ok(Some(c)) if c.lifecycle != Lifecycle::Deregistered => c,
-        Ok(_) => return refuse(&mut audit, 404, format!("uplink-hub: no registered cluster \"{cluster_name}\"")),
-        Err(e) => return refuse(&mut audit, 503, format!("uplink-hub store failed: {e}")),
-    };
-    if !cluster.users.is_empty() && !cluster.users.iter().any(|u| *u == user.name || u == "*") {
-        return refuse(
-            &mut audit,
-            403,
-            format!(
-                "uplink-hub: cluster \"{cluster_name}\" was registered to impersonate only [{}], not \"{}\"; an admin can register it again with that user",
-                cluster.users.join(", "),
-                user.name
-            ),
-        );
-    }
-    // Only groups the cluster's RBAC lets the agent impersonate: asking
-    // for more would fail the whole request. Dropping one only narrows.
-    let groups: Vec<String> = if cluster.groups.is_empty() {
-        user.groups.clone()
-    } else {
-        user.groups.iter().filter(|g| cluster.groups.iter().any(|c| c == *g || c == "*")).cloned().collect()
+    let (cluster, groups) = match admit(hub, req, &user, &cluster_name) {
+        Ok(x) => x,
+        Err((code, message)) => return refuse(audit, code, message),
     };
     audit.groups = groups.clone();
-    if cluster.lifecycle == Lifecycle::Pending {
-        return refuse(
-            &mut audit,
-            503,
-            format!(
-                "cluster \"{cluster_name}\" is registered but no agent has activated it yet; install its manifest or activation file"
-            ),
-        );
-    }
     let upgrade = req.upgrade().map(str::to_string);
     let head = RequestHead {
         method: req.method.clone(),
@@ -356,101 +311,187 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
     let mut stream = match open_stream(hub, &cluster.id, head).await {
         Ok(s) => s,
         Err(None) => {
-            return refuse(
-                &mut audit,
-                503,
-                format!(
-                    "cluster \"{cluster_name}\" is not connected to uplink-hub (DISCONNECTED): its agent is not running or cannot reach the hub"
-                ),
+            let message = format!(
+                "cluster \"{cluster_name}\" is not connected to uplink-hub (DISCONNECTED): its agent is not running or cannot reach the hub"
             );
+            return refuse(audit, 503, message);
         }
         Err(Some(e)) => {
-            return refuse(&mut audit, 503, format!("cluster \"{cluster_name}\" could not take the request: {e}"));
+            return refuse(audit, 503, format!("cluster \"{cluster_name}\" could not take the request: {e}"));
         }
     };
-
-    let upgrading = upgrade.is_some();
-    // Upload the request body, then wait for the answer; the client
-    // going away at any point cancels the stream (dropping it resets).
-    let upload = async {
-        loop {
-            match inb.read_body(body).await {
-                Ok(Some(chunk)) => {
-                    audit.bytes_in += chunk.len() as u64;
-                    if let Err(e) = stream.write_all(&chunk).await {
-                        return Err(Some(e));
-                    }
-                }
-                Ok(None) => {
-                    // An upgrade request keeps its send side open: after a
-                    // 101 the same stream carries the client's raw bytes.
-                    if !upgrading {
-                        stream.finish();
-                    }
-                    break;
-                }
-                Err(_) => return Err(None),
-            }
-        }
-        match stream.response_head().await {
-            Ok(h) => Ok(h),
-            Err(e) => {
-                log::warn!("no response head cluster={cluster_name} error={e}");
-                Err(Some(e))
-            }
-        }
-    };
-    let resp_head = match upload.await {
+    let resp_head = match upload(&mut stream, body, &mut audit, upgrade.is_some(), &cluster_name).await {
         Ok(h) => h,
-        Err(None) => {
-            audit.status = 499;
-            audit.finish();
-            return Reply::Done(false);
+        Err(Upload::Client(e)) => {
+            // The client's body broke: the stream is dropped (reset) and
+            // the connection or HTTP/2 stream is most likely gone too.
+            log::debug!("request body failed cluster={cluster_name} error={e}");
+            return refuse(audit, 400, format!("uplink-hub: {e}"));
         }
-        Err(Some(e)) => {
+        Err(Upload::Tunnel(e)) => {
             drop(stream);
             let (code, message) = tunnel_failure(&cluster_name, &e);
-            return refuse(&mut audit, code, message);
+            return refuse(audit, code, message);
         }
     };
     audit.status = resp_head.status;
-
     if resp_head.status == 101 {
-        if upgrade.is_none() {
-            return refuse(&mut audit, 502, "the cluster switched protocols without being asked".into());
-        }
-        let Some(mut fields) = response_fields(resp_head.headers) else {
-            return refuse(&mut audit, 502, format!("cluster \"{cluster_name}\" answered with a malformed header"));
-        };
-        fields.push((b"Connection".to_vec(), b"Upgrade".to_vec()));
-        fields.push((b"Upgrade".to_vec(), upgrade.unwrap_or_default().into_bytes()));
-        if out.write_all(&head_bytes(101, &fields)).await.is_err() || out.flush().await.is_err() {
-            audit.finish();
-            return Reply::Done(false);
-        }
-        let (up, down) = pipe(stream, inb, out).await;
-        audit.bytes_in += up;
-        audit.bytes_out += down;
-        audit.finish();
-        return Reply::Done(false);
+        return switch_protocols(stream, resp_head.headers, upgrade, body, audit);
     }
+    answer(hub, req, &cluster_name, stream, resp_head, audit).await
+}
 
-    // Status and end-to-end headers pass through; framing is ours.
+/// A refusal made by the hub: audited, and worded for the path asked.
+fn refuse(mut audit: Audit, code: u16, message: String) -> Reply {
+    audit.status = code;
+    Reply::Send(error_for(&audit.path, code, &message))
+}
+
+/// The checks between authentication and the tunnel: the grant, no
+/// `Impersonate-*`, the cluster registered, the user and groups it was
+/// registered to impersonate, an agent activated. The cluster and the
+/// groups to impersonate, or the refusal's code and words.
+fn admit(hub: &Hub, req: &Request, user: &User, cluster_name: &str) -> Result<(Cluster, Vec<String>), (u16, String)> {
+    let grants = hub.store.grants().unwrap_or_default();
+    if !may_reach(user, &grants, cluster_name) {
+        return Err((
+            403,
+            format!(
+                "uplink-hub: user \"{}\" has no grant for cluster \"{cluster_name}\"; ask a hub admin for one (`uplink-hub grant add`)",
+                user.name
+            ),
+        ));
+    }
+    if let Some((name, _)) =
+        req.headers.iter().find(|(n, _)| n.len() >= 12 && n[..12].eq_ignore_ascii_case("impersonate-"))
+    {
+        return Err((
+            403,
+            format!(
+                "uplink-hub refuses impersonation ({name} header): requests reach cluster \"{cluster_name}\" as your hub user \"{}\"{}; remove --as/--as-group",
+                user.name,
+                if user.groups.is_empty() { String::new() } else { format!(" (groups {})", user.groups.join(", ")) }
+            ),
+        ));
+    }
+    let cluster = match hub.store.cluster(cluster_name) {
+        Ok(Some(c)) if c.lifecycle != Lifecycle::Deregistered => c,
+        Ok(_) => return Err((404, format!("uplink-hub: no registered cluster \"{cluster_name}\""))),
+        Err(e) => return Err((503, format!("uplink-hub store failed: {e}"))),
+    };
+    if !cluster.users.is_empty() && !cluster.users.iter().any(|u| *u == user.name || u == "*") {
+        return Err((
+            403,
+            format!(
+                "uplink-hub: cluster \"{cluster_name}\" was registered to impersonate only [{}], not \"{}\"; an admin can register it again with that user",
+                cluster.users.join(", "),
+                user.name
+            ),
+        ));
+    }
+    // Only groups the cluster's RBAC lets the agent impersonate: asking
+    // for more would fail the whole request. Dropping one only narrows.
+    let groups: Vec<String> = if cluster.groups.is_empty() {
+        user.groups.clone()
+    } else {
+        user.groups.iter().filter(|g| cluster.groups.iter().any(|c| c == *g || c == "*")).cloned().collect()
+    };
+    if cluster.lifecycle == Lifecycle::Pending {
+        return Err((
+            503,
+            format!(
+                "cluster \"{cluster_name}\" is registered but no agent has activated it yet; install its manifest or activation file"
+            ),
+        ));
+    }
+    Ok((cluster, groups))
+}
+
+/// Why [`upload`] stopped.
+enum Upload {
+    /// The client's body could not be read.
+    Client(super::http::HttpError),
+    /// The tunnel stream failed.
+    Tunnel(StreamClosed),
+}
+
+/// Uploads the request body, then waits for the answer's head. An
+/// upgrade request keeps its send side open: after a 101 the same
+/// stream carries the client's raw bytes.
+async fn upload(
+    stream: &mut Stream,
+    body: &mut Incoming,
+    audit: &mut Audit,
+    upgrading: bool,
+    cluster_name: &str,
+) -> Result<ResponseHead, Upload> {
+    loop {
+        match body.chunk().await {
+            Ok(Some(chunk)) => {
+                audit.bytes_in += chunk.len() as u64;
+                stream.write_all(&chunk).await.map_err(Upload::Tunnel)?;
+            }
+            Ok(None) => {
+                if !upgrading {
+                    stream.finish();
+                }
+                break;
+            }
+            Err(e) => return Err(Upload::Client(e)),
+        }
+    }
+    stream.response_head().await.map_err(|e| {
+        log::warn!("no response head cluster={cluster_name} error={e}");
+        Upload::Tunnel(e)
+    })
+}
+
+/// The cluster switched protocols (exec, attach, port-forward): `101` to
+/// the client, then raw bytes both ways on the upgraded connection.
+fn switch_protocols(
+    stream: Stream,
+    headers: Vec<Header>,
+    upgrade: Option<String>,
+    body: &mut Incoming,
+    audit: Audit,
+) -> Reply {
+    let (Some(upgrade), Some(on)) = (upgrade, body.take_upgrade()) else {
+        return refuse(audit, 502, "the cluster switched protocols without being asked".into());
+    };
+    let Some(mut fields) = response_fields(headers) else {
+        let message = format!("cluster \"{}\" answered with a malformed header", audit.cluster);
+        return refuse(audit, 502, message);
+    };
+    fields.push((b"Connection".to_vec(), b"Upgrade".to_vec()));
+    fields.push((b"Upgrade".to_vec(), upgrade.into_bytes()));
+    let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
+    let then = move |up| async move {
+        let (bytes_in, bytes_out) = pipe(stream, up).await;
+        audit.moved(bytes_in, bytes_out);
+    };
+    super::http::switch(on, &refs, then)
+        .unwrap_or_else(|| Reply::Send(status_response(502, "the cluster's upgrade answer could not be sent")))
+}
+
+/// The answer: status and end-to-end headers pass, the body streams as
+/// it arrives (watch events and log lines reach the client as they
+/// happen); framing is hyper's, on either protocol.
+async fn answer(
+    hub: &Rc<Hub>,
+    req: &Request,
+    cluster_name: &str,
+    mut stream: Stream,
+    resp_head: ResponseHead,
+    mut audit: Audit,
+) -> Reply {
     let no_body = req.method == "HEAD" || resp_head.status == 204 || resp_head.status == 304 || resp_head.status < 200;
     // The agent is not trusted to have framed its answer: a length that
     // is not one field of digits (RFC 9110 §8.6) is a bad gateway, not a
     // guess at where the body ends.
-    let length = match crate::http::content_length(&resp_head.headers) {
-        Ok(l) => l,
-        Err(e) => {
-            log::warn!("bad response framing from agent cluster={cluster_name} error={e}");
-            return refuse(
-                &mut audit,
-                502,
-                format!("cluster \"{cluster_name}\" answered with a malformed header: {e}"),
-            );
-        }
-    };
+    if let Err(e) = crate::http::content_length(&resp_head.headers) {
+        log::warn!("bad response framing from agent cluster={cluster_name} error={e}");
+        return refuse(audit, 502, format!("cluster \"{cluster_name}\" answered with a malformed header: {e}"));
+    }
     // A failure on a path client-go reads raw (discovery) would reach the
     // person as "unknown" or a generic line: the agent's refusals and the
     // API server's own Status lose their message there. Retold the way
@@ -459,8 +500,8 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
     // e.g. from /openapi/v3 to v2) and anything client-go retries by
     // itself (429, or a `Retry-After`).
     let retried = resp_head.status == 429 || crate::http::find(&resp_head.headers, "retry-after").is_some();
-    if resp_head.status >= 400 && resp_head.status != 404 && !retried && !no_body && read_raw_by_client_go(&forward) {
-        let code = resp_head.status;
+    let code = resp_head.status;
+    if code >= 400 && code != 404 && !retried && !no_body && read_raw_by_client_go(&audit.path) {
         let message = match small_body(&mut stream).await {
             Some(body) => {
                 audit.bytes_out = body.len() as u64;
@@ -468,101 +509,56 @@ pub async fn proxy(hub: &Hub, req: &Request, body: &mut BodyState, inb: &mut In,
             }
             None => format!("cluster \"{cluster_name}\" answered {code} with a body that could not be read"),
         };
-        return refuse(&mut audit, code, message);
+        return refuse(audit, code, message);
     }
-    let chunked = !no_body && length.is_none() && req.minor >= 1;
-    let keep = req.keep_alive() && (no_body || length.is_some() || chunked);
-    let Some(mut fields) = response_fields(resp_head.headers) else {
-        return refuse(&mut audit, 502, format!("cluster \"{cluster_name}\" answered with a malformed header"));
-    };
-    if chunked {
-        fields.push((b"Transfer-Encoding".to_vec(), b"chunked".to_vec()));
-    }
-    if !keep {
-        fields.push((b"Connection".to_vec(), b"close".to_vec()));
-    }
-    // The head waits in `pending` with whatever body is already here, so
-    // a small answer leaves in one TLS record and one write; it is sent
-    // as soon as nothing more is ready (a watch's head goes out at once).
-    let mut pending = head_bytes(audit.status, &fields);
-    let download = async {
-        let mut sent: u64 = 0;
-        loop {
-            let next = match smol::future::poll_once(stream.read_chunk()).await {
-                Some(next) => next,
-                None => {
-                    // Nothing ready: flush every piece before waiting, so
-                    // watch events and log lines reach the client as they
-                    // happen.
-                    if send_pending(out, &mut pending).await.is_err() {
-                        return (sent, false);
-                    }
-                    stream.read_chunk().await
-                }
-            };
-            match next {
-                Ok(Some(chunk)) => {
-                    if no_body {
-                        continue;
-                    }
-                    sent += chunk.len() as u64;
-                    if chunked {
-                        push_chunk(&mut pending, &chunk);
-                    } else if pending.len() + chunk.len() <= PENDING_MAX {
-                        pending.extend_from_slice(&chunk);
-                    } else if send_pending(out, &mut pending).await.is_err()
-                        || out.write_all(&chunk).await.is_err()
-                        || out.flush().await.is_err()
-                    {
-                        return (sent, false);
-                    }
-                    if pending.len() >= PENDING_MAX && send_pending(out, &mut pending).await.is_err() {
-                        return (sent, false);
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("response stream broke cluster={cluster_name} error={e}");
-                    let _ = send_pending(out, &mut pending).await;
-                    return (sent, false);
-                }
-            }
-        }
-        if chunked {
-            pending.extend_from_slice(LAST_CHUNK);
-        }
-        if send_pending(out, &mut pending).await.is_err() {
-            return (sent, false);
-        }
-        let complete = length.is_none_or(|l| l == sent || no_body);
-        (sent, complete)
-    };
-    let client_gone = async {
-        // The client sends nothing while it waits; EOF means it left
-        // (kubectl stops a watch or `logs -f` by closing the connection).
-        loop {
-            match inb.fill().await {
-                Ok(0) | Err(_) => return (0, false),
-                Ok(_) if inb.buffered() > http::MAX_HEAD => std::future::pending::<()>().await,
-                Ok(_) => {}
-            }
-        }
+    let Some(fields) = response_fields(resp_head.headers) else {
+        return refuse(audit, 502, format!("cluster \"{cluster_name}\" answered with a malformed header"));
     };
     // A watch or followed log ends at once when the hub shuts down: the
     // client opens it again on the next process, and the drain (during
     // which a socket-activated successor cannot start) is not held up.
-    let streaming = crate::http::is_kube_stream(&forward);
-    let shutdown = async {
-        if !streaming {
-            std::future::pending::<()>().await;
+    let streaming = crate::http::is_kube_stream(&audit.path);
+    let hub = hub.clone();
+    let cluster = cluster_name.to_string();
+    let body = Body::stream(move |tx| async move {
+        let download = async {
+            loop {
+                match stream.read_chunk().await {
+                    Ok(Some(chunk)) => {
+                        if no_body {
+                            continue;
+                        }
+                        audit.bytes_out += chunk.len() as u64;
+                        if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        log::warn!("response stream broke cluster={cluster} error={e}");
+                        // An error, not an end: the client must not take
+                        // a cut answer for a whole one.
+                        let _ = tx.send(Err(std::io::Error::other(e))).await;
+                        return;
+                    }
+                }
+            }
+        };
+        let shutdown = async {
+            if !streaming {
+                std::future::pending::<()>().await;
+            }
+            hub.draining_started().await;
+        };
+        download.or(shutdown).await;
+    });
+    let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
+    match super::http::streamed(code, &refs, body) {
+        Some(r) => Reply::Http(r),
+        None => {
+            Reply::Send(status_response(502, &format!("cluster \"{cluster_name}\" answered with a malformed header")))
         }
-        hub.draining_started().await;
-        (0, false)
-    };
-    let (sent, complete) = download.or(client_gone).or(shutdown).await;
-    audit.bytes_out = sent;
-    audit.finish();
-    Reply::Done(keep && complete)
+    }
 }
 
 /// Largest error body from a cluster that is read to retell its message.
@@ -634,19 +630,6 @@ fn tunnel_failure(cluster: &str, e: &StreamClosed) -> (u16, String) {
         }
         other => (502, format!("cluster \"{cluster}\" stopped answering: {other}")),
     }
-}
-
-/// Most response bytes gathered before a write.
-const PENDING_MAX: usize = 64 * 1024;
-
-/// Writes and flushes what `pending` holds, leaving it empty.
-async fn send_pending(out: &mut Out, pending: &mut Vec<u8>) -> std::io::Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    out.write_all(pending).await?;
-    pending.clear();
-    out.flush().await
 }
 
 /// Response fields an agent may not set on the hub's origin, which also
@@ -721,15 +704,19 @@ async fn stream_write(s: &RefCell<Stream>, data: &[u8]) -> std::io::Result<usize
     std::future::poll_fn(|cx| smol::io::AsyncWrite::poll_write(Pin::new(&mut *s.borrow_mut()), cx, data)).await
 }
 
+/// Most bytes moved per read on an upgraded connection.
+const PIPE_CHUNK: usize = 32 * 1024;
+
 /// Pipes an upgraded connection: client bytes to the stream, stream bytes
 /// to the client, each direction half-closing on its own. Returns the
 /// bytes (up, down).
-async fn pipe(stream: Stream, inb: &mut In, out: &mut Out) -> (u64, u64) {
+async fn pipe(stream: Stream, up: Upgraded) -> (u64, u64) {
+    let (mut inb, mut out) = smol::io::split(up);
     let stream = RefCell::new(stream);
     let up_bytes = std::cell::Cell::new(0u64);
     let down_bytes = std::cell::Cell::new(0u64);
     let up = async {
-        let mut buf = vec![0u8; http::BODY_CHUNK];
+        let mut buf = vec![0u8; PIPE_CHUNK];
         loop {
             match inb.read(&mut buf).await {
                 Ok(0) => {
@@ -751,7 +738,7 @@ async fn pipe(stream: Stream, inb: &mut In, out: &mut Out) -> (u64, u64) {
         }
     };
     let down = async {
-        let mut buf = vec![0u8; http::BODY_CHUNK];
+        let mut buf = vec![0u8; PIPE_CHUNK];
         loop {
             match stream_read(&stream, &mut buf).await {
                 Ok(0) => {
@@ -804,13 +791,13 @@ mod tests {
     fn discovery_refusals_are_403_text_except_401() {
         for path in ["/api", "/apis", "/apis/", "/version?timeout=32s", "/openapi/v3", "/"] {
             let r = error_for(path, 503, "cluster \"x\" is not connected");
-            assert_eq!((r.status, r.content_type), (403, "text/plain; charset=utf-8"), "{path}");
+            assert_eq!((r.status, r.content_type.as_ref()), (403, "text/plain; charset=utf-8"), "{path}");
             assert_eq!(r.body, b"cluster \"x\" is not connected\n");
             assert_eq!(error_for(path, 401, "log in").status, 401);
         }
         for path in ["/api/v1/pods", "/apis/apps/v1", "/healthz"] {
             let r = error_for(path, 503, "not connected");
-            assert_eq!((r.status, r.content_type), (503, "application/json"), "{path}");
+            assert_eq!((r.status, r.content_type.as_ref()), (503, "application/json"), "{path}");
             assert!(String::from_utf8_lossy(&r.body).contains(r#""kind": "Status""#));
         }
     }
@@ -829,7 +816,7 @@ mod tests {
         let req = |target: &str, auth: bool| Request {
             method: "GET".into(),
             target: target.into(),
-            minor: 1,
+            proto: crate::hub::http::Proto::Http11,
             headers: if auth { vec![("Authorization".into(), b"Bearer t".to_vec())] } else { vec![] },
         };
         for (target, auth) in [

@@ -17,6 +17,22 @@ pub struct Metrics {
     pub connections_refused: Cell<u64>,
     /// Connections closed for missing a handshake, head or body deadline.
     pub slow_closed: Cell<u64>,
+    /// protocol label → (connections open, connections served, requests).
+    by_proto: RefCell<BTreeMap<&'static str, (u64, u64, u64)>>,
+}
+
+/// Counts a client connection as open until dropped.
+pub struct OpenConnection<'a> {
+    metrics: &'a Metrics,
+    proto: &'static str,
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.metrics.by_proto.borrow_mut().get_mut(self.proto) {
+            e.0 -= 1;
+        }
+    }
 }
 
 impl Metrics {
@@ -26,6 +42,21 @@ impl Metrics {
         let e = b.entry(cluster.to_string()).or_default();
         e.0 += bytes_in;
         e.1 += bytes_out;
+    }
+
+    /// A client connection speaking `proto` (`h2`, `http/1.1`) opened.
+    pub fn connection_opened(&self, proto: &'static str) -> OpenConnection<'_> {
+        let mut m = self.by_proto.borrow_mut();
+        let e = m.entry(proto).or_default();
+        e.0 += 1;
+        e.1 += 1;
+        OpenConnection { metrics: self, proto }
+    }
+
+    /// A request over `proto` arrived.
+    pub fn request(&self, proto: &'static str) {
+        self.by_proto.borrow_mut().entry(proto).or_default().2 += 1;
+        Self::bump(&self.http_requests);
     }
 
     pub fn bump(c: &Cell<u64>) {
@@ -71,6 +102,28 @@ impl Metrics {
             ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let by_proto = self.by_proto.borrow();
+        s += "# HELP uplink_hub_connections Client connections open, by protocol (ALPN).\n# TYPE uplink_hub_connections gauge\n";
+        for proto in ["h2", "http/1.1"] {
+            let _ =
+                writeln!(s, "uplink_hub_connections{{proto=\"{proto}\"}} {}", by_proto.get(proto).map_or(0, |e| e.0));
+        }
+        s += "# HELP uplink_hub_connections_total Client connections served, by protocol.\n# TYPE uplink_hub_connections_total counter\n";
+        for proto in ["h2", "http/1.1"] {
+            let _ = writeln!(
+                s,
+                "uplink_hub_connections_total{{proto=\"{proto}\"}} {}",
+                by_proto.get(proto).map_or(0, |e| e.1)
+            );
+        }
+        s += "# HELP uplink_hub_requests_total HTTP requests, by protocol.\n# TYPE uplink_hub_requests_total counter\n";
+        for proto in ["h2", "http/1.1"] {
+            let _ = writeln!(
+                s,
+                "uplink_hub_requests_total{{proto=\"{proto}\"}} {}",
+                by_proto.get(proto).map_or(0, |e| e.2)
+            );
         }
         s
     }

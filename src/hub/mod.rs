@@ -47,6 +47,7 @@ pub mod logger;
 pub mod metrics;
 pub mod oidc;
 pub mod replicas;
+pub mod rt;
 pub mod server;
 pub mod store;
 pub mod table;

@@ -19,8 +19,9 @@
 //!      old one; the kernel sends new connections to whichever listens.
 //! ```
 
-use super::http::{BodyState, HttpError, Inbound, Request, Response};
+use super::http::{Body, Incoming, Proto, Reply, Request, Response};
 use super::limits::{self, Gate, Limits, Ticket};
+use super::rt::{self, Tls};
 use super::store::cache::CachedStore;
 use super::store::postgres::{self, PgConfig, PostgresStore, SharedIdentity};
 use super::store::sqlite::SqliteStore;
@@ -33,22 +34,16 @@ use smol::future::FutureExt;
 use smol::io::AsyncWriteExt;
 use smol::net::{TcpListener, TcpStream};
 use smol::{LocalExecutor, Timer};
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-pub type Tls = futures_rustls::server::TlsStream<TcpStream>;
-/// The reading side of a client connection, with its buffer.
-pub type In = Inbound<smol::io::ReadHalf<Tls>>;
-/// The writing side of a client connection.
-pub type Out = smol::io::WriteHalf<Tls>;
 
 /// How long shutdown waits for agents to leave and requests to finish.
 const DRAIN: Duration = Duration::from_secs(5);
-/// Largest request body left unread by a handler that is skipped to keep
-/// the connection; a larger one closes it.
-const DRAIN_BODY: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -73,15 +68,6 @@ pub struct ServeConfig {
     /// Where agents reach this replica itself, beside the load balancer's
     /// `public_url` (shared store only).
     pub advertise_url: Option<String>,
-}
-
-/// What a handler hands back to the connection loop.
-pub enum Reply {
-    /// A complete response for the loop to write.
-    Send(Response),
-    /// The handler wrote (or abandoned) the response itself; `true` if
-    /// the connection may carry another request.
-    Done(bool),
 }
 
 /// Runs the hub until SIGTERM or SIGINT.
@@ -148,7 +134,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         }
     };
     let tls = crate::tls::server_config(&material.cert_pem, &material.key_pem).map_err(|e| e.to_string())?;
-    let acceptor = TlsAcceptor::from(tls);
+    // h2 first: a client that speaks both gets HTTP/2 (RFC 7301 lets the
+    // server pick; rustls picks in the server's order).
+    let mut offer = (*tls).clone();
+    offer.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptors = Acceptors { http: TlsAcceptor::from(std::sync::Arc::new(offer)), refusal: TlsAcceptor::from(tls) };
 
     // `listening on` is a stable line: tests and scripts read the port from it.
     println!("uplink-hub {} listening on https://{local}", env!("CARGO_PKG_VERSION"));
@@ -217,7 +207,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         println!("identity provider: {} (client {})", p.config.issuer, p.config.client_id);
     }
 
-    let ex = LocalExecutor::new();
+    let ex = Rc::new(LocalExecutor::new());
+    rt::set_executor(ex.clone());
     smol::block_on(ex.run(async {
         let listener = TcpListener::try_from(listener).map_err(|e| e.to_string())?;
         let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
@@ -237,7 +228,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
             // Owned by the executor: it ends with the hub.
             ex.spawn(super::replicas::Replicas::run(hub.clone())).detach();
         }
-        let accept = accept_loop(&ex, &hub, &listener, &acceptor);
+        let accept = accept_loop(&ex, &hub, &listener, &acceptors);
         let signal = async {
             use smol::stream::StreamExt;
             let mut signals = signals;
@@ -252,7 +243,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         // loop takes every connection that is ready (it does not yield
         // while accepts succeed).
         if !socket_activated {
-            accept_loop(&ex, &hub, &listener, &acceptor).or(async {}).await;
+            accept_loop(&ex, &hub, &listener, &acceptors).or(async {}).await;
         }
         drop(listener);
         info!("stopped listening; draining");
@@ -453,17 +444,15 @@ fn url_host(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_string())
 }
 
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn tunnel_socket(tcp: &TcpStream) -> std::io::Result<()> {
-    socket2::SockRef::from(tcp).set_tcp_notsent_lowat(crate::driver::TUNNEL_NOTSENT_LOWAT)
+/// The TLS acceptors: the one for requests offers `h2` and `http/1.1`;
+/// the one for refusals offers `http/1.1` only, so its 503 can be written
+/// before any request is read.
+struct Acceptors {
+    http: TlsAcceptor,
+    refusal: TlsAcceptor,
 }
 
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn tunnel_socket(_: &TcpStream) -> std::io::Result<()> {
-    Ok(())
-}
-
-async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListener, acceptor: &TlsAcceptor) {
+async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListener, acceptors: &Acceptors) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -478,12 +467,12 @@ async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &TcpListen
         let ticket = match hub.gate.admit(peer.ip()) {
             Ok(t) => t,
             Err(why) => {
-                refuse_connection(ex, hub, acceptor, tcp, peer, why);
+                refuse_connection(ex, hub, &acceptors.refusal, tcp, peer, why);
                 continue;
             }
         };
         let hub = hub.clone();
-        let acceptor = acceptor.clone();
+        let acceptor = acceptors.http.clone();
         // Detached: a connection task owns its socket and ends with it
         // (EOF, error, a deadline); dropping the executor at shutdown
         // cancels any left.
@@ -524,16 +513,17 @@ async fn handshake(
 /// The 503 is worth a TLS handshake: with the hub's ECDSA key it costs
 /// well under a millisecond, and a client that gets one (kubectl,
 /// client-go) waits and retries by itself instead of reporting a reset
-/// connection. The answer is sent before the request is read (a slow
-/// client must not hold even this), then the hub reads and discards a
-/// little so closing does not reset the 503 away (RFC 9112 §9.6). At most
+/// connection. The handshake offers only `http/1.1` (`refusal`), so the
+/// answer can be written before the request is read (a slow client must
+/// not hold even this); then the hub reads and discards a little so
+/// closing does not reset the 503 away (RFC 9112 §9.6). At most
 /// [`limits::MAX_REFUSALS_IN_FLIGHT`] refusals run at once, each within
 /// [`limits::REFUSAL_DEADLINE`]; past that a refused connection is just
 /// closed, so a flood costs the hub accepts and closes, not handshakes.
 fn refuse_connection(
     ex: &LocalExecutor<'_>,
     hub: &Rc<Hub>,
-    acceptor: &TlsAcceptor,
+    refusal: &TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
     why: limits::Refused,
@@ -542,7 +532,7 @@ fn refuse_connection(
     super::metrics::Metrics::bump(&hub.metrics.connections_refused);
     log::debug!("connection refused peer={peer} reason={why:?}");
     let Some(slot) = hub.gate.refusal_slot() else { return };
-    let acceptor = acceptor.clone();
+    let acceptor = refusal.clone();
     // Detached: bounded by REFUSAL_DEADLINE and by the slot count.
     ex.spawn(async move {
         let _slot = slot;
@@ -550,7 +540,7 @@ fn refuse_connection(
             let Ok(mut tls) = handshake(&acceptor, tcp, peer, limits::REFUSAL_DEADLINE).await else { return };
             let resp = Response::json(503, &crate::kube_status::failure(503, "ServiceUnavailable", &message))
                 .with_header("Retry-After", limits::RETRY_AFTER_SECS.to_string());
-            if resp.write(&mut tls, false, false).await.is_err() {
+            if tls.write_all(&resp.h1_bytes()).await.is_err() || tls.flush().await.is_err() {
                 return;
             }
             let (mut r, mut w) = smol::io::split(tls);
@@ -573,123 +563,277 @@ fn refuse_connection(
     .detach();
 }
 
-async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr, mut ticket: Ticket) {
-    let limits = *hub.gate.limits();
-    // A handle on the socket for options set once the connection's use is
-    // known (a tunnel's TCP_NOTSENT_LOWAT).
-    let tcp = tls.get_ref().0.clone();
-    let (r, mut out) = smol::io::split(tls);
-    let mut inb = Inbound::new(r);
-    inb.set_pace(limits.body_pace());
-    // One idle timer for the connection's life, re-armed only when it
-    // goes off: arming a timer wakes the reactor, too dear per request.
-    let mut idle = Timer::after(limits.idle);
-    loop {
-        let req = match next_head(&mut inb, &mut idle, &limits).await {
-            Ok(Some(req)) => req,
-            Ok(None) | Err(HttpError::Io(_)) => break,
-            Err(e @ HttpError::TimedOut(_)) => {
-                // Debug: under a slow-client flood this is thousands of
-                // lines; `uplink_hub_slow_clients_closed_total` counts them
-                // (with the handshakes that timed out).
-                super::metrics::Metrics::bump(&hub.metrics.slow_closed);
-                log::debug!("connection closed peer={peer} reason={e}");
-                break;
-            }
-            Err(e) => {
-                refuse_request(&mut out, peer, &e).await;
-                break;
-            }
-        };
-        super::metrics::Metrics::bump(&hub.metrics.http_requests);
-        if ticket.is_pending() && credential_valid(&hub, &req) {
-            ticket.authenticated();
-        }
-        let mut body = match req.framing() {
-            Ok(f) => BodyState::from(f),
-            Err(e) => {
-                // RFC 9112 §6.3: a message whose length cannot be known is
-                // answered 400 and the connection closed; reading on would
-                // mean guessing where the next request starts.
-                refuse_request(&mut out, peer, &e).await;
-                break;
-            }
-        };
-        let keep = req.keep_alive() && !hub.draining.get();
-        match route(&hub, &req, &mut body, &mut inb, &mut out, peer, &tcp).await {
-            Reply::Send(resp) => {
-                let keep = keep && drain_body(&mut inb, &mut body).await;
-                // An answer held in memory must leave within the body
-                // deadline: a client that stops reading it (a slow read)
-                // must not hold the connection either.
-                // Most answers fit the socket buffer at once: no timer for
-                // them (arming one per request wakes the reactor).
-                let send = async { resp.write(&mut out, keep, req.method == "HEAD").await.is_ok() };
-                let mut send = std::pin::pin!(send);
-                let sent = match smol::future::poll_once(send.as_mut()).await {
-                    Some(sent) => sent,
-                    None => {
-                        send.or(async {
-                            Timer::after(limits.small_body).await;
-                            false
-                        })
-                        .await
-                    }
-                };
-                if !sent || !keep {
-                    break;
-                }
-            }
-            Reply::Done(k) => {
-                if !(k && keep) {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = out.close().await;
+/// HTTP/2 bounds, per connection. Each is a flag-free constant: they
+/// bound what one authenticated client may hold, and the connection caps
+/// (`limits`) bound how many connections there are.
+pub mod h2_limits {
+    use std::time::Duration;
+    /// Streams open at once on one connection. kubectl multiplexes every
+    /// watch of one process on one connection: 250 is client-go's own
+    /// default ceiling (and the Kubernetes API server's).
+    pub const MAX_CONCURRENT_STREAMS: u32 = 250;
+    /// Largest decoded header list (RFC 9113 §6.5.2): the same bound as an
+    /// HTTP/1.1 head.
+    pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+    /// Flow-control windows: what one stream, and the connection, may have
+    /// in flight unread (RFC 9113 §6.9). 1 MiB per stream lets a watch's
+    /// burst through without a round trip; the connection window bounds a
+    /// client's uploads in memory.
+    pub const STREAM_WINDOW: u32 = 1 << 20;
+    pub const CONNECTION_WINDOW: u32 = 4 << 20;
+    /// Most bytes queued to send per stream.
+    pub const MAX_SEND_BUF: usize = 256 * 1024;
+    /// Streams a client may reset before the hub answered them, in flight
+    /// at once (rapid reset, CVE-2023-44487); past it the connection gets
+    /// GOAWAY.
+    pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+    /// Streams the hub may reset for a client's protocol errors per
+    /// connection before it sends GOAWAY (the "MadeYouReset" variant).
+    pub const MAX_LOCAL_ERROR_RESETS: usize = 256;
+    /// A ping on a silent connection, and how long its answer may take:
+    /// a dead peer's connection (and its watches) goes within a minute.
+    pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+    pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 }
 
-/// The next request head: its first byte within `limits.idle` (else
-/// `Ok(None)`: an idle kept-alive connection is closed), the rest within
-/// `limits.head` of that byte (else [`HttpError::TimedOut`]), so a client
-/// that trickles a head holds the connection for seconds, not minutes.
-async fn next_head(inb: &mut In, idle: &mut Timer, limits: &Limits) -> Result<Option<Request>, HttpError> {
-    // Empty lines between requests (some clients end a body with one)
-    // are idleness, not the start of a head.
-    let waiting_since = Instant::now();
-    while !inb.skip_empty_lines() {
-        let more = async { inb.fill().await.map(|n| n > 0) }
-            .or(async {
-                loop {
-                    (&mut *idle).await;
-                    if waiting_since.elapsed() >= limits.idle {
-                        return Ok(false);
-                    }
-                    idle.set_at(waiting_since + limits.idle);
-                }
-            })
-            .await?;
-        if !more {
-            return Ok(None);
+/// Largest HTTP/1.1 request head (RFC 9110 §5.4 lets servers pick; kube
+/// clients send a few KiB).
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// One client connection's state, shared by its requests.
+struct Conn {
+    peer: SocketAddr,
+    proto: Proto,
+    ticket: RefCell<Ticket>,
+    /// Requests in flight, answers still streaming included (atomic only
+    /// because the IO adapter that shares it must be `Send` for hyper).
+    active: Arc<AtomicUsize>,
+    /// Requests begun.
+    started: Arc<AtomicUsize>,
+    /// When `active` last fell to zero.
+    idle_since: Cell<Instant>,
+}
+
+/// Counts a request as active until its answer is sent (or abandoned).
+struct Active(Rc<Conn>);
+
+impl Active {
+    fn new(c: &Rc<Conn>) -> Active {
+        c.active.fetch_add(1, Ordering::Relaxed);
+        c.started.fetch_add(1, Ordering::Relaxed);
+        Active(c.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let c = &self.0;
+        if c.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            c.idle_since.set(Instant::now());
         }
     }
-    let first_byte = Instant::now();
-    // A head usually arrives whole, in one TLS record: no timer for it.
-    if let Some(head) = smol::future::poll_once(inb.read_head()).await {
-        return head;
+}
+
+/// A response body that keeps its request counted while it streams.
+struct Tracked {
+    body: Body,
+    _active: Active,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
-    inb.read_head()
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The two kinds of hyper connection, as far as the hub drives them.
+trait Serving: std::future::Future<Output = Result<(), hyper::Error>> {
+    fn shut_down(self: std::pin::Pin<&mut Self>);
+}
+
+impl<S> Serving for hyper::server::conn::http2::Connection<rt::Io<Tls>, S, rt::Exec>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Tracked>,
+    S::Future: 'static,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<S> Serving for hyper::server::conn::http1::UpgradeableConnection<rt::Io<Tls>, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Tracked>,
+    S::Future: 'static,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves one TLS connection with hyper: HTTP/2 when ALPN chose `h2`,
+/// else HTTP/1.1 (with upgrades).
+async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr, ticket: Ticket) {
+    let limits = *hub.gate.limits();
+    let proto = if tls.get_ref().1.alpn_protocol() == Some(b"h2") { Proto::H2 } else { Proto::Http11 };
+    let _open = hub.metrics.connection_opened(proto.label());
+    let conn = Rc::new(Conn {
+        peer,
+        proto,
+        ticket: RefCell::new(ticket),
+        active: Arc::new(AtomicUsize::new(0)),
+        started: Arc::new(AtomicUsize::new(0)),
+        idle_since: Cell::new(Instant::now()),
+    });
+    let io = rt::Io::new(tls).with_write_stall(limits.small_body);
+    let io = if proto == Proto::H2 {
+        io
+    } else {
+        io.with_head_deadline(limits.head, conn.active.clone(), conn.started.clone())
+    };
+    let service = {
+        let (hub, conn) = (hub.clone(), conn.clone());
+        hyper::service::service_fn(move |req| {
+            let (hub, conn) = (hub.clone(), conn.clone());
+            async move { Ok::<_, std::convert::Infallible>(serve_request(hub, conn, req).await) }
+        })
+    };
+    let result = if proto == Proto::H2 {
+        use h2_limits::*;
+        let mut b = hyper::server::conn::http2::Builder::new(rt::Exec);
+        b.timer(rt::Time)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_send_buf_size(MAX_SEND_BUF)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+            .keep_alive_interval(PING_INTERVAL)
+            .keep_alive_timeout(PING_TIMEOUT);
+        drive(&hub, &conn, &limits, b.serve_connection(io, service)).await
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        // The head deadline is the IO adapter's (`with_head_deadline`).
+        b.timer(rt::Time).header_read_timeout(None).title_case_headers(true).max_buf_size(MAX_HEAD);
+        drive(&hub, &conn, &limits, b.serve_connection(io, service).with_upgrades()).await
+    };
+    if let Err(e) = result {
+        connection_failed(&hub, peer, &e);
+    }
+}
+
+/// Runs a connection until it ends, closing it gracefully once it has
+/// had no request in flight for `limits.idle` or when the hub drains.
+async fn drive(hub: &Hub, conn: &Conn, limits: &Limits, serving: impl Serving) -> Result<(), hyper::Error> {
+    let mut serving = std::pin::pin!(serving);
+    let quiet = async {
+        loop {
+            // While requests are in flight, look again an idle period on.
+            let busy = conn.active.load(Ordering::Relaxed) > 0;
+            let due = if busy { Instant::now() + limits.idle } else { conn.idle_since.get() + limits.idle };
+            let idle_out = async {
+                Timer::at(due).await;
+            };
+            idle_out.or(hub.draining_started()).await;
+            if hub.draining.get()
+                || conn.active.load(Ordering::Relaxed) == 0 && conn.idle_since.get().elapsed() >= limits.idle
+            {
+                return;
+            }
+        }
+    };
+    let first = async { Some(serving.as_mut().await) }
         .or(async {
-            Timer::at(first_byte + limits.head).await;
-            Err(HttpError::TimedOut("request head"))
+            quiet.await;
+            None
+        })
+        .await;
+    if let Some(done) = first {
+        return done;
+    }
+    log::debug!("connection closing peer={} proto={} draining={}", conn.peer, conn.proto.label(), hub.draining.get());
+    serving.as_mut().shut_down();
+    serving
+        .or(async {
+            Timer::after(DRAIN).await;
+            Ok(())
         })
         .await
 }
 
+/// Says why a connection ended, where it matters: a deadline missed (a
+/// slow client, counted), or bytes that are not acceptable HTTP (hyper
+/// answered 400 or 431 before closing; worth an operator's look).
+fn connection_failed(hub: &Hub, peer: SocketAddr, e: &hyper::Error) {
+    let io_kind =
+        std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>()).map(std::io::Error::kind);
+    if e.is_timeout() || io_kind == Some(std::io::ErrorKind::TimedOut) {
+        // Debug: under a slow-client flood this is thousands of lines;
+        // `uplink_hub_slow_clients_closed_total` counts them.
+        super::metrics::Metrics::bump(&hub.metrics.slow_closed);
+        log::debug!("connection closed peer={peer} reason={e}");
+    } else if e.is_parse() || e.is_parse_too_large() {
+        warn!("request refused peer={peer} error={e}");
+    } else {
+        log::debug!("connection ended peer={peer} error={e}");
+    }
+}
+
+/// One request, from hyper to a handler and back.
+async fn serve_request(
+    hub: Rc<Hub>,
+    conn: Rc<Conn>,
+    mut req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Tracked> {
+    let active = Active::new(&conn);
+    let upgrade = (req.version() != hyper::http::Version::HTTP_2).then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let head = Request::from_parts(&parts);
+    hub.metrics.request(head.proto.label());
+    if conn.ticket.borrow().is_pending() && credential_valid(&hub, &head) {
+        conn.ticket.borrow_mut().authenticated();
+    }
+    let reply = match head.framing() {
+        Ok(()) => {
+            let mut body = Incoming::new(body, upgrade, hub.gate.limits().body_pace());
+            let mut reply = route(&hub, &head, &mut body, conn.peer).await;
+            // Where a failed body ends is unknown: HTTP/1.1 closes after
+            // the answer rather than read on for the next request.
+            if body.failed() && head.proto != Proto::H2 {
+                reply = match reply {
+                    Reply::Send(r) => Reply::Send(r.with_header("Connection", "close")),
+                    other => other,
+                };
+            }
+            reply
+        }
+        Err(e) => {
+            // RFC 9112 §6.3: a message whose length cannot be known is
+            // answered 400 and the connection closed; reading on would
+            // mean guessing where the next request starts.
+            warn!("request refused peer={} status=400 error={e}", conn.peer);
+            Reply::Send(api::error(400, "bad_request", &e.to_string()).with_header("Connection", "close"))
+        }
+    };
+    let (parts, body) = reply.into_hyper().into_parts();
+    hyper::Response::from_parts(parts, Tracked { body, _active: active })
+}
+
 /// Whether the request carries a credential the hub knows: a person's
-/// token, or on `/v1/tunnel` an agent's. Asked once per connection, on
-/// its first request, to take it off its address's cap (`limits`);
+/// token, or on `/v1/tunnel` an agent's. Asked on a connection's requests
+/// until one has one, to take it off its address's cap (`limits`);
 /// handlers still authenticate every request themselves.
 fn credential_valid(hub: &Hub, req: &Request) -> bool {
     if req.target.split('?').next() == Some("/v1/tunnel") {
@@ -698,47 +842,8 @@ fn credential_valid(hub: &Hub, req: &Request) -> bool {
     matches!(api::authenticate(hub, req), Ok(Some(_)))
 }
 
-/// Answers a request that could not be read (`431` for a head too
-/// large, `400` otherwise) before the connection closes, and says so in
-/// the log: a client or a proxy in front that frames requests
-/// differently is worth an operator's look.
-async fn refuse_request(out: &mut Out, peer: SocketAddr, e: &HttpError) {
-    let (status, code) = match e {
-        HttpError::HeadTooLarge => (431, "head_too_large"),
-        _ => (400, "bad_request"),
-    };
-    warn!("request refused peer={peer} status={status} error={e}");
-    let _ = api::error(status, code, &e.to_string()).write(out, false, false).await;
-}
-
-/// Skips what a handler left of a small body, under the body deadlines;
-/// false if the connection cannot be reused.
-async fn drain_body(inb: &mut In, body: &mut BodyState) -> bool {
-    let started = Instant::now();
-    let mut skipped = 0;
-    loop {
-        match inb.read_body_paced(body, started).await {
-            Ok(None) => return true,
-            Ok(Some(c)) => {
-                skipped += c.len();
-                if skipped > DRAIN_BODY {
-                    return false;
-                }
-            }
-            Err(_) => return false,
-        }
-    }
-}
-
-async fn route(
-    hub: &Rc<Hub>,
-    req: &Request,
-    body: &mut BodyState,
-    inb: &mut In,
-    out: &mut Out,
-    peer: SocketAddr,
-    tcp: &TcpStream,
-) -> Reply {
+/// The router: one line per route, each a handler of `http` types.
+async fn route(hub: &Rc<Hub>, req: &Request, body: &mut Incoming, peer: SocketAddr) -> Reply {
     let path = req.target.split('?').next().unwrap_or("");
     // An ID token naming a key the hub lacks: fetch the keys first, so
     // the (synchronous) authentication below sees them.
@@ -746,13 +851,13 @@ async fn route(
         p.prepare(token).await;
     }
     if path.starts_with(fleet::KUBE_PREFIX) {
-        return fleet::kube(hub, req, inb, out).await;
+        return fleet::kube(hub, req).await;
     }
     if path.starts_with(fleet::REST_PREFIX) {
-        return fleet::rest(hub, req, out).await;
+        return fleet::rest(hub, req).await;
     }
     if path == "/k8s/clusters" || path.starts_with("/k8s/clusters/") || path.starts_with("/k8s/") {
-        return kube::proxy(hub, req, body, inb, out).await;
+        return kube::proxy(hub, req, body).await;
     }
     if let Some(hint) = kube::root_hint(req, &hub.public_url) {
         return Reply::Send(hint);
@@ -765,18 +870,11 @@ async fn route(
             "text/plain; version=0.0.4",
             hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count()) + &connection_gauges(&hub.gate),
         )),
-        ("POST", "/v1/activate") => Reply::Send(agents::activate(hub, req, body, inb).await),
-        ("GET", "/v1/tunnel") => {
-            // The tunnel's scheduler, not the kernel's send buffer, decides
-            // what crosses the link next (see crate::driver).
-            if let Err(e) = tunnel_socket(tcp) {
-                log::debug!("TCP_NOTSENT_LOWAT not set on the tunnel peer={peer}: {e}");
-            }
-            agents::tunnel(hub, req, inb, out, peer).await
-        }
+        ("POST", "/v1/activate") => Reply::Send(agents::activate(hub, req, body).await),
+        ("GET", "/v1/tunnel") => agents::tunnel(hub, req, body, peer),
         (_, "/v1/activate" | "/v1/tunnel") => Reply::Send(api::error(405, "method_not_allowed", "wrong method")),
         (m, "/auth/login" | "/auth/callback" | "/auth/logout") => Reply::Send(auth_route(hub, req, m, path).await),
-        (_, p) if p == "/api/v1" || p.starts_with("/api/v1/") => Reply::Send(api::handle(hub, req, body, inb).await),
+        (_, p) if p == "/api/v1" || p.starts_with("/api/v1/") => Reply::Send(api::handle(hub, req, body).await),
         ("GET" | "HEAD", p) if console::is_console_path(p) => Reply::Send(console::serve(req)),
         _ => Reply::Send(api::error(404, "not_found", &format!("no route for {} {path}", req.method))),
     }

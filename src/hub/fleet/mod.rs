@@ -32,16 +32,14 @@ pub mod fanout;
 pub mod merge;
 
 use super::api;
-use super::http::{Request, Response, head_bytes};
+use super::http::{Body, Reply, Request, Response};
 use super::kube::{error_for, split_target, status_response};
-use super::server::{In, Out, Reply};
 use super::store::{Cluster, Lifecycle, User};
 use super::{Hub, glob_match, may_reach};
 use fanout::{Ask, CLUSTER_TIMEOUT, Failure, Outcome, fan_out};
 use merge::Parsed;
 use serde_json::{Value, json};
-use smol::future::FutureExt;
-use smol::io::AsyncWriteExt;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// kubectl's fleet context: `/k8s/fleet/PATTERN/...`.
@@ -152,17 +150,6 @@ fn accept_for(table: bool) -> String {
     }
 }
 
-/// Resolves when the client closes its side (it gave up waiting).
-async fn client_gone(inb: &mut In) {
-    loop {
-        match inb.fill().await {
-            Ok(0) | Err(_) => return,
-            Ok(_) if inb.buffered() > super::http::MAX_HEAD => std::future::pending::<()>().await,
-            Ok(_) => {}
-        }
-    }
-}
-
 fn impersonation_refused(req: &Request) -> Option<String> {
     req.headers.iter().find(|(n, _)| n.len() >= 12 && n[..12].eq_ignore_ascii_case("impersonate-")).map(|(name, _)| {
         format!("uplink-hub refuses impersonation ({name} header): the fleet view asks every cluster as you; remove --as/--as-group")
@@ -170,7 +157,10 @@ fn impersonation_refused(req: &Request) -> Option<String> {
 }
 
 /// Serves `/k8s/fleet/PATTERN/...` for kubectl.
-pub async fn kube(hub: &Hub, req: &Request, inb: &mut In, out: &mut Out) -> Reply {
+/// The client going away cancels it: hyper drops the request's future
+/// (a closed HTTP/1.1 connection, a reset HTTP/2 stream), and with it
+/// the fan-out and its tunnel streams.
+pub async fn kube(hub: &Hub, req: &Request) -> Reply {
     let rest = req.target.strip_prefix(KUBE_PREFIX).unwrap_or("");
     let (pattern, rest) = rest.split_once('/').map_or((rest.split('?').next().unwrap_or(""), ""), |(p, r)| (p, r));
     // client-go escapes `*` in a server URL's path.
@@ -202,7 +192,7 @@ pub async fn kube(hub: &Hub, req: &Request, inb: &mut In, out: &mut Out) -> Repl
         Err(e) => return Reply::Send(error_for(&forward, 503, &format!("uplink-hub store failed: {e}"))),
     };
     let named = match classify(path) {
-        Target::Discovery => return discovery(hub, &user, &targets, &forward, req, out).await,
+        Target::Discovery => return discovery(hub, &user, &targets, &forward, req).await,
         Target::Read { named } => named,
         Target::Refused(what) => return Reply::Send(status_response(405, &format!("{READ_ONLY} ({what})"))),
     };
@@ -227,14 +217,9 @@ pub async fn kube(hub: &Hub, req: &Request, inb: &mut In, out: &mut Out) -> Repl
         while let Ok((cluster, outcome)) = rx.recv().await {
             m.add(&cluster, outcome);
         }
-        Some(m)
-    })
-    .or(async {
-        client_gone(inb).await;
-        None
+        m
     })
     .await;
-    let Some(merged) = merged else { return Reply::Done(false) };
     Reply::Send(merged.response(named, &pattern, targets.len()))
 }
 
@@ -242,7 +227,7 @@ pub async fn kube(hub: &Hub, req: &Request, inb: &mut In, out: &mut Out) -> Repl
 /// answers it: the fleet's clusters are expected to serve the same
 /// kinds, and kubectl needs one answer. The cluster's content type
 /// travels as it is (aggregated discovery is told apart by it).
-async fn discovery(hub: &Hub, user: &User, targets: &[Cluster], forward: &str, req: &Request, out: &mut Out) -> Reply {
+async fn discovery(hub: &Hub, user: &User, targets: &[Cluster], forward: &str, req: &Request) -> Reply {
     let accept = req.header_str("accept").unwrap_or("application/json").to_string();
     let ask = Ask { user, path: forward.to_string(), accept, timeout: CLUSTER_TIMEOUT };
     let mut last: Option<(String, Failure)> = None;
@@ -250,23 +235,10 @@ async fn discovery(hub: &Hub, user: &User, targets: &[Cluster], forward: &str, r
     for c in connected.take(3) {
         match fanout::ask_one(hub, &ask, c).await {
             Outcome::Answer { content_type, body } => {
-                let keep = req.keep_alive();
-                let mut fields = vec![
-                    ("Content-Type", content_type),
-                    ("Content-Length", body.len().to_string()),
-                    ("Cache-Control", "no-store".into()),
-                    ("X-Content-Type-Options", "nosniff".into()),
-                    ("X-Uplink-Discovery-From", c.name.clone()),
-                ];
-                if !keep {
-                    fields.push(("Connection", "close".into()));
-                }
-                let mut bytes = head_bytes(200, &fields);
-                if req.method != "HEAD" {
-                    bytes.extend_from_slice(&body);
-                }
-                let sent = out.write_all(&bytes).await.is_ok() && out.flush().await.is_ok();
-                return Reply::Done(sent && keep);
+                let mut r =
+                    Response::new(200, "application/json", body).with_header("X-Uplink-Discovery-From", c.name.clone());
+                r.content_type = content_type.into();
+                return Reply::Send(r);
             }
             Outcome::Failed(f) => last = Some((c.name.clone(), f)),
         }
@@ -436,7 +408,7 @@ pub fn warning(text: &str) -> String {
 /// Serves `/api/v1/fleet/k8s/...?clusters=PATTERN` as NDJSON: a first
 /// line naming the clusters asked, one line per cluster as it answers,
 /// and a summary.
-pub async fn rest(hub: &Hub, req: &Request, out: &mut Out) -> Reply {
+pub async fn rest(hub: &Rc<Hub>, req: &Request) -> Reply {
     let user = match api::authenticate(hub, req) {
         Ok(Some(u)) => u,
         Ok(None) => {
@@ -492,78 +464,71 @@ pub async fn rest(hub: &Hub, req: &Request, out: &mut Out) -> Reply {
         Err(e) => return Reply::Send(api::error(503, "store_failed", &e)),
     };
     let table = wants_table(req);
-    let ask = Ask {
-        user: &user,
-        path: if query.is_empty() { path.to_string() } else { format!("{path}?{query}") },
-        accept: accept_for(table),
-        timeout,
-    };
-    let head = head_bytes(
-        200,
-        &[
-            ("Content-Type", "application/x-ndjson"),
-            ("Transfer-Encoding", "chunked"),
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
-        ],
-    );
-    let start = Instant::now();
-    let names: Vec<&str> = targets.iter().map(|c| c.name.as_str()).collect();
-    let first = json!({ "fleet": { "clusters": names, "path": ask.path, "pattern": pattern } });
-    let mut pending = head;
-    crate::http::push_chunk(&mut pending, &line(&first));
-    if out.write_all(&pending).await.is_err() || out.flush().await.is_err() {
-        return Reply::Done(false);
-    }
-    let done = fan_out(hub, &ask, &targets, async |rx| {
-        let (mut answered, mut failed, mut items) = (0usize, 0usize, 0usize);
-        while let Ok((cluster, outcome)) = rx.recv().await {
-            let event = match outcome {
-                Outcome::Failed(f) => {
-                    failed += 1;
-                    json!({ "cluster": cluster, "error": { "reason": f.reason, "code": f.code, "message": f.message } })
-                }
-                Outcome::Answer { body, .. } => match merge::parse(&cluster, &body) {
-                    Ok(Parsed::Table { columns, rows }) => {
-                        answered += 1;
-                        items += rows.len();
-                        let mut all = vec![merge::cluster_column()];
-                        all.extend(columns);
-                        json!({ "cluster": cluster, "columnDefinitions": all, "rows": rows })
-                    }
-                    Ok(Parsed::Items(list)) => {
-                        answered += 1;
-                        items += list.len();
-                        json!({ "cluster": cluster, "items": list })
-                    }
-                    Ok(Parsed::Object(o)) => {
-                        answered += 1;
-                        items += 1;
-                        json!({ "cluster": cluster, "object": o })
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        json!({ "cluster": cluster, "error": { "reason": "Unreadable", "code": 502, "message": e.to_string() } })
-                    }
-                },
-            };
-            let mut chunk = Vec::new();
-            crate::http::push_chunk(&mut chunk, &line(&event));
-            if out.write_all(&chunk).await.is_err() || out.flush().await.is_err() {
-                return false;
-            }
+    let path = if query.is_empty() { path.to_string() } else { format!("{path}?{query}") };
+    let hub = hub.clone();
+    // The answer streams from a task the body owns: a client that leaves
+    // drops the body, which cancels the fan-out and its tunnel streams.
+    let body = Body::stream(move |tx| async move {
+        let ask = Ask { user: &user, path, accept: accept_for(table), timeout };
+        let start = Instant::now();
+        let names: Vec<&str> = targets.iter().map(|c| c.name.as_str()).collect();
+        let first = json!({ "fleet": { "clusters": names, "path": ask.path, "pattern": pattern } });
+        if tx.send(Ok(line(&first).into())).await.is_err() {
+            return;
         }
-        let summary = json!({ "summary": {
-            "clusters": targets.len(), "answered": answered, "failed": failed, "items": items,
-            "elapsed_ms": start.elapsed().as_millis() as u64,
-        }});
-        let mut chunk = Vec::new();
-        crate::http::push_chunk(&mut chunk, &line(&summary));
-        chunk.extend_from_slice(crate::http::LAST_CHUNK);
-        out.write_all(&chunk).await.is_ok() && out.flush().await.is_ok()
-    })
-    .await;
-    Reply::Done(done && req.keep_alive())
+        fan_out(&hub, &ask, &targets, async |rx| {
+            let (mut answered, mut failed, mut items) = (0usize, 0usize, 0usize);
+            while let Ok((cluster, outcome)) = rx.recv().await {
+                let event = match outcome {
+                    Outcome::Failed(f) => {
+                        failed += 1;
+                        json!({ "cluster": cluster, "error": { "reason": f.reason, "code": f.code, "message": f.message } })
+                    }
+                    Outcome::Answer { body, .. } => match merge::parse(&cluster, &body) {
+                        Ok(Parsed::Table { columns, rows }) => {
+                            answered += 1;
+                            items += rows.len();
+                            let mut all = vec![merge::cluster_column()];
+                            all.extend(columns);
+                            json!({ "cluster": cluster, "columnDefinitions": all, "rows": rows })
+                        }
+                        Ok(Parsed::Items(list)) => {
+                            answered += 1;
+                            items += list.len();
+                            json!({ "cluster": cluster, "items": list })
+                        }
+                        Ok(Parsed::Object(o)) => {
+                            answered += 1;
+                            items += 1;
+                            json!({ "cluster": cluster, "object": o })
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            json!({ "cluster": cluster, "error": { "reason": "Unreadable", "code": 502, "message": e.to_string() } })
+                        }
+                    },
+                };
+                if tx.send(Ok(line(&event).into())).await.is_err() {
+                    return;
+                }
+            }
+            let summary = json!({ "summary": {
+                "clusters": targets.len(), "answered": answered, "failed": failed, "items": items,
+                "elapsed_ms": start.elapsed().as_millis() as u64,
+            }});
+            let _ = tx.send(Ok(line(&summary).into())).await;
+        })
+        .await;
+    });
+    let fields: &[(&[u8], &[u8])] = &[
+        (b"Content-Type", b"application/x-ndjson"),
+        (b"Cache-Control", b"no-store"),
+        (b"X-Content-Type-Options", b"nosniff"),
+    ];
+    match super::http::streamed(200, fields, body) {
+        Some(r) => Reply::Http(r),
+        None => Reply::Send(api::error(500, "internal", "the answer could not be built")),
+    }
 }
 
 fn line(v: &Value) -> Vec<u8> {
