@@ -159,6 +159,36 @@ try {
     await out.getByText(`console-e2e: live line ${i}`).waitFor({ timeout: 15_000 });
   }
   await shot(alice, '06-pod-logs-follow');
+
+  step = 'the page speaks h2: live streams do not hold up its other requests';
+  log(step);
+  // Over HTTP/1.1 a browser keeps six connections per origin, so six live
+  // streams would queue every further request. Over h2 all share one
+  // connection: with the log follow and eight more open on this page,
+  // one more request still answers at once.
+  const h2 = await alice.evaluate(async ({ cluster, token, pod }) => {
+    const nav = performance.getEntriesByType('navigation')[0]?.nextHopProtocol;
+    const ctl = new AbortController();
+    const headers = { Authorization: `Bearer ${token}` };
+    const url = `/k8s/clusters/${cluster}/api/v1/namespaces/default/pods/${pod}/log?follow=true`;
+    const heads = await Promise.all([...Array(8).keys()].map((i) =>
+      fetch(`${url}&n=${i}`, { headers, signal: ctl.signal }).then((r) => r.status)));
+    const t0 = performance.now();
+    const r = await fetch('/api/v1/whoami', { headers });
+    const ms = performance.now() - t0;
+    const who = (await r.json()).name;
+    const protos = performance.getEntriesByType('resource')
+      .filter((e) => e.name.includes('/api/v1/whoami'))
+      .map((e) => e.nextHopProtocol);
+    ctl.abort();
+    return { nav, heads, ms, who, protos };
+  }, { cluster: CLUSTER, token: env('ALICE_TOKEN'), pod: POD });
+  log(`h2: ${JSON.stringify(h2)}`);
+  assert.equal(h2.nav, 'h2', 'the console page came over h2');
+  assert.deepEqual(h2.heads, Array(8).fill(200), 'eight more log follows open beside the console\'s own');
+  assert.equal(h2.who, 'alice');
+  assert.ok(h2.ms < 2000, `a request behind nine live streams took ${h2.ms} ms`);
+  assert.ok(h2.protos.length >= 1 && h2.protos.every((p) => p === 'h2'), `protocols ${h2.protos}`);
   await alice.getByRole('button', { name: 'Stop' }).click();
   await alice.getByText('Stopped.').waitFor();
 
