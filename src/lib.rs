@@ -20,7 +20,9 @@
 //! - [`http`]: HTTP/1.1 rules the agent and the hub share (hop-by-hop
 //!   and list-valued fields, the one accepted `Content-Length`, chunk
 //!   framing, percent-decoding). Not I/O or
-//!   reading loops: the agent's client and the hub's server keep their own.
+//!   reading loops: the agent keeps its own client; the hub's server is
+//!   hyper (`hub::server`, `hub::rt`), with its request and response
+//!   types in `hub::http`.
 //! - [`kube_status`]: the Kubernetes `Status` failure object both answer
 //!   their own errors with. Not which code or reason an error gets.
 //! - [`time`]: RFC 3339 date-times to and from Unix milliseconds (hub

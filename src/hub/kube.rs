@@ -1,13 +1,23 @@
 //! The kube front end: `/k8s/clusters/NAME/...` for kubectl and any
-//! Kubernetes client.
+//! Kubernetes client, over HTTP/1.1 or HTTP/2 alike.
 //!
 //! ```text
-//!  request ─► path check ─► authenticate ─► grant ─► no Impersonate-* ─►
-//!  cluster live? ─► open stream {head, identity} ─► upload body ─►
-//!  response head ─┬─ 101: raw bytes both ways, half-close
-//!                 └─ else: status + end-to-end headers, body streamed
-//!  ─► audit + metrics
+//!  request ─► split_target ─► authenticate ─► admit (grant, no
+//!  Impersonate-*, cluster registered for this user, activated) ─►
+//!  open_stream {head, identity} ─► upload (body, then response head) ─┬
+//!     ├─ 101: switch_protocols: HTTP/1.1 101, then pipe raw bytes both
+//!     │       ways on the upgraded TLS stream, half-close
+//!     └─ else: answer: status + end-to-end headers, body streamed by a
+//!              task the response body owns
+//!  ─► Audit (written when dropped, whatever step the request reached)
 //! ```
+//!
+//! Cancellation: hyper drops a request's future and its response body
+//! when the client resets its HTTP/2 stream or its HTTP/1.1 connection
+//! goes; the tunnel stream goes with them, and dropping it resets it on
+//! the tunnel. Upgrades are HTTP/1.1 only: client-go dials exec, attach
+//! and port-forward (SPDY or WebSocket) over HTTP/1.1 on a connection of
+//! their own, also when its other requests use h2 (tests/e2e_h2.rs).
 //!
 //! Errors made here are Kubernetes `Status` objects, so kubectl prints
 //! them as it prints the API server's own.

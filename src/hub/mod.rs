@@ -3,9 +3,10 @@
 //! themselves through those tunnels.
 //!
 //! ```text
-//!  client ─TLS─► server (accept, HTTP/1.1 keep-alive, routing; limits:
-//!                 caps per address and in total, deadlines for heads and
-//!                 unauthenticated bodies)
+//!  client ─TLS─► server (accept; ALPN h2 or http/1.1 → hyper on the hub's
+//!   (ALPN)        own executor (rt); HTTP/2 bounds; routing; limits: caps
+//!                 per address and in total, deadlines for heads and
+//!                 unauthenticated bodies) — handlers speak http's types
 //!                 ├─ /api/v1/...            api      REST for the CLI and console
 //!                 ├─ /k8s/clusters/NAME/..  kube     authn, grant, open stream, pipe
 //!                 ├─ /k8s/fleet/PATTERN/.., /api/v1/fleet/k8s/..

@@ -3,9 +3,20 @@
 //! Start-up: data directory → store → TLS material → listener → (first
 //! start only) admin user, whose token is printed once. Then an accept
 //! loop on a `LocalExecutor`; each connection is admitted by the
-//! connection caps (`limits::Gate`, a 503 otherwise), then is a task that
-//! reads requests in turn (keep-alive) under the deadlines of `limits`
-//! and routes them.
+//! connection caps (`limits::Gate`, a 503 otherwise), then is a task:
+//!
+//! ```text
+//!  TLS (≤ handshake) ─ ALPN h2 ──────► hyper http2 (bounded: h2_limits)
+//!                    └ http/1.1, none ► hyper http1 + upgrades
+//!        each request ─► serve_request: credential → Ticket, our framing
+//!                        rules (HTTP/1.1), route ─► handler ─► Reply
+//!  closed when: no request in flight for `idle`; an HTTP/1.1 head not
+//!  whole within `head` of its first byte (rt::Io); a client that stops
+//!  reading for `small_body` (rt::Io); the hub drains (graceful: GOAWAY)
+//! ```
+//!
+//! Not here: the bytes of HTTP (hyper's), handlers (they take `http`'s
+//! types and never this module's).
 //!
 //! SIGTERM/SIGINT: the listener closes at once, agents get
 //! `GoAway(ShuttingDown)` so they reconnect at once to whoever holds the
