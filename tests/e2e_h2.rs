@@ -518,3 +518,53 @@ fn h2_abuse_is_refused_without_harm_to_others() {
     drop(stalled);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The policy is the same over h2: refused impersonation, path checks,
+/// the response-header policy; and a reset h2 stream resets its tunnel
+/// stream while the connection lives on.
+#[test]
+fn policy_and_cancellation_over_h2() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("\n!!!!! SKIPPING: no curl !!!!!\n");
+        return;
+    }
+    let w = world("h2-policy");
+    let base = format!("{}/k8s/clusters/edge-1", w.hub.url);
+    let run = |args: &[&str]| {
+        let o = curl(&w, args).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let pods = format!("{base}/api/v1/namespaces/default/pods");
+    let out = run(&["--http2", "-i", "-H", "Impersonate-User: alice", &pods]);
+    assert!(out.starts_with("HTTP/2 403"), "{out}");
+    assert!(out.contains("uplink-hub refuses impersonation (impersonate-user header)"), "{out}");
+    let out = run(&["--http2", "-i", "--path-as-is", &format!("{base}/api/v1/namespaces/default/../kube-system/pods")]);
+    assert!(out.starts_with("HTTP/2 400") && out.contains("path rejected by uplink-hub"), "{out}");
+    let out = run(&["--http2", "-i", &pods]);
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.contains("content-security-policy: sandbox; default-src 'none'"), "{out}");
+    assert!(!out.to_ascii_lowercase().contains("\r\nconnection:"), "no connection field over h2: {out}");
+
+    // One watch on a raw h2 connection, then RST_STREAM (CANCEL).
+    let mut tls = h2_connect(&w.hub, &[]);
+    let path = "/k8s/clusters/edge-1/api/v1/namespaces/default/pods?watch=true";
+    let mut buf = Vec::new();
+    frame(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &get(path, &w.token));
+    tls.write_all(&buf).unwrap();
+    tls.flush().unwrap();
+    assert!(wait_for(20, || metric(&w.hub, "uplink_hub_streams_open") == 1), "the watch's tunnel stream");
+    let (frames, _) = read_frames(&mut tls, Duration::from_millis(500));
+    assert!(frames.iter().any(|f| f.0 == HEADERS && f.2 == 1), "the watch answered");
+    let mut buf = Vec::new();
+    frame(&mut buf, RST_STREAM, 0, 1, &8u32.to_be_bytes());
+    tls.write_all(&buf).unwrap();
+    tls.flush().unwrap();
+    assert!(wait_for(20, || metric(&w.hub, "uplink_hub_streams_open") == 0), "the reset reached the tunnel");
+    // The connection itself lives on: another request on it is answered.
+    let mut buf = Vec::new();
+    frame(&mut buf, HEADERS, END_HEADERS | END_STREAM, 3, &get("/healthz", &w.token));
+    tls.write_all(&buf).unwrap();
+    tls.flush().unwrap();
+    let (frames, closed) = read_frames(&mut tls, Duration::from_secs(2));
+    assert!(!closed && frames.iter().any(|f| f.0 == HEADERS && f.2 == 3), "{frames:?}");
+}
