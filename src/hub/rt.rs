@@ -36,8 +36,10 @@ pub fn set_executor(ex: Rc<LocalExecutor<'static>>) {
 pub fn spawn<T: 'static>(f: impl Future<Output = T> + 'static) -> smol::Task<T> {
     EXECUTOR.with(|e| match &*e.borrow() {
         Some(ex) => ex.spawn(f),
-        // Only `serve` runs handlers; a unit test without it gets a fresh
-        // thread-local executor rather than a panic.
+        // Only `serve` runs handlers, and it sets the executor first. A
+        // caller without one gets an executor of its own on this thread,
+        // whose tasks run only if something runs it: a misuse that waits
+        // rather than panics.
         None => {
             let ex = Rc::new(LocalExecutor::new());
             let t = ex.spawn(f);
