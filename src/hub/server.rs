@@ -144,7 +144,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
                 .join_replica(&me, me.started_at, super::replicas::DEADLINE.as_millis() as i64)
                 .map_err(|e| e.to_string())?;
             info!("replica joined id={} advertise_url={}", me.id, me.advertise_url);
-            super::replicas::Replicas::shared(me)
+            let key = identity.as_ref().map(|i| &i.ca_key_pem).ok_or("a shared store without a hub identity")?;
+            super::replicas::Replicas::shared(me, super::replicas::handoff::PeerTrust::new(key, &material.cert_pem)?)
         }
     };
     let tls = crate::tls::server_config(&material.cert_pem, &material.key_pem).map_err(|e| e.to_string())?;
@@ -774,7 +775,10 @@ async fn route(
             }
             agents::tunnel(hub, req, inb, out, peer).await
         }
-        (_, "/v1/activate" | "/v1/tunnel") => Reply::Send(api::error(405, "method_not_allowed", "wrong method")),
+        ("GET", "/v1/peer") => super::replicas::handoff::accept(hub, req, inb, out, peer).await,
+        (_, "/v1/activate" | "/v1/tunnel" | "/v1/peer") => {
+            Reply::Send(api::error(405, "method_not_allowed", "wrong method"))
+        }
         (m, "/auth/login" | "/auth/callback" | "/auth/logout") => Reply::Send(auth_route(hub, req, m, path).await),
         (_, p) if p == "/api/v1" || p.starts_with("/api/v1/") => Reply::Send(api::handle(hub, req, body, inb).await),
         ("GET" | "HEAD", p) if console::is_console_path(p) => Reply::Send(console::serve(req)),

@@ -16,9 +16,13 @@
 //! With the embedded store there is one replica and no rows: `Replicas`
 //! is empty and every method answers as if alone.
 //!
-//! Not here (yet): telling agents the replica set and handing a request
-//! to the replica that holds a tunnel; agents reach one replica through
-//! the load balancer today.
+//! A request for a cluster this replica holds no tunnel to is handed to a
+//! replica that does: [`handoff`].
+//!
+//! Not here (yet): telling agents the replica set; agents reach one
+//! replica through the load balancer today.
+
+pub mod handoff;
 
 use super::Hub;
 use super::clock::now_ms;
@@ -43,12 +47,15 @@ pub struct Replicas {
     answered: RefCell<Option<Instant>>,
     /// Our sessions as last written, to write only changes.
     written: RefCell<Option<Vec<(String, u64)>>>,
+    /// The peer sessions of the hand-off, and where the others are.
+    pub peers: handoff::Peers,
 }
 
 impl Replicas {
-    /// This process shares its store with other replicas.
-    pub fn shared(me: Replica) -> Replicas {
-        Replicas { me: Some(me), ..Default::default() }
+    /// This process shares its store with other replicas; `trust` makes
+    /// and checks the credentials of the hop between them.
+    pub fn shared(me: Replica, trust: handoff::PeerTrust) -> Replicas {
+        Replicas { me: Some(me), peers: handoff::Peers::new(trust), ..Default::default() }
     }
 
     pub fn me(&self) -> Option<&Replica> {
@@ -84,6 +91,8 @@ impl Replicas {
         let deadline = DEADLINE.as_millis() as i64;
         match hub.store.replica_heartbeat(me, changed.then_some(&ours[..]), now_ms(), deadline) {
             Ok(others) => {
+                let ids: Vec<&str> = others.iter().map(|s| s.replica_id.as_str()).collect();
+                self.peers.learn(hub, &ids);
                 let mut by_cluster: HashMap<String, Vec<AgentSession>> = HashMap::new();
                 for s in others {
                     by_cluster.entry(s.cluster_id.clone()).or_default().push(s);
@@ -124,12 +133,16 @@ impl Replicas {
         }
     }
 
-    /// Heartbeats for the life of the hub.
+    /// Heartbeats for the life of the hub, and beside them the peer
+    /// sessions this replica dials.
     pub async fn run(hub: std::rc::Rc<Hub>) {
-        loop {
-            hub.replicas.beat(&hub);
-            smol::Timer::after(HEARTBEAT).await;
-        }
+        let beats = async {
+            loop {
+                hub.replicas.beat(&hub);
+                smol::Timer::after(HEARTBEAT).await;
+            }
+        };
+        hub.replicas.peers.run(beats).await
     }
 
     /// A clean shutdown: the others stop counting our tunnels at once.

@@ -254,6 +254,9 @@ impl<S: Store> Store for CachedStore<S> {
     fn leave_replica(&self, id: &str) -> Result<()> {
         self.inner.leave_replica(id)
     }
+    fn live_replicas(&self, now: Millis, deadline: Millis) -> Result<Vec<Replica>> {
+        self.inner.live_replicas(now, deadline)
+    }
 
     fn check(&self) -> Result<()> {
         self.inner.check()

@@ -348,6 +348,11 @@ pub trait Store {
     fn leave_replica(&self, _id: &str) -> Result<()> {
         Ok(())
     }
+    /// The live replicas (heartbeat younger than `deadline`), this one
+    /// included: where to reach each (the hand-off dials them).
+    fn live_replicas(&self, _now: Millis, _deadline: Millis) -> Result<Vec<Replica>> {
+        Ok(Vec::new())
+    }
 
     // Health and caches.
     /// Whether the store answers now; `Unavailable` says why not. The
