@@ -391,3 +391,92 @@ fn only_a_replica_may_take_the_peer_hop() {
     let r = b.client(Some(&alice)).get("/v1/peer").unwrap();
     assert_eq!(r.status, 426, "{}", r.text());
 }
+
+/// Registers `name` on `hub` and activates it as an agent would; the
+/// agent credential.
+fn register_and_activate(hub: &HubProc, admin: &str, name: &str) -> String {
+    let r = hub.client(Some(admin)).post_json("/api/v1/clusters", &json!({ "name": name })).unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let act = &r.json()["activation"];
+    let r = hub
+        .client(None)
+        .post_json(
+            "/v1/activate",
+            &json!({
+                "activation_id": act["activation_id"], "activation_code": act["activation_code"],
+                "agent_version": "sim-0.1", "arch": "x86_64", "kube_version": "v1.32.0", "node_count": 3,
+            }),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["credential"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_failed_dial_moves_on_to_the_next_replica_holding_a_tunnel() {
+    let Some(pg) = Postgres::start("handoff-next") else { return };
+    let dir = temp_dir("handoff-next");
+    let dirs: Vec<_> = ["b", "c", "a"].iter().map(|n| dir.join(n)).collect();
+    dirs.iter().for_each(|d| std::fs::create_dir_all(d).unwrap());
+    let mut holders = [replica(&pg, &dirs[0]), replica(&pg, &dirs[1])];
+    let a = replica(&pg, &dirs[2]);
+    let admin_token = holders[0].admin_token.clone().unwrap();
+    let credential = register_and_activate(&holders[0], &admin_token, "edge-sim");
+    // One simulated agent of the cluster on each of B and C, none on A.
+    let _agents: Vec<_> =
+        holders.iter().map(|h| hub_support::SimAgents::start(h.addr, &h.ca_pem, &credential, 1)).collect();
+    let admin = a.client(Some(&admin_token));
+    let r = admin.post_json("/api/v1/users", &json!({ "name": ALICE })).unwrap();
+    let alice = r.json()["token"].as_str().unwrap().to_string();
+    admin.post_json("/api/v1/grants", &json!({ "user": ALICE, "clusters": "edge-sim" })).unwrap();
+    assert!(wait_for(20, || admin.get("/api/v1/clusters/edge-sim").unwrap().json()["status"] == "ACTIVE"));
+    // Two heartbeats: A has seen both holders' session rows.
+    std::thread::sleep(Duration::from_secs(5));
+
+    // A person's request through A, naming another cluster in the
+    // header replicas use between themselves: the hop names the real one,
+    // and the agent sees neither, only the person as A authenticated her.
+    let get = |path: &str| {
+        let mut tls = a.client(None).connect().unwrap();
+        write!(
+            tls,
+            "GET /k8s/clusters/edge-sim{path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {alice}\r\n\
+             Uplink-Peer-Cluster: c_someone_else\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        while let Ok(n @ 1..) = tls.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let answer = get("/cl/first");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}\nA log:\n{}", a.log());
+    let body: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["user"], ALICE);
+    assert!(!body["headers"].as_array().unwrap().iter().any(|h| h.as_str().unwrap().contains("peer")), "{body}");
+    let served: Vec<f64> =
+        holders.iter().map(|h| hub_metric(h, "uplink_hub_peer_sessions{direction=\"in\"}")).collect();
+    assert_eq!(served.iter().sum::<f64>(), 1.0, "one peer session: {served:?}");
+
+    // The replica A handed to dies: every request after it is answered by
+    // the other holder (its dial to the dead one fails at once).
+    let dead = served.iter().position(|n| *n == 1.0).unwrap();
+    holders[dead].kill9();
+    let t = Instant::now();
+    let mut n = 0;
+    while t.elapsed() < Duration::from_secs(4) {
+        let answer = get(&format!("/cl/after-{n}"));
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {n} after the kill: {answer}\nA log:\n{}", a.log());
+        n += 1;
+    }
+    let other = &holders[1 - dead];
+    assert_eq!(hub_metric(other, "uplink_hub_peer_sessions{direction=\"in\"}"), 1.0);
+    assert!(hub_metric(&a, "uplink_hub_handoffs_total") >= (n + 1) as f64);
+    eprintln!(
+        "FIGURE after kill -9 of the replica handed to: {n} requests through A in 4 s, all answered; \
+         failed dials {}",
+        hub_metric(&a, "uplink_hub_handoff_failures_total")
+    );
+}
