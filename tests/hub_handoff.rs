@@ -266,7 +266,8 @@ fn kubectl_through_a_replica_without_the_tunnel() {
     let mut watch = via_a.spawn(&["get", "pods", "-n", "default", "-w"]);
     let rx = lines(&mut watch);
     wait_line(&rx, PATIENCE, "an existing pod", |l| l.contains("db-0"));
-    assert_eq!(hub_metric(&b, "uplink_hub_peer_streams_open"), 1.0, "the watch is spliced on B");
+    // kubectl lists first, then opens the watch.
+    assert!(wait_for(10, || hub_metric(&b, "uplink_hub_peer_streams_open") == 1.0), "the watch is spliced on B");
     k.apply(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "handed-off", "namespace": "default"},

@@ -431,22 +431,28 @@ async fn dial(hub: &Hub, peers: &Peers, me: &str, to: &str, url: &str) -> Result
     peers
         .ex
         .spawn(async move {
+            let s = &task_conn.session;
             let idle = async {
+                // A dial given up on (its request timed out) must not leave
+                // a session waiting for a handshake.
+                Timer::after(DIAL_TIMEOUT).await;
+                if !s.is_open() {
+                    s.close(GoAwayCode::Timeout, "no tunnel handshake in time");
+                }
                 loop {
                     Timer::after(PEER_IDLE / 4).await;
-                    let s = &task_conn.session;
                     if s.stream_count() == 0 && task_conn.last_used.get().elapsed() >= PEER_IDLE {
+                        // Out of the set first: no request picks a session
+                        // that is going away.
+                        forget(&map, &to_owned, task_conn.serial);
                         s.go_away(GoAwayCode::ShuttingDown, "peer session idle");
                         return std::future::pending::<crate::proto::SessionError>().await;
                     }
                 }
             };
-            let why = task_conn.session.run(io).or(idle).await;
+            let why = s.run(io).or(idle).await;
             gauge.set(gauge.get().saturating_sub(1));
-            let mut m = map.borrow_mut();
-            if matches!(m.get(&to_owned), Some(Peer::Up(c)) if c.serial == task_conn.serial) {
-                m.remove(&to_owned);
-            }
+            forget(&map, &to_owned, task_conn.serial);
             info!("peer session ended replica={to_owned} reason={why}");
         })
         .detach();
@@ -456,6 +462,14 @@ async fn dial(hub: &Hub, peers: &Peers, me: &str, to: &str, url: &str) -> Result
             Ok(conn)
         }
         Err(e) => Err(format!("tunnel handshake: {e}")),
+    }
+}
+
+/// Takes a peer session out of the set, unless a newer one replaced it.
+fn forget(peers: &RefCell<HashMap<String, Peer>>, to: &str, serial: u64) {
+    let mut m = peers.borrow_mut();
+    if matches!(m.get(to), Some(Peer::Up(c)) if c.serial == serial) {
+        m.remove(to);
     }
 }
 
