@@ -15,7 +15,10 @@
 //! - the p50 of a small request through A and through B, in one run;
 //! - B killed with kill -9: A answers the usual "not connected" at once;
 //! - `/v1/peer` refuses anything but a replica's credential, with a log
-//!   line, so nobody else can put an identity on B's tunnels.
+//!   line, so nobody else can put an identity on B's tunnels;
+//! - with simulated agents on B and C: a hand-off reads nothing from the
+//!   store, and when the replica handed to dies, A's next dial to it fails
+//!   and C answers, so no request is refused.
 //!
 //! Skips loudly without kubectl or PostgreSQL (see `support`).
 #![cfg(feature = "hub")]
@@ -457,6 +460,27 @@ fn a_failed_dial_moves_on_to_the_next_replica_holding_a_tunnel() {
     let body: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(body["user"], ALICE);
     assert!(!body["headers"].as_array().unwrap().iter().any(|h| h.as_str().unwrap().contains("peer")), "{body}");
+    // The hot path of a hand-off asks the store nothing: who holds the
+    // tunnel and where that replica is come from the heartbeat.
+    pg.query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+    pg.query("SELECT pg_stat_statements_reset()");
+    let c = a.client(Some(&alice));
+    const N: usize = 200;
+    let t0 = Instant::now();
+    for _ in 0..N {
+        assert_eq!(c.get("/k8s/clusters/edge-sim/cl/hot").unwrap().status, 200);
+    }
+    let elapsed = t0.elapsed();
+    let reads = pg
+        .query(
+            "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements WHERE query !~* 'pg_stat_statements' AND \
+             (query ~* '(FROM|JOIN) (users|tokens|grants|clusters)\\M' OR query ~* 'SELECT id, advertise_url')",
+        )
+        .parse::<i64>()
+        .unwrap();
+    eprintln!("FIGURE {N} handed-off requests (a new connection each) in {elapsed:?}: {reads} store reads on the way");
+    assert_eq!(reads, 0, "the hand-off's hot path reads what the cache and the heartbeat hold");
+
     let served: Vec<f64> =
         holders.iter().map(|h| hub_metric(h, "uplink_hub_peer_sessions{direction=\"in\"}")).collect();
     assert_eq!(served.iter().sum::<f64>(), 1.0, "one peer session: {served:?}");
