@@ -349,6 +349,10 @@ fn peer_attempt(hub: &HubProc, authorization: Option<&str>) -> String {
     let mut buf = vec![0u8; 8192];
     while let Ok(n @ 1..) = tls.read(&mut buf) {
         got.extend_from_slice(&buf[..n]);
+        // An upgraded hop stays open: its head is the answer.
+        if got.starts_with(b"HTTP/1.1 101") && got.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
     }
     String::from_utf8_lossy(&got).into_owned()
 }
@@ -391,6 +395,25 @@ fn only_a_replica_may_take_the_peer_hop() {
     assert!(b.log().contains("reason=peer credential not signed with the replicas' key"), "{}", b.log());
     assert_eq!(hub_metric(&b, "uplink_hub_peer_refused_total"), cases.len() as f64);
     assert_eq!(hub_metric(&b, "uplink_hub_peer_sessions{direction=\"in\"}"), 0.0);
+    // With the replicas' own key (read from the store, as only a replica
+    // can): a credential made a minute ago, or for another replica, is
+    // refused too; a fresh one for B is the only thing that opens the hop.
+    let hex = pg.query("SELECT encode(convert_to(ca_key_pem, 'UTF8'), 'hex') FROM hub_identity");
+    let ca_key: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    let insider = uplink::hub::replicas::handoff::PeerTrust::new(
+        &uplink::secret::Secret::new(String::from_utf8(ca_key).unwrap()),
+        &cert.pem(),
+    )
+    .unwrap();
+    let stale = peer_attempt(&b, Some(&insider.credential(&ida, &idb, now - 60_000)));
+    assert!(stale.starts_with("HTTP/1.1 401") && stale.contains("check the clocks"), "{stale}");
+    let elsewhere = peer_attempt(&b, Some(&insider.credential(&idb, &ida, now)));
+    assert!(elsewhere.starts_with("HTTP/1.1 403") && elsewhere.contains("addressed to replica"), "{elsewhere}");
+    assert_eq!(hub_metric(&b, "uplink_hub_peer_refused_total"), cases.len() as f64 + 2.0);
+    let fresh = peer_attempt(&b, Some(&insider.credential(&ida, &idb, now)));
+    assert!(fresh.starts_with("HTTP/1.1 101"), "{fresh}");
+    assert!(wait_for(5, || b.log().contains(&format!("peer session accepted replica={ida}"))), "{}", b.log());
+
     // Without the upgrade, nothing but a pointer to it.
     let r = b.client(Some(&alice)).get("/v1/peer").unwrap();
     assert_eq!(r.status, 426, "{}", r.text());
