@@ -253,11 +253,6 @@ impl Peers {
         }
     }
 
-    /// Open, connected peer sessions (either direction counts elsewhere).
-    pub fn open_sessions(&self) -> usize {
-        self.peers.borrow().values().filter(|p| matches!(p, Peer::Up(c) if c.session.is_open())).count()
-    }
-
     /// The session to replica `to`: the one held, or a new one dialled now.
     async fn session(&self, hub: &Hub, me: &str, to: &str) -> Result<Session, String> {
         loop {
@@ -641,7 +636,14 @@ pub async fn accept(hub: &Rc<Hub>, req: &Request, inb: &mut In, out: &mut Out, p
         }
         std::future::pending::<crate::proto::SessionError>().await
     };
-    let why = ex.run(session.run(io).or(serve)).await;
+    // Draining: the dialler takes no new stream here (it tries another
+    // replica); those in flight finish.
+    let drain = async {
+        hub.draining_started().await;
+        session.go_away(GoAwayCode::ShuttingDown, "replica shutting down");
+        std::future::pending::<crate::proto::SessionError>().await
+    };
+    let why = ex.run(session.run(io).or(serve).or(drain)).await;
     m.peer_sessions_in.set(m.peer_sessions_in.get().saturating_sub(1));
     info!("peer session ended replica={from} reason={why}");
     Reply::Done(false)
