@@ -11,12 +11,15 @@
 //!                 ├─ /k8s/fleet/PATTERN/.., /api/v1/fleet/k8s/..
 //!                 │                         fleet    one read to many clusters, merged
 //!                 ├─ /v1/activate, /v1/tunnel agents activation, tunnel sessions
+//!                 ├─ /v1/peer               replicas::handoff  another replica's hop
 //!                 ├─ /, /assets/...         console  the web console, embedded
 //!                 ├─ /auth/...              oidc     console sign-in with the identity provider
 //!                 ├─ /api, /apis, /version, ...  kube::root_hint: "use /k8s/clusters/NAME"
 //!                 └─ /healthz, /metrics
 //!  state: Store (store/: SQLite, or PostgreSQL shared by replicas, behind a cache)
-//!         · Tunnels (live sessions) · Bus (status events) · Metrics
+//!         · Tunnels (live sessions) · Replicas (the others' tunnels; a
+//!         stream for a cluster held elsewhere goes there: replicas::handoff)
+//!         · Bus (status events) · Metrics
 //! ```
 //!
 //! Runs on one thread (`smol::LocalExecutor`): the tunnel driver is `!Send`
