@@ -99,7 +99,9 @@ pub struct PeerTrust {
 impl PeerTrust {
     /// From the shared CA key (the credential key is derived from it, so
     /// it changes only with the hub's identity) and this replica's serving
-    /// certificate, whose key every replica shares.
+    /// certificate, whose key every replica shares (replicas given their
+    /// own `--cert`/`--key` must give them all the same key, or the dial
+    /// fails its TLS check and the hop is not made).
     pub fn new(ca_key_pem: &Secret, serving_cert_pem: &str) -> Result<PeerTrust, String> {
         let root = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ca_key_pem.expose().as_bytes());
         let derived = ring::hmac::sign(&root, b"uplink peer hop credential key v1");
