@@ -284,13 +284,13 @@ impl Peers {
             self.peers.borrow_mut().insert(to.to_string(), Peer::Dialing(done.clone()));
             // A request that goes away mid-dial must not leave the others
             // waiting for a dial nobody finishes.
-            let guard = DialGuard { peers: &self.peers, to, done: &done };
+            let mut guard = DialGuard { peers: &self.peers, to, done: &done, armed: true };
             let dialled = dial(hub, self, me, to, &url).or(async {
                 Timer::after(DIAL_TIMEOUT).await;
                 Err(format!("no answer within {} ms", DIAL_TIMEOUT.as_millis()))
             });
             let outcome = dialled.await;
-            std::mem::forget(guard);
+            guard.armed = false;
             let result = match outcome {
                 Ok(conn) => {
                     let session = conn.session.clone();
@@ -313,10 +313,15 @@ struct DialGuard<'a> {
     peers: &'a RefCell<HashMap<String, Peer>>,
     to: &'a str,
     done: &'a event_listener::Event,
+    /// Still dialling: on drop, the dial was abandoned.
+    armed: bool,
 }
 
 impl Drop for DialGuard<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         if let Ok(mut p) = self.peers.try_borrow_mut() {
             p.remove(self.to);
         }
