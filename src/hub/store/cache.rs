@@ -262,6 +262,9 @@ impl<S: Store> Store for CachedStore<S> {
         self.forget();
         self.inner.invalidate();
     }
+    fn queries(&self) -> Vec<(&'static str, u64)> {
+        self.inner.queries()
+    }
 }
 
 #[cfg(test)]
