@@ -762,12 +762,132 @@ fn rss_per_tunnel_with_agents_on_three_replicas() {
     // Session rows are written on the next heartbeats.
     assert!(wait_for(20, || pg.query("SELECT COUNT(*) FROM agent_sessions") == (3 * n).to_string()));
     std::thread::sleep(Duration::from_secs(3));
-    for (i, h) in hubs.iter().enumerate() {
-        let rss = h.rss_kib();
-        let per = (rss.saturating_sub(idle[i])) as f64 / n as f64;
-        println!("FIGURE replica {i}: RSS {} KiB idle, {rss} KiB with {n} tunnels: {per:.1} KiB per tunnel", idle[i]);
-        assert!(per <= 100.0, "replica {i}: {per:.1} KiB per tunnel");
-    }
+    let per: Vec<f64> = hubs
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let rss = h.rss_kib();
+            let per = (rss.saturating_sub(idle[i])) as f64 / n as f64;
+            println!(
+                "FIGURE replica {i}: RSS {} KiB idle, {rss} KiB with {n} tunnels: {per:.1} KiB per tunnel",
+                idle[i]
+            );
+            per
+        })
+        .collect();
     let _ = stop_tx.try_send(());
     agents.join().unwrap();
+    assert!(per.iter().all(|p| *p <= 100.0), "target: at most 100 KiB per tunnel: {per:.1?}");
+}
+
+/// nginx with its `stream` module, or `None` (loudly; a failure with
+/// `UPLINK_REQUIRE_NGINX=1`, as in CI): the binary and the module's path.
+fn nginx_with_stream() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].iter().map(std::path::PathBuf::from).find(|p| p.is_file());
+    let module = std::path::PathBuf::from("/usr/lib/nginx/modules/ngx_stream_module.so");
+    match bin {
+        Some(bin) if module.is_file() => Some((bin, module)),
+        _ => {
+            let why = "needs nginx and its stream module (Debian: nginx libnginx-mod-stream)";
+            assert!(std::env::var("UPLINK_REQUIRE_NGINX").as_deref() != Ok("1"), "{why}");
+            eprintln!("\n!!!!! SKIPPING the load-balancer test: {why} !!!!!\n");
+            None
+        }
+    }
+}
+
+/// nginx's master, stopped with SIGTERM (it then stops its workers; a
+/// SIGKILL would leave them holding the port).
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// `uplink_hub_http_requests_total` of `hub`.
+fn http_requests(hub: &HubProc) -> u64 {
+    let text = hub.client(None).get("/metrics").unwrap().text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("uplink_hub_http_requests_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+/// The README's nginx `stream` block, taken from README.md, in front of
+/// two replicas with one public URL: people's requests reach both, an
+/// agent's tunnel through it makes its cluster ACTIVE on both, and with
+/// one replica killed every request still lands on the other.
+#[test]
+fn nginx_from_the_readme_in_front_of_two_replicas() {
+    let Some((nginx, module)) = nginx_with_stream() else { return };
+    let Some(pg) = Postgres::start("hub-lb") else { return };
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (lb, p1, p2) = (free(), free(), free());
+    let public = format!("https://127.0.0.1:{lb}");
+    let replica = |port: u16, tag: &str| {
+        let (listen, advertise) = (format!("127.0.0.1:{port}"), format!("https://127.0.0.1:{port}"));
+        HubProc::start_with(
+            &temp_dir(tag),
+            &["--listen", &listen, "--store", &pg.url(), "--public-url", &public, "--advertise-url", &advertise],
+        )
+    };
+    let mut r1 = replica(p1, "lb-1");
+    let r2 = replica(p2, "lb-2");
+
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme.split("```nginx\n").nth(1).and_then(|b| b.split("```").next()).expect("an nginx block");
+    let block = block
+        .replace("hub-1.example.com:8443", &format!("127.0.0.1:{p1}"))
+        .replace("hub-2.example.com:8443", &format!("127.0.0.1:{p2}"))
+        .replace("listen 443;", &format!("listen 127.0.0.1:{lb};"));
+    assert!(block.contains(&format!("127.0.0.1:{p2}")) && block.contains(&format!("listen 127.0.0.1:{lb};")));
+    let dir = temp_dir("nginx");
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "load_module {};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n{block}",
+            module.display()
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let mut c = std::process::Command::new(&nginx);
+        c.arg("-p").arg(&dir).arg("-c").arg(&conf).args(extra);
+        c
+    };
+    let t = run(&["-t"]).output().unwrap();
+    assert!(t.status.success(), "nginx -t: {}", String::from_utf8_lossy(&t.stderr));
+    let _nginx = Nginx(run(&[]).stderr(std::process::Stdio::null()).spawn().unwrap());
+    assert!(wait_for(10, || std::net::TcpStream::connect(("127.0.0.1", lb)).is_ok()), "nginx: see {d}/error.log");
+
+    let admin = r1.admin_token.clone().or(r2.admin_token.clone()).unwrap();
+    let via_lb = uplink::hub::client::Client::new(&public, Some(&r1.ca_pem), Some(&admin)).unwrap();
+    let before = (http_requests(&r1), http_requests(&r2));
+    for _ in 0..20 {
+        assert_eq!(via_lb.get("/api/v1/users").unwrap().status, 200);
+    }
+    let after = (http_requests(&r1), http_requests(&r2));
+    // Each count includes its own /metrics request.
+    assert!(after.0 > before.0 + 1 && after.1 > before.1 + 1, "both replicas served: {before:?} → {after:?}");
+
+    // An agent through the load balancer, as its activation says.
+    let credential = register_and_activate(&r1, &admin, "edge-1");
+    let lb_addr: std::net::SocketAddr = format!("127.0.0.1:{lb}").parse().unwrap();
+    let agents = SimAgents::start(lb_addr, &r1.ca_pem, &credential, 1);
+    assert!(wait_for(10, || agents.state.lock().unwrap().connected == 1));
+    let status = || via_lb.get("/api/v1/clusters/edge-1").unwrap().json()["status"].clone();
+    assert!(wait_for(10, || (0..4).all(|_| status() == "ACTIVE")), "ACTIVE from both replicas");
+
+    // One replica killed: the load balancer skips it at connect time.
+    r1.kill9();
+    for _ in 0..20 {
+        assert_eq!(via_lb.get("/api/v1/users").unwrap().status, 200);
+    }
+    drop(r2);
 }
