@@ -688,6 +688,44 @@ fn proxied_requests_are_served_from_the_cache() {
     assert!(count("s.query ~* '(FROM|JOIN) (users|tokens|grants|clusters)\\M'") >= 3);
 }
 
+/// A database that hangs (here: a lock on the replica table held for
+/// 15 s, which the 2 s heartbeat runs into) holds the replica's event loop
+/// at most the statement timeout (5 s) per call: proxied requests, served
+/// from the cache, are late by at most that, never by the lock's length.
+#[test]
+fn a_hung_database_holds_requests_at_most_the_statement_timeout() {
+    let Some(pg) = Postgres::start("hub-hung") else { return };
+    let hub = start(&pg, "hung");
+    let admin = hub.admin_token.clone().unwrap();
+    let jane = add_user(&hub, &admin, "jane@example.com", &[]);
+    hub.client(Some(&admin))
+        .post_json("/api/v1/grants", &json!({ "user": "jane@example.com", "clusters": "edge-1" }))
+        .unwrap();
+    let credential = register_and_activate(&hub, &admin, "edge-1");
+    let agents = SimAgents::start(hub.addr, &hub.ca_pem, &credential, 1);
+    assert!(wait_for(10, || agents.state.lock().unwrap().connected == 1));
+    std::thread::sleep(Duration::from_millis(1500));
+    let c = hub.client(Some(&jane));
+    assert_eq!(c.get("/k8s/clusters/edge-1/api/v1/pods").unwrap().status, 200, "warms the cache");
+    let mut lock =
+        pg.psql_spawn("uplink", "BEGIN; LOCK TABLE replicas IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(15); COMMIT;");
+    let t0 = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut n = 0;
+    while t0.elapsed() < Duration::from_secs(12) {
+        let t = Instant::now();
+        assert_eq!(c.get("/k8s/clusters/edge-1/api/v1/pods").unwrap().status, 200);
+        worst = worst.max(t.elapsed());
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(lock.wait().unwrap().success());
+    println!("FIGURE a 15 s lock on the replica table: {n} proxied requests, the slowest {worst:?}");
+    assert!(worst > Duration::from_secs(1), "the heartbeat did run into the lock: {worst:?}");
+    assert!(worst < Duration::from_millis(6500), "held at most the statement timeout: {worst:?}");
+    assert!(wait_for(10, || readyz(&hub).0 == 200));
+}
+
 /// The figure: per-replica RSS with `UPLINK_PG_AGENTS` (default 1,000)
 /// simulated agents, one cluster each, every one holding a tunnel to
 /// each of 3 replicas. Target: at most 100 KiB per tunnel.

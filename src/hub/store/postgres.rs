@@ -22,8 +22,10 @@
 //! still calls the store synchronously from its one event-loop thread:
 //! with a remote database each uncached call costs a network round trip
 //! on that thread (and, while the database is away, a re-dial costs up to
-//! [`CONNECT_DEADLINE`] at most once per backoff step). Moving the calls
-//! off the loop is future work; the [`super::cache::CachedStore`] in front
+//! [`CONNECT_DEADLINE`] at most once per backoff step). A database that
+//! hangs holds the loop for at most [`STATEMENT_TIMEOUT`] per call (and a
+//! partition for [`TCP_USER_TIMEOUT`]), not forever. Moving the calls off
+//! the loop is future work; the [`super::cache::CachedStore`] in front
 //! keeps the per-request reads off the database.
 //!
 //! TLS to the database follows libpq's `sslmode` (`disable`, `prefer`,
@@ -56,6 +58,14 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a whole connection attempt (TCP, TLS, authentication) may
 /// take.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(6);
+/// The longest a statement on the serving connection may run, lock waits
+/// included. The hub calls the store from its event loop: a database
+/// that hangs (a stuck lock, a frozen server) must not hold every request
+/// of the replica for longer than this per call.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long sent data may go unacknowledged before the connection is
+/// given up (a network partition), rather than TCP's 15 minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest wait between re-dials of a lost connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -196,6 +206,7 @@ impl PgConfig {
         // A peer that vanished without a FIN is noticed in about a minute
         // rather than two hours.
         config.keepalives_idle(Duration::from_secs(30));
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
         config.application_name("uplink-hub");
         let host = match config.get_hosts().first() {
             Some(::postgres::config::Host::Tcp(h)) => h.clone(),
@@ -442,6 +453,15 @@ struct Conn {
 }
 
 impl Conn {
+    /// The serving connection, its statements bounded by
+    /// [`STATEMENT_TIMEOUT`].
+    fn serving(mut client: Client) -> std::result::Result<Conn, String> {
+        client
+            .batch_execute(&format!("SET statement_timeout = {}", STATEMENT_TIMEOUT.as_millis()))
+            .map_err(|e| describe(&e))?;
+        Ok(Conn { client, prepared: HashMap::new() })
+    }
+
     /// The statement for `sql`, prepared on first use: later uses are a
     /// single round trip (bind + execute) instead of two.
     fn prepare(&mut self, sql: &'static str) -> std::result::Result<Statement, ::postgres::Error> {
@@ -487,6 +507,8 @@ impl PostgresStore {
         let mut client = config.connect_client()?;
         let identity =
             prepare_database(&mut client, new_identity).map_err(|e| format!("PostgreSQL {}: {e}", config.display))?;
+        // After the migration, which may wait for another replica's.
+        let conn = Conn::serving(client).map_err(|e| format!("PostgreSQL {}: {e}", config.display))?;
         let audit_batches = Arc::new(AtomicU64::new(0));
         let audit = {
             let (config, replica, n) = (config.clone(), replica.to_string(), audit_batches.clone());
@@ -495,7 +517,7 @@ impl PostgresStore {
         .map_err(|e| e.to_string())?;
         Ok(PostgresStore {
             config,
-            conn: RefCell::new(Some(Conn { client, prepared: HashMap::new() })),
+            conn: RefCell::new(Some(conn)),
             away: RefCell::new(None),
             calls: RefCell::new(BTreeMap::new()),
             audit_batches,
@@ -543,11 +565,11 @@ impl PostgresStore {
             if Instant::now() < a.retry_at {
                 return Err(StoreError::Unavailable(a.reason.clone()));
             }
-            match self.config.connect_client() {
-                Ok(client) => {
+            match self.config.connect_client().and_then(Conn::serving) {
+                Ok(conn) => {
                     log::info!("store back: reconnected to PostgreSQL at {}", self.config.display);
                     *away = None;
-                    *slot = Some(Conn { client, prepared: HashMap::new() });
+                    *slot = Some(conn);
                 }
                 Err(e) => {
                     a.reason = e;
