@@ -729,6 +729,7 @@ fn a_hung_database_holds_requests_at_most_the_statement_timeout() {
 /// The figure: per-replica RSS with `UPLINK_PG_AGENTS` (default 1,000)
 /// simulated agents, one cluster each, every one holding a tunnel to
 /// each of 3 replicas. Target: at most 100 KiB per tunnel.
+/// `UPLINK_HUB_BIN=PATH` measures another build (the static release one).
 #[test]
 #[ignore = "a figure, about a minute: cargo test --test hub_pg -- --ignored rss --nocapture"]
 fn rss_per_tunnel_with_agents_on_three_replicas() {
@@ -738,14 +739,20 @@ fn rss_per_tunnel_with_agents_on_three_replicas() {
     let Some(pg) = Postgres::start("hub-rss") else { return };
     // Every simulated agent dials from 127.0.0.1: lift the per-address
     // cap on connections still in their handshake.
+    // `UPLINK_HUB_BIN`: another build of the hub to measure, such as the
+    // static release binary cross/build.sh makes.
+    let bin = std::env::var("UPLINK_HUB_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_uplink-hub").to_string());
     let hubs: Vec<HubProc> = (0..3)
         .map(|i| {
-            HubProc::start_with(
-                &temp_dir(&format!("rss-{i}")),
-                &["--listen", "127.0.0.1:0", "--store", &pg.url(), "--max-connections-per-address", "4096"],
-            )
+            let dir = temp_dir(&format!("rss-{i}"));
+            let mut cmd = std::process::Command::new(&bin);
+            cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", &pg.url()])
+                .args(["--max-connections-per-address", "4096", "--data-dir"])
+                .arg(dir.join("data"));
+            HubProc::start_command(&dir, cmd)
         })
         .collect();
+    println!("hub: {bin}");
     let admin = hubs.iter().find_map(|h| h.admin_token.clone()).unwrap();
     let t0 = Instant::now();
     let credentials: Vec<String> =
