@@ -127,6 +127,7 @@ fn bad_stores_are_one_line_errors_and_nonzero_exits() {
     let wrong = format!("postgres://postgres:hunter2@127.0.0.1:{}/uplink", pg.port);
     let e = run(&wrong);
     assert!(e.contains("password authentication failed") && !e.contains("hunter2"), "{e}");
+    assert_eq!(pg.query("SELECT to_regclass('schema_version') IS NULL"), "t", "none of these touched the database");
     // The password from a libpq password file (`passfile=`), which must
     // be private to its owner (libpq's 0600 rule).
     let pass = temp_dir("passfile").join("pgpass");

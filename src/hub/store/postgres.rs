@@ -63,6 +63,9 @@ pub const CONNECT_DEADLINE: Duration = Duration::from_secs(6);
 /// that hangs (a stuck lock, a frozen server) must not hold every request
 /// of the replica for longer than this per call.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same for the audit writer's batches, which nobody waits for
+/// except a shutdown.
+const AUDIT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long sent data may go unacknowledged before the connection is
 /// given up (a network partition), rather than TCP's 15 minutes.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1430,7 +1433,13 @@ fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>,
         }
         while !held.is_empty() {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = config.connect_client().ok();
+                // Bounded, so a hung database cannot hold a SIGTERM's
+                // final flush (and the process) forever.
+                client = config.connect_client().ok().and_then(|mut c| {
+                    c.batch_execute(&format!("SET statement_timeout = {}", AUDIT_STATEMENT_TIMEOUT.as_millis()))
+                        .ok()
+                        .map(|()| c)
+                });
             }
             let Some(c) = client.as_mut() else { break };
             let n = held.len().min(AUDIT_BATCH);
