@@ -254,26 +254,50 @@ impl PgConfig {
     /// thread and its socket end when the peer closes or the kernel gives
     /// up on it (keepalives, set in [`PgConfig::parse`]).
     pub fn connect_client(&self) -> std::result::Result<Client, String> {
-        let cannot = |why: String| format!("cannot connect to PostgreSQL at {}: {why}", self.display);
+        match self.dial().recv_timeout(CONNECT_DEADLINE) {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "cannot connect to PostgreSQL at {}: no answer within {}s (is it PostgreSQL, and is the host \
+                 and port right?)",
+                self.display,
+                CONNECT_DEADLINE.as_secs()
+            )),
+        }
+    }
+
+    /// Starts a dial on a thread of its own; its outcome arrives on the
+    /// receiver (for a caller that has other work meanwhile).
+    pub fn dial(&self) -> mpsc::Receiver<std::result::Result<Client, String>> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let (config, tls) = (self.config.clone(), self.tls.clone());
-        std::thread::Builder::new()
-            .name("pg-connect".into())
-            .spawn(move || {
+        let (config, tls, display) = (self.config.clone(), self.tls.clone(), self.display.clone());
+        let cannot = move |why: String| format!("cannot connect to PostgreSQL at {display}: {why}");
+        let spawned = std::thread::Builder::new().name("pg-connect".into()).spawn({
+            let (tx, cannot) = (tx.clone(), cannot.clone());
+            move || {
                 let r = match tls {
                     Some(tls) => config.connect(tls),
                     None => config.connect(NoTls),
                 };
-                let _ = tx.send(r.map_err(|e| describe(&e)));
-            })
-            .map_err(|e| cannot(e.to_string()))?;
-        match rx.recv_timeout(CONNECT_DEADLINE) {
-            Ok(r) => r.map_err(cannot),
-            Err(_) => Err(cannot(format!(
-                "no answer within {}s (is it PostgreSQL, and is the host and port right?)",
-                CONNECT_DEADLINE.as_secs()
-            ))),
+                let _ = tx.send(r.map_err(|e| cannot(describe(&e))));
+            }
+        });
+        if let Err(e) = spawned {
+            let _ = tx.send(Err(cannot(e.to_string())));
         }
+        rx
+    }
+
+    /// The same place, each statement of a connection bounded by `limit`
+    /// (set at connect time, no extra round trip).
+    pub fn with_statement_timeout(&self, limit: Duration) -> PgConfig {
+        let mut c = self.clone();
+        let set = format!("-c statement_timeout={}", limit.as_millis());
+        let options = match self.config.get_options() {
+            Some(o) if !o.trim().is_empty() => format!("{o} {set}"),
+            _ => set,
+        };
+        c.config.options(&options);
+        c
     }
 }
 
@@ -1388,11 +1412,23 @@ impl Store for PostgresStore {
 /// Most entries kept while the database is away; older ones are dropped
 /// (and counted in the log) so the hub's memory stays bounded.
 const AUDIT_HELD: usize = 65_536;
+/// How often the audit writer tries the database again while it is away.
+const AUDIT_RETRY: Duration = Duration::from_secs(1);
 
 fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>, batches: Arc<AtomicU64>) {
     let mut client: Option<Client> = None;
     let mut held: Vec<AuditEntry> = Vec::new();
     let mut closing = false;
+    // While the database is away: every queued entry is taken into
+    // `held` (bounded by AUDIT_HELD), so the queue never fills and the
+    // serving thread's `append_audit` never waits on it; and re-dials are
+    // paced, not one per entry (one can take CONNECT_DEADLINE).
+    let mut away = false;
+    let mut retry_at = Instant::now();
+    let mut dialing: Option<mpsc::Receiver<std::result::Result<Client, String>>> = None;
+    // Bounded, so a hung database cannot hold a SIGTERM's final flush
+    // (and the process) forever.
+    let config = config.with_statement_timeout(AUDIT_STATEMENT_TIMEOUT);
     while !closing {
         // Wait for work; while entries are held for an absent database,
         // wake up to retry.
@@ -1402,7 +1438,9 @@ fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>,
                 Err(_) => break,
             }
         } else {
-            match rx.recv_timeout(Duration::from_secs(1)) {
+            // A dial under way is looked at often.
+            let wait = if dialing.is_some() { Duration::from_millis(100) } else { AUDIT_RETRY };
+            match rx.recv_timeout(wait) {
                 Ok(m) => Some(m),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -1420,7 +1458,7 @@ fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>,
                     AuditMsg::Entry(e) => held.push(e),
                     AuditMsg::Flush(done) => flushes.push(done),
                 }
-                next = if held.len() < AUDIT_BATCH { rx.try_recv().ok() } else { None };
+                next = if client.is_none() || away || held.len() < AUDIT_BATCH { rx.try_recv().ok() } else { None };
             }
             if closing || slept || !flushes.is_empty() || held.len() >= AUDIT_BATCH {
                 break;
@@ -1431,25 +1469,45 @@ fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>,
             slept = true;
             next = rx.try_recv().ok();
         }
+        // A shutdown, or someone waiting for the entries to be written
+        // (an audit query), waits for a dial, whatever the pace.
+        let urgent = closing || !flushes.is_empty();
         while !held.is_empty() {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                // Bounded, so a hung database cannot hold a SIGTERM's
-                // final flush (and the process) forever.
-                client = config.connect_client().ok().and_then(|mut c| {
-                    c.batch_execute(&format!("SET statement_timeout = {}", AUDIT_STATEMENT_TIMEOUT.as_millis()))
-                        .ok()
-                        .map(|()| c)
-                });
+                client = None;
+                if urgent {
+                    client = match dialing.take() {
+                        Some(d) => d.recv_timeout(CONNECT_DEADLINE).ok().and_then(|r| r.ok()),
+                        None => config.connect_client().ok(),
+                    };
+                } else if let Some(d) = &dialing {
+                    match d.try_recv() {
+                        Ok(Ok(c)) => (client, dialing) = (Some(c), None),
+                        Err(mpsc::TryRecvError::Empty) => {}
+                        Ok(Err(_)) | Err(mpsc::TryRecvError::Disconnected) => {
+                            (dialing, away, retry_at) = (None, true, Instant::now() + AUDIT_RETRY);
+                        }
+                    }
+                } else if !away || Instant::now() >= retry_at {
+                    // The dial runs beside this loop, which keeps taking
+                    // entries off the queue meanwhile.
+                    dialing = Some(config.dial());
+                }
             }
             let Some(c) = client.as_mut() else { break };
+            if away && !urgent && Instant::now() < retry_at {
+                break;
+            }
             let n = held.len().min(AUDIT_BATCH);
             match write_audit(c, &replica, &held[..n]) {
                 Ok(()) => {
                     held.drain(..n);
                     batches.fetch_add(1, Ordering::Relaxed);
+                    away = false;
                 }
                 Err(e) => {
                     log::error!("audit write failed entries={n} error={}; kept for retry", describe(&e));
+                    (away, retry_at) = (true, Instant::now() + AUDIT_RETRY);
                     break;
                 }
             }
