@@ -379,3 +379,56 @@ fn concurrent_first_starts_migrate_once() {
     assert!(cas.iter().all(|c| *c == cas[0]), "{cas:?}");
     assert_eq!(pg.query("SELECT COUNT(*) FROM schema_version"), "1");
 }
+
+/// The database unreachable in the worst way (SYNs dropped, so every
+/// re-dial takes the connect timeout): appending audit entries never
+/// waits, even past the audit queue's length (4,096), because the writer
+/// takes every queued entry into its own bounded holding while it waits.
+#[test]
+fn audit_appends_never_wait_while_the_database_is_unreachable() {
+    let Some(pg) = Postgres::start("store-audit-away") else { return };
+    let st = open_pg(&pg);
+    assert!(pg.stop_server().status.success());
+    // PostgreSQL's port, now answering no SYN (a backlog of 0, filled).
+    use rustix::net::{AddressFamily, SocketType, ipproto};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, Some(ipproto::TCP)).unwrap();
+    rustix::net::sockopt::set_socket_reuseaddr(&fd, true).unwrap();
+    rustix::net::bind(&fd, &std::net::SocketAddr::from(([127, 0, 0, 1], pg.port))).unwrap();
+    rustix::net::listen(&fd, 0).unwrap();
+    let _dropping = std::net::TcpListener::from(fd);
+    let _fill: Vec<_> = (0..3)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(
+                &([127, 0, 0, 1], pg.port).into(),
+                std::time::Duration::from_millis(300),
+            )
+            .ok()
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    for i in 0..10_000u64 {
+        st.append_audit(&AuditEntry {
+            id: 0,
+            time: i as i64,
+            user: s("jane@example.com"),
+            groups: vec![],
+            cluster: s("edge-1"),
+            method: s("GET"),
+            path: s("/api/v1/pods"),
+            status: 200,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 1,
+            upgrade: false,
+        })
+        .unwrap();
+    }
+    let took = t0.elapsed();
+    println!("10,000 audit appends with the database unreachable: {took:?}");
+    assert!(took < std::time::Duration::from_secs(3), "appends waited: {took:?}");
+    // Dropping the store joins the writer, which tries once more (up to
+    // the connect timeout) and gives up: no hang.
+    let t0 = std::time::Instant::now();
+    drop(st);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(15), "{:?}", t0.elapsed());
+}

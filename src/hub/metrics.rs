@@ -105,3 +105,19 @@ impl Metrics {
         s
     }
 }
+
+/// The shared store's calls that reached PostgreSQL, by store call
+/// (`call="audit_batch"`: batches the audit thread wrote). A proxied
+/// request on a warm cache adds none.
+pub fn store_queries(queries: &[(&'static str, u64)]) -> String {
+    if queries.is_empty() {
+        return String::new();
+    }
+    let mut s = "# HELP uplink_hub_store_queries_total Store calls that reached PostgreSQL, by call.\n\
+                 # TYPE uplink_hub_store_queries_total counter\n"
+        .to_string();
+    for (call, n) in queries {
+        let _ = writeln!(s, "uplink_hub_store_queries_total{{call=\"{call}\"}} {n}");
+    }
+    s
+}

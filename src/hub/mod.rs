@@ -28,8 +28,9 @@
 //! SQLite commit in WAL mode is a short write. With PostgreSQL each call
 //! the cache cannot answer is a network round trip on that thread (hot
 //! reads are prepared statements, one round trip each; kube requests are
-//! answered from the cache); moving those calls off the loop is future
-//! work.
+//! answered from the cache, and a hung database holds the loop at most
+//! the statement timeout, 5 s, per call); moving those calls off the loop
+//! is future work.
 //!
 //! Not here: the agent (never linked into it).
 

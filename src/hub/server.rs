@@ -327,8 +327,9 @@ fn open_store(cfg: &ServeConfig) -> Result<Opened, String> {
             let replica = format!("r_{}", crate::secret::Secret::random(6).expose());
             let db = PostgresStore::open(config.clone(), &replica, cert::new_identity)?;
             info!(
-                "store: PostgreSQL at {} (schema version {}) replica={replica}",
+                "store: PostgreSQL at {} tls={} (schema version {}) replica={replica}",
                 config.display,
+                config.ssl_mode.as_str(),
                 postgres::SCHEMA_VERSION
             );
             let identity = Some(db.identity().clone());
@@ -764,7 +765,9 @@ async fn route(
         ("GET" | "HEAD", "/metrics") => Reply::Send(Response::new(
             200,
             "text/plain; version=0.0.4",
-            hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count()) + &connection_gauges(&hub.gate),
+            hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count())
+                + &connection_gauges(&hub.gate)
+                + &super::metrics::store_queries(&hub.store.queries()),
         )),
         ("POST", "/v1/activate") => Reply::Send(agents::activate(hub, req, body, inb).await),
         ("GET", "/v1/tunnel") => {

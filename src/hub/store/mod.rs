@@ -15,6 +15,7 @@
 mod audit;
 pub mod cache;
 pub mod notify;
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 
@@ -362,4 +363,11 @@ pub trait Store {
     }
     /// Another process changed the database: forget any cached answer.
     fn invalidate(&self) {}
+
+    /// Store calls that reached the database since start, by call (a
+    /// shared store's figures for `/metrics`; the embedded one reports
+    /// none).
+    fn queries(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
