@@ -1367,7 +1367,7 @@ impl Store for PostgresStore {
     }
 
     fn live_replicas(&self, now: Millis, deadline: Millis) -> Result<Vec<Replica>> {
-        self.with(|c| {
+        self.with("live_replicas", |c| {
             let rows = c
                 .client
                 .query(
