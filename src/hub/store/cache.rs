@@ -251,6 +251,9 @@ impl<S: Store> Store for CachedStore<S> {
     ) -> Result<Vec<AgentSession>> {
         self.inner.replica_heartbeat(replica, sessions, now, deadline)
     }
+    fn live_replicas(&self, now: Millis, deadline: Millis) -> Result<Vec<Replica>> {
+        self.inner.live_replicas(now, deadline)
+    }
     fn leave_replica(&self, id: &str) -> Result<()> {
         self.inner.leave_replica(id)
     }

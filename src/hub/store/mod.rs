@@ -344,6 +344,11 @@ pub trait Store {
     ) -> Result<Vec<AgentSession>> {
         Ok(Vec::new())
     }
+    /// The live replicas (heartbeat younger than `deadline`), this one
+    /// included, by id: the set agents are told.
+    fn live_replicas(&self, _now: Millis, _deadline: Millis) -> Result<Vec<Replica>> {
+        Ok(Vec::new())
+    }
     /// Removes this replica's row and sessions (a clean shutdown).
     fn leave_replica(&self, _id: &str) -> Result<()> {
         Ok(())

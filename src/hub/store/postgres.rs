@@ -1244,6 +1244,22 @@ impl Store for PostgresStore {
         })
     }
 
+    fn live_replicas(&self, now: Millis, deadline: Millis) -> Result<Vec<Replica>> {
+        self.with(|c| {
+            let rows = c
+                .client
+                .query(
+                    "SELECT id, advertise_url, version, started_at FROM replicas WHERE heartbeat_at > $1 ORDER BY id",
+                    &[&(now - deadline)],
+                )
+                .map_err(backend)?;
+            Ok(rows
+                .iter()
+                .map(|r| Replica { id: r.get(0), advertise_url: r.get(1), version: r.get(2), started_at: r.get(3) })
+                .collect())
+        })
+    }
+
     fn leave_replica(&self, id: &str) -> Result<()> {
         self.with(|c| c.client.execute("DELETE FROM replicas WHERE id = $1", &[&id]).map(|_| ()).map_err(backend))
     }
