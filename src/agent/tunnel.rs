@@ -35,9 +35,9 @@ use super::kube::proxy;
 use super::net::{self, Io, Target};
 use crate::driver::Session;
 use crate::proto::{AgentInfo, Config, GoAwayCode, Header, Mux, ReplicaSet, ReplicaSetError, SessionError};
+use smol::io::{AsyncRead, AsyncWrite};
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use smol::io::{AsyncRead, AsyncWrite};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -229,7 +229,9 @@ impl Supervisor {
                 let holder = self
                     .links
                     .iter()
-                    .find(|(v, l)| **v != via && l.session.is_some() && l.set.as_ref().is_some_and(|s| s.this == set.this))
+                    .find(|(v, l)| {
+                        **v != via && l.session.is_some() && l.set.as_ref().is_some_and(|s| s.this == set.this)
+                    })
                     .map(|(v, _)| v.clone());
                 if let Some(holder) = holder {
                     self.duplicate(&via, &set.this, &holder);
@@ -291,7 +293,8 @@ impl Supervisor {
     /// Brings the links in line with the known set: one per replica, the
     /// public URL only while nothing else is up.
     fn reconcile(&mut self) {
-        let live: Vec<&ReplicaSet> = self.links.values().filter(|l| l.session.is_some()).filter_map(|l| l.set.as_ref()).collect();
+        let live: Vec<&ReplicaSet> =
+            self.links.values().filter(|l| l.session.is_some()).filter_map(|l| l.set.as_ref()).collect();
         if !live.is_empty() {
             let mut known = BTreeMap::new();
             for set in live {
@@ -392,7 +395,8 @@ impl Supervisor {
     }
 
     fn up_list(&self) -> String {
-        let up: Vec<String> = self.links.values().filter(|l| l.session.is_some()).map(|l| l.target.to_string()).collect();
+        let up: Vec<String> =
+            self.links.values().filter(|l| l.session.is_some()).map(|l| l.target.to_string()).collect();
         if up.is_empty() { "none up".into() } else { up.join(", ") }
     }
 
