@@ -2,8 +2,8 @@
 //! replicas starting together, changes on one replica reaching another,
 //! durability under kill -9, and the database going away and coming back.
 //!
-//! Not here: agents tunnelling to several replicas and hand-off between
-//! replicas (not built yet); an agent here holds one tunnel to one hub.
+//! Not here: agents tunnelling to several replicas (`tests/hub_replicas.rs`)
+//! and hand-off between replicas; an agent here holds one tunnel to one hub.
 #![cfg(feature = "hub")]
 
 mod hub_support;
