@@ -34,8 +34,8 @@
 //!
 //! One binary each:
 //! - [`agent`]: the agent (`uplink`): activation, persisted state, tunnels
-//!   (one per hub replica),
-//!   impersonating kube proxy, health. Not anything the hub runs.
+//!   (one per hub replica), impersonating kube proxy, health. Not anything
+//!   the hub runs.
 //! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store
 //!   (SQLite, or PostgreSQL shared by several replicas), replica rows,
 //!   auth and grants (hub tokens, the organisation's OIDC provider), REST

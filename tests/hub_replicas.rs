@@ -258,7 +258,16 @@ fn an_agent_keeps_a_tunnel_to_every_live_replica() {
     // The agent, given replica 0's URL only.
     let (activation, state) = (dir.join("activation.json"), dir.join("state"));
     let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
-    let agent = KillOnDrop(hub_support::spawn_agent(&flags, &k.url(), &dir, &dir.join("agent.log")));
+    // UPLINK_TEST_AGENT: another build of the agent (the static release
+    // build, for its RSS figures); this crate's debug build by default.
+    let program = std::env::var_os("UPLINK_TEST_AGENT").unwrap_or_else(|| env!("CARGO_BIN_EXE_uplink").into());
+    let agent = KillOnDrop(hub_support::spawn_agent_with(
+        std::process::Command::new(program),
+        &flags,
+        &k.url(),
+        &dir,
+        &dir.join("agent.log"),
+    ));
     let pid = agent.0.id();
     assert!(wait_for(20, || sessions(&pg, "edge-1").len() == 1), "one tunnel: {}", agent_log(&dir));
     std::thread::sleep(Duration::from_secs(3));
