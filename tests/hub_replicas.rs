@@ -227,17 +227,13 @@ fn agent_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
 }
 
-#[test]
-fn an_agent_keeps_a_tunnel_to_every_live_replica() {
-    let Some(pg) = Postgres::start("replicas") else { return };
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
-    let mut hubs: Vec<Option<HubProc>> = vec![Some(replica(&pg, 0, ports[0], ports[0]))];
-    let h0 = hubs[0].as_ref().unwrap();
-    let admin_token = h0.admin_token.clone().unwrap();
-    let admin = h0.admin();
-    let ca = h0.ca_pem.clone();
-
-    let dir = temp_dir("repl-agent");
+/// The stand-in cluster `edge-1` registered on `hub` for alice (who may
+/// list pods and create config maps in `default`), and a real agent given
+/// the hub's public URL. Returns the agent's directory, the stand-in,
+/// alice's token and the agent.
+fn cluster_and_agent(hub: &HubProc, admin_token: &str, tag: &str) -> (std::path::PathBuf, StandIn, String, KillOnDrop) {
+    let admin = hub.client(Some(admin_token));
+    let dir = temp_dir(tag);
     let k = StandIn::start(Config::default());
     k.load_rbac_yaml(ARTICLE_RBAC).unwrap();
     k.load_rbac_yaml(CREATE_RBAC).unwrap();
@@ -245,8 +241,8 @@ fn an_agent_keeps_a_tunnel_to_every_live_replica() {
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
     ok(&hub_cli(
-        h0,
-        &admin_token,
+        hub,
+        admin_token,
         &["cluster", "register", "edge-1", "--user", "alice", "--out-dir", out.to_str().unwrap()],
     ));
     std::fs::copy(out.join("uplink-edge-1-activation.json"), dir.join("activation.json")).unwrap();
@@ -254,8 +250,6 @@ fn an_agent_keeps_a_tunnel_to_every_live_replica() {
     let r = admin.post_json("/api/v1/users", &json!({ "name": "alice" })).unwrap();
     let alice = r.json()["token"].as_str().unwrap().to_string();
     admin.post_json("/api/v1/grants", &json!({ "user": "alice", "clusters": "edge-1" })).unwrap();
-
-    // The agent, given replica 0's URL only.
     let (activation, state) = (dir.join("activation.json"), dir.join("state"));
     let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
     // UPLINK_TEST_AGENT: another build of the agent (the static release
@@ -268,6 +262,62 @@ fn an_agent_keeps_a_tunnel_to_every_live_replica() {
         &dir,
         &dir.join("agent.log"),
     ));
+    (dir, k, alice, agent)
+}
+
+/// Behind a load balancer (a TCP relay on the public URL): the agent's
+/// first tunnel, through it, counts as the tunnel to the replica it
+/// landed on. When the balancer drops it, the agent dials that replica's
+/// own address instead of the balancer again (another tunnel is up), and
+/// never holds two tunnels to one replica.
+#[test]
+fn behind_a_load_balancer_the_agent_holds_one_tunnel_per_replica() {
+    let Some(pg) = Postgres::start("replicas-lb") else { return };
+    let lb = support::relay::Relay::start_on("127.0.0.1:0".parse().unwrap(), None);
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let a = replica(&pg, 0, ports[0], lb.addr.port());
+    lb.set_target(std::net::SocketAddr::from(([127, 0, 0, 1], ports[0])));
+    let b = replica(&pg, 1, ports[1], lb.addr.port());
+    let admin_token = a.admin_token.clone().unwrap();
+    let (dir, _k, alice, _agent) = cluster_and_agent(&a, &admin_token, "repl-lb-agent");
+    let (id_a, id_b) = (replica_id(&a), replica_id(&b));
+    let both = sorted(&[id_a.clone(), id_b.clone()]);
+    let rows = || sessions(&pg, "edge-1").into_iter().map(|s| s.0).collect::<Vec<_>>();
+    assert!(wait_for(20, || rows() == both), "one tunnel per replica: {:?}\n{}", rows(), agent_log(&dir));
+    let log = agent_log(&dir);
+    assert!(log.contains(&format!("tunnel up to https://localhost:{}", lb.addr.port())), "{log}");
+    assert!(log.contains(&format!("tunnel up to {}", advertise(1, ports[1]))), "{log}");
+    assert!(
+        !log.contains(&format!("tunnel up to {}", advertise(0, ports[0]))),
+        "A is held through the balancer:\n{log}"
+    );
+
+    // The balancer now sends new connections to B and cuts the live ones.
+    let dialled = lb.accepted();
+    lb.set_target(std::net::SocketAddr::from(([127, 0, 0, 1], ports[1])));
+    lb.cut();
+    let direct_a = format!("tunnel up to {}", advertise(0, ports[0]));
+    assert!(wait_for(10, || agent_log(&dir).contains(&direct_a)), "A dialled directly:\n{}", agent_log(&dir));
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(rows(), both, "still one tunnel per replica\n{}", agent_log(&dir));
+    assert_eq!(lb.accepted(), dialled, "the balancer is not dialled while a tunnel is up:\n{}", agent_log(&dir));
+    for h in [&a, &b] {
+        let r = h.client(Some(&alice)).get(PODS).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
+#[test]
+fn an_agent_keeps_a_tunnel_to_every_live_replica() {
+    let Some(pg) = Postgres::start("replicas") else { return };
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let mut hubs: Vec<Option<HubProc>> = vec![Some(replica(&pg, 0, ports[0], ports[0]))];
+    let h0 = hubs[0].as_ref().unwrap();
+    let admin_token = h0.admin_token.clone().unwrap();
+    let admin = h0.admin();
+    let ca = h0.ca_pem.clone();
+
+    let (dir, k, alice, agent) = cluster_and_agent(h0, &admin_token, "repl-agent");
     let pid = agent.0.id();
     assert!(wait_for(20, || sessions(&pg, "edge-1").len() == 1), "one tunnel: {}", agent_log(&dir));
     std::thread::sleep(Duration::from_secs(3));
