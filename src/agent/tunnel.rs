@@ -36,12 +36,12 @@ use super::net::{self, Io, Target};
 use crate::driver::Session;
 use crate::proto::{AgentInfo, Config, GoAwayCode, Header, Mux, ReplicaSet, ReplicaSetError, SessionError};
 use smol::io::{AsyncRead, AsyncWrite};
-use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// First backoff ceiling.
@@ -186,12 +186,11 @@ struct Link {
 /// that sends no set (the embedded store, or an older hub) leaves the
 /// agent with its one tunnel through the public URL, as before.
 pub async fn run(ctx: Rc<AgentCtx>) -> Deregistered {
-    let (tx, rx) = smol::channel::bounded(64);
-    let mut sup = Supervisor { ctx, tx, links: BTreeMap::new(), known: BTreeMap::new(), serial: 0 };
+    let tx = Mailbox::default();
+    let mut sup = Supervisor { ctx, tx: tx.clone(), links: BTreeMap::new(), known: BTreeMap::new(), serial: 0 };
     sup.reconcile();
     loop {
-        // The supervisor holds a sender: the channel never closes.
-        let Ok(msg) = rx.recv().await else { return std::future::pending().await };
+        let msg = tx.recv().await;
         if let Msg::Stop(why) = msg {
             sup.close_all("agent stopping: cluster deregistered");
             return Deregistered(why);
@@ -200,9 +199,39 @@ pub async fn run(ctx: Rc<AgentCtx>) -> Deregistered {
     }
 }
 
+/// The links' messages to the supervisor, on the one thread. Sending
+/// never waits: a link sends a handful per session (up, sets, down), and
+/// the supervisor takes each as soon as the link yields.
+#[derive(Clone, Default)]
+struct Mailbox(Rc<RefCell<(VecDeque<Msg>, Option<Waker>)>>);
+
+impl Mailbox {
+    fn send(&self, msg: Msg) {
+        let mut m = self.0.borrow_mut();
+        m.0.push_back(msg);
+        if let Some(w) = m.1.take() {
+            w.wake();
+        }
+    }
+
+    async fn recv(&self) -> Msg {
+        std::future::poll_fn(|cx| {
+            let mut m = self.0.borrow_mut();
+            match m.0.pop_front() {
+                Some(msg) => Poll::Ready(msg),
+                None => {
+                    m.1 = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
 struct Supervisor {
     ctx: Rc<AgentCtx>,
-    tx: smol::channel::Sender<Msg>,
+    tx: Mailbox,
     links: BTreeMap<Via, Link>,
     /// The replicas to keep tunnels to (id → advertise URL).
     known: BTreeMap<String, String>,
@@ -411,14 +440,7 @@ impl Supervisor {
 
 /// Keeps a tunnel up to `target` with its own backoff, reporting to the
 /// supervisor, until the cluster is deregistered or the link is retired.
-async fn link(
-    ctx: Rc<AgentCtx>,
-    via: Via,
-    serial: u64,
-    target: Target,
-    tx: smol::channel::Sender<Msg>,
-    retire: Rc<Cell<bool>>,
-) {
+async fn link(ctx: Rc<AgentCtx>, via: Via, serial: u64, target: Target, tx: Mailbox, retire: Rc<Cell<bool>>) {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
     let mut first = true;
     loop {
@@ -427,14 +449,14 @@ async fn link(
         }
         first = false;
         let result = attempt(&ctx, &via, serial, &target, &tx).await;
-        let _ = tx.send(Msg::Down { via: via.clone(), serial }).await;
+        tx.send(Msg::Down { via: via.clone(), serial });
         if ctx.stopping.get() || retire.get() {
             // The agent is stopping, or the replica left: stay down.
             return;
         }
         match result {
             Attempt::Stop(why) => {
-                let _ = tx.send(Msg::Stop(why)).await;
+                tx.send(Msg::Stop(why));
                 return;
             }
             Attempt::Ended(why) => {
@@ -451,13 +473,7 @@ async fn link(
     }
 }
 
-async fn attempt(
-    ctx: &Rc<AgentCtx>,
-    via: &Via,
-    serial: u64,
-    target: &Target,
-    tx: &smol::channel::Sender<Msg>,
-) -> Attempt {
+async fn attempt(ctx: &Rc<AgentCtx>, via: &Via, serial: u64, target: &Target, tx: &Mailbox) -> Attempt {
     let io = match open(ctx, target).await {
         Ok(io) => io,
         Err(Open::Stop(why)) => return Attempt::Stop(why),
@@ -475,11 +491,11 @@ async fn attempt(
             up_since.set(Some(Instant::now()));
             log::info!("tunnel up to {target}");
             super::notify::notify("STATUS=tunnel up");
-            let _ = tx.send(Msg::Up { via: via.clone(), serial, session: session.clone() }).await;
+            tx.send(Msg::Up { via: via.clone(), serial, session: session.clone() });
         }
         let sets = async {
             while let Some(set) = session.next_replica_set().await {
-                let _ = tx.send(Msg::Set { via: via.clone(), serial, set }).await;
+                tx.send(Msg::Set { via: via.clone(), serial, set });
             }
             std::future::pending::<SessionError>().await
         };

@@ -233,23 +233,24 @@ impl ReplicaSet {
         if self.replicas.len() > MAX_REPLICAS {
             return Err(ReplicaSetError::TooMany(self.replicas.len()));
         }
-        let mut ids = std::collections::HashSet::new();
-        let mut urls = std::collections::HashSet::new();
-        for r in &self.replicas {
+        // At most MAX_REPLICAS entries: pairwise checks cost nothing and
+        // keep hash sets out of the agent.
+        for (i, r) in self.replicas.iter().enumerate() {
             if r.id.is_empty() || r.id.len() > MAX_REPLICA_ID || r.id.chars().any(|c| c.is_control() || c == ' ') {
                 return Err(ReplicaSetError::BadId(r.id.clone()));
             }
             if let Err(why) = check_replica_url(&r.url) {
                 return Err(ReplicaSetError::BadUrl { id: r.id.clone(), url: r.url.clone(), why });
             }
-            if !ids.insert(r.id.as_str()) {
+            let earlier = &self.replicas[..i];
+            if earlier.iter().any(|e| e.id == r.id) {
                 return Err(ReplicaSetError::DuplicateId(r.id.clone()));
             }
-            if !urls.insert(r.url.trim_end_matches('/')) {
+            if earlier.iter().any(|e| e.url.trim_end_matches('/') == r.url.trim_end_matches('/')) {
                 return Err(ReplicaSetError::DuplicateUrl(r.url.clone()));
             }
         }
-        if !ids.contains(self.this.as_str()) {
+        if self.this_replica().is_none() {
             return Err(ReplicaSetError::ThisMissing(self.this.clone()));
         }
         Ok(())
