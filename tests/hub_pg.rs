@@ -2,9 +2,9 @@
 //! replicas starting together, changes on one replica reaching another,
 //! durability under kill -9, and the database going away and coming back.
 //!
-//! Not here: agents tunnelling to several replicas (not built yet), and
-//! the hand-off between replicas (`hub_handoff.rs`); an agent here holds
-//! one tunnel to one hub.
+//! Not here: agents tunnelling to several replicas (`tests/hub_replicas.rs`)
+//! and the hand-off between replicas (`tests/hub_handoff.rs`); an agent
+//! here holds one tunnel to one hub.
 #![cfg(feature = "hub")]
 
 mod hub_support;

@@ -262,6 +262,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         Timer::after(Duration::from_millis(200)).await;
         hub.draining.set(true);
         hub.drain_started.notify(usize::MAX);
+        // Out of the set first: the other replicas tell the agents, which
+        // then keep their other tunnels and do not dial this one again.
+        hub.replicas.leave(&hub);
         hub.tunnels.go_away_all(GoAwayCode::ShuttingDown, "hub shutting down; reconnect");
         let drained = async {
             while hub.tunnels.agent_count() > 0 {
@@ -273,7 +276,6 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
                 Timer::after(DRAIN).await;
             })
             .await;
-        hub.replicas.leave(&hub);
         info!("stopped");
         Ok::<(), String>(())
     }))

@@ -350,7 +350,8 @@ pub trait Store {
         Ok(())
     }
     /// The live replicas (heartbeat younger than `deadline`), this one
-    /// included: where to reach each (the hand-off dials them).
+    /// included, by id: the set agents are told, and where the hand-off
+    /// dials.
     fn live_replicas(&self, _now: Millis, _deadline: Millis) -> Result<Vec<Replica>> {
         Ok(Vec::new())
     }
