@@ -22,8 +22,9 @@
 //! Errors made here are Kubernetes `Status` objects, so kubectl prints
 //! them as it prints the API server's own.
 //!
-//! Headers: hop-by-hop fields (RFC 9110 §7.6.1), `Authorization`, `Host`
-//! and the fields a `Connection` header names are not forwarded; an
+//! Headers: hop-by-hop fields (RFC 9110 §7.6.1), `Authorization`, `Host`,
+//! the replicas' own `uplink-peer-cluster` and the fields a `Connection`
+//! header names are not forwarded; an
 //! upgrade carries `Connection: Upgrade` and `Upgrade` so the agent can
 //! ask the API server for the same switch. Every `Impersonate-*` field is
 //! refused, never dropped silently.
@@ -598,15 +599,16 @@ fn status_message(body: &[u8]) -> Option<String> {
 /// redial after a cut or a hub restart is quicker than this.
 const TUNNEL_GRACE: Duration = Duration::from_secs(3);
 
-/// A stream to the cluster on its least busy tunnel. A request that lands
+/// A stream to the cluster on its least busy tunnel, or through a replica
+/// that holds one (`replicas::handoff`). A request that lands
 /// while the agent is redialling waits for it, up to [`TUNNEL_GRACE`],
 /// rather than being refused. `Err(None)`: no tunnel; `Err(Some)`: the
 /// tunnel could not take the stream.
 pub(super) async fn open_stream(hub: &Hub, cluster_id: &str, head: RequestHead) -> Result<Stream, Option<StreamError>> {
     let until = Instant::now() + TUNNEL_GRACE;
     loop {
-        let error = match hub.tunnels.pick(cluster_id) {
-            Some(session) => match session.open(head.clone()) {
+        let error = match super::replicas::handoff::route(hub, cluster_id).await {
+            Some(route) => match route.open(head.clone()) {
                 Ok(stream) => return Ok(stream),
                 // Going away or closing: a new tunnel is on its way.
                 Err(e @ (StreamError::GoingAway | StreamError::Closed | StreamError::NotConnected)) => Some(e),
@@ -684,7 +686,9 @@ fn response_fields(headers: Vec<Header>) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     Some(fields)
 }
 
-/// The request fields that travel to the agent.
+/// The request fields that travel to the agent. Also dropped: the field
+/// a replica names a handed-off stream's cluster with
+/// ([`super::replicas::handoff::CLUSTER_HEADER`]); only replicas set it.
 fn forward_headers(req: &Request, upgrade: Option<&str>) -> Vec<Header> {
     // Fields the client's Connection header marks hop-by-hop (RFC 9110 §7.6.1).
     let named = connection_options(&req.headers);
@@ -695,6 +699,7 @@ fn forward_headers(req: &Request, upgrade: Option<&str>) -> Vec<Header> {
             !is_hop_by_hop(n.as_bytes())
                 && !n.eq_ignore_ascii_case("authorization")
                 && !n.eq_ignore_ascii_case("host")
+                && !n.eq_ignore_ascii_case(super::replicas::handoff::CLUSTER_HEADER)
                 && !named.iter().any(|t| n.as_bytes().eq_ignore_ascii_case(t))
         })
         .map(|(n, v)| Header::new(n.as_bytes(), v.clone()))
