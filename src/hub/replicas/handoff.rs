@@ -43,7 +43,7 @@ use super::super::http::{Incoming, Reply, Request, Upgraded, switch};
 use super::super::store::Replica;
 use super::super::{Hub, api};
 use crate::driver::{Session, Stream, StreamClosed};
-use crate::proto::{AgentInfo, GoAwayCode, Header, Mux, RequestHead, ResetCode, StreamError};
+use crate::proto::{AgentInfo, GoAwayCode, Header, Mux, ReplicaInfo, RequestHead, ResetCode, StreamError};
 use crate::secret::Secret;
 use futures_rustls::TlsConnector;
 use log::{info, warn};
@@ -239,8 +239,15 @@ impl Peers {
         self.ex.run(fut).await
     }
 
+    /// Where the live replicas are, as the heartbeat just read them (the
+    /// replica set), so a hand-off to a known replica asks the store
+    /// nothing.
+    pub fn know(&self, replicas: &[ReplicaInfo]) {
+        *self.urls.borrow_mut() = replicas.iter().map(|r| (r.id.clone(), r.url.clone())).collect();
+    }
+
     /// Learns where the replicas named in `ids` are, asking the store only
-    /// when one is new.
+    /// when one is new (joined since the last heartbeat).
     pub fn learn(&self, hub: &Hub, ids: &[&str]) {
         if ids.iter().all(|id| self.urls.borrow().contains_key(*id)) {
             return;

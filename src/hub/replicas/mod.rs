@@ -111,6 +111,7 @@ impl Replicas {
             replicas.push(ReplicaInfo { id: me.id.clone(), url: me.advertise_url.clone() });
         }
         replicas.sort_by(|a, b| a.id.cmp(&b.id));
+        self.peers.know(&replicas);
         let set = ReplicaSet { this: me.id.clone(), replicas };
         if self.set.borrow().as_ref() == Some(&set) {
             return;
