@@ -8,7 +8,8 @@
 //!  kubectl ──► B ═════════════════════════════════════════════════════ tunnel ══► agent ──► API server
 //! ```
 //!
-//! - get, get -w (sees a change), logs -f, exec through A; the cluster's
+//! - get, get -w (sees a change), logs -f, exec through A (kubectl
+//!   speaks HTTP/2 to A, exec's upgrade HTTP/1.1); the cluster's
 //!   own Forbidden for Alice in kube-system, word for word as through B;
 //! - kubectl killed during a watch through A: the stream is reset on B
 //!   and on the agent (their stream gauges go back to zero);
@@ -283,6 +284,10 @@ fn kubectl_through_a_replica_without_the_tunnel() {
     assert!(hub_metric(&a, "uplink_hub_handoffs_total") >= 2.0);
     assert_eq!(hub_metric(&a, "uplink_hub_peer_sessions{direction=\"out\"}"), 1.0, "one session to B");
     assert_eq!(hub_metric(&b, "uplink_hub_peer_sessions{direction=\"in\"}"), 1.0);
+    // kubectl spoke HTTP/2 to A (ALPN): the hand-off sits behind either
+    // protocol; the latency figure below goes over HTTP/1.1.
+    let h2_requests = hub_metric(&a, "uplink_hub_requests_total{proto=\"h2\"}");
+    assert!(h2_requests >= 2.0, "kubectl's requests to A over h2: {h2_requests}");
 
     // get -w sees a change; killing kubectl resets the stream on B and on
     // the agent.
