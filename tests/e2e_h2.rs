@@ -75,7 +75,21 @@ fn world(tag: &str) -> World {
         k.load_rbac_yaml(y).unwrap();
     }
     write_kube_credentials(&dir, &k.agent_token(), &k.ca_pem());
-    let hub = HubProc::start_on_free_port(&dir);
+    // UPLINK_HUB_BIN: another build of the hub to serve (the static
+    // release binary, for the RSS figure); this crate's debug build by
+    // default.
+    let hub = match std::env::var_os("UPLINK_HUB_BIN") {
+        Some(bin) => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut c = Command::new(bin);
+            c.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--public-url", &format!("https://127.0.0.1:{port}")])
+                .arg("--data-dir")
+                .arg(dir.join("data"));
+            HubProc::start_command(&dir, c)
+        }
+        None => HubProc::start_on_free_port(&dir),
+    };
     let token = hub.admin_token.clone().unwrap();
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
@@ -216,7 +230,9 @@ fn watches(w: &World, n: usize, proto: &str) -> (Child, f64) {
 /// 100 watches from one client share one HTTP/2 connection. kubectl
 /// opens one watch per process, so curl (nghttp2, `--parallel`) is the
 /// client that holds 100 at once. Also measured: the hub's memory per
-/// open watch, 200 over HTTP/1.1 and 200 over HTTP/2.
+/// open watch, 200 over HTTP/1.1 and 200 over HTTP/2, of this crate's
+/// debug build or of `UPLINK_HUB_BIN` (the static release binary:
+/// `UPLINK_HUB_BIN=... cargo test --test e2e_h2 hundred -- --nocapture`).
 #[test]
 fn a_hundred_watches_share_one_connection() {
     if Command::new("curl").arg("--version").output().is_err() {
@@ -250,7 +266,8 @@ fn a_hundred_watches_share_one_connection() {
     assert!(metric(&w.hub, H1_OPEN) >= 200);
     c.kill().unwrap();
     c.wait().unwrap();
-    eprintln!("hub RSS per open watch: h2 {per_h2:.1} KiB, HTTP/1.1 {per_h1:.1} KiB");
+    let build = if std::env::var_os("UPLINK_HUB_BIN").is_some() { "UPLINK_HUB_BIN" } else { "debug build" };
+    eprintln!("FIGURE hub RSS per open watch ({build}): h2 {per_h2:.1} KiB, HTTP/1.1 {per_h1:.1} KiB");
 }
 
 // ---- A raw HTTP/2 client for the abuse cases (RFC 9113 frames, HPACK
