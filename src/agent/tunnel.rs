@@ -461,7 +461,7 @@ async fn link(ctx: Rc<AgentCtx>, via: Via, serial: u64, target: Target, tx: Mail
             }
             Attempt::Ended(why) => {
                 let wait = backoff.after_session();
-                log::warn!("tunnel to {target} ended ({why}); reconnecting in {} ms", wait.as_millis());
+                log::warn!("tunnel ended ({why}); reconnecting to {target} in {} ms", wait.as_millis());
                 smol::Timer::after(wait).await;
             }
             Attempt::Failed(why) => {
