@@ -338,7 +338,7 @@ impl Reply {
 /// Switches protocols: answers `101` with `fields`, and once hyper has
 /// sent it and handed the connection over, runs `then` on the raw TLS
 /// stream with the bytes already read past the request head. The
-/// handler shape of every upgrade (`/v1/tunnel`, kube exec and
+/// handler shape of every upgrade (`/v1/tunnel`, `/v1/peer`, kube exec and
 /// port-forward): `then` owns the connection until it ends.
 pub fn switch<F>(
     on: hyper::upgrade::OnUpgrade,
