@@ -305,24 +305,29 @@ fn behind_a_load_balancer_the_agent_holds_one_tunnel_per_replica() {
         let r = h.client(Some(&alice)).get(PODS).unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
         // And over HTTP/2 (curl, ALPN h2), on each replica's own tunnel.
-        let (version, body) = curl_h2(h, &dir, &alice, PODS);
-        assert_eq!(version, "2", "{body}");
-        assert!(body.contains("web-7d4b9c8f6d-k2x9p"), "{body}");
+        if let Some((version, body)) = curl_h2(h, &dir, &alice, PODS) {
+            assert_eq!(version, "2", "{body}");
+            assert!(body.contains("web-7d4b9c8f6d-k2x9p"), "{body}");
+        }
     }
 }
 
-/// `GET path` over HTTP/2 with curl: (the HTTP version curl used, body).
-fn curl_h2(hub: &HubProc, dir: &Path, token: &str, path: &str) -> (String, String) {
+/// `GET path` over HTTP/2 with curl: (the HTTP version curl used, body);
+/// `None`, loudly, without curl (as `tests/e2e_h2.rs` skips).
+fn curl_h2(hub: &HubProc, dir: &Path, token: &str, path: &str) -> Option<(String, String)> {
     let ca = dir.join("hub-ca.pem");
     std::fs::write(&ca, &hub.ca_pem).unwrap();
-    let out = std::process::Command::new("curl")
+    let Ok(out) = std::process::Command::new("curl")
         .args(["-sS", "--http2", "--cacert", ca.to_str().unwrap(), "-H", &format!("Authorization: Bearer {token}")])
         .args(["-w", "\n%{http_version}", &format!("{}{path}", hub.url)])
         .output()
-        .expect("curl (the HTTP/2 client of these tests)");
+    else {
+        eprintln!("\n!!!!! SKIPPING the HTTP/2 request: no curl !!!!!\n");
+        return None;
+    };
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, version) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (version.trim().to_string(), format!("{body}{}", String::from_utf8_lossy(&out.stderr)))
+    Some((version.trim().to_string(), format!("{body}{}", String::from_utf8_lossy(&out.stderr))))
 }
 
 #[test]
