@@ -799,8 +799,41 @@ async fn pipe(stream: Stream, up: Upgraded) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::{error_for, root_hint, split_target, status_message};
-    use crate::hub::http::Request;
+    use super::{error_for, forward_headers, root_hint, split_target, status_message};
+    use crate::hub::http::{Proto, Request};
+
+    #[test]
+    fn forwarded_fields_on_either_protocol() {
+        for proto in [Proto::Http11, Proto::H2] {
+            let fields: &[(&str, &str)] = &[
+                ("Host", "hub"),
+                ("Authorization", "Bearer person"),
+                ("Connection", "keep-alive, X-Hop"),
+                ("X-Hop", "1"),
+                ("Keep-Alive", "timeout=5"),
+                ("TE", "trailers"),
+                // Only replicas name a handed-off stream's cluster.
+                ("Uplink-Peer-Cluster", "c_someone_else"),
+                ("uplink-peer-cluster", "c_other"),
+                ("Accept", "application/json;as=Table;g=meta.k8s.io;v=v1"),
+                ("Content-Type", "application/merge-patch+json"),
+            ];
+            let req = Request {
+                method: "GET".into(),
+                target: "/k8s/clusters/edge-1/api/v1/pods".into(),
+                proto,
+                headers: fields.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect(),
+            };
+            let names: Vec<String> =
+                forward_headers(&req, None).iter().map(|h| String::from_utf8_lossy(&h.name).into_owned()).collect();
+            assert_eq!(names, ["Accept", "Content-Type"], "{proto:?}");
+            let up: Vec<String> = forward_headers(&req, Some("SPDY/3.1"))
+                .iter()
+                .map(|h| format!("{}: {}", String::from_utf8_lossy(&h.name), String::from_utf8_lossy(&h.value)))
+                .collect();
+            assert_eq!(up[2..], ["Connection: Upgrade", "Upgrade: SPDY/3.1"], "{proto:?}");
+        }
+    }
 
     #[test]
     fn discovery_refusals_are_403_text_except_401() {
