@@ -40,6 +40,15 @@ pub fn find(tag: &str) -> Option<(PathBuf, PathBuf)> {
     }
 }
 
+/// How long the README's block skips a replica that refused a
+/// connection (its `fail_timeout`).
+pub fn fail_timeout() -> Duration {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme.split("```nginx\n").nth(1).expect("an nginx block");
+    let secs = block.split("fail_timeout=").nth(1).and_then(|v| v.split('s').next()).expect("fail_timeout=Ns");
+    Duration::from_secs(secs.parse().expect("fail_timeout in whole seconds"))
+}
+
 /// The README's block for `upstreams`, listening on `listen`.
 fn readme_block(upstreams: &[SocketAddr], listen: SocketAddr) -> String {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
