@@ -22,7 +22,8 @@
 //! 1. C is killed with `kill -9` (and a watch straight to C shows what
 //!    the person whose connection it held sees);
 //! 2. a fourth replica D joins and is added to nginx's upstream;
-//! 3. every replica is restarted in turn (SIGTERM, start, ready; C, dead
+//! 3. every replica is restarted in turn (SIGTERM, start, ready, then
+//!    nginx's `fail_timeout` before the next, as the README says; C, dead
 //!    since 1., just starts);
 //! 4. jane@example.com is revoked on A; her token is used on C;
 //! 5. edge-node is deregistered on B while its agent holds a tunnel to

@@ -180,6 +180,8 @@ struct Link {
 ///  no tunnel up (or no set known) ─► link Public dials again (the fallback)
 ///  a session lands on a replica another session holds ─► closed: never two tunnels
 ///                                                        to one replica
+///  a replica restarted at its URL (a new id) ─► the tunnel there carries over
+///                                              to the new id: no second dial
 /// ```
 ///
 /// The set dialled is the union of the latest sets the live sessions
