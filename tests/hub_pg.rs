@@ -617,8 +617,10 @@ fn store_queries(hub: &HubProc) -> BTreeMap<String, u64> {
 }
 
 /// Store calls that run on their own schedule, not for a request: the
-/// replica heartbeat, readiness checks and the audit writer's batches.
-const BACKGROUND: &[&str] = &["replica_heartbeat", "check", "audit_batch"];
+/// replica heartbeat (and its read of the live replicas, which the replica
+/// set and the hand-off then use), readiness checks and the audit
+/// writer's batches.
+const BACKGROUND: &[&str] = &["replica_heartbeat", "live_replicas", "check", "audit_batch"];
 
 /// The hot path: 100 proxied kube requests on a warm cache make no store
 /// call (the hub's own count, `/metrics`) and read nothing from
