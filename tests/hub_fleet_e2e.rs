@@ -529,7 +529,8 @@ fn three_replicas_two_agents_kubectl_through_kills_joins_restarts_revocation_and
             Arc::new(kc)
         })
         .collect();
-    let via = |i: usize| (reps_name(i), straight[i].clone());
+    let names: Vec<&str> = reps.iter().map(|r| r.name).collect();
+    let via = |i: usize| (names[i].to_string(), straight[i].clone());
     let lb_via = || ("lb".to_string(), alice_lb.clone());
     let vias = |live: &[usize]| std::iter::once(lb_via()).chain(live.iter().map(|i| via(*i))).collect::<Vec<_>>();
     let pods = ok(&alice_lb.run(&["get", "pods", "-n", "default"]));
@@ -767,8 +768,4 @@ fn three_replicas_two_agents_kubectl_through_kills_joins_restarts_revocation_and
         all.iter().filter(|s| !s.ok).count(),
         ms(setup)
     );
-}
-
-fn reps_name(i: usize) -> String {
-    ["A", "B", "C", "D"][i].to_string()
 }
