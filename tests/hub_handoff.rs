@@ -103,33 +103,28 @@ const POD: &str = "web-7d4b9c8f6d-k2x9p";
 
 /// A replica on a port of its own, advertising and publishing its own URL.
 fn replica(pg: &Postgres, dir: &Path) -> HubProc {
-    let port = free_port();
-    let url = format!("https://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
-    HubProc::start_with(
-        dir,
-        &["--listen", &listen, "--public-url", &url, "--advertise-url", &url, "--store", &pg.url()],
-    )
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    replica_advertising(pg, dir, port, &format!("https://127.0.0.1:{port}"))
 }
 
-/// A replica that agents cannot reach: its advertise URL names a closed
-/// port (a firewall between the edge and this replica, or an agent still
-/// dialling it), so it holds no tunnel, however often the agents hear of
-/// it in the replica set, and must hand requests on. People reach it at
-/// `hub.url`.
-fn replica_out_of_reach(pg: &Postgres, dir: &Path) -> HubProc {
-    let port = free_port();
-    let url = format!("https://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
-    let advertise = format!("https://127.0.0.1:{}", free_port());
-    HubProc::start_with(
-        dir,
-        &["--listen", &listen, "--public-url", &url, "--advertise-url", &advertise, "--store", &pg.url()],
-    )
+/// A replica that agents cannot reach: it advertises a closed port, so
+/// the agents that learn of it from the replica set never hold a tunnel
+/// to it (it only hands off; nobody hands off to it).
+fn replica_out_of_agents_reach(pg: &Postgres, dir: &Path) -> HubProc {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    replica_advertising(pg, dir, port, &format!("https://127.0.0.1:{closed}"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+fn replica_advertising(pg: &Postgres, dir: &Path, port: u16, advertise: &str) -> HubProc {
+    let url = format!("https://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let mut hub = HubProc::start_with(
+        dir,
+        &["--listen", &listen, "--public-url", &url, "--advertise-url", advertise, "--store", &pg.url()],
+    );
+    hub.url = url;
+    hub
 }
 
 fn replica_id(hub: &HubProc) -> String {
@@ -234,7 +229,8 @@ fn kubectl_through_a_replica_without_the_tunnel() {
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();
     let mut b = replica(&pg, &dir_b);
-    let a = replica_out_of_reach(&pg, &dir_a);
+    // The agent learns of A from the replica set but cannot reach it.
+    let a = replica_out_of_agents_reach(&pg, &dir_a);
     let admin_token = b.admin_token.clone().unwrap();
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
@@ -390,7 +386,7 @@ fn only_a_replica_may_take_the_peer_hop() {
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();
     let b = replica(&pg, &dir_b);
-    let a = replica_out_of_reach(&pg, &dir_a);
+    let a = replica_out_of_agents_reach(&pg, &dir_a);
     let admin_token = b.admin_token.clone().unwrap();
     let r = b.client(Some(&admin_token)).post_json("/api/v1/users", &json!({ "name": ALICE })).unwrap();
     let alice = r.json()["token"].as_str().unwrap().to_string();
@@ -471,7 +467,7 @@ fn a_failed_dial_moves_on_to_the_next_replica_holding_a_tunnel() {
     let dirs: Vec<_> = ["b", "c", "a"].iter().map(|n| dir.join(n)).collect();
     dirs.iter().for_each(|d| std::fs::create_dir_all(d).unwrap());
     let mut holders = [replica(&pg, &dirs[0]), replica(&pg, &dirs[1])];
-    let a = replica_out_of_reach(&pg, &dirs[2]);
+    let a = replica_out_of_agents_reach(&pg, &dirs[2]);
     let admin_token = holders[0].admin_token.clone().unwrap();
     let credential = register_and_activate(&holders[0], &admin_token, "edge-sim");
     // One simulated agent of the cluster on each of B and C, none on A.
@@ -519,6 +515,8 @@ fn a_failed_dial_moves_on_to_the_next_replica_holding_a_tunnel() {
         assert_eq!(c.get("/k8s/clusters/edge-sim/cl/hot").unwrap().status, 200);
     }
     let elapsed = t0.elapsed();
+    // (The heartbeat reads the replica rows every 2 s whatever comes;
+    // the hand-off takes its answer from the last one.)
     let reads = pg
         .query(
             "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements WHERE query !~* 'pg_stat_statements' AND \

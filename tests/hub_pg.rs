@@ -617,8 +617,9 @@ fn store_queries(hub: &HubProc) -> BTreeMap<String, u64> {
 }
 
 /// Store calls that run on their own schedule, not for a request: the
-/// replica heartbeat and the replica set read after it, readiness checks
-/// and the audit writer's batches.
+/// replica heartbeat (and its read of the live replicas, which the replica
+/// set and the hand-off then use), readiness checks and the audit
+/// writer's batches.
 const BACKGROUND: &[&str] = &["replica_heartbeat", "live_replicas", "check", "audit_batch"];
 
 /// The hot path: 100 proxied kube requests on a warm cache make no store
@@ -832,33 +833,6 @@ fn rss_per_tunnel_with_agents_on_three_replicas() {
     }
 }
 
-/// nginx with its `stream` module, or `None` (loudly; a failure with
-/// `UPLINK_REQUIRE_NGINX=1`, as in CI): the binary and the module's path.
-fn nginx_with_stream() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].iter().map(std::path::PathBuf::from).find(|p| p.is_file());
-    let module = std::path::PathBuf::from("/usr/lib/nginx/modules/ngx_stream_module.so");
-    match bin {
-        Some(bin) if module.is_file() => Some((bin, module)),
-        _ => {
-            let why = "needs nginx and its stream module (Debian: nginx libnginx-mod-stream)";
-            assert!(std::env::var("UPLINK_REQUIRE_NGINX").as_deref() != Ok("1"), "{why}");
-            eprintln!("\n!!!!! SKIPPING the load-balancer test: {why} !!!!!\n");
-            None
-        }
-    }
-}
-
-/// nginx's master, stopped with SIGTERM (it then stops its workers; a
-/// SIGKILL would leave them holding the port).
-struct Nginx(std::process::Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let _ = self.0.wait();
-    }
-}
-
 /// `uplink_hub_http_requests_total` of `hub`.
 fn http_requests(hub: &HubProc) -> u64 {
     let text = hub.client(None).get("/metrics").unwrap().text();
@@ -874,7 +848,9 @@ fn http_requests(hub: &HubProc) -> u64 {
 /// one replica killed every request still lands on the other.
 #[test]
 fn nginx_from_the_readme_in_front_of_two_replicas() {
-    let Some((nginx, module)) = nginx_with_stream() else { return };
+    if support::nginx::find("the load-balancer test").is_none() {
+        return;
+    }
     let Some(pg) = Postgres::start("hub-lb") else { return };
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (lb, p1, p2) = (free(), free(), free());
@@ -888,35 +864,10 @@ fn nginx_from_the_readme_in_front_of_two_replicas() {
     };
     let mut r1 = replica(p1, "lb-1");
     let r2 = replica(p2, "lb-2");
-
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let block = readme.split("```nginx\n").nth(1).and_then(|b| b.split("```").next()).expect("an nginx block");
-    let block = block
-        .replace("hub-1.example.com:8443", &format!("127.0.0.1:{p1}"))
-        .replace("hub-2.example.com:8443", &format!("127.0.0.1:{p2}"))
-        .replace("listen 443;", &format!("listen 127.0.0.1:{lb};"));
-    assert!(block.contains(&format!("127.0.0.1:{p2}")) && block.contains(&format!("listen 127.0.0.1:{lb};")));
-    let dir = temp_dir("nginx");
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let d = dir.display();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "load_module {};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n{block}",
-            module.display()
-        ),
-    )
-    .unwrap();
-    let run = |extra: &[&str]| {
-        let mut c = std::process::Command::new(&nginx);
-        c.arg("-p").arg(&dir).arg("-c").arg(&conf).args(extra);
-        c
-    };
-    let t = run(&["-t"]).output().unwrap();
-    assert!(t.status.success(), "nginx -t: {}", String::from_utf8_lossy(&t.stderr));
-    let _nginx = Nginx(run(&[]).stderr(std::process::Stdio::null()).spawn().unwrap());
-    assert!(wait_for(10, || std::net::TcpStream::connect(("127.0.0.1", lb)).is_ok()), "nginx: see {d}/error.log");
+    // The README's block, from README.md, with these two replicas.
+    let upstreams = [p1, p2].map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)));
+    let _nginx =
+        support::nginx::Nginx::start("hub-lb", std::net::SocketAddr::from(([127, 0, 0, 1], lb)), &upstreams).unwrap();
 
     let admin = r1.admin_token.clone().or(r2.admin_token.clone()).unwrap();
     let via_lb = uplink::hub::client::Client::new(&public, Some(&r1.ca_pem), Some(&admin)).unwrap();

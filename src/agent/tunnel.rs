@@ -142,11 +142,13 @@ enum Via {
 }
 
 /// What a link task tells the supervisor. `serial` names the link, so a
-/// message from a link that was dropped a moment ago is recognised.
+/// message from a link that was dropped a moment ago is recognised, and
+/// one whose link now goes by another key (a replica replaced at its
+/// address) still finds it.
 enum Msg {
-    Up { via: Via, serial: u64, session: Session },
-    Set { via: Via, serial: u64, set: Result<ReplicaSet, ReplicaSetError> },
-    Down { via: Via, serial: u64 },
+    Up { serial: u64, session: Session },
+    Set { serial: u64, set: Result<ReplicaSet, ReplicaSetError> },
+    Down { serial: u64 },
     Stop(String),
 }
 
@@ -178,6 +180,8 @@ struct Link {
 ///  no tunnel up (or no set known) ─► link Public dials again (the fallback)
 ///  a session lands on a replica another session holds ─► closed: never two tunnels
 ///                                                        to one replica
+///  a replica restarted at its URL (a new id) ─► the tunnel there carries over
+///                                              to the new id: no second dial
 /// ```
 ///
 /// The set dialled is the union of the latest sets the live sessions
@@ -241,20 +245,18 @@ struct Supervisor {
 impl Supervisor {
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Up { via, serial, session } => {
-                let Some(link) = self.link(&via, serial) else { return };
-                link.session = Some(session);
+            Msg::Up { serial, session } => {
+                let Some(via) = self.key(serial) else { return };
+                self.links.get_mut(&via).expect("just found").session = Some(session);
                 self.count_up();
             }
-            Msg::Set { via, serial, set: Err(e) } => {
-                let Some(link) = self.link(&via, serial) else { return };
-                let from = link.target.to_string();
+            Msg::Set { serial, set: Err(e) } => {
+                let Some(via) = self.key(serial) else { return };
+                let from = self.links[&via].target.to_string();
                 log::error!("replica set from {from} refused: {e}; keeping the current tunnels ({})", self.up_list());
             }
-            Msg::Set { via, serial, set: Ok(set) } => {
-                if self.link(&via, serial).is_none() {
-                    return;
-                }
+            Msg::Set { serial, set: Ok(set) } => {
+                let Some(mut via) = self.key(serial) else { return };
                 let holder = self
                     .links
                     .iter()
@@ -268,10 +270,7 @@ impl Supervisor {
                     if let Via::Replica(id) = &via
                         && *id != set.this
                     {
-                        log::warn!(
-                            "the advertise URL of hub replica {id} reached replica {}: check that replica's --advertise-url",
-                            set.this
-                        );
+                        via = self.reached_another(id.clone(), &set);
                     }
                     let link = self.links.get_mut(&via).expect("checked above");
                     if link.set.as_ref() == Some(&set) {
@@ -281,8 +280,9 @@ impl Supervisor {
                 }
                 self.reconcile();
             }
-            Msg::Down { via, serial } => {
-                let Some(link) = self.link(&via, serial) else { return };
+            Msg::Down { serial } => {
+                let Some(via) = self.key(serial) else { return };
+                let link = self.links.get_mut(&via).expect("just found");
                 link.session = None;
                 link.set = None;
                 self.count_up();
@@ -292,9 +292,53 @@ impl Supervisor {
         }
     }
 
-    /// The live link `via`, if `serial` is still its.
-    fn link(&mut self, via: &Via, serial: u64) -> Option<&mut Link> {
-        self.links.get_mut(via).filter(|l| l.serial == serial)
+    /// The key of the live link `serial`, if it still is one.
+    fn key(&self, serial: u64) -> Option<Via> {
+        self.links.iter().find(|(_, l)| l.serial == serial).map(|(v, _)| v.clone())
+    }
+
+    /// The link to replica `id` reached replica `set.this`, and no other
+    /// session holds that one. When `set.this` advertises the URL `id`
+    /// had, `id` was replaced there (a restart gives a replica a new id):
+    /// the tunnel becomes `set.this`'s, so that neither a second dial to
+    /// the new replica nor the old one leaving the set costs a reconnect.
+    /// Otherwise a replica's advertise URL leads to another: say so, and
+    /// keep the tunnel where it is. Returns the link's key now.
+    fn reached_another(&mut self, id: String, set: &ReplicaSet) -> Via {
+        let old = Via::Replica(id.clone());
+        let url = set.replicas.iter().find(|r| r.id == set.this).map(|r| r.url.as_str());
+        if url.is_none() || url != self.known.get(&id).map(String::as_str) {
+            log::warn!(
+                "the advertise URL of hub replica {id} reached replica {}: check that replica's --advertise-url",
+                set.this
+            );
+            return old;
+        }
+        let new = Via::Replica(set.this.clone());
+        if self.links.get(&new).is_some_and(|l| l.session.is_some()) {
+            // Its own link is up too (its set not heard yet): that one
+            // stays, this one goes when `id` leaves the set.
+            return old;
+        }
+        // A link of the new replica still dialling is not needed any more.
+        if let Some(dialling) = self.links.remove(&new) {
+            drop(dialling.task);
+        }
+        let link = self.links.remove(&old).expect("the link exists");
+        log::info!("hub replica {id} was replaced by {} at {}: the tunnel now counts as its", set.this, link.target);
+        self.links.insert(new.clone(), link);
+        new
+    }
+
+    /// Whether another replica's link holds a session at `id`'s advertise
+    /// URL: then `id` is a replica replaced there that the set still
+    /// lists for a moment (two live replicas never share one URL).
+    fn url_held_by_another(&self, id: &str) -> bool {
+        let Some(url) = self.known.get(id) else { return false };
+        self.links.iter().any(|(via, l)| match via {
+            Via::Replica(other) => other != id && l.session.is_some() && self.known.get(other) == Some(url),
+            Via::Public => false,
+        })
     }
 
     /// A session on `via` reached a replica that `holder` already has a
@@ -351,7 +395,9 @@ impl Supervisor {
             .filter(|(via, l)| match via {
                 Via::Public => false,
                 Via::Replica(id) => {
-                    !self.known.contains_key(id) || (via_public.as_deref() == Some(id) && l.session.is_none())
+                    !self.known.contains_key(id)
+                        || (via_public.as_deref() == Some(id) && l.session.is_none())
+                        || (l.session.is_none() && self.url_held_by_another(id))
                 }
             })
             .map(|(via, _)| via.clone())
@@ -364,6 +410,7 @@ impl Supervisor {
             .iter()
             .filter(|(id, _)| via_public.as_deref() != Some(id.as_str()))
             .filter(|(id, _)| !self.links.contains_key(&Via::Replica(id.to_string())))
+            .filter(|(id, _)| !self.url_held_by_another(id))
             .map(|(id, url)| (id.clone(), url.clone()))
             .collect();
         for (id, url) in missing {
@@ -405,14 +452,8 @@ impl Supervisor {
     fn spawn(&mut self, via: Via, target: Target) {
         self.serial += 1;
         let retire = Rc::new(Cell::new(false));
-        let task = self.ctx.ex.spawn(link(
-            self.ctx.clone(),
-            via.clone(),
-            self.serial,
-            target.clone(),
-            self.tx.clone(),
-            retire.clone(),
-        ));
+        let task =
+            self.ctx.ex.spawn(link(self.ctx.clone(), self.serial, target.clone(), self.tx.clone(), retire.clone()));
         self.links.insert(via, Link { serial: self.serial, target, task, retire, session: None, set: None });
     }
 
@@ -440,7 +481,7 @@ impl Supervisor {
 
 /// Keeps a tunnel up to `target` with its own backoff, reporting to the
 /// supervisor, until the cluster is deregistered or the link is retired.
-async fn link(ctx: Rc<AgentCtx>, via: Via, serial: u64, target: Target, tx: Mailbox, retire: Rc<Cell<bool>>) {
+async fn link(ctx: Rc<AgentCtx>, serial: u64, target: Target, tx: Mailbox, retire: Rc<Cell<bool>>) {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
     let mut first = true;
     loop {
@@ -448,8 +489,8 @@ async fn link(ctx: Rc<AgentCtx>, via: Via, serial: u64, target: Target, tx: Mail
             ctx.metrics.reconnects.set(ctx.metrics.reconnects.get() + 1);
         }
         first = false;
-        let result = attempt(&ctx, &via, serial, &target, &tx).await;
-        tx.send(Msg::Down { via: via.clone(), serial });
+        let result = attempt(&ctx, serial, &target, &tx).await;
+        tx.send(Msg::Down { serial });
         if ctx.stopping.get() || retire.get() {
             // The agent is stopping, or the replica left: stay down.
             return;
@@ -473,7 +514,7 @@ async fn link(ctx: Rc<AgentCtx>, via: Via, serial: u64, target: Target, tx: Mail
     }
 }
 
-async fn attempt(ctx: &Rc<AgentCtx>, via: &Via, serial: u64, target: &Target, tx: &Mailbox) -> Attempt {
+async fn attempt(ctx: &Rc<AgentCtx>, serial: u64, target: &Target, tx: &Mailbox) -> Attempt {
     let io = match open(ctx, target).await {
         Ok(io) => io,
         Err(Open::Stop(why)) => return Attempt::Stop(why),
@@ -491,11 +532,11 @@ async fn attempt(ctx: &Rc<AgentCtx>, via: &Via, serial: u64, target: &Target, tx
             up_since.set(Some(Instant::now()));
             log::info!("tunnel up to {target}");
             super::notify::notify("STATUS=tunnel up");
-            tx.send(Msg::Up { via: via.clone(), serial, session: session.clone() });
+            tx.send(Msg::Up { serial, session: session.clone() });
         }
         let sets = async {
             while let Some(set) = session.next_replica_set().await {
-                tx.send(Msg::Set { via: via.clone(), serial, set });
+                tx.send(Msg::Set { serial, set });
             }
             std::future::pending::<SessionError>().await
         };

@@ -152,6 +152,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
     offer.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptors = Acceptors { http: TlsAcceptor::from(std::sync::Arc::new(offer)), refusal: TlsAcceptor::from(tls) };
 
+    start_listening(&cfg, &listener, socket_activated)?;
     // `listening on` is a stable line: tests and scripts read the port from it.
     println!("uplink-hub {} listening on https://{local}", env!("CARGO_PKG_VERSION"));
     println!("public URL: {public_url}");
@@ -393,8 +394,13 @@ fn stop_deregistered(hub: &Hub) {
     }
 }
 
-/// The listening socket: the one systemd passed (socket activation), else
-/// a new one on `cfg.listen`, shared with `SO_REUSEPORT` when asked.
+/// The socket to serve on: the one systemd passed (socket activation,
+/// already listening), else a new one bound to `cfg.listen`, shared with
+/// `SO_REUSEPORT` when asked, that [`start_listening`] opens once the hub
+/// can serve. Until then a connection to the port is refused at once, so
+/// a load balancer moves on to another replica instead of waiting in the
+/// queue of one still starting (and a `--reuse-port` successor gets none
+/// before it is ready).
 fn listen(cfg: &ServeConfig) -> Result<(std::net::TcpListener, bool), String> {
     let mut fds = listenfd::ListenFd::from_env();
     if fds.len() > 0 {
@@ -406,18 +412,29 @@ fn listen(cfg: &ServeConfig) -> Result<(std::net::TcpListener, bool), String> {
         return Ok((listener, true));
     }
     let cannot = |e: std::io::Error| format!("cannot listen on {}: {e}", cfg.listen);
-    if !cfg.reuse_port {
-        return std::net::TcpListener::bind(cfg.listen).map(|l| (l, false)).map_err(cannot);
-    }
     use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
     let family = if cfg.listen.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
     let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)
         .map_err(|e| cannot(e.into()))?;
+    // As the standard library's bind does: a restart may take the port
+    // while the old process's connections linger in TIME_WAIT.
     sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| cannot(e.into()))?;
-    sockopt::set_socket_reuseport(&fd, true).map_err(|e| cannot(e.into()))?;
+    if cfg.reuse_port {
+        sockopt::set_socket_reuseport(&fd, true).map_err(|e| cannot(e.into()))?;
+    }
     rustix::net::bind(&fd, &cfg.listen).map_err(|e| cannot(e.into()))?;
-    rustix::net::listen(&fd, 1024).map_err(|e| cannot(e.into()))?;
     Ok((std::net::TcpListener::from(fd), false))
+}
+
+/// Opens the bound socket for connections (a socket systemd passed
+/// already is).
+fn start_listening(cfg: &ServeConfig, listener: &std::net::TcpListener, socket_activated: bool) -> Result<(), String> {
+    if socket_activated {
+        return Ok(());
+    }
+    // Room for a fleet's agents redialling at once (the kernel caps it at
+    // net.core.somaxconn).
+    rustix::net::listen(listener, 1024).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))
 }
 
 /// This replica's own URL: `--advertise-url`, else this host's name (or

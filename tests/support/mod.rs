@@ -6,5 +6,6 @@ pub mod https;
 pub mod idp;
 pub mod kube;
 pub mod kubectl;
+pub mod nginx;
 pub mod pg;
 pub mod relay;
