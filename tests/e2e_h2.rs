@@ -510,10 +510,14 @@ fn h2_abuse_is_refused_without_harm_to_others() {
     }
     // The hub may close before it has read it all.
     let _ = tls.write_all(&burst).and_then(|_| tls.flush());
-    let (frames, _) = read_frames(&mut tls, Duration::from_secs(3));
+    // Its answer: a reset or an error for stream 1, a GOAWAY, or the
+    // connection closed. When the hub closes with our bytes still unread,
+    // the kernel answers them with a TCP reset, and that reset discards
+    // whatever frames the hub had sent before it (seen on a loaded machine).
+    let (frames, closed) = read_frames(&mut tls, Duration::from_secs(3));
     assert!(
-        frames.iter().any(|f| (f.0 == RST_STREAM || f.0 == HEADERS) && f.2 == 1 || f.0 == GOAWAY),
-        "an answer for the oversized header list"
+        closed || frames.iter().any(|f| (f.0 == RST_STREAM || f.0 == HEADERS) && f.2 == 1 || f.0 == GOAWAY),
+        "an answer for the oversized header list: {frames:?}"
     );
     // The one after it is the metrics question itself.
     assert_eq!(metric(&hub, H2_REQUESTS), before, "the oversized request reached a handler");
