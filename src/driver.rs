@@ -19,7 +19,8 @@
 //! Callers hand [`Session::run`] a ready byte stream.
 
 use crate::proto::{
-    Event, GoAwayCode, Hello, Mux, RequestHead, ResetCode, ResponseHead, SessionError, StreamError, StreamId, Welcome,
+    Event, GoAwayCode, Hello, Mux, ReplicaSet, ReplicaSetError, RequestHead, ResetCode, ResponseHead, SessionError,
+    StreamError, StreamId, Welcome,
 };
 use smol::Timer;
 use smol::future::{self, FutureExt};
@@ -128,6 +129,10 @@ struct Shared {
     /// Streams waiting for room in the transmit buffer.
     room_wakers: Vec<Waker>,
     last_rtt: Option<Duration>,
+    /// Agent: the latest replica set the hub sent, not yet taken. Only the
+    /// latest matters: a newer set replaces an older one unread.
+    replica_set: Option<Result<ReplicaSet, ReplicaSetError>>,
+    replica_waker: Option<Waker>,
 }
 
 impl Shared {
@@ -178,6 +183,10 @@ impl Shared {
                     }
                 }
                 Event::Pong { rtt } => self.last_rtt = Some(rtt),
+                Event::ReplicaSet(set) => {
+                    self.replica_set = Some(set);
+                    wake(&mut self.replica_waker);
+                }
                 Event::GoAway { code, message } => {
                     self.goaway = Some((code, message));
                     wake(&mut self.accept_waker);
@@ -188,6 +197,7 @@ impl Shared {
                     // transport now, not when something else wakes it.
                     wake(&mut self.driver_waker);
                     wake(&mut self.accept_waker);
+                    wake(&mut self.replica_waker);
                     self.connected_wakers.drain(..).for_each(Waker::wake);
                     self.room_wakers.drain(..).for_each(Waker::wake);
                     for slot in self.slots.values_mut() {
@@ -248,6 +258,8 @@ impl Session {
                 driver_waker: None,
                 room_wakers: Vec::new(),
                 last_rtt: None,
+                replica_set: None,
+                replica_waker: None,
             })),
         }
     }
@@ -471,6 +483,31 @@ impl Session {
         s.mux.close(code, message);
         s.dispatch();
         wake(&mut s.driver_waker);
+    }
+
+    /// Hub: the replica set to tell the agent (see [`Mux::set_replicas`]).
+    pub fn set_replicas(&self, set: ReplicaSet) {
+        let mut s = self.shared.borrow_mut();
+        s.mux.set_replicas(set);
+        s.dispatch();
+    }
+
+    /// Agent: the next replica set the hub sends (or a malformed one, with
+    /// what is wrong with it); `None` once the session is closed. Sets
+    /// that arrive while nobody waits are coalesced to the latest.
+    pub async fn next_replica_set(&self) -> Option<Result<ReplicaSet, ReplicaSetError>> {
+        future::poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            if let Some(set) = s.replica_set.take() {
+                return Poll::Ready(Some(set));
+            }
+            if s.closed.is_some() {
+                return Poll::Ready(None);
+            }
+            store(&mut s.replica_waker, cx);
+            Poll::Pending
+        })
+        .await
     }
 
     /// The peer's `GoAway`, if it sent one.

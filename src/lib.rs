@@ -33,10 +33,12 @@
 //!   comparison. Not storage or hashing policy.
 //!
 //! One binary each:
-//! - [`agent`]: the agent (`uplink`): activation, persisted state, tunnel,
-//!   impersonating kube proxy, health. Not anything the hub runs.
+//! - [`agent`]: the agent (`uplink`): activation, persisted state, tunnels
+//!   (one per hub replica), impersonating kube proxy, health. Not anything
+//!   the hub runs.
 //! - `hub` (feature `hub`): the control plane behind `uplink-hub`: store
-//!   (SQLite, or PostgreSQL shared by several replicas), replica rows,
+//!   (SQLite, or PostgreSQL shared by several replicas), replica rows and
+//!   the hand-off of a request to the replica holding its tunnel,
 //!   auth and grants (hub tokens, the organisation's OIDC provider), REST
 //!   API, tunnel sessions, kube front end, the fleet view (one read to
 //!   many clusters, merged), console, connection caps and deadlines

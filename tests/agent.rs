@@ -971,3 +971,50 @@ fn bad_content_length_from_the_api_server_is_a_502_and_the_connection_is_dropped
     }
     assert!(a.log().contains("malformed API-server response"), "{}", a.log());
 }
+
+/// A hub that sends a malformed `ReplicaSet` (a bad URL, too many
+/// entries, an id twice): the agent says what is wrong, dials nothing new
+/// and keeps the tunnel it has, which goes on serving.
+#[test]
+fn a_malformed_replica_set_is_logged_and_the_tunnels_kept() {
+    use uplink::proto::{MAX_REPLICAS, ReplicaInfo, ReplicaSet};
+    let w = World::new("bad-set");
+    let a = w.connected_agent();
+    let me = ReplicaInfo { id: "r_fake".into(), url: w.hub.url() };
+    let set = |extra: Vec<ReplicaInfo>| ReplicaSet {
+        this: "r_fake".into(),
+        replicas: std::iter::once(me.clone()).chain(extra).collect(),
+    };
+    w.hub.replicas(set(vec![]));
+    wait_for("the agent took the set", || a.log().contains("hub replicas: 1 (r_fake)"));
+    let from = format!("replica set from {} refused:", w.hub.url());
+    let bad = [
+        (
+            set(vec![ReplicaInfo { id: "r_b".into(), url: "http://10.0.0.2:8443".into() }]),
+            r#"replica "r_b" has advertise URL "http://10.0.0.2:8443": not an https:// URL"#.to_string(),
+        ),
+        (
+            set((1..=MAX_REPLICAS)
+                .map(|i| ReplicaInfo { id: format!("r_{i}"), url: format!("https://10.0.1.{i}:8443") })
+                .collect()),
+            format!("{} replicas, over the limit of {MAX_REPLICAS}", MAX_REPLICAS + 1),
+        ),
+        (
+            set(vec![ReplicaInfo { id: "r_fake".into(), url: "https://10.0.0.3:8443".into() }]),
+            r#"replica id "r_fake" appears twice"#.to_string(),
+        ),
+    ];
+    for (set, why) in bad {
+        w.hub.replicas(set);
+        let line = format!("{from} {why}; keeping the current tunnels ({})", w.hub.url());
+        wait_for(&line, || a.log().contains(&line));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let log = a.log();
+    let dialled = log.lines().any(|l| l.contains("10.0.") && !l.contains(&from));
+    assert!(!dialled, "dialled nothing from a refused set:\n{log}");
+    assert_eq!(w.hub.tunnels(), 1, "the one tunnel was kept:\n{log}");
+    assert_eq!(a.metric("uplink_tunnels"), Some(1.0));
+    let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", ident("alice", &[]));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}

@@ -377,6 +377,93 @@ fn the_agent_takes_the_hubs_keepalive_and_deadline() {
     assert!(p.hub.is_closed());
 }
 
+fn replicas(this: &str, ids: &[&str]) -> ReplicaSet {
+    ReplicaSet {
+        this: this.into(),
+        replicas: ids.iter().map(|id| ReplicaInfo { id: id.to_string(), url: format!("https://{id}:8443") }).collect(),
+    }
+}
+
+fn replica_events(events: &[Event]) -> Vec<Result<ReplicaSet, ReplicaSetError>> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ReplicaSet(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// CAP_REPLICAS: the set follows the handshake, again on each change and
+/// only then; an agent without the bit never sees the frame; a bad set is
+/// reported, the session lives on; the frame from the wrong side or
+/// unannounced ends the session.
+#[test]
+fn replica_set_is_negotiated_sent_after_welcome_and_on_change() {
+    let now = Instant::now();
+    let mut agent = Mux::agent(Config::default(), AgentInfo::default(), now);
+    let mut hub = Mux::hub(Config::default(), 1, now);
+    hub.set_replicas(replicas("a", &["a", "b"]));
+    hub.handle_input(&agent.take_transmit(Vec::new()), now);
+    assert!(hub.peer_takes_replicas());
+    let sent = hub.take_transmit(Vec::new());
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while let Some((f, used)) = uplink::proto::codec::decode(&sent[at..], MAX_FRAME_LEN).unwrap() {
+        frames.push(f);
+        at += used;
+    }
+    assert!(
+        matches!(&frames[..], [Frame::Welcome(_), Frame::Deadline { .. }, Frame::ReplicaSet(s)] if *s == replicas("a", &["a", "b"]))
+    );
+    agent.handle_input(&sent, now);
+    let mut events = Vec::new();
+    while let Some(e) = agent.poll_event() {
+        events.push(e);
+    }
+    assert_eq!(replica_events(&events), vec![Ok(replicas("a", &["a", "b"]))]);
+
+    // A change is sent; the same set again is not.
+    let mut p = Pair::new();
+    p.hub.set_replicas(replicas("a", &["a"]));
+    p.run();
+    p.hub.set_replicas(replicas("a", &["a", "c"]));
+    p.run();
+    p.hub.set_replicas(replicas("a", &["a", "c"]));
+    p.run();
+    assert_eq!(replica_events(&p.take_agent_events()), vec![Ok(replicas("a", &["a"])), Ok(replicas("a", &["a", "c"]))]);
+
+    // A malformed set: the agent hears what is wrong, the session goes on.
+    let mut bad = replicas("a", &["a", "b"]);
+    bad.replicas[1].id = "a".into();
+    p.hub.set_replicas(bad);
+    p.run();
+    assert_eq!(replica_events(&p.take_agent_events()), vec![Err(ReplicaSetError::DuplicateId("a".into()))]);
+    assert!(p.agent.is_open() && p.hub.is_open());
+
+    // An agent of the previous release (capabilities without the bit).
+    let mut old = Mux::agent_with_capabilities(Config::default(), AgentInfo::default(), CAP_DEADLINE, now);
+    let mut hub = Mux::hub(Config::default(), 2, now);
+    hub.set_replicas(replicas("a", &["a"]));
+    hub.handle_input(&old.take_transmit(Vec::new()), now);
+    assert!(!hub.peer_takes_replicas());
+    old.handle_input(&hub.take_transmit(Vec::new()), now);
+    hub.set_replicas(replicas("a", &["a", "b"]));
+    let later = hub.take_transmit(Vec::new());
+    assert!(later.is_empty(), "nothing sent to an agent without CAP_REPLICAS");
+    assert!(old.is_open());
+    // ... and a hub that sends it anyway breaks the protocol.
+    let mut bytes = Vec::new();
+    uplink::proto::codec::encode(&Frame::ReplicaSet(replicas("a", &["a"])), u32::MAX, &mut bytes).unwrap();
+    old.handle_input(&bytes, now);
+    assert!(old.is_closed());
+
+    // The hub never accepts one.
+    let mut p = Pair::new();
+    p.inject_to_hub(&Frame::ReplicaSet(replicas("a", &["a"])));
+    assert!(p.hub.is_closed());
+}
+
 #[test]
 fn goaway_drains_in_flight_streams_and_refuses_new_ones() {
     let mut p = Pair::new();

@@ -57,17 +57,23 @@ fn replicas(st: &dyn Store, shared: bool) {
     };
     st.replica_heartbeat(&a, Some(&[sess(&a, 1), sess(&a, 2)]), 106, 10).unwrap();
     let seen_by_b = st.replica_heartbeat(&b, Some(&[]), 107, 10).unwrap();
+    let live = st.live_replicas(107, 10).unwrap();
     // Later: a stops beating; past the deadline b no longer sees it.
     let after = st.replica_heartbeat(&b, None, 120, 10).unwrap();
+    let live_after = st.live_replicas(120, 10).unwrap();
     st.leave_replica("r_b").unwrap();
     if shared {
         assert!(matches!(clash, Err(StoreError::Conflict(m)) if m.contains("https://a:1")));
         assert_eq!(seen_by_b, [sess(&a, 1), sess(&a, 2)]);
         assert!(after.is_empty(), "{after:?}");
+        // Where the hand-off dials: every live replica's URL.
+        assert_eq!(live, [a.clone(), b.clone()]);
+        assert_eq!(live_after, std::slice::from_ref(&b));
         // The URL of a replica that expired may be taken again.
         st.join_replica(&r("r_d", "https://a:1"), 130, 10).unwrap();
     } else {
         assert!(clash.is_ok() && seen_by_b.is_empty() && after.is_empty());
+        assert!(live.is_empty() && live_after.is_empty());
     }
 }
 
@@ -372,4 +378,57 @@ fn concurrent_first_starts_migrate_once() {
     assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 1, "one identity made");
     assert!(cas.iter().all(|c| *c == cas[0]), "{cas:?}");
     assert_eq!(pg.query("SELECT COUNT(*) FROM schema_version"), "1");
+}
+
+/// The database unreachable in the worst way (SYNs dropped, so every
+/// re-dial takes the connect timeout): appending audit entries never
+/// waits, even past the audit queue's length (4,096), because the writer
+/// takes every queued entry into its own bounded holding while it waits.
+#[test]
+fn audit_appends_never_wait_while_the_database_is_unreachable() {
+    let Some(pg) = Postgres::start("store-audit-away") else { return };
+    let st = open_pg(&pg);
+    assert!(pg.stop_server().status.success());
+    // PostgreSQL's port, now answering no SYN (a backlog of 0, filled).
+    use rustix::net::{AddressFamily, SocketType, ipproto};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, Some(ipproto::TCP)).unwrap();
+    rustix::net::sockopt::set_socket_reuseaddr(&fd, true).unwrap();
+    rustix::net::bind(&fd, &std::net::SocketAddr::from(([127, 0, 0, 1], pg.port))).unwrap();
+    rustix::net::listen(&fd, 0).unwrap();
+    let _dropping = std::net::TcpListener::from(fd);
+    let _fill: Vec<_> = (0..3)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(
+                &([127, 0, 0, 1], pg.port).into(),
+                std::time::Duration::from_millis(300),
+            )
+            .ok()
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    for i in 0..10_000u64 {
+        st.append_audit(&AuditEntry {
+            id: 0,
+            time: i as i64,
+            user: s("jane@example.com"),
+            groups: vec![],
+            cluster: s("edge-1"),
+            method: s("GET"),
+            path: s("/api/v1/pods"),
+            status: 200,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 1,
+            upgrade: false,
+        })
+        .unwrap();
+    }
+    let took = t0.elapsed();
+    println!("10,000 audit appends with the database unreachable: {took:?}");
+    assert!(took < std::time::Duration::from_secs(3), "appends waited: {took:?}");
+    // Dropping the store joins the writer, which tries once more (up to
+    // the connect timeout) and gives up: no hang.
+    let t0 = std::time::Instant::now();
+    drop(st);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(15), "{:?}", t0.elapsed());
 }

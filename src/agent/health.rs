@@ -17,6 +17,8 @@ use std::time::Duration;
 #[derive(Default)]
 pub struct Metrics {
     pub tunnel_up: Cell<bool>,
+    /// Tunnels up: one per hub replica (or the one through the public URL).
+    pub tunnels: Cell<u64>,
     pub reconnects: Cell<u64>,
     active_streams: Cell<u64>,
     requests: RefCell<BTreeMap<u16, u64>>,
@@ -67,6 +69,11 @@ impl Metrics {
             "# HELP uplink_tunnel_up Whether the tunnel to the hub is connected.\n# TYPE uplink_tunnel_up gauge"
         );
         let _ = writeln!(s, "uplink_tunnel_up {}", u8::from(self.tunnel_up.get()));
+        let _ = writeln!(
+            s,
+            "# HELP uplink_tunnels Tunnels up, one per hub replica reached.\n# TYPE uplink_tunnels gauge\nuplink_tunnels {}",
+            self.tunnels.get()
+        );
         let _ = writeln!(s, "# HELP uplink_tunnel_reconnects_total Tunnel connections lost and dialled again.");
         let _ = writeln!(
             s,

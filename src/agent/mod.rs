@@ -7,7 +7,8 @@
 //!    └─ LocalExecutor::run ─┬─ health server (/healthz /readyz /metrics)
 //!                           ├─ registration: saved state, else activate once and save   exit 2 / 4
 //!                           ├─ READY=1, watchdog pings
-//!                           ├─ tunnel::run — reconnect forever; a task per stream (kube::proxy)
+//!                           ├─ tunnel::run — a tunnel per hub replica, each redialled
+//!                           │   with its own backoff; a task per stream (kube::proxy)
 //!                           └─ SIGTERM/SIGINT → STOPPING=1, GoAway, drain briefly, exit 0
 //! ```
 //!
@@ -155,8 +156,8 @@ pub struct AgentCtx {
     pub hub_tls: Arc<ClientConfig>,
     pub credential: Secret,
     pub proxies: ProxyEnv,
-    /// The live session, for the drain on SIGTERM.
-    pub session: RefCell<Option<Session>>,
+    /// The live sessions (one per hub replica), for the drain on SIGTERM.
+    pub sessions: RefCell<std::collections::HashMap<u64, Session>>,
     /// Set on SIGTERM: a tunnel that ends now is not dialled again.
     pub stopping: std::cell::Cell<bool>,
     info: RefCell<Option<(AgentInfo, Instant)>>,
@@ -278,7 +279,7 @@ async fn main_loop(
         hub_tls,
         credential: reg.credential.clone(),
         proxies,
-        session: RefCell::new(None),
+        sessions: RefCell::new(Default::default()),
         stopping: std::cell::Cell::new(false),
         info: RefCell::new(None),
     });
@@ -318,15 +319,24 @@ async fn main_loop(
         End::Signal => {
             notify::notify("STOPPING=1");
             ctx.stopping.set(true);
-            let session = ctx.session.borrow().clone();
-            if let Some(session) = session {
-                log::info!("stopping: draining {} in-flight streams (up to {:?})", metrics.active_streams(), drain);
-                session.go_away(GoAwayCode::ShuttingDown, "agent stopping");
+            let sessions: Vec<Session> = ctx.sessions.borrow().values().cloned().collect();
+            if !sessions.is_empty() {
+                log::info!(
+                    "stopping: draining {} in-flight streams on {} tunnels (up to {:?})",
+                    metrics.active_streams(),
+                    sessions.len(),
+                    drain
+                );
+                for session in &sessions {
+                    session.go_away(GoAwayCode::ShuttingDown, "agent stopping");
+                }
                 let deadline = Instant::now() + drain;
                 while metrics.active_streams() > 0 && Instant::now() < deadline {
                     smol::Timer::after(Duration::from_millis(25)).await;
                 }
-                session.close(GoAwayCode::ShuttingDown, "agent stopped");
+                for session in &sessions {
+                    session.close(GoAwayCode::ShuttingDown, "agent stopped");
+                }
                 smol::Timer::after(Duration::from_millis(50)).await;
             }
             log::info!("stopped");

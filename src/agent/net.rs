@@ -407,13 +407,24 @@ pub async fn tcp_connect(addrs: &[SocketAddr]) -> io::Result<Async<TcpStream>> {
 
 /// Wraps a TCP connection in TLS when the target wants it.
 pub async fn tls_wrap(tcp: Async<TcpStream>, target: &Target, tls: Option<&Arc<ClientConfig>>) -> io::Result<Io> {
+    tls_wrap_as(tcp, target, &target.host, tls).await
+}
+
+/// [`tls_wrap`], checking the certificate against `name` (and sending it
+/// as SNI) rather than the target's host: a hub replica reached at its own
+/// address presents the certificate of the hub's public name.
+pub async fn tls_wrap_as(
+    tcp: Async<TcpStream>,
+    target: &Target,
+    name: &str,
+    tls: Option<&Arc<ClientConfig>>,
+) -> io::Result<Io> {
     if !target.tls {
         return Ok(Io::Plain(tcp));
     }
     let config = tls.ok_or_else(|| io::Error::other("https target without a TLS configuration"))?;
-    let name = ServerName::try_from(target.host.clone()).map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{:?} is not a valid TLS name", target.host))
-    })?;
+    let name = ServerName::try_from(name.to_string())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} is not a valid TLS name")))?;
     let handshake = TlsConnector::from(config.clone()).connect(name, tcp);
     let stream = deadline(dial_timeout(), || format!("TLS handshake with {target}"), handshake).await?;
     Ok(Io::Tls(Box::new(stream)))
@@ -596,11 +607,21 @@ pub async fn proxy_connect(proxy: &Proxy, target: &Target) -> io::Result<Async<T
 
 /// Dials `target` (through `proxy` when given) and does the TLS handshake.
 pub async fn dial(target: &Target, tls: Option<&Arc<ClientConfig>>, proxy: Option<&Proxy>) -> io::Result<Io> {
+    dial_as(target, &target.host, tls, proxy).await
+}
+
+/// [`dial`], checking the certificate against `name` (see [`tls_wrap_as`]).
+pub async fn dial_as(
+    target: &Target,
+    name: &str,
+    tls: Option<&Arc<ClientConfig>>,
+    proxy: Option<&Proxy>,
+) -> io::Result<Io> {
     let tcp = match proxy {
         Some(p) => proxy_connect(p, target).await?,
         None => tcp_connect(&target.resolve()?).await?,
     };
-    tls_wrap(tcp, target, tls).await
+    tls_wrap_as(tcp, target, name, tls).await
 }
 
 #[cfg(test)]

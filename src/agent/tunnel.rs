@@ -1,6 +1,11 @@
-//! The tunnel to the hub: dial (through a proxy when the environment
-//! says so), TLS, `GET /v1/tunnel` with `Upgrade: uplink/1` and the
-//! credential, then the mux until the session ends; and again, forever.
+//! The tunnels to the hub: one per hub replica ([`run`] keeps the set),
+//! each a link that dials (through a proxy when the environment says so),
+//! does TLS, `GET /v1/tunnel` with `Upgrade: uplink/1` and the
+//! credential, then runs the mux until the session ends; and again, with
+//! its own backoff, until its replica leaves the set. A hub without
+//! replicas (or an older one) is one link to the public URL, as before.
+//!
+//! One link:
 //!
 //! ```text
 //!        ┌──── backoff (exponential, full jitter, ≤ 30 s) ◄──── dial, TLS or upgrade failed / timed out
@@ -29,12 +34,14 @@ use super::http1::{self, Conn};
 use super::kube::proxy;
 use super::net::{self, Io, Target};
 use crate::driver::Session;
-use crate::proto::{AgentInfo, Config, GoAwayCode, Header, Mux, SessionError};
+use crate::proto::{AgentInfo, Config, GoAwayCode, Header, Mux, ReplicaSet, ReplicaSetError, SessionError};
 use smol::io::{AsyncRead, AsyncWrite};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// First backoff ceiling.
@@ -125,8 +132,315 @@ enum Attempt {
     Stop(String),
 }
 
-/// Keeps a tunnel up until the cluster is deregistered.
+/// Which way a tunnel goes: through the public URL (the load balancer,
+/// landing on whichever replica it picks) or to one replica's own
+/// advertise URL.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Via {
+    Public,
+    Replica(String),
+}
+
+/// What a link task tells the supervisor. `serial` names the link, so a
+/// message from a link that was dropped a moment ago is recognised.
+enum Msg {
+    Up { via: Via, serial: u64, session: Session },
+    Set { via: Via, serial: u64, set: Result<ReplicaSet, ReplicaSetError> },
+    Down { via: Via, serial: u64 },
+    Stop(String),
+}
+
+/// One link: a task that keeps a tunnel up to one target with its own
+/// backoff, and what the supervisor knows of it.
+struct Link {
+    serial: u64,
+    target: Target,
+    /// Dropping it cancels the link (after its session was closed).
+    task: smol::Task<()>,
+    /// Set when the replica left the set: the link ends after its
+    /// current session instead of dialling again.
+    retire: Rc<Cell<bool>>,
+    session: Option<Session>,
+    /// The latest valid set the hub sent on this link's session; its
+    /// `this` says which replica the session reached.
+    set: Option<ReplicaSet>,
+}
+
+/// Keeps one tunnel to every live hub replica until the cluster is
+/// deregistered.
+///
+/// ```text
+///  start ─► link Public (the public URL) ─► up on replica A, ReplicaSet{A,B,C}
+///                                            ├─ link B ─► advertise URL of B
+///                                            └─ link C ─► advertise URL of C
+///  ReplicaSet adds D ─► link D          ReplicaSet drops C ─► GoAway on C's tunnel,
+///                                                              link ends once drained
+///  no tunnel up (or no set known) ─► link Public dials again (the fallback)
+///  a session lands on a replica another session holds ─► closed: never two tunnels
+///                                                        to one replica
+/// ```
+///
+/// The set dialled is the union of the latest sets the live sessions
+/// heard (each replica tells its own view; a replica one of them still
+/// sees is not dropped); with no session up, the last one known. A hub
+/// that sends no set (the embedded store, or an older hub) leaves the
+/// agent with its one tunnel through the public URL, as before.
 pub async fn run(ctx: Rc<AgentCtx>) -> Deregistered {
+    let tx = Mailbox::default();
+    let mut sup = Supervisor { ctx, tx: tx.clone(), links: BTreeMap::new(), known: BTreeMap::new(), serial: 0 };
+    sup.reconcile();
+    loop {
+        let msg = tx.recv().await;
+        if let Msg::Stop(why) = msg {
+            sup.close_all("agent stopping: cluster deregistered");
+            return Deregistered(why);
+        }
+        sup.handle(msg);
+    }
+}
+
+/// The links' messages to the supervisor, on the one thread. Sending
+/// never waits: a link sends a handful per session (up, sets, down), and
+/// the supervisor takes each as soon as the link yields.
+#[derive(Clone, Default)]
+struct Mailbox(Rc<RefCell<(VecDeque<Msg>, Option<Waker>)>>);
+
+impl Mailbox {
+    fn send(&self, msg: Msg) {
+        let mut m = self.0.borrow_mut();
+        m.0.push_back(msg);
+        if let Some(w) = m.1.take() {
+            w.wake();
+        }
+    }
+
+    async fn recv(&self) -> Msg {
+        std::future::poll_fn(|cx| {
+            let mut m = self.0.borrow_mut();
+            match m.0.pop_front() {
+                Some(msg) => Poll::Ready(msg),
+                None => {
+                    m.1 = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
+struct Supervisor {
+    ctx: Rc<AgentCtx>,
+    tx: Mailbox,
+    links: BTreeMap<Via, Link>,
+    /// The replicas to keep tunnels to (id → advertise URL).
+    known: BTreeMap<String, String>,
+    serial: u64,
+}
+
+impl Supervisor {
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Up { via, serial, session } => {
+                let Some(link) = self.link(&via, serial) else { return };
+                link.session = Some(session);
+                self.count_up();
+            }
+            Msg::Set { via, serial, set: Err(e) } => {
+                let Some(link) = self.link(&via, serial) else { return };
+                let from = link.target.to_string();
+                log::error!("replica set from {from} refused: {e}; keeping the current tunnels ({})", self.up_list());
+            }
+            Msg::Set { via, serial, set: Ok(set) } => {
+                if self.link(&via, serial).is_none() {
+                    return;
+                }
+                let holder = self
+                    .links
+                    .iter()
+                    .find(|(v, l)| {
+                        **v != via && l.session.is_some() && l.set.as_ref().is_some_and(|s| s.this == set.this)
+                    })
+                    .map(|(v, _)| v.clone());
+                if let Some(holder) = holder {
+                    self.duplicate(&via, &set.this, &holder);
+                } else {
+                    if let Via::Replica(id) = &via
+                        && *id != set.this
+                    {
+                        log::warn!(
+                            "the advertise URL of hub replica {id} reached replica {}: check that replica's --advertise-url",
+                            set.this
+                        );
+                    }
+                    let link = self.links.get_mut(&via).expect("checked above");
+                    if link.set.as_ref() == Some(&set) {
+                        return;
+                    }
+                    link.set = Some(set);
+                }
+                self.reconcile();
+            }
+            Msg::Down { via, serial } => {
+                let Some(link) = self.link(&via, serial) else { return };
+                link.session = None;
+                link.set = None;
+                self.count_up();
+                self.reconcile();
+            }
+            Msg::Stop(_) => unreachable!("handled by run"),
+        }
+    }
+
+    /// The live link `via`, if `serial` is still its.
+    fn link(&mut self, via: &Via, serial: u64) -> Option<&mut Link> {
+        self.links.get_mut(via).filter(|l| l.serial == serial)
+    }
+
+    /// A session on `via` reached a replica that `holder` already has a
+    /// tunnel to: the newcomer goes (it carries nothing yet).
+    fn duplicate(&mut self, via: &Via, replica: &str, holder: &Via) {
+        log::info!("second tunnel to hub replica {replica} ({via:?}, already held by {holder:?}): closing it");
+        if let Some(link) = self.links.get_mut(via) {
+            if let Some(s) = link.session.take() {
+                s.go_away(GoAwayCode::ShuttingDown, "agent already holds a tunnel to this replica");
+            }
+            link.set = None;
+        }
+        if *via == Via::Public {
+            // The public URL is only the way in and the fallback: a tunnel
+            // is up, so it rests. Its session ends when drained (now: it
+            // carried nothing yet).
+            if let Some(link) = self.links.remove(via) {
+                link.retire.set(true);
+                link.task.detach();
+            }
+        }
+        self.count_up();
+    }
+
+    /// Brings the links in line with the known set: one per replica, the
+    /// public URL only while nothing else is up.
+    fn reconcile(&mut self) {
+        let live: Vec<&ReplicaSet> =
+            self.links.values().filter(|l| l.session.is_some()).filter_map(|l| l.set.as_ref()).collect();
+        if !live.is_empty() {
+            let mut known = BTreeMap::new();
+            for set in live {
+                for r in &set.replicas {
+                    known.entry(r.id.clone()).or_insert_with(|| r.url.clone());
+                }
+            }
+            if known != self.known {
+                let ids: Vec<&str> = known.keys().map(String::as_str).collect();
+                log::info!("hub replicas: {} ({})", ids.len(), ids.join(", "));
+                self.known = known;
+            }
+        }
+        // The replica the public URL's session reached needs no link of
+        // its own while that session lasts.
+        let via_public = self
+            .links
+            .get(&Via::Public)
+            .filter(|l| l.session.is_some())
+            .and_then(|l| l.set.as_ref())
+            .map(|s| s.this.clone());
+        let gone: Vec<Via> = self
+            .links
+            .iter()
+            .filter(|(via, l)| match via {
+                Via::Public => false,
+                Via::Replica(id) => {
+                    !self.known.contains_key(id) || (via_public.as_deref() == Some(id) && l.session.is_none())
+                }
+            })
+            .map(|(via, _)| via.clone())
+            .collect();
+        for via in gone {
+            self.retire(&via);
+        }
+        let missing: Vec<(String, String)> = self
+            .known
+            .iter()
+            .filter(|(id, _)| via_public.as_deref() != Some(id.as_str()))
+            .filter(|(id, _)| !self.links.contains_key(&Via::Replica(id.to_string())))
+            .map(|(id, url)| (id.clone(), url.clone()))
+            .collect();
+        for (id, url) in missing {
+            match Target::parse(&url) {
+                Ok(target) => self.spawn(Via::Replica(id), target),
+                Err(e) => log::error!("hub replica {id}: advertise URL {e}; not dialling it"),
+            }
+        }
+        let any_up = self.links.values().any(|l| l.session.is_some());
+        let need_public = !any_up || self.known.is_empty();
+        match self.links.get(&Via::Public) {
+            None if need_public => self.spawn(Via::Public, self.ctx.hub.clone()),
+            Some(l) if !need_public && l.session.is_none() => {
+                self.links.remove(&Via::Public);
+            }
+            _ => {}
+        }
+    }
+
+    /// Ends a link whose replica left the set: a live session is told
+    /// `GoAway` and closes once its streams finish; a link still dialling
+    /// just stops.
+    fn retire(&mut self, via: &Via) {
+        let Some(link) = self.links.remove(via) else { return };
+        match &link.session {
+            Some(s) => {
+                log::info!("hub replica left the set: draining the tunnel to {}", link.target);
+                s.go_away(GoAwayCode::ShuttingDown, "replica left the hub's replica set");
+                link.retire.set(true);
+                // Detached: the link ends by itself once the session
+                // drained (the retire flag stops its redial).
+                link.task.detach();
+            }
+            None => log::info!("hub replica left the set: no longer dialling {}", link.target),
+        }
+        self.count_up();
+    }
+
+    fn spawn(&mut self, via: Via, target: Target) {
+        self.serial += 1;
+        let retire = Rc::new(Cell::new(false));
+        let task = self.ctx.ex.spawn(link(
+            self.ctx.clone(),
+            via.clone(),
+            self.serial,
+            target.clone(),
+            self.tx.clone(),
+            retire.clone(),
+        ));
+        self.links.insert(via, Link { serial: self.serial, target, task, retire, session: None, set: None });
+    }
+
+    /// Sessions up, for the metrics and `/readyz`.
+    fn count_up(&self) {
+        let n = self.links.values().filter(|l| l.session.is_some()).count() as u64;
+        self.ctx.metrics.tunnels.set(n);
+        self.ctx.metrics.tunnel_up.set(n > 0);
+    }
+
+    fn up_list(&self) -> String {
+        let up: Vec<String> =
+            self.links.values().filter(|l| l.session.is_some()).map(|l| l.target.to_string()).collect();
+        if up.is_empty() { "none up".into() } else { up.join(", ") }
+    }
+
+    fn close_all(&mut self, why: &str) {
+        for link in self.links.values() {
+            if let Some(s) = &link.session {
+                s.close(GoAwayCode::Deregistered, why);
+            }
+        }
+    }
+}
+
+/// Keeps a tunnel up to `target` with its own backoff, reporting to the
+/// supervisor, until the cluster is deregistered or the link is retired.
+async fn link(ctx: Rc<AgentCtx>, via: Via, serial: u64, target: Target, tx: Mailbox, retire: Rc<Cell<bool>>) {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
     let mut first = true;
     loop {
@@ -134,16 +448,20 @@ pub async fn run(ctx: Rc<AgentCtx>) -> Deregistered {
             ctx.metrics.reconnects.set(ctx.metrics.reconnects.get() + 1);
         }
         first = false;
-        let result = attempt(&ctx).await;
-        if ctx.stopping.get() {
-            // The agent is stopping: whatever ended the session, stay down.
-            return std::future::pending().await;
+        let result = attempt(&ctx, &via, serial, &target, &tx).await;
+        tx.send(Msg::Down { via: via.clone(), serial });
+        if ctx.stopping.get() || retire.get() {
+            // The agent is stopping, or the replica left: stay down.
+            return;
         }
         match result {
-            Attempt::Stop(why) => return Deregistered(why),
+            Attempt::Stop(why) => {
+                tx.send(Msg::Stop(why));
+                return;
+            }
             Attempt::Ended(why) => {
                 let wait = backoff.after_session();
-                log::warn!("tunnel ended ({why}); reconnecting in {} ms", wait.as_millis());
+                log::warn!("tunnel to {target} ended ({why}); reconnecting in {} ms", wait.as_millis());
                 smol::Timer::after(wait).await;
             }
             Attempt::Failed(why) => {
@@ -155,56 +473,72 @@ pub async fn run(ctx: Rc<AgentCtx>) -> Deregistered {
     }
 }
 
-async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
-    let io = match open(ctx).await {
+async fn attempt(ctx: &Rc<AgentCtx>, via: &Via, serial: u64, target: &Target, tx: &Mailbox) -> Attempt {
+    let io = match open(ctx, target).await {
         Ok(io) => io,
         Err(Open::Stop(why)) => return Attempt::Stop(why),
         Err(Open::Failed(why)) => return Attempt::Failed(why),
     };
     let info = ctx.agent_info().await;
     let session = Session::new(Mux::agent(Config::default(), info, Instant::now()));
-    *ctx.session.borrow_mut() = Some(session.clone());
-    let up_since = std::cell::Cell::new(None);
+    ctx.sessions.borrow_mut().insert(serial, session.clone());
+    // Out of `ctx.sessions` when this attempt ends, or is cancelled (a
+    // link dropped while its dial was under way).
+    let listed = Listed { ctx: ctx.clone(), serial };
+    let up_since = Cell::new(None);
     let ready = async {
         if session.connected().await.is_ok() {
             up_since.set(Some(Instant::now()));
-            log::info!("tunnel up to {}", ctx.hub);
-            ctx.metrics.tunnel_up.set(true);
+            log::info!("tunnel up to {target}");
             super::notify::notify("STATUS=tunnel up");
+            tx.send(Msg::Up { via: via.clone(), serial, session: session.clone() });
         }
-        while let Some((stream, head)) = session.accept().await {
-            // Detached: the task owns its stream and ends with it — at the
-            // end of the exchange, or when the session closes (every
-            // stream operation then fails).
-            ctx.ex.spawn(proxy::serve(ctx.clone(), stream, head)).detach();
-        }
-        // `accept` ends on the hub's GoAway. ShuttingDown lets in-flight
-        // streams finish; a deregistered cluster serves nothing more, so
-        // the session ends now instead of when the last watch does.
-        match session.goaway_received() {
-            Some((code @ (GoAwayCode::Deregistered | GoAwayCode::Unauthorized), message)) => {
-                session.close(code, "agent stopping: cluster deregistered");
-                SessionError::GoAway { code, message }
+        let sets = async {
+            while let Some(set) = session.next_replica_set().await {
+                tx.send(Msg::Set { via: via.clone(), serial, set });
             }
-            // The hub is going away but its in-flight streams (long
-            // watches, exec sessions) finish on this connection: a new
-            // tunnel comes up beside it at once.
-            Some((code @ GoAwayCode::ShuttingDown, message)) if !ctx.stopping.get() => {
-                SessionError::GoAway { code, message }
+            std::future::pending::<SessionError>().await
+        };
+        let streams = async {
+            while let Some((stream, head)) = session.accept().await {
+                // Detached: the task owns its stream and ends with it — at
+                // the end of the exchange, or when the session closes
+                // (every stream operation then fails).
+                ctx.ex.spawn(proxy::serve(ctx.clone(), stream, head)).detach();
             }
-            _ => std::future::pending::<SessionError>().await,
-        }
+            // `accept` ends on the hub's GoAway. ShuttingDown lets in-flight
+            // streams finish; a deregistered cluster serves nothing more, so
+            // the session ends now instead of when the last watch does.
+            match session.goaway_received() {
+                Some((code @ (GoAwayCode::Deregistered | GoAwayCode::Unauthorized), message)) => {
+                    session.close(code, "agent stopping: cluster deregistered");
+                    SessionError::GoAway { code, message }
+                }
+                // The hub is going away but its in-flight streams (long
+                // watches, exec sessions) finish on this connection: a new
+                // tunnel comes up beside it at once.
+                Some((code @ GoAwayCode::ShuttingDown, message)) if !ctx.stopping.get() => {
+                    SessionError::GoAway { code, message }
+                }
+                _ => std::future::pending::<SessionError>().await,
+            }
+        };
+        smol::future::or(streams, sets).await
     };
     let s2 = session.clone();
     let mut run = ctx.ex.spawn(async move { s2.run(io).await });
     let error = smol::future::or(&mut run, ready).await;
     if matches!(error, SessionError::GoAway { code: GoAwayCode::ShuttingDown, .. }) && !run.is_finished() {
         // Detached: the old session ends by itself once its last stream
-        // does, or when the hub closes the connection.
-        run.detach();
+        // does, or when the hub closes the connection; it stays in
+        // `ctx.sessions` meanwhile, so SIGTERM drains it too.
+        ctx.ex
+            .spawn(async move {
+                run.await;
+                drop(listed);
+            })
+            .detach();
     }
-    ctx.metrics.tunnel_up.set(false);
-    ctx.session.borrow_mut().take();
     match &error {
         SessionError::GoAway { code: GoAwayCode::Deregistered | GoAwayCode::Unauthorized, message } => {
             Attempt::Stop(format!("the hub closed the tunnel: {message}"))
@@ -219,8 +553,20 @@ async fn attempt(ctx: &Rc<AgentCtx>) -> Attempt {
             }
             // Upgraded but no Welcome (a hub that refused the handshake or
             // went silent): a failed dial, so the backoff grows.
-            None => Attempt::Failed(format!("tunnel handshake with {}: {error}", ctx.hub)),
+            None => Attempt::Failed(format!("tunnel handshake with {target}: {error}")),
         },
+    }
+}
+
+/// A session listed in `AgentCtx::sessions`; unlisted when dropped.
+struct Listed {
+    ctx: Rc<AgentCtx>,
+    serial: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.ctx.sessions.borrow_mut().remove(&self.serial);
     }
 }
 
@@ -229,11 +575,13 @@ enum Open {
     Stop(String),
 }
 
-/// Dials the hub and upgrades to the tunnel protocol.
-async fn open(ctx: &AgentCtx) -> Result<Prefixed<Io>, Open> {
-    let target: &Target = &ctx.hub;
+/// Dials `target` and upgrades to the tunnel protocol. The certificate is
+/// checked against the public URL's host whatever the address dialled:
+/// every replica presents the one certificate the replicas share, issued
+/// for the public name (and verified against the pinned hub CA).
+async fn open(ctx: &AgentCtx, target: &Target) -> Result<Prefixed<Io>, Open> {
     let proxy = ctx.proxies.for_target(target).map_err(Open::Failed)?;
-    let io = net::dial(target, Some(&ctx.hub_tls), proxy.as_ref()).await.map_err(|e| {
+    let io = net::dial_as(target, &ctx.hub.host, Some(&ctx.hub_tls), proxy.as_ref()).await.map_err(|e| {
         Open::Failed(format!("{target}{}: {e}", proxy.map(|p| format!(" via proxy {}", p.target)).unwrap_or_default()))
     })?;
     if let Err(e) = io.set_notsent_lowat(crate::driver::TUNNEL_NOTSENT_LOWAT) {

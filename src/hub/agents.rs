@@ -182,6 +182,10 @@ pub async fn tunnel(hub: &Rc<Hub>, req: &Request, inb: &mut In, out: &mut Out, p
     super::metrics::Metrics::bump(&hub.metrics.tunnels_accepted);
     let session_id = hub.tunnels.next_session_id();
     let session = Session::new(Mux::hub(hub.tunnel_config.clone(), session_id, Instant::now()));
+    // Sent right after Welcome to an agent that announced CAP_REPLICAS.
+    if let Some(set) = hub.replicas.set() {
+        session.set_replicas(set);
+    }
     let io = super::http::Duplex { r: &mut *inb, w: &mut *out };
     let registered = std::cell::Cell::new(false);
     let setup = async {
@@ -209,6 +213,11 @@ pub async fn tunnel(hub: &Rc<Hub>, req: &Request, inb: &mut In, out: &mut Out, p
                     peer: peer.to_string(),
                 });
                 let first = hub.tunnels.add(&cluster.id, conn);
+                // The set may have changed during the handshake, before
+                // this tunnel was in the list a change is pushed to.
+                if let Some(set) = hub.replicas.set() {
+                    session.set_replicas(set);
+                }
                 registered.set(true);
                 let _ = hub.store.agent_connected(&cluster.id, &facts, now);
                 let _ = hub.store.add_event(

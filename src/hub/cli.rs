@@ -67,7 +67,7 @@ pub struct ServeArgs {
     #[argh(option, default = "PathBuf::from(\"uplink-data\")")]
     pub data_dir: PathBuf,
     /// where the hub keeps its state: an SQLite path or sqlite: URL (default DATA_DIR/hub.db), or
-    /// postgres://USER@HOST:PORT/DB?sslmode=disable|prefer&passfile=PATH to share one database
+    /// postgres://USER@HOST:PORT/DB?sslmode=verify-full&sslrootcert=CA.pem&passfile=PATH to share one database
     /// among several hubs (env UPLINK_HUB_STORE)
     #[argh(option)]
     pub store: Option<String>,

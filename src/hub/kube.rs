@@ -592,15 +592,16 @@ fn status_message(body: &[u8]) -> Option<String> {
 /// redial after a cut or a hub restart is quicker than this.
 const TUNNEL_GRACE: Duration = Duration::from_secs(3);
 
-/// A stream to the cluster on its least busy tunnel. A request that lands
+/// A stream to the cluster on its least busy tunnel, or through a replica
+/// that holds one (`replicas::handoff`). A request that lands
 /// while the agent is redialling waits for it, up to [`TUNNEL_GRACE`],
 /// rather than being refused. `Err(None)`: no tunnel; `Err(Some)`: the
 /// tunnel could not take the stream.
 pub(super) async fn open_stream(hub: &Hub, cluster_id: &str, head: RequestHead) -> Result<Stream, Option<StreamError>> {
     let until = Instant::now() + TUNNEL_GRACE;
     loop {
-        let error = match hub.tunnels.pick(cluster_id) {
-            Some(session) => match session.open(head.clone()) {
+        let error = match super::replicas::handoff::route(hub, cluster_id).await {
+            Some(route) => match route.open(head.clone()) {
                 Ok(stream) => return Ok(stream),
                 // Going away or closing: a new tunnel is on its way.
                 Err(e @ (StreamError::GoingAway | StreamError::Closed | StreamError::NotConnected)) => Some(e),

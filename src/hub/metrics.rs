@@ -3,6 +3,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::rc::Rc;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -17,6 +18,19 @@ pub struct Metrics {
     pub connections_refused: Cell<u64>,
     /// Connections closed for missing a handshake, head or body deadline.
     pub slow_closed: Cell<u64>,
+    /// Requests this replica handed to another one (`replicas::handoff`).
+    pub handoffs: Cell<u64>,
+    /// Dials to another replica that failed (each then tries the next).
+    pub handoff_failures: Cell<u64>,
+    /// `/v1/peer` requests refused for a missing or wrong credential.
+    pub peer_refused: Cell<u64>,
+    /// Peer sessions this replica dialled and holds now (shared with
+    /// their tasks, which outlive any one request).
+    pub peer_sessions_out: Rc<Cell<u64>>,
+    /// Peer sessions other replicas dialled to this one.
+    pub peer_sessions_in: Cell<u64>,
+    /// Handed-off streams this replica splices onto its agent tunnels now.
+    pub peer_streams_in: Cell<u64>,
 }
 
 impl Metrics {
@@ -69,9 +83,41 @@ impl Metrics {
                 "Connections closed for missing a handshake, head or body deadline.",
                 self.slow_closed.get(),
             ),
+            ("uplink_hub_handoffs_total", "Requests handed to another replica.", self.handoffs.get()),
+            (
+                "uplink_hub_handoff_failures_total",
+                "Dials to another replica for a hand-off that failed.",
+                self.handoff_failures.get(),
+            ),
+            (
+                "uplink_hub_peer_refused_total",
+                "Peer-hop requests refused for a missing or wrong credential.",
+                self.peer_refused.get(),
+            ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        s += "# HELP uplink_hub_peer_sessions Peer sessions between replicas, by who dialled.\n# TYPE uplink_hub_peer_sessions gauge\n";
+        let _ = writeln!(s, "uplink_hub_peer_sessions{{direction=\"out\"}} {}", self.peer_sessions_out.get());
+        let _ = writeln!(s, "uplink_hub_peer_sessions{{direction=\"in\"}} {}", self.peer_sessions_in.get());
+        s += "# HELP uplink_hub_peer_streams_open Handed-off streams spliced onto this replica's tunnels.\n# TYPE uplink_hub_peer_streams_open gauge\n";
+        let _ = writeln!(s, "uplink_hub_peer_streams_open {}", self.peer_streams_in.get());
         s
     }
+}
+
+/// The shared store's calls that reached PostgreSQL, by store call
+/// (`call="audit_batch"`: batches the audit thread wrote). A proxied
+/// request on a warm cache adds none.
+pub fn store_queries(queries: &[(&'static str, u64)]) -> String {
+    if queries.is_empty() {
+        return String::new();
+    }
+    let mut s = "# HELP uplink_hub_store_queries_total Store calls that reached PostgreSQL, by call.\n\
+                 # TYPE uplink_hub_store_queries_total counter\n"
+        .to_string();
+    for (call, n) in queries {
+        let _ = writeln!(s, "uplink_hub_store_queries_total{{call=\"{call}\"}} {n}");
+    }
+    s
 }

@@ -11,12 +11,15 @@
 //!                 ├─ /k8s/fleet/PATTERN/.., /api/v1/fleet/k8s/..
 //!                 │                         fleet    one read to many clusters, merged
 //!                 ├─ /v1/activate, /v1/tunnel agents activation, tunnel sessions
+//!                 ├─ /v1/peer               replicas::handoff  another replica's hop
 //!                 ├─ /, /assets/...         console  the web console, embedded
 //!                 ├─ /auth/...              oidc     console sign-in with the identity provider
 //!                 ├─ /api, /apis, /version, ...  kube::root_hint: "use /k8s/clusters/NAME"
 //!                 └─ /healthz, /metrics
 //!  state: Store (store/: SQLite, or PostgreSQL shared by replicas, behind a cache)
-//!         · Tunnels (live sessions) · Bus (status events) · Metrics
+//!         · Tunnels (live sessions) · Replicas (the others' tunnels; a
+//!         stream for a cluster held elsewhere goes there: replicas::handoff)
+//!         · Bus (status events) · Metrics
 //! ```
 //!
 //! Runs on one thread (`smol::LocalExecutor`): the tunnel driver is `!Send`
@@ -25,8 +28,9 @@
 //! SQLite commit in WAL mode is a short write. With PostgreSQL each call
 //! the cache cannot answer is a network round trip on that thread (hot
 //! reads are prepared statements, one round trip each; kube requests are
-//! answered from the cache); moving those calls off the loop is future
-//! work.
+//! answered from the cache, and a hung database holds the loop at most
+//! the statement timeout, 5 s, per call); moving those calls off the loop
+//! is future work.
 //!
 //! Not here: the agent (never linked into it).
 

@@ -144,7 +144,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
                 .join_replica(&me, me.started_at, super::replicas::DEADLINE.as_millis() as i64)
                 .map_err(|e| e.to_string())?;
             info!("replica joined id={} advertise_url={}", me.id, me.advertise_url);
-            super::replicas::Replicas::shared(me)
+            let key = identity.as_ref().map(|i| &i.ca_key_pem).ok_or("a shared store without a hub identity")?;
+            super::replicas::Replicas::shared(me, super::replicas::handoff::PeerTrust::new(key, &material.cert_pem)?)
         }
     };
     let tls = crate::tls::server_config(&material.cert_pem, &material.key_pem).map_err(|e| e.to_string())?;
@@ -261,6 +262,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
         Timer::after(Duration::from_millis(200)).await;
         hub.draining.set(true);
         hub.drain_started.notify(usize::MAX);
+        // Out of the set first: the other replicas tell the agents, which
+        // then keep their other tunnels and do not dial this one again.
+        hub.replicas.leave(&hub);
         hub.tunnels.go_away_all(GoAwayCode::ShuttingDown, "hub shutting down; reconnect");
         let drained = async {
             while hub.tunnels.agent_count() > 0 {
@@ -272,7 +276,6 @@ pub fn serve(cfg: ServeConfig) -> Result<(), String> {
                 Timer::after(DRAIN).await;
             })
             .await;
-        hub.replicas.leave(&hub);
         info!("stopped");
         Ok::<(), String>(())
     }))
@@ -326,8 +329,9 @@ fn open_store(cfg: &ServeConfig) -> Result<Opened, String> {
             let replica = format!("r_{}", crate::secret::Secret::random(6).expose());
             let db = PostgresStore::open(config.clone(), &replica, cert::new_identity)?;
             info!(
-                "store: PostgreSQL at {} (schema version {}) replica={replica}",
+                "store: PostgreSQL at {} tls={} (schema version {}) replica={replica}",
                 config.display,
+                config.ssl_mode.as_str(),
                 postgres::SCHEMA_VERSION
             );
             let identity = Some(db.identity().clone());
@@ -763,7 +767,9 @@ async fn route(
         ("GET" | "HEAD", "/metrics") => Reply::Send(Response::new(
             200,
             "text/plain; version=0.0.4",
-            hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count()) + &connection_gauges(&hub.gate),
+            hub.metrics.render(&agents_by_name(hub), hub.tunnels.stream_count())
+                + &connection_gauges(&hub.gate)
+                + &super::metrics::store_queries(&hub.store.queries()),
         )),
         ("POST", "/v1/activate") => Reply::Send(agents::activate(hub, req, body, inb).await),
         ("GET", "/v1/tunnel") => {
@@ -774,7 +780,10 @@ async fn route(
             }
             agents::tunnel(hub, req, inb, out, peer).await
         }
-        (_, "/v1/activate" | "/v1/tunnel") => Reply::Send(api::error(405, "method_not_allowed", "wrong method")),
+        ("GET", "/v1/peer") => super::replicas::handoff::accept(hub, req, inb, out, peer).await,
+        (_, "/v1/activate" | "/v1/tunnel" | "/v1/peer") => {
+            Reply::Send(api::error(405, "method_not_allowed", "wrong method"))
+        }
         (m, "/auth/login" | "/auth/callback" | "/auth/logout") => Reply::Send(auth_route(hub, req, m, path).await),
         (_, p) if p == "/api/v1" || p.starts_with("/api/v1/") => Reply::Send(api::handle(hub, req, body, inb).await),
         ("GET" | "HEAD", p) if console::is_console_path(p) => Reply::Send(console::serve(req)),

@@ -45,6 +45,22 @@ pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// deadline. Without it the agent takes three keepalive intervals.
 pub const CAP_DEADLINE: u64 = 1;
 
+/// [`Hello::capabilities`] bit: the agent understands [`Frame::ReplicaSet`]
+/// and keeps a tunnel to every replica named in it, so the hub follows its
+/// `Welcome` with the current set and sends it again whenever it changes.
+pub const CAP_REPLICAS: u64 = 2;
+
+/// Most replicas one [`ReplicaSet`] may name. A hub is a handful of
+/// processes; a set longer than this is a broken or hostile hub, and an
+/// agent dialling it all would spend its sockets and memory.
+pub const MAX_REPLICAS: usize = 32;
+
+/// Longest replica id in a [`ReplicaSet`], in bytes.
+pub const MAX_REPLICA_ID: usize = 128;
+
+/// Longest advertise URL in a [`ReplicaSet`], in bytes.
+pub const MAX_REPLICA_URL: usize = 1024;
+
 /// Identifies one stream within a session.
 ///
 /// Hub-opened streams have odd ids, agent-opened streams even ids, so the
@@ -146,6 +162,143 @@ pub struct Welcome {
     pub max_frame: u32,
 }
 
+/// One hub replica as the agent is told of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// The replica's id (new at each start of the process).
+    pub id: String,
+    /// Where the agent reaches this replica itself: `https://host[:port]`.
+    pub url: String,
+}
+
+/// The hub's replicas as the one sending it sees them: every live replica
+/// (itself included) and which of them this tunnel reached.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSet {
+    /// The id of the replica at the hub end of this tunnel: the agent may
+    /// have reached it through a load balancer and learns here where it
+    /// landed, so it never opens a second tunnel to the same replica.
+    pub this: String,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// Why a [`ReplicaSet`] was refused. The agent keeps its tunnels as they
+/// are and logs this; the session goes on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaSetError {
+    /// More than [`MAX_REPLICAS`] entries.
+    TooMany(usize),
+    /// An id that is empty, longer than [`MAX_REPLICA_ID`] or holds a
+    /// control character or a space.
+    BadId(String),
+    /// Two entries with this id.
+    DuplicateId(String),
+    /// Two entries with this URL.
+    DuplicateUrl(String),
+    /// A URL that is not `https://host[:port][/path]` within
+    /// [`MAX_REPLICA_URL`] bytes; the text says what is wrong.
+    BadUrl { id: String, url: String, why: &'static str },
+    /// `this` names no entry of the set.
+    ThisMissing(String),
+}
+
+impl std::fmt::Display for ReplicaSetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let clip = |s: &str| -> String { s.chars().take(80).collect::<String>() };
+        match self {
+            ReplicaSetError::TooMany(n) => write!(f, "{n} replicas, over the limit of {MAX_REPLICAS}"),
+            ReplicaSetError::BadId(id) => write!(
+                f,
+                "replica id {:?} is empty, longer than {MAX_REPLICA_ID} bytes or holds a control character or space",
+                clip(id)
+            ),
+            ReplicaSetError::DuplicateId(id) => write!(f, "replica id {:?} appears twice", clip(id)),
+            ReplicaSetError::DuplicateUrl(url) => write!(f, "advertise URL {:?} appears twice", clip(url)),
+            ReplicaSetError::BadUrl { id, url, why } => {
+                write!(f, "replica {:?} has advertise URL {:?}: {why}", clip(id), clip(url))
+            }
+            ReplicaSetError::ThisMissing(id) => {
+                write!(f, "the sending replica {:?} is not in the set it sent", clip(id))
+            }
+        }
+    }
+}
+
+impl std::error::Error for ReplicaSetError {}
+
+impl ReplicaSet {
+    /// Checks the set against the limits and the rules the agent relies
+    /// on (unique ids and URLs, https URLs with a host, the sender in it).
+    pub fn validate(&self) -> Result<(), ReplicaSetError> {
+        if self.replicas.len() > MAX_REPLICAS {
+            return Err(ReplicaSetError::TooMany(self.replicas.len()));
+        }
+        // At most MAX_REPLICAS entries: pairwise checks cost nothing and
+        // keep hash sets out of the agent.
+        for (i, r) in self.replicas.iter().enumerate() {
+            if r.id.is_empty() || r.id.len() > MAX_REPLICA_ID || r.id.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(ReplicaSetError::BadId(r.id.clone()));
+            }
+            if let Err(why) = check_replica_url(&r.url) {
+                return Err(ReplicaSetError::BadUrl { id: r.id.clone(), url: r.url.clone(), why });
+            }
+            let earlier = &self.replicas[..i];
+            if earlier.iter().any(|e| e.id == r.id) {
+                return Err(ReplicaSetError::DuplicateId(r.id.clone()));
+            }
+            if earlier.iter().any(|e| e.url.trim_end_matches('/') == r.url.trim_end_matches('/')) {
+                return Err(ReplicaSetError::DuplicateUrl(r.url.clone()));
+            }
+        }
+        if self.this_replica().is_none() {
+            return Err(ReplicaSetError::ThisMissing(self.this.clone()));
+        }
+        Ok(())
+    }
+
+    /// The entry for the replica at the hub end of this tunnel.
+    pub fn this_replica(&self) -> Option<&ReplicaInfo> {
+        self.replicas.iter().find(|r| r.id == self.this)
+    }
+}
+
+/// `https://host[:port][/path]`, nothing else: tunnels are TLS only, and a
+/// URL with user info, a query or odd bytes is not an address a hub meant.
+fn check_replica_url(url: &str) -> Result<(), &'static str> {
+    if url.len() > MAX_REPLICA_URL {
+        return Err("longer than the limit of 1024 bytes");
+    }
+    if url.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+        return Err("holds a space, a control character or a non-ASCII byte");
+    }
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err("not an https:// URL");
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.contains(['@', '?', '#']) || rest.contains(['?', '#']) {
+        return Err("user info, a query or a fragment is not allowed");
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let Some((host, after)) = v6.split_once(']') else { return Err("unclosed [ in the host") };
+            (host, after.strip_prefix(':').map(Some).unwrap_or(if after.is_empty() { None } else { Some("x") }))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("no host");
+    }
+    if let Some(p) = port {
+        if p.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err("the port is not a number from 1 to 65535");
+        }
+    }
+    Ok(())
+}
+
 /// Why a stream was reset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResetCode {
@@ -233,6 +386,11 @@ pub enum Frame {
     Deadline {
         dead_after_ms: u32,
     },
+    /// Hub → agent, right after `Welcome` (and `Deadline`) and again
+    /// whenever the set changes, only to an agent that announced
+    /// [`CAP_REPLICAS`]: the live replicas and which one this is.
+    /// Appended within v1, so older agents never see it.
+    ReplicaSet(ReplicaSet),
 }
 
 impl Frame {

@@ -29,6 +29,8 @@
 //!    │ ── Hello{version, windows, limits} ──► │
 //!    │ ◄── Welcome{keepalive, windows, ...} ─ │   both: Connected
 //!    │ ◄── Deadline{dead_after} ───────────── │   if Hello announced CAP_DEADLINE
+//!    │ ◄── ReplicaSet{this, replicas} ──────── │   if Hello announced CAP_REPLICAS
+//!    │ ◄── ReplicaSet ... (on each change) ─── │     and the hub knows a set
 //!    │ ◄─────── streams, Ping/Pong ─────────► │
 //!    │ ◄──────── GoAway{last_id, code} ────── │   no new streams; in-flight finish
 //! ```
@@ -227,6 +229,10 @@ pub enum Event {
     Pong { rtt: Duration },
     /// The peer sent `GoAway`: open no new streams; in-flight ones go on.
     GoAway { code: GoAwayCode, message: String },
+    /// Agent: the hub told its replica set, or sent one that breaks the
+    /// rules of [`ReplicaSet::validate`] (the session goes on; the agent
+    /// keeps the set it had).
+    ReplicaSet(Result<ReplicaSet, ReplicaSetError>),
     /// The session is over. Always the last event.
     Closed { error: SessionError },
 }
@@ -284,6 +290,11 @@ pub struct Mux {
     goaway_sent: bool,
     goaway_received: Option<(GoAwayCode, String)>,
     session_id: u64,
+    /// Hub: the agent announced [`CAP_REPLICAS`]. Agent: this side did.
+    replicas_cap: bool,
+    /// Hub: the replica set to tell a capable agent, sent right after the
+    /// handshake and again whenever [`Mux::set_replicas`] changes it.
+    replicas: Option<ReplicaSet>,
 }
 
 impl fmt::Debug for Mux {
@@ -299,16 +310,24 @@ impl fmt::Debug for Mux {
 }
 
 impl Mux {
-    /// The agent's end: queues `Hello` at once.
+    /// The agent's end: queues `Hello` at once, announcing every optional
+    /// feature this build has.
     pub fn agent(config: Config, info: AgentInfo, now: Instant) -> Self {
+        Mux::agent_with_capabilities(config, info, CAP_DEADLINE | CAP_REPLICAS, now)
+    }
+
+    /// The agent's end announcing only `capabilities`: what an agent of an
+    /// older release says (tests, and hubs that must serve such agents).
+    pub fn agent_with_capabilities(config: Config, info: AgentInfo, capabilities: u64, now: Instant) -> Self {
         let mut mux = Mux::new(Side::Agent, config, now, 0);
+        mux.replicas_cap = capabilities & CAP_REPLICAS != 0;
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: info.agent_version,
             arch: info.arch,
             kube_version: info.kube_version,
             node_count: info.node_count,
-            capabilities: CAP_DEADLINE,
+            capabilities,
             initial_window: mux.config.initial_window,
             max_streams: mux.config.max_streams,
             max_frame: mux.config.max_frame,
@@ -349,8 +368,30 @@ impl Mux {
             goaway_sent: false,
             goaway_received: None,
             session_id,
+            replicas_cap: false,
+            replicas: None,
             config,
         }
+    }
+
+    /// Hub: the replica set this agent should know. Sent right after the
+    /// handshake, or now if the session is open and the set differs from
+    /// the last one sent; only to an agent that announced
+    /// [`CAP_REPLICAS`] (others never hear of it). Ignored on the agent.
+    pub fn set_replicas(&mut self, set: ReplicaSet) {
+        if self.side != Side::Hub || self.replicas.as_ref() == Some(&set) {
+            return;
+        }
+        let send = self.state == State::Open && self.replicas_cap && !self.goaway_sent;
+        if send {
+            self.queue(&Frame::ReplicaSet(set.clone()));
+        }
+        self.replicas = Some(set);
+    }
+
+    /// Hub: whether the agent announced [`CAP_REPLICAS`].
+    pub fn peer_takes_replicas(&self) -> bool {
+        self.side == Side::Hub && self.replicas_cap
     }
 
     pub fn side(&self) -> Side {
@@ -854,6 +895,18 @@ impl Mux {
                 // ping interval would end every quiet session.
                 self.config.dead_after = Duration::from_millis(dead_after_ms as u64).max(self.keepalive * 2);
             }
+            Frame::ReplicaSet(set) => {
+                if self.side == Side::Hub {
+                    return self.violation("ReplicaSet frame from the agent".into());
+                }
+                if !self.replicas_cap {
+                    return self.violation("ReplicaSet frame though this agent did not announce CAP_REPLICAS".into());
+                }
+                // A bad set is the hub's mistake about its peers, not about
+                // this session: report it and carry on.
+                let checked = set.validate().map(|()| set);
+                self.events.push_back(Event::ReplicaSet(checked));
+            }
         }
     }
 
@@ -880,6 +933,12 @@ impl Mux {
                 if hello.capabilities & CAP_DEADLINE != 0 {
                     let dead_after_ms = self.config.dead_after.as_millis().min(u32::MAX as u128) as u32;
                     self.queue(&Frame::Deadline { dead_after_ms });
+                }
+                self.replicas_cap = hello.capabilities & CAP_REPLICAS != 0;
+                if self.replicas_cap {
+                    if let Some(set) = self.replicas.clone() {
+                        self.queue(&Frame::ReplicaSet(set));
+                    }
                 }
                 self.open_session(now);
                 self.events.push_back(Event::Connected { hello: Some(hello), welcome });
@@ -1011,5 +1070,6 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Pong { .. } => "Pong",
         Frame::GoAway { .. } => "GoAway",
         Frame::Deadline { .. } => "Deadline",
+        Frame::ReplicaSet(_) => "ReplicaSet",
     }
 }

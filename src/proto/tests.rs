@@ -76,6 +76,13 @@ fn golden() -> Vec<(Frame, &'static str)> {
             "00000007 0a09 00 03627965",
         ),
         (Frame::Deadline { dead_after_ms: 15000 }, "00000003 0b9875"),
+        (
+            Frame::ReplicaSet(ReplicaSet {
+                this: "r1".into(),
+                replicas: vec![ReplicaInfo { id: "r1".into(), url: "https://a:1".into() }],
+            }),
+            "00000014 0c 027231 01 027231 0b68747470733a2f2f613a31",
+        ),
     ]
 }
 
@@ -261,6 +268,12 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             message
         }),
         any::<u32>().prop_map(|dead_after_ms| Frame::Deadline { dead_after_ms }),
+        (".{0,8}", proptest::collection::vec((".{0,8}", ".{0,24}"), 0..4)).prop_map(|(this, rs)| {
+            Frame::ReplicaSet(ReplicaSet {
+                this,
+                replicas: rs.into_iter().map(|(id, url)| ReplicaInfo { id, url }).collect(),
+            })
+        }),
     ]
 }
 
@@ -364,5 +377,64 @@ mod sched {
             .sum();
         assert_eq!(fives, 10);
         assert!(rest.contains(&data(7, 1)));
+    }
+}
+
+/// What a `ReplicaSet` must be before the agent acts on it.
+mod replica_set {
+    use super::super::frame::*;
+
+    fn set(this: &str, rs: &[(&str, &str)]) -> ReplicaSet {
+        ReplicaSet {
+            this: this.into(),
+            replicas: rs.iter().map(|(id, url)| ReplicaInfo { id: id.to_string(), url: url.to_string() }).collect(),
+        }
+    }
+
+    #[test]
+    fn good_sets_pass() {
+        let ok = set(
+            "r_a",
+            &[
+                ("r_a", "https://10.0.0.1:8443"),
+                ("r_b", "https://hub-b.internal"),
+                ("r_c", "https://[fd00::3]:8443/base"),
+            ],
+        );
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(ok.this_replica().unwrap().url, "https://10.0.0.1:8443");
+    }
+
+    #[test]
+    fn each_fault_is_named() {
+        let e = |s: ReplicaSet| s.validate().unwrap_err().to_string();
+        assert_eq!(e(set("a", &[("a", "https://x:1"), ("a", "https://y:1")])), "replica id \"a\" appears twice");
+        assert_eq!(
+            e(set("a", &[("a", "https://x:1"), ("b", "https://x:1/")])),
+            "advertise URL \"https://x:1/\" appears twice"
+        );
+        assert_eq!(
+            e(set("a", &[("a", "http://x:1")])),
+            "replica \"a\" has advertise URL \"http://x:1\": not an https:// URL"
+        );
+        assert_eq!(
+            e(set("a", &[("a", "https://:8443")])),
+            "replica \"a\" has advertise URL \"https://:8443\": no host"
+        );
+        assert_eq!(
+            e(set("a", &[("a", "https://x:99999")])),
+            "replica \"a\" has advertise URL \"https://x:99999\": the port is not a number from 1 to 65535"
+        );
+        assert!(e(set("a", &[("a", "https://u:p@x")])).contains("user info"));
+        assert!(e(set("a", &[("a", "https://x y")])).contains("a space"));
+        assert!(e(set("a", &[("", "https://x")])).contains("replica id \"\" is empty"));
+        assert!(e(set("a", &[("a\nb", "https://x")])).contains("control character"));
+        assert_eq!(e(set("z", &[("a", "https://x")])), "the sending replica \"z\" is not in the set it sent");
+        let many: Vec<(String, String)> =
+            (0..=MAX_REPLICAS).map(|i| (format!("r{i}"), format!("https://h{i}:8443"))).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(e(set("r0", &many)), format!("{} replicas, over the limit of {MAX_REPLICAS}", MAX_REPLICAS + 1));
+        let long = format!("https://{}", "h".repeat(MAX_REPLICA_URL));
+        assert!(e(set("a", &[("a", &long)])).contains("longer than the limit"));
     }
 }

@@ -55,6 +55,7 @@ enum Cmd {
     Stop,
     Open(Box<OpenCmd>),
     GoAway(GoAwayCode, String),
+    Replicas(uplink::proto::ReplicaSet),
 }
 
 struct OpenCmd {
@@ -203,6 +204,12 @@ impl FakeHub {
         let _ = self.cmds.send_blocking(Cmd::GoAway(code, "test".into()));
     }
 
+    /// Tells the live session this replica set (sent as is: a test may
+    /// send one that breaks the rules).
+    pub fn replicas(&self, set: uplink::proto::ReplicaSet) {
+        let _ = self.cmds.send_blocking(Cmd::Replicas(set));
+    }
+
     /// Opens a stream carrying a request; `finish` ends the request body.
     pub fn open(
         &self,
@@ -349,6 +356,11 @@ fn hub_main(listener: TcpListener, tls: TlsAcceptor, state: Arc<Mutex<HubState>>
                     Cmd::GoAway(code, msg) => {
                         if let Some(s) = current.borrow().clone() {
                             s.go_away(code, &msg);
+                        }
+                    }
+                    Cmd::Replicas(set) => {
+                        if let Some(s) = current.borrow().clone() {
+                            s.set_replicas(set);
                         }
                     }
                     Cmd::Open(open) => {

@@ -24,6 +24,8 @@ pub struct Postgres {
     pub port: u16,
     /// Whether commands run as `postgres` through `runuser`.
     as_postgres: bool,
+    /// More `-c` settings for the server (TLS, once enabled).
+    extra: String,
 }
 
 fn required() -> bool {
@@ -77,7 +79,7 @@ impl Postgres {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let as_postgres = is_root();
-        let pg = Postgres { bin, dir, port: free_port(), as_postgres };
+        let pg = Postgres { bin, dir, port: free_port(), as_postgres, extra: String::new() };
         if as_postgres {
             let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&pg.dir).status();
             if !chown.is_ok_and(|s| s.success()) {
@@ -141,15 +143,33 @@ impl Postgres {
     pub fn start_server(&self) -> Output {
         // pg_stat_statements: tests count the statements the hub runs.
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c shared_preload_libraries=pg_stat_statements",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c shared_preload_libraries=pg_stat_statements{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.extra
         );
         let log = self.dir.join("server.log");
         self.run(
             "pg_ctl",
             &["-D", self.data_dir().to_str().unwrap(), "-l", log.to_str().unwrap(), "-o", &opts, "-w", "start"],
         )
+    }
+
+    /// Restarts the server with TLS on (`ssl=on`), presenting `cert_pem`
+    /// with `key_pem` (PostgreSQL wants the key private to its owner).
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let (cert, key) = (self.dir.join("server.crt"), self.dir.join("server.key"));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if self.as_postgres {
+            let _ = Command::new("chown").args(["postgres:postgres"]).arg(&cert).arg(&key).status();
+        }
+        self.extra = format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", cert.display(), key.display());
+        assert!(self.stop_server().status.success());
+        let o = self.start_server();
+        assert!(o.status.success(), "PostgreSQL with TLS: {}", String::from_utf8_lossy(&o.stderr));
     }
 
     /// Stops the server at once (connections are cut, as in a crash).
@@ -164,6 +184,25 @@ impl Postgres {
             "psql",
             &["-h", &socket_dir, "-p", &port, "-U", "postgres", "-d", db, "-v", "ON_ERROR_STOP=1", "-Atc", sql],
         )
+    }
+
+    /// `psql` running `sql` against `db` in the background (to hold a lock
+    /// while the test does something else).
+    pub fn psql_spawn(&self, db: &str, sql: &str) -> std::process::Child {
+        let (port, socket_dir) = (self.port.to_string(), self.dir.display().to_string());
+        let exe = self.bin.join("psql");
+        let mut c = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        c.args(["-h", &socket_dir, "-p", &port, "-U", "postgres", "-d", db, "-v", "ON_ERROR_STOP=1", "-Atc", sql])
+            .current_dir(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
     }
 
     /// `psql`'s answer, which must succeed.

@@ -8,22 +8,33 @@
 //!  every HEARTBEAT: replica_heartbeat(me, our sessions if they changed)
 //!                     ├ our heartbeat_at = now (row re-made if it expired)
 //!                     ├ replicas silent past DEADLINE: deleted, sessions too
-//!                     └ → the sessions the other live replicas hold
+//!                     ├ → the sessions the other live replicas hold
+//!                     └ live_replicas → the set; changed? ReplicaSet to every
+//!                                      agent that announced CAP_REPLICAS
 //!  kill -9: our rows stay until DEADLINE, then the others drop them
-//!  SIGTERM: leave_replica removes them at once
+//!  SIGTERM: leave_replica removes them at once (before the agents hear
+//!           GoAway), so the others announce the smaller set at their
+//!           next heartbeat; no heartbeat re-makes the row afterwards
 //! ```
+//!
+//! The set an agent is told is this replica's view: itself and every
+//! replica whose heartbeat is younger than [`DEADLINE`]. Agents dial each
+//! (`src/agent/tunnel.rs`); the frame is in `src/proto/PROTOCOL.md`.
 //!
 //! With the embedded store there is one replica and no rows: `Replicas`
 //! is empty and every method answers as if alone.
 //!
-//! Not here (yet): telling agents the replica set and handing a request
-//! to the replica that holds a tunnel; agents reach one replica through
-//! the load balancer today.
+//! A request for a cluster this replica holds no tunnel to (yet: an agent
+//! learns of a new replica within a heartbeat) is handed to a replica
+//! that does: [`handoff`].
+
+pub mod handoff;
 
 use super::Hub;
 use super::clock::now_ms;
 use super::store::{AgentSession, Replica};
-use std::cell::RefCell;
+use crate::proto::{ReplicaInfo, ReplicaSet};
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -43,12 +54,19 @@ pub struct Replicas {
     answered: RefCell<Option<Instant>>,
     /// Our sessions as last written, to write only changes.
     written: RefCell<Option<Vec<(String, u64)>>>,
+    /// The peer sessions of the hand-off, and where the others are.
+    pub peers: handoff::Peers,
+    /// The replica set as agents were last told it.
+    set: RefCell<Option<ReplicaSet>>,
+    /// Set once this replica left (SIGTERM): no heartbeat brings it back.
+    left: Cell<bool>,
 }
 
 impl Replicas {
-    /// This process shares its store with other replicas.
-    pub fn shared(me: Replica) -> Replicas {
-        Replicas { me: Some(me), ..Default::default() }
+    /// This process shares its store with other replicas; `trust` makes
+    /// and checks the credentials of the hop between them.
+    pub fn shared(me: Replica, trust: handoff::PeerTrust) -> Replicas {
+        Replicas { me: Some(me), peers: handoff::Peers::new(trust), ..Default::default() }
     }
 
     pub fn me(&self) -> Option<&Replica> {
@@ -63,9 +81,54 @@ impl Replicas {
         self.remote.borrow().get(cluster_id).cloned().unwrap_or_default()
     }
 
-    /// One heartbeat (a single store transaction).
+    /// The replica set to tell an agent that just connected: the latest
+    /// known, or this replica alone before the first heartbeat. `None` on
+    /// the embedded store (one hub, nothing to tell).
+    pub fn set(&self) -> Option<ReplicaSet> {
+        let me = self.me.as_ref()?;
+        if let Some(set) = &*self.set.borrow() {
+            return Some(set.clone());
+        }
+        Some(ReplicaSet {
+            this: me.id.clone(),
+            replicas: vec![ReplicaInfo { id: me.id.clone(), url: me.advertise_url.clone() }],
+        })
+    }
+
+    /// Reads the live replicas and, when the set changed, tells every
+    /// agent connected here (the mux sends it only to those that
+    /// announced `CAP_REPLICAS`).
+    fn refresh_set(&self, hub: &Hub, me: &Replica) {
+        let live = match hub.store.live_replicas(now_ms(), DEADLINE.as_millis() as i64) {
+            Ok(l) => l,
+            Err(e) => return log::debug!("reading the replica set failed error={e}"),
+        };
+        let mut replicas: Vec<ReplicaInfo> =
+            live.into_iter().map(|r| ReplicaInfo { id: r.id, url: r.advertise_url }).collect();
+        // Our own heartbeat just answered: we are live whatever a lagging
+        // read says.
+        if !replicas.iter().any(|r| r.id == me.id) {
+            replicas.push(ReplicaInfo { id: me.id.clone(), url: me.advertise_url.clone() });
+        }
+        replicas.sort_by(|a, b| a.id.cmp(&b.id));
+        let set = ReplicaSet { this: me.id.clone(), replicas };
+        if self.set.borrow().as_ref() == Some(&set) {
+            return;
+        }
+        let ids: Vec<&str> = set.replicas.iter().map(|r| r.id.as_str()).collect();
+        log::info!("replica set changed replicas={} ids={}", ids.len(), ids.join(","));
+        *self.set.borrow_mut() = Some(set.clone());
+        for (_, agent) in hub.tunnels.all() {
+            agent.session.set_replicas(set.clone());
+        }
+    }
+
+    /// One heartbeat (a single store transaction), then the replica set.
     pub fn beat(&self, hub: &Hub) {
         let Some(me) = &self.me else { return };
+        if self.left.get() {
+            return;
+        }
         let mut ours: Vec<AgentSession> = hub
             .tunnels
             .all()
@@ -84,6 +147,8 @@ impl Replicas {
         let deadline = DEADLINE.as_millis() as i64;
         match hub.store.replica_heartbeat(me, changed.then_some(&ours[..]), now_ms(), deadline) {
             Ok(others) => {
+                let ids: Vec<&str> = others.iter().map(|s| s.replica_id.as_str()).collect();
+                self.peers.learn(hub, &ids);
                 let mut by_cluster: HashMap<String, Vec<AgentSession>> = HashMap::new();
                 for s in others {
                     by_cluster.entry(s.cluster_id.clone()).or_default().push(s);
@@ -100,6 +165,7 @@ impl Replicas {
                 if changed {
                     *self.written.borrow_mut() = Some(keys);
                 }
+                self.refresh_set(hub, me);
             }
             // The store says why in its own log line (once per outage).
             Err(e) => log::debug!("replica heartbeat failed error={e}"),
@@ -124,16 +190,24 @@ impl Replicas {
         }
     }
 
-    /// Heartbeats for the life of the hub.
+    /// Heartbeats for the life of the hub, and beside them the peer
+    /// sessions this replica dials.
     pub async fn run(hub: std::rc::Rc<Hub>) {
-        loop {
-            hub.replicas.beat(&hub);
-            smol::Timer::after(HEARTBEAT).await;
-        }
+        let beats = async {
+            loop {
+                hub.replicas.beat(&hub);
+                smol::Timer::after(HEARTBEAT).await;
+            }
+        };
+        hub.replicas.peers.run(beats).await
     }
 
-    /// A clean shutdown: the others stop counting our tunnels at once.
+    /// A clean shutdown: the others stop counting our tunnels at once,
+    /// and announce a set without this replica at their next heartbeat.
     pub fn leave(&self, hub: &Hub) {
+        if self.left.replace(true) {
+            return;
+        }
         if let Some(me) = &self.me
             && let Err(e) = hub.store.leave_replica(&me.id)
         {

@@ -1,6 +1,6 @@
 //! A read cache in front of the store for what every kube request asks:
 //! token → user, identity-provider person by name, the grant list,
-//! cluster by name.
+//! cluster by name, the cluster list.
 //!
 //! Correctness rests on one rule: every write goes through this wrapper
 //! (the serving process is the database's only writer), and every write
@@ -21,7 +21,10 @@
 //! keeps answering: a write that failed because the store was away
 //! changed nothing, so it does not empty the cache.
 //!
-//! Not cached: anything else (lists, audit, credentials, events).
+//! Not cached: anything else (user lists, audit, credentials, events).
+//! The cluster list is (it changes only by writes through here or
+//! another replica's, announced), so a `/metrics` scrape or the fleet
+//! view costs no query on a warm cache.
 
 use super::{
     ActivateError, Activation, AgentFacts, AgentSession, AuditEntry, AuditQuery, Cluster, ClusterEvent, ConsoleSession,
@@ -41,6 +44,9 @@ struct Cached {
     oidc: HashMap<String, User>,
     grants: Option<Vec<Grant>>,
     clusters: HashMap<String, Cluster>,
+    /// Every cluster, as `clusters()` lists them (for `/metrics`, the
+    /// fleet view and the deregistration sweep).
+    all_clusters: Option<Vec<Cluster>>,
 }
 
 /// `Store` with the hot reads answered from memory.
@@ -176,7 +182,12 @@ impl<S: Store> Store for CachedStore<S> {
         self.write(|s| s.register_cluster(cluster, activation))
     }
     fn clusters(&self) -> Result<Vec<Cluster>> {
-        self.inner.clusters()
+        if let Some(all) = &self.cached.borrow().all_clusters {
+            return Ok(all.clone());
+        }
+        let all = self.inner.clusters()?;
+        self.cached.borrow_mut().all_clusters = Some(all.clone());
+        Ok(all)
     }
     fn cluster(&self, name: &str) -> Result<Option<Cluster>> {
         if let Some(c) = self.cached.borrow().clusters.get(name) {
@@ -254,6 +265,9 @@ impl<S: Store> Store for CachedStore<S> {
     fn leave_replica(&self, id: &str) -> Result<()> {
         self.inner.leave_replica(id)
     }
+    fn live_replicas(&self, now: Millis, deadline: Millis) -> Result<Vec<Replica>> {
+        self.inner.live_replicas(now, deadline)
+    }
 
     fn check(&self) -> Result<()> {
         self.inner.check()
@@ -261,6 +275,9 @@ impl<S: Store> Store for CachedStore<S> {
     fn invalidate(&self) {
         self.forget();
         self.inner.invalidate();
+    }
+    fn queries(&self) -> Vec<(&'static str, u64)> {
+        self.inner.queries()
     }
 }
 

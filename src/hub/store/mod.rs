@@ -15,6 +15,7 @@
 mod audit;
 pub mod cache;
 pub mod notify;
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 
@@ -348,6 +349,12 @@ pub trait Store {
     fn leave_replica(&self, _id: &str) -> Result<()> {
         Ok(())
     }
+    /// The live replicas (heartbeat younger than `deadline`), this one
+    /// included, by id: the set agents are told, and where the hand-off
+    /// dials.
+    fn live_replicas(&self, _now: Millis, _deadline: Millis) -> Result<Vec<Replica>> {
+        Ok(Vec::new())
+    }
 
     // Health and caches.
     /// Whether the store answers now; `Unavailable` says why not. The
@@ -357,4 +364,11 @@ pub trait Store {
     }
     /// Another process changed the database: forget any cached answer.
     fn invalidate(&self) {}
+
+    /// Store calls that reached the database since start, by call (a
+    /// shared store's figures for `/metrics`; the embedded one reports
+    /// none).
+    fn queries(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }

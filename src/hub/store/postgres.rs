@@ -22,27 +22,30 @@
 //! still calls the store synchronously from its one event-loop thread:
 //! with a remote database each uncached call costs a network round trip
 //! on that thread (and, while the database is away, a re-dial costs up to
-//! [`CONNECT_TIMEOUT`] at most once per backoff step). Moving the calls
-//! off the loop is future work; the [`super::cache::CachedStore`] in front
+//! [`CONNECT_DEADLINE`] at most once per backoff step). A database that
+//! hangs holds the loop for at most [`STATEMENT_TIMEOUT`] per call (and a
+//! partition for [`TCP_USER_TIMEOUT`]), not forever. Moving the calls off
+//! the loop is future work; the [`super::cache::CachedStore`] in front
 //! keeps the per-request reads off the database.
 //!
-//! TLS to the database is not built in: `sslmode=disable` and `prefer`
-//! (which then talks plain TCP) are accepted, `require` and stricter are
-//! refused with a clear error. A TLS client here would add a second TLS
-//! stack under tokio to the hub; run PostgreSQL on a private network or
-//! behind a local TLS tunnel until it is needed.
+//! TLS to the database follows libpq's `sslmode` (`disable`, `prefer`,
+//! `require`, `verify-ca`, `verify-full`) with `sslrootcert=`, over
+//! rustls ([`super::pg_tls`]).
 //!
 //! Not here: replica rows and agent-session rows (the replica set), and
 //! the cache's invalidation (it listens on its own connection).
 
 use super::audit::{AUDIT_BATCH, AUDIT_GATHER, AuditMsg, AuditWriter};
+use super::pg_tls::{MakeRustls, SslMode};
 use super::*;
 use crate::hub::clock::Millis;
 use crate::secret::ct_eq;
 use ::postgres::error::SqlState;
 use ::postgres::{Client, NoTls, Row, Statement};
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -50,8 +53,22 @@ use std::time::{Duration, Instant};
 /// hub's identity (any constant unique to uplink).
 const MIGRATION_LOCK: i64 = 0x75706c696e6b; // "uplink"
 
-/// How long a connection attempt may take.
+/// How long the TCP connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a whole connection attempt (TCP, TLS, authentication) may
+/// take.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(6);
+/// The longest a statement on the serving connection may run, lock waits
+/// included. The hub calls the store from its event loop: a database
+/// that hangs (a stuck lock, a frozen server) must not hold every request
+/// of the replica for longer than this per call.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same for the audit writer's batches, which nobody waits for
+/// except a shutdown.
+const AUDIT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long sent data may go unacknowledged before the connection is
+/// given up (a network partition), rather than TCP's 15 minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest wait between re-dials of a lost connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -149,6 +166,10 @@ impl fmt::Debug for SharedIdentity {
 #[derive(Clone)]
 pub struct PgConfig {
     config: ::postgres::Config,
+    /// The TLS connector (`None`: `sslmode=disable`).
+    tls: Option<MakeRustls>,
+    /// `sslmode` as it takes effect.
+    pub ssl_mode: SslMode,
     /// `user@host:port/db`, for logs and errors (never the password).
     pub display: String,
 }
@@ -164,17 +185,21 @@ impl PgConfig {
     /// `key=value` form). Beyond what the driver reads (`sslmode`,
     /// `connect_timeout`, ...) it takes `passfile=PATH`, else
     /// `PGPASSFILE`, else `~/.pgpass`, in libpq's format, when the string
-    /// carries no password.
+    /// carries no password; a password file others may read is refused
+    /// (ignored with a warning when it is the default `~/.pgpass`), as
+    /// libpq does. `sslmode` (default `prefer`, as libpq) and
+    /// `sslrootcert`, else `PGSSLMODE` and `PGSSLROOTCERT`, choose TLS.
     pub fn parse(conn: &str) -> std::result::Result<PgConfig, String> {
         let (conn, passfile) = take_param(conn, "passfile");
+        let (conn, sslmode) = take_param(&conn, "sslmode");
+        let (conn, rootcert) = take_param(&conn, "sslrootcert");
         let mut config: ::postgres::Config =
             conn.parse().map_err(|e| format!("invalid PostgreSQL connection string: {e}"))?;
-        if !matches!(config.get_ssl_mode(), ::postgres::config::SslMode::Disable | ::postgres::config::SslMode::Prefer)
-        {
-            return Err("sslmode=require is not supported by this hub (it has no TLS client for PostgreSQL): \
-                        use sslmode=disable or sslmode=prefer on a private network, or a local TLS tunnel"
-                .into());
-        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let mode = SslMode::parse(&sslmode.or_else(|| env("PGSSLMODE")).unwrap_or_else(|| "prefer".into()))?;
+        let rootcert = rootcert.or_else(|| env("PGSSLROOTCERT"));
+        let (tls, ssl_mode) = MakeRustls::new(mode, rootcert.as_deref())?;
+        config.ssl_mode(ssl_mode.driver());
         if config.get_user().is_none() {
             return Err("the PostgreSQL connection string names no user (postgres://USER@HOST/DB)".into());
         }
@@ -184,6 +209,7 @@ impl PgConfig {
         // A peer that vanished without a FIN is noticed in about a minute
         // rather than two hours.
         config.keepalives_idle(Duration::from_secs(30));
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
         config.application_name("uplink-hub");
         let host = match config.get_hosts().first() {
             Some(::postgres::config::Host::Tcp(h)) => h.clone(),
@@ -200,7 +226,8 @@ impl PgConfig {
             let explicit = file.is_some();
             let file = file.or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".pgpass")));
             if let Some(file) = file {
-                match std::fs::read_to_string(&file) {
+                let private = private_file(&file);
+                match private.and_then(|()| std::fs::read_to_string(&file).map_err(|e| e.to_string())) {
                     Ok(text) => {
                         let pg_host = if host.starts_with('/') { "localhost" } else { &host };
                         if let Some(pw) = passfile_lookup(&text, pg_host, port, &db, &user) {
@@ -208,20 +235,88 @@ impl PgConfig {
                         }
                     }
                     Err(e) if explicit => return Err(format!("PostgreSQL password file {}: {e}", file.display())),
+                    // libpq's default file: unreadable or too open is
+                    // no password (and a warning), not an error.
+                    Err(e) if file.exists() => log::warn!("ignoring PostgreSQL password file {}: {e}", file.display()),
                     Err(_) => {}
                 }
             }
         }
-        Ok(PgConfig { config, display: format!("{user}@{host}:{port}/{db}") })
+        Ok(PgConfig { config, tls, ssl_mode, display: format!("{user}@{host}:{port}/{db}") })
     }
 
     /// A new connection of its own (the audit writer and the change
-    /// listener each keep one).
+    /// listener each keep one), or why not within [`CONNECT_DEADLINE`].
+    ///
+    /// The driver bounds only the TCP connect; a server that accepts and
+    /// then says nothing would hold the caller forever. So the dial runs
+    /// on a thread of its own and is abandoned at the deadline: that
+    /// thread and its socket end when the peer closes or the kernel gives
+    /// up on it (keepalives, set in [`PgConfig::parse`]).
     pub fn connect_client(&self) -> std::result::Result<Client, String> {
-        self.config
-            .connect(NoTls)
-            .map_err(|e| format!("cannot connect to PostgreSQL at {}: {}", self.display, describe(&e)))
+        match self.dial().recv_timeout(CONNECT_DEADLINE) {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "cannot connect to PostgreSQL at {}: no answer within {}s (is it PostgreSQL, and is the host \
+                 and port right?)",
+                self.display,
+                CONNECT_DEADLINE.as_secs()
+            )),
+        }
     }
+
+    /// Starts a dial on a thread of its own; its outcome arrives on the
+    /// receiver (for a caller that has other work meanwhile).
+    pub fn dial(&self) -> mpsc::Receiver<std::result::Result<Client, String>> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let (config, tls, display) = (self.config.clone(), self.tls.clone(), self.display.clone());
+        let cannot = move |why: String| format!("cannot connect to PostgreSQL at {display}: {why}");
+        let spawned = std::thread::Builder::new().name("pg-connect".into()).spawn({
+            let (tx, cannot) = (tx.clone(), cannot.clone());
+            move || {
+                let r = match tls {
+                    Some(tls) => config.connect(tls),
+                    None => config.connect(NoTls),
+                };
+                let _ = tx.send(r.map_err(|e| cannot(describe(&e))));
+            }
+        });
+        if let Err(e) = spawned {
+            let _ = tx.send(Err(cannot(e.to_string())));
+        }
+        rx
+    }
+
+    /// The same place, each statement of a connection bounded by `limit`
+    /// (set at connect time, no extra round trip).
+    pub fn with_statement_timeout(&self, limit: Duration) -> PgConfig {
+        let mut c = self.clone();
+        let set = format!("-c statement_timeout={}", limit.as_millis());
+        let options = match self.config.get_options() {
+            Some(o) if !o.trim().is_empty() => format!("{o} {set}"),
+            _ => set,
+        };
+        c.config.options(&options);
+        c
+    }
+}
+
+/// `Err` when `path` may be read by others than its owner: libpq's rule
+/// for password files.
+fn private_file(path: &std::path::Path) -> std::result::Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            return Err(format!(
+                "it has group or world access (mode {:o}): permissions should be u=rw (0600) or less",
+                m.permissions().mode() & 0o777
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Removes `name=value` from a URL's query (or a key=value string) and
@@ -385,6 +480,15 @@ struct Conn {
 }
 
 impl Conn {
+    /// The serving connection, its statements bounded by
+    /// [`STATEMENT_TIMEOUT`].
+    fn serving(mut client: Client) -> std::result::Result<Conn, String> {
+        client
+            .batch_execute(&format!("SET statement_timeout = {}", STATEMENT_TIMEOUT.as_millis()))
+            .map_err(|e| describe(&e))?;
+        Ok(Conn { client, prepared: HashMap::new() })
+    }
+
     /// The statement for `sql`, prepared on first use: later uses are a
     /// single round trip (bind + execute) instead of two.
     fn prepare(&mut self, sql: &'static str) -> std::result::Result<Statement, ::postgres::Error> {
@@ -408,8 +512,11 @@ pub struct PostgresStore {
     config: PgConfig,
     conn: RefCell<Option<Conn>>,
     away: RefCell<Option<Away>>,
-    /// Calls that reached the database (for the hot-path figures).
-    calls: Cell<u64>,
+    /// Store calls that reached the database, by call (for
+    /// `/metrics` and the hot-path figures).
+    calls: RefCell<BTreeMap<&'static str, u64>>,
+    /// Audit batches the audit thread wrote.
+    audit_batches: Arc<AtomicU64>,
     audit: AuditWriter,
     identity: SharedIdentity,
 }
@@ -427,16 +534,20 @@ impl PostgresStore {
         let mut client = config.connect_client()?;
         let identity =
             prepare_database(&mut client, new_identity).map_err(|e| format!("PostgreSQL {}: {e}", config.display))?;
+        // After the migration, which may wait for another replica's.
+        let conn = Conn::serving(client).map_err(|e| format!("PostgreSQL {}: {e}", config.display))?;
+        let audit_batches = Arc::new(AtomicU64::new(0));
         let audit = {
-            let (config, replica) = (config.clone(), replica.to_string());
-            AuditWriter::start(move |rx| audit_thread(config, replica, rx))
+            let (config, replica, n) = (config.clone(), replica.to_string(), audit_batches.clone());
+            AuditWriter::start(move |rx| audit_thread(config, replica, rx, n))
         }
         .map_err(|e| e.to_string())?;
         Ok(PostgresStore {
             config,
-            conn: RefCell::new(Some(Conn { client, prepared: HashMap::new() })),
+            conn: RefCell::new(Some(conn)),
             away: RefCell::new(None),
-            calls: Cell::new(0),
+            calls: RefCell::new(BTreeMap::new()),
+            audit_batches,
             audit,
             identity,
         })
@@ -451,9 +562,12 @@ impl PostgresStore {
         &self.identity
     }
 
-    /// Calls that reached PostgreSQL since start.
-    pub fn calls(&self) -> u64 {
-        self.calls.get()
+    /// Calls that reached PostgreSQL since start, by store call, and
+    /// the audit batches written (`audit_batch`).
+    pub fn calls(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = self.calls.borrow().iter().map(|(k, n)| (*k, *n)).collect();
+        v.push(("audit_batch", self.audit_batches.load(Ordering::Relaxed)));
+        v
     }
 
     /// Why the store is unreachable, if it is (as of the latest call or
@@ -464,13 +578,13 @@ impl PostgresStore {
 
     /// Checks the connection (re-dialling if due); `Err` says why it is away.
     pub fn probe(&self) -> Result<()> {
-        self.with(|c| c.client.simple_query("SELECT 1").map(|_| ()).map_err(backend))
+        self.with("check", |c| c.client.simple_query("SELECT 1").map(|_| ()).map_err(backend))
     }
 
     /// Runs `f` on the connection, dialling it first if it was lost and
     /// the backoff allows. A lost connection turns into
     /// [`StoreError::Unavailable`] and is logged once.
-    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+    fn with<T>(&self, call: &'static str, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
         let mut slot = self.conn.borrow_mut();
         if slot.is_none() {
             let mut away = self.away.borrow_mut();
@@ -478,11 +592,11 @@ impl PostgresStore {
             if Instant::now() < a.retry_at {
                 return Err(StoreError::Unavailable(a.reason.clone()));
             }
-            match self.config.connect_client() {
-                Ok(client) => {
+            match self.config.connect_client().and_then(Conn::serving) {
+                Ok(conn) => {
                     log::info!("store back: reconnected to PostgreSQL at {}", self.config.display);
                     *away = None;
-                    *slot = Some(Conn { client, prepared: HashMap::new() });
+                    *slot = Some(conn);
                 }
                 Err(e) => {
                     a.reason = e;
@@ -493,7 +607,7 @@ impl PostgresStore {
             }
         }
         let conn = slot.as_mut().expect("connected above");
-        self.calls.set(self.calls.get() + 1);
+        *self.calls.borrow_mut().entry(call).or_default() += 1;
         let r = f(conn);
         if conn.client.is_closed() {
             let reason = match &r {
@@ -606,14 +720,14 @@ fn migrate_and_identity(
 
 impl Store for PostgresStore {
     fn user_count(&self) -> Result<u64> {
-        self.with(|c| {
+        self.with("user_count", |c| {
             let n: i64 = c.client.query_one("SELECT COUNT(*) FROM users", &[]).map_err(backend)?.get(0);
             Ok(n as u64)
         })
     }
 
     fn create_user(&self, name: &str, groups: &[String], admin: bool, token_hash: &str, now: Millis) -> Result<User> {
-        self.with(|c| {
+        self.with("create_user", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             tx.execute(
                 "INSERT INTO users(name, groups, admin, created_at) VALUES ($1, $2, $3, $4)",
@@ -637,7 +751,7 @@ impl Store for PostgresStore {
     }
 
     fn users(&self) -> Result<Vec<User>> {
-        self.with(|c| {
+        self.with("users", |c| {
             let rows = c
                 .client
                 .query("SELECT name, groups, admin, created_at, revoked_at FROM users ORDER BY name", &[])
@@ -647,7 +761,7 @@ impl Store for PostgresStore {
     }
 
     fn user(&self, name: &str) -> Result<Option<User>> {
-        self.with(|c| {
+        self.with("user", |c| {
             let st = c
                 .prepare("SELECT name, groups, admin, created_at, revoked_at FROM users WHERE name = $1")
                 .map_err(backend)?;
@@ -656,7 +770,7 @@ impl Store for PostgresStore {
     }
 
     fn add_token(&self, user: &str, token_hash: &str, now: Millis) -> Result<()> {
-        self.with(|c| {
+        self.with("add_token", |c| {
             // One statement: the user must be live at the moment of the insert.
             let n = c
                 .client
@@ -671,7 +785,7 @@ impl Store for PostgresStore {
     }
 
     fn revoke_user(&self, name: &str, now: Millis) -> Result<User> {
-        self.with(|c| {
+        self.with("revoke_user", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             let row = tx
                 .query_opt(
@@ -691,7 +805,7 @@ impl Store for PostgresStore {
     }
 
     fn oidc_sign_in(&self, name: &str, groups: &[String], admin: bool, now: Millis) -> Result<User> {
-        self.with(|c| {
+        self.with("oidc_sign_in", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             // FOR UPDATE: two replicas signing the same person in at once
             // see each other's row instead of both inserting.
@@ -741,7 +855,7 @@ impl Store for PostgresStore {
     }
 
     fn create_session(&self, id_hash: &str, s: &ConsoleSession, now: Millis) -> Result<()> {
-        self.with(|c| {
+        self.with("create_session", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             tx.execute("DELETE FROM sessions WHERE expires_at <= $1", &[&now]).map_err(backend)?;
             tx.execute(
@@ -754,7 +868,7 @@ impl Store for PostgresStore {
     }
 
     fn session(&self, id_hash: &str, now: Millis) -> Result<Option<ConsoleSession>> {
-        self.with(|c| {
+        self.with("session", |c| {
             let st = c
                 .prepare(
                     "SELECT s.hash, s.user_name, s.groups, s.admin, s.expires_at FROM sessions s
@@ -774,13 +888,13 @@ impl Store for PostgresStore {
     }
 
     fn delete_session(&self, id_hash: &str) -> Result<()> {
-        self.with(|c| {
+        self.with("delete_session", |c| {
             c.client.execute("DELETE FROM sessions WHERE hash = $1", &[&id_hash]).map(|_| ()).map_err(backend)
         })
     }
 
     fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {
-        self.with(|c| {
+        self.with("user_by_token", |c| {
             let st = c
                 .prepare(
                     "SELECT t.hash, u.name, u.groups, u.admin, u.created_at, u.revoked_at
@@ -803,7 +917,7 @@ impl Store for PostgresStore {
             Subject::User(n) => ("user", n),
             Subject::Group(n) => ("group", n),
         };
-        self.with(|c| {
+        self.with("add_grant", |c| {
             let row = c
                 .client
                 .query_one(
@@ -822,7 +936,7 @@ impl Store for PostgresStore {
     }
 
     fn grants(&self) -> Result<Vec<Grant>> {
-        self.with(|c| {
+        self.with("grants", |c| {
             let st = c
                 .prepare("SELECT id, subject_kind, subject, clusters, created_at FROM grants ORDER BY id")
                 .map_err(backend)?;
@@ -844,14 +958,16 @@ impl Store for PostgresStore {
     }
 
     fn remove_grant(&self, id: i64) -> Result<()> {
-        self.with(|c| match c.client.execute("DELETE FROM grants WHERE id = $1", &[&id]).map_err(backend)? {
-            0 => Err(StoreError::NotFound(format!("no grant {id}"))),
-            _ => Ok(()),
+        self.with("remove_grant", |c| {
+            match c.client.execute("DELETE FROM grants WHERE id = $1", &[&id]).map_err(backend)? {
+                0 => Err(StoreError::NotFound(format!("no grant {id}"))),
+                _ => Ok(()),
+            }
         })
     }
 
     fn register_cluster(&self, cl: &NewCluster<'_>, a: &NewActivation<'_>) -> Result<Cluster> {
-        self.with(|c| {
+        self.with("register_cluster", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             tx.execute(
                 "INSERT INTO clusters(id, name, users, groups, created_at) VALUES ($1, $2, $3, $4, $5)",
@@ -882,14 +998,14 @@ impl Store for PostgresStore {
     }
 
     fn clusters(&self) -> Result<Vec<Cluster>> {
-        self.with(|c| {
+        self.with("clusters", |c| {
             let sql = format!("SELECT {CLUSTER_COLS} FROM clusters ORDER BY created_at, id");
             Ok(c.client.query(&sql, &[]).map_err(backend)?.iter().map(cluster_row).collect())
         })
     }
 
     fn cluster(&self, name: &str) -> Result<Option<Cluster>> {
-        self.with(|c| {
+        self.with("cluster", |c| {
             let st = c
                 .prepare(
                     "SELECT id, name, users, groups, created_at, activated_at, deregistered_at, agent_version, arch, \
@@ -902,7 +1018,7 @@ impl Store for PostgresStore {
     }
 
     fn activations(&self, cluster_id: &str) -> Result<Vec<Activation>> {
-        self.with(|c| {
+        self.with("activations", |c| {
             let rows = c
                 .client
                 .query(
@@ -931,7 +1047,7 @@ impl Store for PostgresStore {
         a: &NewActivation<'_>,
         now: Millis,
     ) -> Result<Cluster> {
-        self.with(|c| {
+        self.with("renew_activation", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             let row = tx
                 .query_opt(
@@ -990,7 +1106,7 @@ impl Store for PostgresStore {
         now: Millis,
     ) -> std::result::Result<Cluster, ActivateError> {
         let mut refused = None;
-        let r = self.with(|c| {
+        let r = self.with("activate", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             // FOR UPDATE: two replicas given the same code at once
             // serialise here, and the second sees `used_at`.
@@ -1066,7 +1182,7 @@ impl Store for PostgresStore {
     }
 
     fn credential(&self, credential_hash: &str) -> Result<CredentialStatus> {
-        self.with(|c| {
+        self.with("credential", |c| {
             let st = c
                 .prepare(
                     "SELECT id, name, users, groups, created_at, activated_at, deregistered_at, agent_version, arch, \
@@ -1090,7 +1206,7 @@ impl Store for PostgresStore {
     }
 
     fn agent_connected(&self, cluster_id: &str, f: &AgentFacts, now: Millis) -> Result<()> {
-        self.with(|c| {
+        self.with("agent_connected", |c| {
             let st = c
                 .prepare(
                     "UPDATE clusters SET agent_version = $2, arch = $3, kube_version = $4, node_count = $5,
@@ -1105,14 +1221,14 @@ impl Store for PostgresStore {
     }
 
     fn agents_gone(&self, cluster_id: &str, now: Millis) -> Result<()> {
-        self.with(|c| {
+        self.with("agents_gone", |c| {
             let st = c.prepare("UPDATE clusters SET last_seen_at = $2 WHERE id = $1").map_err(backend)?;
             c.client.execute(&st, &[&cluster_id, &now]).map(|_| ()).map_err(backend)
         })
     }
 
     fn add_event(&self, cluster_id: &str, kind: &str, message: &str, now: Millis) -> Result<()> {
-        self.with(|c| {
+        self.with("add_event", |c| {
             let st = c
                 .prepare("INSERT INTO cluster_events(cluster_id, time, kind, message) VALUES ($1, $2, $3, $4)")
                 .map_err(backend)?;
@@ -1121,7 +1237,7 @@ impl Store for PostgresStore {
     }
 
     fn events(&self, cluster_id: &str, limit: u32) -> Result<Vec<ClusterEvent>> {
-        self.with(|c| {
+        self.with("events", |c| {
             let rows = c
                 .client
                 .query(
@@ -1134,7 +1250,7 @@ impl Store for PostgresStore {
     }
 
     fn deregister(&self, name: &str, now: Millis) -> Result<Cluster> {
-        self.with(|c| {
+        self.with("deregister", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             let row = tx
                 .query_opt(
@@ -1161,7 +1277,7 @@ impl Store for PostgresStore {
     }
 
     fn join_replica(&self, r: &Replica, now: Millis, deadline: Millis) -> Result<()> {
-        self.with(|c| {
+        self.with("join_replica", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             // Serialises joins: two replicas with one URL starting at the
             // same moment cannot both see the other absent.
@@ -1191,7 +1307,7 @@ impl Store for PostgresStore {
         now: Millis,
         deadline: Millis,
     ) -> Result<Vec<AgentSession>> {
-        self.with(|c| {
+        self.with("replica_heartbeat", |c| {
             let mut tx = c.client.transaction().map_err(backend)?;
             tx.execute("DELETE FROM replicas WHERE heartbeat_at <= $1 AND id <> $2", &[&(now - deadline), &r.id])
                 .map_err(backend)?;
@@ -1245,16 +1361,38 @@ impl Store for PostgresStore {
     }
 
     fn leave_replica(&self, id: &str) -> Result<()> {
-        self.with(|c| c.client.execute("DELETE FROM replicas WHERE id = $1", &[&id]).map(|_| ()).map_err(backend))
+        self.with("leave_replica", |c| {
+            c.client.execute("DELETE FROM replicas WHERE id = $1", &[&id]).map(|_| ()).map_err(backend)
+        })
+    }
+
+    fn live_replicas(&self, now: Millis, deadline: Millis) -> Result<Vec<Replica>> {
+        self.with("live_replicas", |c| {
+            let rows = c
+                .client
+                .query(
+                    "SELECT id, advertise_url, version, started_at FROM replicas WHERE heartbeat_at > $1 ORDER BY id",
+                    &[&(now - deadline)],
+                )
+                .map_err(backend)?;
+            Ok(rows
+                .iter()
+                .map(|r| Replica { id: r.get(0), advertise_url: r.get(1), version: r.get(2), started_at: r.get(3) })
+                .collect())
+        })
     }
 
     fn check(&self) -> Result<()> {
         self.probe()
     }
 
+    fn queries(&self) -> Vec<(&'static str, u64)> {
+        self.calls()
+    }
+
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
         self.audit.flush()?;
-        self.with(|c| {
+        self.with("audit", |c| {
             let rows = c
                 .client
                 .query(
@@ -1290,11 +1428,23 @@ impl Store for PostgresStore {
 /// Most entries kept while the database is away; older ones are dropped
 /// (and counted in the log) so the hub's memory stays bounded.
 const AUDIT_HELD: usize = 65_536;
+/// How often the audit writer tries the database again while it is away.
+const AUDIT_RETRY: Duration = Duration::from_secs(1);
 
-fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>) {
+fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>, batches: Arc<AtomicU64>) {
     let mut client: Option<Client> = None;
     let mut held: Vec<AuditEntry> = Vec::new();
     let mut closing = false;
+    // While the database is away: every queued entry is taken into
+    // `held` (bounded by AUDIT_HELD), so the queue never fills and the
+    // serving thread's `append_audit` never waits on it; and re-dials are
+    // paced, not one per entry (one can take CONNECT_DEADLINE).
+    let mut away = false;
+    let mut retry_at = Instant::now();
+    let mut dialing: Option<mpsc::Receiver<std::result::Result<Client, String>>> = None;
+    // Bounded, so a hung database cannot hold a SIGTERM's final flush
+    // (and the process) forever.
+    let config = config.with_statement_timeout(AUDIT_STATEMENT_TIMEOUT);
     while !closing {
         // Wait for work; while entries are held for an absent database,
         // wake up to retry.
@@ -1304,7 +1454,9 @@ fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>)
                 Err(_) => break,
             }
         } else {
-            match rx.recv_timeout(Duration::from_secs(1)) {
+            // A dial under way is looked at often.
+            let wait = if dialing.is_some() { Duration::from_millis(100) } else { AUDIT_RETRY };
+            match rx.recv_timeout(wait) {
                 Ok(m) => Some(m),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -1322,7 +1474,7 @@ fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>)
                     AuditMsg::Entry(e) => held.push(e),
                     AuditMsg::Flush(done) => flushes.push(done),
                 }
-                next = if held.len() < AUDIT_BATCH { rx.try_recv().ok() } else { None };
+                next = if client.is_none() || away || held.len() < AUDIT_BATCH { rx.try_recv().ok() } else { None };
             }
             if closing || slept || !flushes.is_empty() || held.len() >= AUDIT_BATCH {
                 break;
@@ -1333,18 +1485,45 @@ fn audit_thread(config: PgConfig, replica: String, rx: mpsc::Receiver<AuditMsg>)
             slept = true;
             next = rx.try_recv().ok();
         }
+        // A shutdown, or someone waiting for the entries to be written
+        // (an audit query), waits for a dial, whatever the pace.
+        let urgent = closing || !flushes.is_empty();
         while !held.is_empty() {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = config.connect_client().ok();
+                client = None;
+                if urgent {
+                    client = match dialing.take() {
+                        Some(d) => d.recv_timeout(CONNECT_DEADLINE).ok().and_then(|r| r.ok()),
+                        None => config.connect_client().ok(),
+                    };
+                } else if let Some(d) = &dialing {
+                    match d.try_recv() {
+                        Ok(Ok(c)) => (client, dialing) = (Some(c), None),
+                        Err(mpsc::TryRecvError::Empty) => {}
+                        Ok(Err(_)) | Err(mpsc::TryRecvError::Disconnected) => {
+                            (dialing, away, retry_at) = (None, true, Instant::now() + AUDIT_RETRY);
+                        }
+                    }
+                } else if !away || Instant::now() >= retry_at {
+                    // The dial runs beside this loop, which keeps taking
+                    // entries off the queue meanwhile.
+                    dialing = Some(config.dial());
+                }
             }
             let Some(c) = client.as_mut() else { break };
+            if away && !urgent && Instant::now() < retry_at {
+                break;
+            }
             let n = held.len().min(AUDIT_BATCH);
             match write_audit(c, &replica, &held[..n]) {
                 Ok(()) => {
                     held.drain(..n);
+                    batches.fetch_add(1, Ordering::Relaxed);
+                    away = false;
                 }
                 Err(e) => {
                     log::error!("audit write failed entries={n} error={}; kept for retry", describe(&e));
+                    (away, retry_at) = (true, Instant::now() + AUDIT_RETRY);
                     break;
                 }
             }
@@ -1406,7 +1585,10 @@ mod tests {
         assert_eq!((rest.as_str(), pf.as_deref()), ("postgres://u@h/db?sslmode=disable", Some("/tmp/pw")));
         let (rest, pf) = take_param("host=h user=u passfile=/p dbname=d", "passfile");
         assert_eq!((rest.as_str(), pf.as_deref()), ("host=h user=u dbname=d", Some("/p")));
-        assert!(PgConfig::parse("postgres://u@h/db?sslmode=require").unwrap_err().contains("sslmode=require"));
+        assert_eq!(PgConfig::parse("postgres://u@h/db?sslmode=require").unwrap().ssl_mode, SslMode::Require);
+        assert!(PgConfig::parse("postgres://u@h/db?sslmode=bogus").unwrap_err().contains("invalid sslmode \"bogus\""));
+        let e = PgConfig::parse("host=h user=u sslmode=verify-full sslrootcert=/nonexistent").err().unwrap();
+        assert!(e.contains("sslrootcert /nonexistent"), "{e}");
         assert!(PgConfig::parse("postgres://h/db").unwrap_err().contains("no user"));
         assert!(PgConfig::parse("postgres://u@h/db?bogus=1").is_err());
         let c = PgConfig::parse("postgres://u:hunter2@h:6000/db").unwrap();
