@@ -18,6 +18,7 @@
 //! connection.
 
 use crate::secret::Secret;
+use crate::socket::Socket;
 use base64::Engine as _;
 use futures_rustls::TlsConnector;
 use futures_rustls::client::TlsStream;
@@ -315,9 +316,11 @@ fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
 }
 
 /// A connection to a server: plain TCP or TLS over TCP.
+/// Over [`Socket`], which skips the reads that would find nothing (the
+/// event loop polls a reader far more often than bytes arrive).
 pub enum Io {
-    Plain(Async<TcpStream>),
-    Tls(Box<TlsStream<Async<TcpStream>>>),
+    Plain(Socket),
+    Tls(Box<TlsStream<Socket>>),
 }
 
 impl AsyncRead for Io {
@@ -420,12 +423,12 @@ pub async fn tls_wrap_as(
     tls: Option<&Arc<ClientConfig>>,
 ) -> io::Result<Io> {
     if !target.tls {
-        return Ok(Io::Plain(tcp));
+        return Ok(Io::Plain(Socket::new(tcp)));
     }
     let config = tls.ok_or_else(|| io::Error::other("https target without a TLS configuration"))?;
     let name = ServerName::try_from(name.to_string())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} is not a valid TLS name")))?;
-    let handshake = TlsConnector::from(config.clone()).connect(name, tcp);
+    let handshake = TlsConnector::from(config.clone()).connect(name, Socket::new(tcp));
     let stream = deadline(dial_timeout(), || format!("TLS handshake with {target}"), handshake).await?;
     Ok(Io::Tls(Box::new(stream)))
 }
