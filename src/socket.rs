@@ -10,13 +10,13 @@
 //! record. Each such poll was a `recv` returning `EAGAIN`: about five per
 //! proxied request on the agent, a quarter of its syscalls.
 //!
-//! [`Socket`] remembers when the kernel's receive queue was emptied (a
-//! read returned fewer bytes than asked, or `WouldBlock`) and then waits
-//! for the reactor's readiness event before reading again. That wait is
+//! [`Socket`] remembers when a read found the kernel's receive queue
+//! empty (`WouldBlock`) and then waits for the reactor's readiness event
+//! before reading again. That wait is
 //! `Async::poll_readable`: a check of the reactor's tick, and an
 //! `epoll_ctl` to arm the one-shot interest when none is armed, which the
 //! failed `recv` needed too. Level-triggered readiness makes this safe:
-//! bytes that arrive after the short read, even before the interest is
+//! bytes that arrive after the empty read, even before the interest is
 //! armed, make the armed interest fire at once.
 //!
 //! Not here: dialling, TLS, deadlines. Writes go straight to
@@ -63,12 +63,11 @@ impl AsyncRead for Socket {
             }
             match (&mut this.io.get_ref()).read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.drained = true,
-                Ok(n) => {
-                    // A short read took all the kernel had: the next one
-                    // would find nothing (end of stream stays readable).
-                    this.drained = n < buf.len();
-                    return Poll::Ready(Ok(n));
-                }
+                // Not marked after a short read, though it usually empties
+                // the queue: during a download the next bytes are often
+                // there by the next poll, and waiting for the reactor to
+                // say so cost a fifth of the bulk rate (e2e bench).
+                Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -104,7 +103,7 @@ mod tests {
     use std::net::TcpListener;
 
     #[test]
-    fn reads_what_arrives_after_a_short_read_and_the_end() {
+    fn reads_what_arrives_after_an_empty_read_and_the_end() {
         smol::block_on(async {
             let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
             let addr = listener.get_ref().local_addr().unwrap();
@@ -115,7 +114,13 @@ mod tests {
             let mut buf = [0u8; 64];
             writer.write_all(b"first").await.unwrap();
             assert_eq!(reader.read(&mut buf).await.unwrap(), 5);
-            assert!(reader.drained, "a short read marks the queue empty");
+            // Nothing more: the reader waits, and is woken by what comes.
+            let late = async {
+                smol::Timer::after(std::time::Duration::from_millis(20)).await;
+                writer.write_all(b"later").await.unwrap();
+            };
+            let (n, ()) = smol::future::zip(reader.read(&mut buf), late).await;
+            assert_eq!(n.unwrap(), 5);
             // Bytes that arrive while nobody waits are still seen.
             writer.write_all(b"second").await.unwrap();
             smol::Timer::after(std::time::Duration::from_millis(20)).await;
@@ -125,7 +130,6 @@ mod tests {
             writer.write_all(&[7u8; 100]).await.unwrap();
             smol::Timer::after(std::time::Duration::from_millis(20)).await;
             assert_eq!(reader.read(&mut buf).await.unwrap(), 64);
-            assert!(!reader.drained);
             assert_eq!(reader.read(&mut buf).await.unwrap(), 36);
             drop(writer);
             assert_eq!(reader.read(&mut buf).await.unwrap(), 0);
