@@ -15,6 +15,8 @@
 //!   state machine. Not sockets, clocks or async.
 //! - [`driver`]: runs a [`proto::Mux`] over any async byte stream on a
 //!   single-threaded smol executor. Not dialling, TLS or reconnecting.
+//! - [`socket`]: a TCP stream that skips the reads it knows would find
+//!   nothing (waits for readiness after a short read). Not dialling or TLS.
 //! - [`tls`]: rustls client and server configurations (webpki roots,
 //!   private CA, public-key pins). Not dialling or certificate generation.
 //! - [`http`]: HTTP/1.1 rules the agent and the hub share (hop-by-hop
@@ -60,5 +62,6 @@ pub mod proto;
 #[cfg(feature = "hub")]
 pub mod render;
 pub mod secret;
+pub mod socket;
 pub mod time;
 pub mod tls;

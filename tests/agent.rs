@@ -379,6 +379,9 @@ fn reconnects_after_hub_restart_and_follows_token_rotation() {
     let new = format!("rotated-{}", std::process::id());
     w.k.set_agent_token(&new);
     std::fs::write(&w.token, &new).unwrap();
+    // The agent looks at its token file at most once a second
+    // (uplink::agent::kube::TOKEN_RECHECK), as client-go does once a minute.
+    std::thread::sleep(Duration::from_millis(1100));
     w.k.clear_requests();
     let (status, body) = w.hub.get("/api/v1/namespaces/default/pods", bob());
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));

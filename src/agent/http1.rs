@@ -647,7 +647,7 @@ mod tests {
                 smol::Timer::after(Duration::from_millis(100)).await;
             });
             let tcp = net::tcp_connect(&[addr]).await.unwrap();
-            let mut conn = Conn::new(Io::Plain(tcp));
+            let mut conn = Conn::new(Io::Plain(tcp.into()));
             let head = conn.read_head(false).await.unwrap();
             assert_eq!((head.status, head.body), (200, BodyKind::Chunked));
             let mut reader = BodyReader::new(head.body);

@@ -233,7 +233,13 @@ pub fn run(opts: Options) -> Result<(), AgentError> {
         None => DRAIN,
     };
     let ex = Rc::new(LocalExecutor::new());
-    smol::block_on(ex.run(main_loop(ex.clone(), opts, kube, config, health_addr, drain)))
+    // The main loop is a task of its own, not the future `run` races with
+    // the executor: that one is polled every time the executor wakes from
+    // the reactor (once or twice per proxied request), and each poll read
+    // the signal pipe for nothing (a `recv` returning `EAGAIN`). A task
+    // is polled only when its own waker fires.
+    let main = ex.spawn(main_loop(ex.clone(), opts, kube, config, health_addr, drain));
+    smol::block_on(ex.run(main))
 }
 
 async fn main_loop(

@@ -8,6 +8,9 @@
 //! costs one deadline, never the kernel's minutes. An expired wait is an
 //! [`io::ErrorKind::TimedOut`] error that names the hop.
 //!
+//! Deadlines share one reactor timer per thread ([`Expiry`]): a timer of
+//! its own per request cost the reactor a wake-up each.
+//!
 //! Name resolution is a blocking `getaddrinfo` on the one thread. It runs
 //! only when the hub is (re)dialled, when no stream is live, and for API
 //! servers named by host name (in-cluster and k3s use IP literals); the
@@ -15,6 +18,7 @@
 //! connection.
 
 use crate::secret::Secret;
+use crate::socket::Socket;
 use base64::Engine as _;
 use futures_rustls::TlsConnector;
 use futures_rustls::client::TlsStream;
@@ -23,13 +27,16 @@ use rustls_pki_types::ServerName;
 use smol::Async;
 use smol::future::FutureExt as _;
 use smol::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 /// Default for [`dial_timeout`].
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,10 +81,146 @@ pub async fn deadline<T>(
     fut: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
     fut.or(async {
-        smol::Timer::after(limit).await;
+        Expiry::after(limit).await;
         Err(io::Error::new(io::ErrorKind::TimedOut, format!("{} timed out after {limit:?}", what())))
     })
     .await
+}
+
+/// A deadline on the one shared timer of this thread: resolves at its
+/// instant (or a moment after).
+///
+/// Why not a `smol::Timer` each: async-io notifies its poller on every
+/// timer it registers (an eventfd write, a read and one more
+/// `epoll_wait`), and a proxied request armed two (the response head's
+/// deadline and the body's stall check). Deadlines here are seconds long
+/// and nearly always met, so they share one timer, armed at the earliest
+/// one and moved only when an earlier one comes or it went off. With the
+/// same limit for every request each new deadline is later than those
+/// pending, so under load the timer moves about once per limit, not per
+/// request. When it goes off it wakes every waiting deadline (they are
+/// few: one per request in flight), and each checks its own instant.
+pub struct Expiry {
+    at: Instant,
+    id: u64,
+}
+
+/// The shared timer's state; one per thread (the agent runs on one).
+struct Clock {
+    timer: smol::Timer,
+    /// When `timer` is set to go off, if it is.
+    armed: Option<Instant>,
+    /// Every live [`Expiry`] not yet resolved.
+    pending: BTreeSet<(Instant, u64)>,
+    fanout: Arc<FanOut>,
+    /// `fanout` as the waker the timer is polled with.
+    waker: Waker,
+    next_id: u64,
+}
+
+/// Wakes the tasks of every waiting deadline: the shared timer's waker.
+/// A `Mutex`, since async-io may fire the timer on its helper thread.
+#[derive(Default)]
+struct FanOut(Mutex<HashMap<u64, Waker>>);
+
+impl FanOut {
+    fn wake_all(&self) {
+        let wakers: Vec<Waker> =
+            self.0.lock().unwrap_or_else(PoisonError::into_inner).drain().map(|(_, w)| w).collect();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Wake for FanOut {
+    fn wake(self: Arc<Self>) {
+        self.wake_all();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wake_all();
+    }
+}
+
+thread_local! {
+    static CLOCK: RefCell<Clock> = RefCell::new({
+        let fanout = Arc::new(FanOut::default());
+        Clock {
+            timer: smol::Timer::never(),
+            armed: None,
+            pending: BTreeSet::new(),
+            waker: Waker::from(fanout.clone()),
+            fanout,
+            next_id: 0,
+        }
+    });
+}
+
+impl Expiry {
+    pub fn after(limit: Duration) -> Expiry {
+        Expiry::at(Instant::now() + limit)
+    }
+
+    pub fn at(at: Instant) -> Expiry {
+        CLOCK.with_borrow_mut(|c| {
+            c.next_id += 1;
+            c.pending.insert((at, c.next_id));
+            Expiry { at, id: c.next_id }
+        })
+    }
+
+    fn forget(&self) {
+        // `try_with`: an Expiry dropped while the thread's locals are torn down.
+        let _ = CLOCK.try_with(|c| {
+            if let Ok(mut c) = c.try_borrow_mut() {
+                c.pending.remove(&(self.at, self.id));
+                c.fanout.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+            }
+        });
+    }
+}
+
+impl Future for Expiry {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let now = Instant::now();
+        if now >= self.at {
+            self.forget();
+            return Poll::Ready(());
+        }
+        CLOCK.with_borrow_mut(|c| {
+            {
+                let mut wakers = c.fanout.0.lock().unwrap_or_else(PoisonError::into_inner);
+                match wakers.get(&self.id) {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => {
+                        wakers.insert(self.id, cx.waker().clone());
+                    }
+                }
+            }
+            // Deadlines already due whose tasks have not run yet: wake
+            // them, rather than count on a timer that is moved past them.
+            if c.pending.first().is_some_and(|&(t, _)| t <= now) {
+                c.fanout.wake_all();
+            }
+            let next = c.pending.range((now, u64::MAX)..).next().map_or(self.at, |&(t, _)| t);
+            if c.armed.is_none_or(|a| next < a || a <= now) {
+                c.armed = Some(next);
+                c.timer.set_at(next);
+            }
+            // Registers the timer with the reactor under the fan-out waker
+            // (a no-op while it stays registered).
+            let waker = c.waker.clone();
+            let _ = Pin::new(&mut c.timer).poll(&mut Context::from_waker(&waker));
+        });
+        Poll::Pending
+    }
+}
+
+impl Drop for Expiry {
+    fn drop(&mut self) {
+        self.forget();
+    }
 }
 
 /// Where to connect: scheme, host and port of an `http(s)://` URL, plus
@@ -173,9 +316,11 @@ fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
 }
 
 /// A connection to a server: plain TCP or TLS over TCP.
+/// Over [`Socket`], which skips the reads that would find nothing (the
+/// event loop polls a reader far more often than bytes arrive).
 pub enum Io {
-    Plain(Async<TcpStream>),
-    Tls(Box<TlsStream<Async<TcpStream>>>),
+    Plain(Socket),
+    Tls(Box<TlsStream<Socket>>),
 }
 
 impl AsyncRead for Io {
@@ -278,12 +423,12 @@ pub async fn tls_wrap_as(
     tls: Option<&Arc<ClientConfig>>,
 ) -> io::Result<Io> {
     if !target.tls {
-        return Ok(Io::Plain(tcp));
+        return Ok(Io::Plain(Socket::new(tcp)));
     }
     let config = tls.ok_or_else(|| io::Error::other("https target without a TLS configuration"))?;
     let name = ServerName::try_from(name.to_string())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} is not a valid TLS name")))?;
-    let handshake = TlsConnector::from(config.clone()).connect(name, tcp);
+    let handshake = TlsConnector::from(config.clone()).connect(name, Socket::new(tcp));
     let stream = deadline(dial_timeout(), || format!("TLS handshake with {target}"), handshake).await?;
     Ok(Io::Tls(Box::new(stream)))
 }
@@ -485,6 +630,43 @@ pub async fn dial_as(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::rc::Rc;
+
+    #[test]
+    fn shared_deadlines_go_off_in_order_and_only_when_due() {
+        smol::block_on(async {
+            let start = Instant::now();
+            // A long one first, then shorter ones: the timer moves earlier.
+            let long = Expiry::after(Duration::from_secs(30));
+            let order = Rc::new(RefCell::new(Vec::new()));
+            let ex = smol::LocalExecutor::new();
+            for ms in [120u64, 40, 80] {
+                let order = order.clone();
+                ex.spawn(async move {
+                    Expiry::after(Duration::from_millis(ms)).await;
+                    order.borrow_mut().push(ms);
+                })
+                .detach();
+            }
+            // One met before it expires does not keep others waiting.
+            let met = deadline(Duration::from_secs(5), || "quick".into(), async { Ok(7) });
+            ex.run(async {
+                assert_eq!(met.await.unwrap(), 7);
+                Expiry::after(Duration::from_millis(200)).await;
+            })
+            .await;
+            assert_eq!(*order.borrow(), vec![40, 80, 120]);
+            let took = start.elapsed();
+            assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(5), "{took:?}");
+            let e = deadline(Duration::from_millis(30), || "silence".into(), std::future::pending::<io::Result<()>>())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+            assert!(e.to_string().contains("silence timed out after 30ms"), "{e}");
+            drop(long);
+            assert!(CLOCK.with_borrow(|c| c.pending.is_empty()), "every deadline forgotten once dropped");
+        });
+    }
 
     #[test]
     fn parses_targets() {

@@ -114,14 +114,17 @@ pub fn request_headers(
         if !is_token(&h.name) || !is_field_value(&h.value) {
             return Err(Refusal::BadField(String::from_utf8_lossy(&h.name).into_owned()));
         }
-        let lower = h.name.to_ascii_lowercase();
-        let keep_upgrade = upgrade && lower == b"upgrade";
+        // Compared in any case without a lower-cased copy: an allocation
+        // per header per request.
+        let name = h.name.as_slice();
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        let keep_upgrade = upgrade && is("upgrade");
         if !keep_upgrade
-            && (is_hop_by_hop(&lower)
-                || named.iter().any(|n| *n == lower && n.as_slice() != b"upgrade")
-                || lower == b"host"
-                || lower == b"authorization"
-                || lower.starts_with(b"impersonate-"))
+            && (is_hop_by_hop(name)
+                || named.iter().any(|n| name.eq_ignore_ascii_case(n) && n.as_slice() != b"upgrade")
+                || is("host")
+                || is("authorization")
+                || name.get(..12).is_some_and(|p| p.eq_ignore_ascii_case(b"impersonate-")))
         {
             continue;
         }
@@ -202,22 +205,21 @@ pub fn escape_extra_key(key: &str) -> String {
 }
 
 /// Response headers for the hub: hop-by-hop fields dropped, except that a
-/// `101` keeps `Upgrade` and `Connection: Upgrade`.
-pub fn response_headers(status: u16, server: &[Header]) -> Vec<Header> {
+/// `101` keeps `Upgrade` and `Connection: Upgrade`. Takes the server's
+/// headers and keeps them in place (no copy of each field).
+pub fn response_headers(status: u16, mut server: Vec<Header>) -> Vec<Header> {
     let upgrade = status == 101;
-    let named = connection_options(server);
-    let mut out: Vec<Header> = server
-        .iter()
-        .filter(|h| {
-            let lower = h.name.to_ascii_lowercase();
-            if upgrade && lower == b"upgrade" {
-                return true;
-            }
-            !(is_hop_by_hop(&lower) || named.iter().any(|n| *n == lower && n.as_slice() != b"upgrade"))
-        })
-        .cloned()
-        .collect();
-    if upgrade && has_token(server, "connection", "upgrade") {
+    let named = connection_options(&server);
+    let upgrade_token = upgrade && has_token(&server, "connection", "upgrade");
+    server.retain(|h| {
+        let name = h.name.as_slice();
+        if upgrade && name.eq_ignore_ascii_case(b"upgrade") {
+            return true;
+        }
+        !(is_hop_by_hop(name) || named.iter().any(|n| name.eq_ignore_ascii_case(n) && n.as_slice() != b"upgrade"))
+    });
+    let mut out = server;
+    if upgrade_token {
         out.push(Header::new("Connection", "Upgrade"));
     }
     out
@@ -386,8 +388,8 @@ mod tests {
             Header::new("Connection", "close"),
             Header::new("Audit-Id", "x"),
         ];
-        assert_eq!(names(&response_headers(200, &server)), vec!["Content-Type: application/json", "Audit-Id: x"]);
+        assert_eq!(names(&response_headers(200, server)), vec!["Content-Type: application/json", "Audit-Id: x"]);
         let up = vec![Header::new("Connection", "Upgrade"), Header::new("Upgrade", "SPDY/3.1")];
-        assert_eq!(names(&response_headers(101, &up)), vec!["Upgrade: SPDY/3.1", "Connection: Upgrade"]);
+        assert_eq!(names(&response_headers(101, up)), vec!["Upgrade: SPDY/3.1", "Connection: Upgrade"]);
     }
 }

@@ -13,7 +13,8 @@
 //!
 //! A token file is re-read whenever its modification time or size changes
 //! (projected service-account tokens rotate, by an atomic symlink swap),
-//! so a rotated token is used without a restart.
+//! so a rotated token is used without a restart. The file is looked at
+//! (one `statx`) at most once per [`TOKEN_RECHECK`], not per request.
 //!
 //! Submodules: [`headers`] (what is forwarded), [`proxy`] (one tunnel
 //! stream to one API-server exchange).
@@ -33,7 +34,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// The service account's files in a pod.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -52,10 +53,24 @@ pub struct KubeFlags {
     pub ca: Option<PathBuf>,
 }
 
+/// How long a token read from its file is used before the file is looked
+/// at again. Kubelet rotates projected tokens at 80 % of their lifetime
+/// (an hour or more) and the old one stays valid, so a second's delay is
+/// nothing; client-go waits a minute. A `statx` per request was ~2 % of
+/// the agent's CPU per small request.
+pub const TOKEN_RECHECK: Duration = Duration::from_secs(1);
+
 /// A bearer token that follows its file.
 pub struct TokenFile {
     path: PathBuf,
-    cache: RefCell<Option<(Option<SystemTime>, u64, Secret)>>,
+    cache: RefCell<Option<CachedToken>>,
+}
+
+struct CachedToken {
+    modified: Option<SystemTime>,
+    len: u64,
+    token: Secret,
+    checked: Instant,
 }
 
 impl TokenFile {
@@ -63,22 +78,30 @@ impl TokenFile {
         TokenFile { path, cache: RefCell::new(None) }
     }
 
-    /// The token now: re-read when the file changed since the last read.
+    /// The token now: re-read when the file changed since the last read,
+    /// which is checked at most once per [`TOKEN_RECHECK`].
     pub fn current(&self) -> io::Result<Secret> {
+        let now = Instant::now();
+        if let Some(c) = &*self.cache.borrow() {
+            if now.saturating_duration_since(c.checked) < TOKEN_RECHECK {
+                return Ok(c.token.clone());
+            }
+        }
         let meta = std::fs::metadata(&self.path)?;
-        let stamp = (meta.modified().ok(), meta.len());
-        if let Some((m, len, tok)) = &*self.cache.borrow() {
-            if (*m, *len) == stamp {
-                return Ok(tok.clone());
+        let (modified, len) = (meta.modified().ok(), meta.len());
+        if let Some(c) = &mut *self.cache.borrow_mut() {
+            if (c.modified, c.len) == (modified, len) {
+                c.checked = now;
+                return Ok(c.token.clone());
             }
         }
         let text = std::fs::read_to_string(&self.path)?;
-        let tok = Secret::new(text.trim());
+        let token = Secret::new(text.trim());
         if self.cache.borrow().is_some() {
             log::info!("token file {} changed; using the new token", self.path.display());
         }
-        *self.cache.borrow_mut() = Some((stamp.0, stamp.1, tok.clone()));
-        Ok(tok)
+        *self.cache.borrow_mut() = Some(CachedToken { modified, len, token: token.clone(), checked: now });
+        Ok(token)
     }
 }
 
@@ -557,6 +580,9 @@ current-context: one
         let tf = TokenFile::new(p.clone());
         assert_eq!(tf.current().unwrap().expose(), "one");
         std::fs::write(&p, "two-longer\n").unwrap();
+        // Within TOKEN_RECHECK the file is not looked at again.
+        assert_eq!(tf.current().unwrap().expose(), "one");
+        std::thread::sleep(TOKEN_RECHECK + Duration::from_millis(50));
         assert_eq!(tf.current().unwrap().expose(), "two-longer");
         std::fs::remove_dir_all(&dir).unwrap();
     }

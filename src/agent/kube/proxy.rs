@@ -207,7 +207,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
     // connection the server closed meanwhile fails here; a bodiless
     // request is then retried once on a fresh connection.
     let (mut conn, mut reused) = pool.get().await.map_err(upstream)?;
-    let resp = loop {
+    let mut resp = loop {
         let attempt = async {
             conn.write_all(&wire_head).await.map_err(|e| (Failure::Upstream(e.to_string()), true))?;
             send_body(ctx, stream, &mut conn, body).await.map_err(|f| (f, false))?;
@@ -241,22 +241,30 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
             return Err(Failure::Upstream("API server switched protocols without being asked".into()));
         }
         stream
-            .send_head(ResponseHead { status, headers: headers::response_headers(status, &resp.headers) })
+            .send_head(ResponseHead {
+                status,
+                headers: headers::response_headers(status, std::mem::take(&mut resp.headers)),
+            })
             .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
         return Ok(Outcome::Upgraded(conn));
     }
     stream
-        .send_head(ResponseHead { status, headers: headers::response_headers(status, &resp.headers) })
+        .send_head(ResponseHead {
+            status,
+            headers: headers::response_headers(status, std::mem::take(&mut resp.headers)),
+        })
         .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
     let mut reader = BodyReader::new(resp.body);
     // A body that stops for the response deadline is a wedged server,
     // unless the request asked for a stream (watch, logs -f) whose silence
     // is normal. One timer for the whole body, moved on only when it goes
-    // off (arming a timer per piece would cost a reactor wake-up each).
+    // off (moving it per piece would cost work each), and on the thread's
+    // shared timer (net::Expiry: a timer of its own costs a reactor
+    // wake-up).
     let stall_limit = net::response_timeout();
     let streaming = crate::http::is_kube_stream(&head.path);
     let last_piece = std::cell::Cell::new(std::time::Instant::now());
-    let mut stall = smol::Timer::after(stall_limit);
+    let mut stall = net::Expiry::after(stall_limit);
     loop {
         let stalled = async {
             if streaming {
@@ -270,7 +278,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
                         "the API server sent no byte of the body for {quiet:?}"
                     ));
                 }
-                stall.set_at(last_piece.get() + stall_limit);
+                stall = net::Expiry::at(last_piece.get() + stall_limit);
             }
         };
         let piece = async { Ok(reader.next(&mut conn).await) }
@@ -296,7 +304,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
         let drain = async { while let Ok(Some(_)) = stream.read_chunk().await {} };
         drain
             .or(async {
-                smol::Timer::after(DRAIN_WAIT).await;
+                net::Expiry::after(DRAIN_WAIT).await;
             })
             .await;
     }

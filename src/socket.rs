@@ -1,0 +1,139 @@
+//! A TCP stream for the single-threaded event loop that does not ask the
+//! kernel for bytes it knows are not there yet.
+//!
+//! `smol::Async<TcpStream>` tries a `recv` on every poll and only waits
+//! for readiness when that fails with `WouldBlock`. On our event loops a
+//! reading future is polled far more often than its socket turns
+//! readable: the tunnel driver's reader is polled whenever the writer is
+//! woken (every frame any stream queues), a proxied request's body read
+//! is raced with the tunnel stream's close, and TLS reads again after each
+//! record. Each such poll was a `recv` returning `EAGAIN`: about five per
+//! proxied request on the agent, a quarter of its syscalls.
+//!
+//! [`Socket`] remembers when a read found the kernel's receive queue
+//! empty (`WouldBlock`) and then waits for the reactor's readiness event
+//! before reading again. That wait is
+//! `Async::poll_readable`: a check of the reactor's tick, and an
+//! `epoll_ctl` to arm the one-shot interest when none is armed, which the
+//! failed `recv` needed too. Level-triggered readiness makes this safe:
+//! bytes that arrive after the empty read, even before the interest is
+//! armed, make the armed interest fire at once.
+//!
+//! Not here: dialling, TLS, deadlines. Writes go straight to
+//! `Async<TcpStream>` (they nearly always succeed at once).
+
+use smol::Async;
+use smol::io::{AsyncRead, AsyncWrite};
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+/// A non-blocking TCP stream that reads only when it may have bytes.
+#[derive(Debug)]
+pub struct Socket {
+    io: Async<TcpStream>,
+    /// The last read emptied the receive queue: wait for readiness first.
+    drained: bool,
+}
+
+impl Socket {
+    pub fn new(io: Async<TcpStream>) -> Socket {
+        Socket { io, drained: false }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        self.io.get_ref()
+    }
+}
+
+impl From<Async<TcpStream>> for Socket {
+    fn from(io: Async<TcpStream>) -> Socket {
+        Socket::new(io)
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        loop {
+            if this.drained {
+                ready!(this.io.poll_readable(cx))?;
+                this.drained = false;
+            }
+            match (&mut this.io.get_ref()).read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.drained = true,
+                // Not marked after a short read, though it usually empties
+                // the queue: during a download the next bytes are often
+                // there by the next poll, and waiting for the reactor to
+                // say so cost a fifth of the bulk rate (e2e bench).
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_close(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use std::net::TcpListener;
+
+    #[test]
+    fn reads_what_arrives_after_an_empty_read_and_the_end() {
+        smol::block_on(async {
+            let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
+            let addr = listener.get_ref().local_addr().unwrap();
+            let client = Async::<TcpStream>::connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let mut reader = Socket::new(client);
+            let mut writer = Socket::new(server);
+            let mut buf = [0u8; 64];
+            writer.write_all(b"first").await.unwrap();
+            assert_eq!(reader.read(&mut buf).await.unwrap(), 5);
+            // Nothing more: the reader waits, and is woken by what comes.
+            let late = async {
+                smol::Timer::after(std::time::Duration::from_millis(20)).await;
+                writer.write_all(b"later").await.unwrap();
+            };
+            let (n, ()) = smol::future::zip(reader.read(&mut buf), late).await;
+            assert_eq!(n.unwrap(), 5);
+            // Bytes that arrive while nobody waits are still seen.
+            writer.write_all(b"second").await.unwrap();
+            smol::Timer::after(std::time::Duration::from_millis(20)).await;
+            assert_eq!(reader.read(&mut buf).await.unwrap(), 6);
+            assert_eq!(&buf[..6], b"second");
+            // A full read does not mark it: the rest comes without a wait.
+            writer.write_all(&[7u8; 100]).await.unwrap();
+            smol::Timer::after(std::time::Duration::from_millis(20)).await;
+            assert_eq!(reader.read(&mut buf).await.unwrap(), 64);
+            assert_eq!(reader.read(&mut buf).await.unwrap(), 36);
+            drop(writer);
+            assert_eq!(reader.read(&mut buf).await.unwrap(), 0);
+            assert_eq!(reader.read(&mut buf).await.unwrap(), 0, "the end stays readable");
+        });
+    }
+}
