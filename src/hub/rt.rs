@@ -50,14 +50,14 @@ pub fn spawn<T: 'static>(f: impl Future<Output = T> + 'static) -> smol::Task<T> 
 }
 
 /// A client connection of the hub.
-pub type Tls = futures_rustls::server::TlsStream<smol::net::TcpStream>;
+pub type Tls = futures_rustls::server::TlsStream<crate::socket::Socket>;
 
 /// Sets `TCP_NOTSENT_LOWAT` on a tunnel's socket: the tunnel's scheduler,
 /// not the kernel's send buffer, decides what crosses the link next (see
 /// `crate::driver`).
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub fn tunnel_socket(tls: &Tls) -> io::Result<()> {
-    socket2::SockRef::from(tls.get_ref().0).set_tcp_notsent_lowat(crate::driver::TUNNEL_NOTSENT_LOWAT)
+    socket2::SockRef::from(tls.get_ref().0.get_ref()).set_tcp_notsent_lowat(crate::driver::TUNNEL_NOTSENT_LOWAT)
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
