@@ -115,8 +115,15 @@ struct HeadDeadline {
     d: Duration,
     active: Arc<AtomicUsize>,
     started: Arc<AtomicUsize>,
-    /// `started` when the timer was armed.
+    /// `started` when the head began.
     seen: usize,
+    /// When the first byte of a head not yet complete arrived.
+    since: Option<Instant>,
+    /// Armed only once a read finds nothing while a head is incomplete.
+    /// A head that arrives whole (nearly every one) is parsed before the
+    /// next read, so it costs no timer: each timer insert wakes
+    /// async-io's poller (an eventfd write and read, and an
+    /// `epoll_pwait`), 3 of the hub's syscalls per request.
     timer: Option<smol::Timer>,
 }
 
@@ -126,19 +133,29 @@ impl HeadDeadline {
         let started = self.started.load(Ordering::Relaxed);
         if self.active.load(Ordering::Relaxed) > 0 || started != self.seen {
             self.timer = None;
+            self.since = None;
             self.seen = started;
             if self.active.load(Ordering::Relaxed) > 0 {
                 return Poll::Pending;
             }
         }
-        if let Some(n) = n {
-            if n > 0 && self.timer.is_none() {
-                self.timer = Some(smol::Timer::after(self.d));
+        match n {
+            Some(n) => {
+                if n > 0 && self.since.is_none() {
+                    self.since = Some(Instant::now());
+                }
             }
-        } else if let Some(t) = &mut self.timer
-            && Pin::new(t).poll(cx).is_ready()
-        {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head not received in time")));
+            None => {
+                if let Some(since) = self.since {
+                    let timer = self.timer.get_or_insert_with(|| smol::Timer::at(since + self.d));
+                    if Pin::new(timer).poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request head not received in time",
+                        )));
+                    }
+                }
+            }
         }
         Poll::Pending
     }
@@ -186,7 +203,7 @@ impl<T> Io<T> {
     /// when it begins waiting, which would close every kept-alive HTTP/1.1
     /// connection after `d` instead of after the idle timeout.)
     pub fn with_head_deadline(mut self, d: Duration, active: Arc<AtomicUsize>, started: Arc<AtomicUsize>) -> Self {
-        self.head = Some(HeadDeadline { d, active, started, seen: 0, timer: None });
+        self.head = Some(HeadDeadline { d, active, started, seen: 0, since: None, timer: None });
         self
     }
 

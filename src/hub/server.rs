@@ -748,8 +748,14 @@ async fn connection(hub: Rc<Hub>, tls: Tls, peer: SocketAddr, ticket: Ticket) {
     let service = {
         let (hub, conn) = (hub.clone(), conn.clone());
         hyper::service::service_fn(move |req| {
-            let (hub, conn) = (hub.clone(), conn.clone());
-            async move { Ok::<_, std::convert::Infallible>(serve_request(hub, conn, req).await) }
+            // Counted when hyper hands the request over, not when its
+            // future first runs: hyper reads on before polling it, and
+            // the head deadline (`rt::Io`) must see the head as complete
+            // then, or it arms a timer for every request (each timer
+            // wakes async-io's poller: an eventfd write and read).
+            let active = Active::new(&conn);
+            let hub = hub.clone();
+            async move { Ok::<_, std::convert::Infallible>(serve_request(hub, active, req).await) }
         })
     };
     let result = if proto == Proto::H2 {
@@ -837,10 +843,10 @@ fn connection_failed(hub: &Hub, peer: SocketAddr, e: &hyper::Error) {
 /// One request, from hyper to a handler and back.
 async fn serve_request(
     hub: Rc<Hub>,
-    conn: Rc<Conn>,
+    active: Active,
     mut req: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<Tracked> {
-    let active = Active::new(&conn);
+    let conn = &active.0;
     let upgrade = (req.version() != hyper::http::Version::HTTP_2).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let head = Request::from_parts(&parts);
