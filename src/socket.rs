@@ -19,6 +19,9 @@
 //! bytes that arrive after the empty read, even before the interest is
 //! armed, make the armed interest fire at once.
 //!
+//! [`Prefixed`] puts bytes read past an upgrade's answer head back in
+//! front of the stream.
+//!
 //! Not here: dialling, TLS, deadlines. Writes go straight to
 //! `Async<TcpStream>` (they nearly always succeed at once).
 
@@ -96,6 +99,51 @@ impl AsyncWrite for Socket {
     }
 }
 
+/// A byte stream with some bytes already read from it put back in front:
+/// the agent's tunnel and the hubs' peer hop after their HTTP/1.1 upgrade.
+pub struct Prefixed<T> {
+    prefix: Vec<u8>,
+    pos: usize,
+    io: T,
+}
+
+impl<T> Prefixed<T> {
+    /// `prefix` is read first (the bytes that came after an upgrade's
+    /// answer head, read with it), then `io`.
+    pub fn new(prefix: Vec<u8>, io: T) -> Prefixed<T> {
+        Prefixed { prefix, pos: 0, io }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.len());
+            buf[..n].copy_from_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(n));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_close(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +182,17 @@ mod tests {
             drop(writer);
             assert_eq!(reader.read(&mut buf).await.unwrap(), 0);
             assert_eq!(reader.read(&mut buf).await.unwrap(), 0, "the end stays readable");
+        });
+    }
+
+    #[test]
+    fn prefixed_reads_prefix_first() {
+        smol::block_on(async {
+            use smol::io::AsyncReadExt as _;
+            let mut p = Prefixed::new(b"ab".to_vec(), smol::io::Cursor::new(b"cd".to_vec()));
+            let mut out = Vec::new();
+            p.read_to_end(&mut out).await.unwrap();
+            assert_eq!(out, b"abcd");
         });
     }
 }

@@ -35,13 +35,11 @@ use super::kube::proxy;
 use super::net::{self, Io, Target};
 use crate::driver::Session;
 use crate::proto::{AgentInfo, Config, GoAwayCode, Header, Mux, ReplicaSet, ReplicaSetError, SessionError};
-use smol::io::{AsyncRead, AsyncWrite};
+use crate::socket::Prefixed;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
-use std::io;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// First backoff ceiling.
@@ -650,7 +648,7 @@ async fn open(ctx: &AgentCtx, target: &Target) -> Result<Prefixed<Io>, Open> {
             return Err(Open::Failed("the hub switched to a protocol other than uplink/1".into()));
         }
         let (io, leftover) = conn.into_parts();
-        return Ok(Prefixed { prefix: leftover, pos: 0, io });
+        return Ok(Prefixed::new(leftover, io));
     }
     let mut reader = http1::BodyReader::new(resp.body);
     let mut body = Vec::new();
@@ -674,42 +672,6 @@ async fn open(ctx: &AgentCtx, target: &Target) -> Result<Prefixed<Io>, Open> {
         )));
     }
     Err(Open::Failed(format!("the hub answered the tunnel request with {} {message}", resp.status)))
-}
-
-/// A byte stream with some bytes already read from it put back in front.
-pub struct Prefixed<T> {
-    prefix: Vec<u8>,
-    pos: usize,
-    io: T,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.pos < this.prefix.len() {
-            let n = (this.prefix.len() - this.pos).min(buf.len());
-            buf[..n].copy_from_slice(&this.prefix[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(n));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_close(cx)
-    }
 }
 
 /// What the agent reports about itself in `Hello` and at activation.
@@ -776,16 +738,5 @@ mod tests {
         let w: Vec<Duration> = (0..1000).map(|_| b.after_session()).collect();
         assert!(w.iter().filter(|d| **d < REDIAL_JITTER / 4).count() > 150);
         assert!(w.iter().filter(|d| **d > REDIAL_JITTER * 3 / 4).count() > 150);
-    }
-
-    #[test]
-    fn prefixed_reads_prefix_first() {
-        smol::block_on(async {
-            use smol::io::AsyncReadExt as _;
-            let mut p = Prefixed { prefix: b"ab".to_vec(), pos: 0, io: smol::io::Cursor::new(b"cd".to_vec()) };
-            let mut out = Vec::new();
-            p.read_to_end(&mut out).await.unwrap();
-            assert_eq!(out, b"abcd");
-        });
     }
 }

@@ -45,6 +45,7 @@ use super::super::{Hub, api};
 use crate::driver::{Session, Stream, StreamClosed};
 use crate::proto::{AgentInfo, GoAwayCode, Header, Mux, ReplicaInfo, RequestHead, ResetCode, StreamError};
 use crate::secret::Secret;
+use crate::socket::Prefixed;
 use futures_rustls::TlsConnector;
 use log::{info, warn};
 use rustls::ClientConfig;
@@ -55,12 +56,10 @@ use smol::net::TcpStream;
 use smol::{LocalExecutor, Timer};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Where replicas reach each other.
@@ -430,7 +429,7 @@ async fn dial(hub: &Hub, peers: &Peers, me: &str, to: &str, url: &str) -> Result
     peers.serial.set(serial);
     let session = Session::new(Mux::hub(hub.tunnel_config.clone(), serial, Instant::now()));
     let conn = Rc::new(PeerConn { session: session.clone(), serial, last_used: Cell::new(Instant::now()) });
-    let io = Prefixed { rest, pos: 0, io: tls };
+    let io = Prefixed::new(rest, tls);
     let (map, to_owned, gauge) = (peers.peers.clone(), to.to_string(), hub.metrics.peer_sessions_out.clone());
     let task_conn = conn.clone();
     gauge.set(gauge.get() + 1);
@@ -548,42 +547,6 @@ async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u16, Option<Strin
             Ok(httparse::Status::Partial) => return Err("answer head too large".into()),
             Err(e) => return Err(format!("malformed answer: {e}")),
         }
-    }
-}
-
-/// A stream whose first bytes were already read (after the answer head).
-struct Prefixed<IO> {
-    rest: Vec<u8>,
-    pos: usize,
-    io: IO,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.pos < this.rest.len() {
-            let n = (this.rest.len() - this.pos).min(buf.len());
-            buf[..n].copy_from_slice(&this.rest[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.rest.len() {
-                this.rest = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(n));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_close(cx)
     }
 }
 
