@@ -235,8 +235,7 @@ fn watches(w: &World, n: usize, proto: &str) -> (Child, f64) {
 /// `UPLINK_HUB_BIN=... cargo test --test e2e_h2 hundred -- --nocapture`).
 #[test]
 fn a_hundred_watches_share_one_connection() {
-    if Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("\n!!!!! SKIPPING: no curl !!!!!\n");
+    if !support::have_curl() {
         return;
     }
     let w = world("h2-watches");
@@ -545,8 +544,7 @@ fn h2_abuse_is_refused_without_harm_to_others() {
 /// stream while the connection lives on.
 #[test]
 fn policy_and_cancellation_over_h2() {
-    if Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("\n!!!!! SKIPPING: no curl !!!!!\n");
+    if !support::have_curl() {
         return;
     }
     let w = world("h2-policy");
