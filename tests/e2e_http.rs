@@ -45,6 +45,11 @@ const GREEDY: usize = 200;
 /// The hub's deadlines in this test: short, so slow clients are cut and
 /// come back several times while kubectl works.
 const DEADLINE: &str = "6s";
+/// [`DEADLINE`] as a duration: the attack is watched for more than two
+/// of them, so every slow client is cut at least once however fast
+/// kubectl answers (a fixed count of gets once took 5.9 s on a quiet
+/// machine, and the last slow clients had not yet met their deadline).
+const DEADLINE_DURATION: Duration = Duration::from_secs(6);
 
 /// The soft open-file limit, raised toward the hard one: the test holds
 /// one end of each slow connection and the hub (a child, which inherits
@@ -369,7 +374,8 @@ fn a_thousand_slow_clients_do_not_stop_kubectl() {
     let mut during = Vec::new();
     let mut held_samples = Vec::new();
     let mut rss_during = 0;
-    for _ in 0..10 {
+    let watched = Instant::now();
+    while during.len() < 10 || watched.elapsed() < 2 * DEADLINE_DURATION + Duration::from_secs(1) {
         during.extend(timed_gets(&kc, 1));
         held_samples.push(tally.held.load(SeqCst));
         hub_unauth = hub_unauth.max(metric(&hub, "uplink_hub_connections_unauthenticated"));
@@ -420,8 +426,9 @@ fn a_thousand_slow_clients_do_not_stop_kubectl() {
     // them (less the few reconnecting at any moment).
     assert!(hub_unauth >= (SLOW_CLIENTS * 9 / 10) as u64, "the hub held only {hub_unauth} unauthenticated connections");
     assert_eq!(tally.refused.load(SeqCst), 0, "slow clients under their address's cap were refused");
-    // And cut at their deadlines, again and again.
-    assert!(cut_by_hub >= SLOW_CLIENTS as u64 / 2, "the hub cut only {cut_by_hub} slow connections");
+    // And cut at their deadlines, again and again: each was watched
+    // for more than two deadlines.
+    assert!(cut_by_hub >= SLOW_CLIENTS as u64, "the hub cut only {cut_by_hub} slow connections");
     // Bounded: a few tens of KiB per connection, not a buffer per byte.
     assert!(rss_during < 256 * 1024, "hub RSS {rss_during} KiB during the attack (before: {rss_before} KiB)");
     attack.join().unwrap();
