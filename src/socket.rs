@@ -100,7 +100,9 @@ impl AsyncWrite for Socket {
 }
 
 /// A byte stream with some bytes already read from it put back in front:
-/// the agent's tunnel and the hubs' peer hop after their HTTP/1.1 upgrade.
+/// the agent's tunnel and the hubs' peer hop after their HTTP/1.1 upgrade,
+/// and every connection the hub switches (`hub::http::Upgraded`: the bytes
+/// hyper read past the request head).
 pub struct Prefixed<T> {
     prefix: Vec<u8>,
     pos: usize,
@@ -112,6 +114,10 @@ impl<T> Prefixed<T> {
     /// answer head, read with it), then `io`.
     pub fn new(prefix: Vec<u8>, io: T) -> Prefixed<T> {
         Prefixed { prefix, pos: 0, io }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.io
     }
 }
 

@@ -188,7 +188,7 @@ pub fn tunnel(hub: &Rc<Hub>, req: &Request, body: &mut Incoming, peer: SocketAdd
 /// An agent's tunnel session on its upgraded connection: the raw TLS
 /// stream and the bytes the agent sent after its request head.
 pub async fn session(hub: Rc<Hub>, cluster: super::store::Cluster, up: Upgraded, peer: SocketAddr) {
-    if let Err(e) = super::rt::tunnel_socket(&up.io) {
+    if let Err(e) = super::rt::tunnel_socket(up.get_ref()) {
         log::debug!("TCP_NOTSENT_LOWAT not set on the tunnel peer={peer}: {e}");
     }
     let hub = &hub;

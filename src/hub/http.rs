@@ -19,6 +19,7 @@
 //! Not here: routing, TLS, connection deadlines and caps.
 
 use super::limits::Pace;
+use crate::socket::Prefixed;
 use bytes::Bytes;
 use hyper::http;
 use smol::Timer;
@@ -354,7 +355,7 @@ where
     super::rt::spawn(async move {
         match on.await {
             Ok(up) => match up.downcast::<super::rt::Io<super::rt::Tls>>() {
-                Ok(parts) => then(Upgraded { io: parts.io.into_inner(), read_buf: parts.read_buf }).await,
+                Ok(parts) => then(Prefixed::new(parts.read_buf.into(), parts.io.into_inner())).await,
                 Err(_) => log::error!("an upgraded connection was not the hub's TLS stream"),
             },
             Err(e) => log::debug!("upgrade not completed error={e}"),
@@ -364,8 +365,9 @@ where
     Some(Reply::Http(resp))
 }
 
-/// A connection after `101`: the TLS stream, read-ahead bytes first.
-pub type Upgraded = super::rt::Upgraded<super::rt::Tls>;
+/// A connection after `101`: the TLS stream, the bytes hyper read past
+/// the request head first.
+pub type Upgraded = Prefixed<super::rt::Tls>;
 
 /// A response head whose body streams: `fields` as given, names checked.
 pub fn streamed(status: u16, fields: &[(&[u8], &[u8])], body: Body) -> Option<hyper::Response<Body>> {

@@ -316,36 +316,3 @@ impl<T: AsyncWrite + Unpin> hyper::rt::Write for Io<T> {
         true
     }
 }
-
-/// An upgraded connection as one `futures-io` stream: the bytes hyper
-/// had already read past the request head come first, then the socket.
-#[derive(Debug)]
-pub struct Upgraded<T> {
-    pub io: T,
-    /// Read from the socket before the switch, not yet consumed.
-    pub read_buf: bytes::Bytes,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Upgraded<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut [u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if !this.read_buf.is_empty() {
-            let n = this.read_buf.len().min(out.len());
-            out[..n].copy_from_slice(&this.read_buf.split_to(n));
-            return Poll::Ready(Ok(n));
-        }
-        Pin::new(&mut this.io).poll_read(cx, out)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Upgraded<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_close(cx)
-    }
-}

@@ -603,7 +603,7 @@ pub fn accept(hub: &Rc<Hub>, req: &Request, body: &mut Incoming, peer: SocketAdd
 /// this replica's own tunnel to the cluster it names.
 async fn session(hub: Rc<Hub>, from: String, up: Upgraded, peer: SocketAddr) {
     // As on agent tunnels: the mux, not the send buffer, orders streams.
-    if let Err(e) = super::super::rt::tunnel_socket(&up.io) {
+    if let Err(e) = super::super::rt::tunnel_socket(up.get_ref()) {
         log::debug!("TCP_NOTSENT_LOWAT not set on a peer session peer={peer}: {e}");
     }
     let info = AgentInfo {
