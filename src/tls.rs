@@ -1,6 +1,8 @@
 //! rustls configurations shared by the agent and the hub: which servers a
 //! client trusts (public webpki roots, a private CA, or a public-key pin)
-//! and the hub's server configuration. One crypto provider: ring.
+//! and the hub's server configuration; [`CertCheck`], a verifier that is
+//! its certificate check alone (the pin; the hub's PostgreSQL `sslmode`s).
+//! One crypto provider: ring.
 //!
 //! Not here: dialling, proxies, certificate generation (the hub does that
 //! with rcgen).
@@ -102,10 +104,7 @@ pub fn client_config(
             }
             builder.with_root_certificates(roots)
         }
-        Trust::Pin(pin) => {
-            let verifier = PinVerifier::new(pin)?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
-        }
+        Trust::Pin(pin) => builder.dangerous().with_custom_certificate_verifier(pin_verifier(pin)?),
     };
     let mut config = match identity {
         Some(id) => builder.with_client_auth_cert(id.chain, id.key)?,
@@ -191,45 +190,48 @@ fn der_contents(element: &[u8]) -> Option<&[u8]> {
     element.get(hdr..hdr.checked_add(len)?)
 }
 
-/// Trusts exactly one public key. The certificate's signature chain and
-/// name are not checked (the pin is the trust); its validity period is not
-/// either, because a pinned key outlives certificate renewals. Handshake
-/// signatures are verified, so the peer must hold the pinned key.
-#[derive(Debug)]
-struct PinVerifier {
-    pin: Vec<u8>,
+/// A server-certificate verifier made of its certificate check alone:
+/// the handshake's signatures are verified with the crate's provider, the
+/// same for every way of trusting a server (the pin here; PostgreSQL's
+/// `sslmode`s in `hub::store::pg_tls`). `check` gets what rustls's
+/// `verify_server_cert` gets: the end-entity certificate, the
+/// intermediates, the name asked for, the OCSP response and the time.
+pub struct CertCheck<F> {
+    check: F,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl PinVerifier {
-    fn new(pin: &str) -> Result<Self, TlsError> {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(pin.trim())
-            .map_err(|_| TlsError::BadPin(pin.to_string()))?;
-        if raw.len() != 32 {
-            return Err(TlsError::BadPin(pin.to_string()));
-        }
-        Ok(PinVerifier { pin: raw, algorithms: provider().signature_verification_algorithms })
+impl<F> CertCheck<F>
+where
+    F: Fn(&CertificateDer<'_>, &[CertificateDer<'_>], &ServerName<'_>, &[u8], UnixTime) -> CertVerdict + Send + Sync,
+{
+    pub fn new(check: F) -> Self {
+        CertCheck { check, algorithms: provider().signature_verification_algorithms }
     }
 }
 
-impl ServerCertVerifier for PinVerifier {
+/// What a [`CertCheck`]'s check says of a certificate.
+pub type CertVerdict = Result<ServerCertVerified, rustls::Error>;
+
+impl<F> fmt::Debug for CertCheck<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertCheck").finish_non_exhaustive()
+    }
+}
+
+impl<F> ServerCertVerifier for CertCheck<F>
+where
+    F: Fn(&CertificateDer<'_>, &[CertificateDer<'_>], &ServerName<'_>, &[u8], UnixTime) -> CertVerdict + Send + Sync,
+{
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let spki =
-            spki_of(end_entity).ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, spki);
-        if crate::secret::ct_eq(digest.as_ref(), &self.pin) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
-        }
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> CertVerdict {
+        (self.check)(end_entity, intermediates, server_name, ocsp, now)
     }
 
     fn verify_tls12_signature(
@@ -253,4 +255,26 @@ impl ServerCertVerifier for PinVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// Trusts exactly one public key. The certificate's signature chain and
+/// name are not checked (the pin is the trust); its validity period is not
+/// either, because a pinned key outlives certificate renewals. Handshake
+/// signatures are verified, so the peer must hold the pinned key.
+fn pin_verifier(pin: &str) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+    let raw =
+        base64::engine::general_purpose::STANDARD.decode(pin.trim()).map_err(|_| TlsError::BadPin(pin.to_string()))?;
+    if raw.len() != 32 {
+        return Err(TlsError::BadPin(pin.to_string()));
+    }
+    Ok(Arc::new(CertCheck::new(move |end_entity, _, _, _, _| {
+        let spki =
+            spki_of(end_entity).ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, spki);
+        if crate::secret::ct_eq(digest.as_ref(), &raw) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    })))
 }

@@ -21,14 +21,14 @@
 //! the sync `postgres` client) does the `SSLRequest` negotiation; this
 //! module only hands it a rustls connector.
 
+use crate::tls::CertCheck;
 use ::postgres::Socket;
 use ::postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{CertificateError, ClientConfig, RootCertStore};
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -103,10 +103,14 @@ impl MakeRustls {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS to PostgreSQL: {e}"))?;
-        let (config, mode) = match mode {
+        let (verifier, mode): (Arc<dyn ServerCertVerifier>, _) = match mode {
             SslMode::Disable => return Ok((None, mode)),
+            // `prefer` and `require` without a root certificate:
+            // encryption against a passive listener, no check of who
+            // answers (libpq's meaning). The handshake's signatures are
+            // still verified.
             SslMode::Prefer | SslMode::Require if rootcert.is_none() => {
-                (builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyCert(provider))), mode)
+                (Arc::new(CertCheck::new(|_, _, _, _, _| Ok(ServerCertVerified::assertion()))), mode)
             }
             _ => {
                 let mode = if mode == SslMode::VerifyFull { mode } else { SslMode::VerifyCa };
@@ -114,16 +118,28 @@ impl MakeRustls {
                 let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
                     .build()
                     .map_err(|e| format!("sslrootcert: {e}"))?;
-                let verifier: Arc<dyn ServerCertVerifier> =
-                    if mode == SslMode::VerifyFull { webpki } else { Arc::new(ChainOnly(webpki)) };
-                (builder.dangerous().with_custom_certificate_verifier(verifier), mode)
+                if mode == SslMode::VerifyFull { (webpki, mode) } else { (Arc::new(chain_only(webpki)), mode) }
             }
         };
-        let mut config = config.with_no_client_auth();
+        let mut config = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
         // PostgreSQL 17 checks the protocol name when a client sends one.
         config.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok((Some(MakeRustls { config: Arc::new(config) }), mode))
     }
+}
+
+/// `verify-ca`: the chain must lead to a trusted CA; the name in the
+/// certificate is not compared with the host. WebPKI checks the chain
+/// before the name, so a name error means the chain was good.
+fn chain_only(webpki: Arc<WebPkiServerVerifier>) -> impl ServerCertVerifier {
+    CertCheck::new(move |end_entity, intermediates, name, ocsp, now| {
+        match webpki.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            r => r,
+        }
+    })
 }
 
 /// The CA certificates `sslrootcert` names.
@@ -226,93 +242,6 @@ impl AsyncWrite for RustlsStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-/// `prefer` and `require` without a root certificate: encryption against
-/// a passive listener, no check of who answers (libpq's meaning). The
-/// handshake's signatures are still verified.
-#[derive(Debug)]
-struct AnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted CA; the name in the
-/// certificate is not compared with the host. WebPKI checks the chain
-/// before the name, so a name error means the chain was good.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            r => r,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 
