@@ -20,42 +20,12 @@ use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use support::kube::{Config, StandIn};
+use support::kube::{Config, StandIn, impersonation_rbac};
 use support::kubectl::{Kubectl, stderr, stdout};
 use support::relay::Relay;
 
 const ALICE: &str = "arn:aws:iam::1234567890:user/Alice";
 const JANE: &str = "jane@example.com";
-
-/// The agent may impersonate Alice and Jane, nobody else.
-fn impersonation() -> String {
-    format!(
-        r#"
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  name: uplink-agent-impersonator
-rules:
-- apiGroups: [""]
-  resources: ["users"]
-  verbs: ["impersonate"]
-  resourceNames: ["{ALICE}", "{JANE}"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata:
-  name: uplink-agent-impersonator
-subjects:
-- kind: ServiceAccount
-  name: uplink-agent
-  namespace: uplink
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: ClusterRole
-  name: uplink-agent-impersonator
-"#
-    )
-}
 
 /// Reading everything everywhere, for Alice and Jane.
 fn readers_everywhere() -> String {
@@ -238,7 +208,7 @@ fn fleet_queries_across_clusters_with_each_clusters_rbac() {
     let dir = temp_dir("fleet");
     let hub = HubProc::start_on_free_port(&dir);
     let admin = hub.admin();
-    let imp = impersonation();
+    let imp = impersonation_rbac(&[ALICE, JANE]);
     let (s1, _) = site(&hub, &dir, "shop-1", &[imp.clone(), readers_everywhere()], &[pos_pod("pos-1a")], false);
     let (s2, _) = site(&hub, &dir, "shop-2", &[imp.clone(), readers_in_default()], &[pos_pod("pos-2a")], false);
     let (s3, _) = site(&hub, &dir, "shop-3", std::slice::from_ref(&imp), &[], false);

@@ -4,7 +4,7 @@
 
 mod hub_support;
 
-use hub_support::{HubProc, SimAgents, temp_dir, wait_for};
+use hub_support::{HubProc, SimAgents, activate, temp_dir, wait_for};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -16,21 +16,6 @@ fn register(hub: &HubProc, name: &str, body: Value) -> Value {
     let r = hub.admin().post_json("/api/v1/clusters", &body).unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
     r.json()
-}
-
-fn activate(hub: &HubProc, activation: &Value) -> (u16, Value) {
-    let r = hub
-        .client(None)
-        .post_json(
-            "/v1/activate",
-            &json!({
-                "activation_id": activation["activation_id"],
-                "activation_code": activation["activation_code"],
-                "agent_version": "sim-0.1", "arch": "x86_64", "kube_version": "v1.32.0", "node_count": 3,
-            }),
-        )
-        .unwrap();
-    (r.status, r.json())
 }
 
 fn cluster_status(hub: &HubProc, name: &str) -> String {

@@ -44,7 +44,7 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, KillOnDrop, SimAgents, hub_cli, ok, temp_dir, wait_exit, wait_for};
+use hub_support::{HubProc, KillOnDrop, SimAgents, free_port, hub_cli, ok, temp_dir, wait_exit, wait_for};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -94,10 +94,6 @@ fn article_rbac() -> String {
     ARTICLE_RBAC.replace(r#"name: "alice""#, &format!("name: {ALICE:?}"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn ms(d: Duration) -> String {
     format!("{} ms", d.as_millis())
 }
@@ -129,11 +125,7 @@ impl Replica {
     /// Starts it (again): the same command on every replica but for its
     /// own `--advertise-url`.
     fn start(&mut self, pg: &Postgres, public: &str) {
-        let (listen, url) = (self.addr().to_string(), self.url());
-        self.hub = Some(HubProc::start_with(
-            &self.dir,
-            &["--listen", &listen, "--store", &pg.url(), "--public-url", public, "--advertise-url", &url],
-        ));
+        self.hub = Some(HubProc::start_replica(&self.dir, &pg.url(), self.addr(), public, &self.url()));
     }
 
     fn hub(&self) -> &HubProc {
@@ -142,9 +134,7 @@ impl Replica {
 
     fn metric(&self, name: &str) -> f64 {
         let page = self.hub().client(None).get("/metrics").map(|r| r.text()).unwrap_or_default();
-        page.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(-1.0)
+        hub_support::metric(&page, name).unwrap_or(-1.0)
     }
 
     /// Ready: `/readyz` answers 200 and `agents` tunnels are up to it.

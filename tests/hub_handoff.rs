@@ -27,44 +27,23 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, KillOnDrop, ok, temp_dir, wait_for};
+use hub_support::{
+    HubProc, KillOnDrop, free_port, hub_metric, metric, ok, register_and_activate, replica_id, spawn_agent_at,
+    temp_dir, wait_for,
+};
 use serde_json::json;
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use support::kube::{Config, StandIn};
+use support::kube::{Config, StandIn, impersonation_rbac};
 use support::kubectl::{Kubectl, kill, lines, stderr, wait_line};
 use support::pg::Postgres;
 
 const ALICE: &str = "arn:aws:iam::1234567890:user/Alice";
 const CLUSTER: &str = "edge-handoff";
 const ARTICLE_RBAC: &str = include_str!("fixtures/kube/eks-console-restricted-access.yaml");
-/// The agent may impersonate Alice, nobody else.
-const IMPERSONATE_ALICE: &str = r#"
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  name: uplink-agent-impersonator
-rules:
-- apiGroups: [""]
-  resources: ["users"]
-  verbs: ["impersonate"]
-  resourceNames: ["arn:aws:iam::1234567890:user/Alice"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata:
-  name: uplink-agent-impersonator
-subjects:
-- kind: ServiceAccount
-  name: uplink-agent
-  namespace: uplink
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: ClusterRole
-  name: uplink-agent-impersonator
-"#;
 /// Beside the article's read-only Role: Alice may also watch pods, read
 /// their logs and exec into them, in `default` only.
 const ALICE_DEBUGS: &str = r#"
@@ -103,7 +82,7 @@ const POD: &str = "web-7d4b9c8f6d-k2x9p";
 
 /// A replica on a port of its own, advertising and publishing its own URL.
 fn replica(pg: &Postgres, dir: &Path) -> HubProc {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     replica_advertising(pg, dir, port, &format!("https://127.0.0.1:{port}"))
 }
 
@@ -111,37 +90,13 @@ fn replica(pg: &Postgres, dir: &Path) -> HubProc {
 /// the agents that learn of it from the replica set never hold a tunnel
 /// to it (it only hands off; nobody hands off to it).
 fn replica_out_of_agents_reach(pg: &Postgres, dir: &Path) -> HubProc {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, closed) = (free_port(), free_port());
     replica_advertising(pg, dir, port, &format!("https://127.0.0.1:{closed}"))
 }
 
 fn replica_advertising(pg: &Postgres, dir: &Path, port: u16, advertise: &str) -> HubProc {
-    let url = format!("https://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
-    let mut hub = HubProc::start_with(
-        dir,
-        &["--listen", &listen, "--public-url", &url, "--advertise-url", advertise, "--store", &pg.url()],
-    );
-    hub.url = url;
-    hub
-}
-
-fn replica_id(hub: &HubProc) -> String {
-    let log = hub.log();
-    let line = log.lines().find(|l| l.contains("replica joined id=")).unwrap_or_else(|| panic!("{log}"));
-    line.split("replica joined id=").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
-}
-
-/// One sample of a metric in a Prometheus text page.
-fn metric(page: &str, name: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-}
-
-fn hub_metric(hub: &HubProc, name: &str) -> f64 {
-    let page = hub.client(None).get("/metrics").unwrap().text();
-    metric(&page, name).unwrap_or_else(|| panic!("no {name} in\n{page}"))
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    HubProc::start_replica(dir, &pg.url(), listen, &format!("https://{listen}"), advertise)
 }
 
 /// The agent's own `/metrics` on its health port.
@@ -188,27 +143,10 @@ fn latencies(hub: &HubProc, token: &str, path: &str, n: usize) -> Vec<Duration> 
 }
 
 fn spawn_agent(dir: &Path, k: &StandIn, health: &str) -> KillOnDrop {
-    let child = Command::new(env!("CARGO_BIN_EXE_uplink"))
-        .arg("run")
-        .arg("--activation")
-        .arg(dir.join("activation.json"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .args(["--kube-url", &k.url(), "--kube-token-file"])
-        .arg(dir.join("token"))
-        .arg("--kube-ca")
-        .arg(dir.join("kube-ca.pem"))
-        .args(["--health-addr", health])
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    KillOnDrop(child)
+    let (activation, state) = (dir.join("activation.json"), dir.join("state"));
+    let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
+    let agent = Command::new(env!("CARGO_BIN_EXE_uplink"));
+    KillOnDrop(spawn_agent_at(agent, &flags, &k.url(), dir, &dir.join("agent.log"), health))
 }
 
 #[test]
@@ -219,7 +157,7 @@ fn kubectl_through_a_replica_without_the_tunnel() {
     let dir = temp_dir("handoff");
     let k = StandIn::start(Config::default());
     k.load_rbac_yaml(&ARTICLE_RBAC.replace(r#"name: "alice""#, &format!("name: {ALICE:?}"))).unwrap();
-    k.load_rbac_yaml(IMPERSONATE_ALICE).unwrap();
+    k.load_rbac_yaml(&impersonation_rbac(&[ALICE])).unwrap();
     k.load_rbac_yaml(ALICE_DEBUGS).unwrap();
     hub_support::write_kube_credentials(&dir, &k.agent_token(), &k.ca_pem());
 
@@ -240,8 +178,7 @@ fn kubectl_through_a_replica_without_the_tunnel() {
         &["cluster", "register", CLUSTER, "--user", ALICE, "--out-dir", out.to_str().unwrap()],
     ));
     std::fs::copy(out.join(format!("uplink-{CLUSTER}-activation.json")), dir.join("activation.json")).unwrap();
-    let health =
-        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let health = format!("127.0.0.1:{}", free_port());
     let _agent = spawn_agent(&dir, &k, &health);
     let status = |h: &HubProc| {
         h.client(Some(&admin_token)).get(&format!("/api/v1/clusters/{CLUSTER}")).unwrap().json()["status"].clone()
@@ -438,26 +375,6 @@ fn only_a_replica_may_take_the_peer_hop() {
     // Without the upgrade, nothing but a pointer to it.
     let r = b.client(Some(&alice)).get("/v1/peer").unwrap();
     assert_eq!(r.status, 426, "{}", r.text());
-}
-
-/// Registers `name` on `hub` and activates it as an agent would; the
-/// agent credential.
-fn register_and_activate(hub: &HubProc, admin: &str, name: &str) -> String {
-    let r = hub.client(Some(admin)).post_json("/api/v1/clusters", &json!({ "name": name })).unwrap();
-    assert_eq!(r.status, 201, "{}", r.text());
-    let act = &r.json()["activation"];
-    let r = hub
-        .client(None)
-        .post_json(
-            "/v1/activate",
-            &json!({
-                "activation_id": act["activation_id"], "activation_code": act["activation_code"],
-                "agent_version": "sim-0.1", "arch": "x86_64", "kube_version": "v1.32.0", "node_count": 3,
-            }),
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["credential"].as_str().unwrap().to_string()
 }
 
 #[test]

@@ -10,7 +10,7 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, SimAgents, temp_dir, wait_for};
+use hub_support::{HubProc, SimAgents, free_port, hub_metric, register_and_activate, replica_id, temp_dir, wait_for};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,25 +26,6 @@ fn add_user(hub: &HubProc, admin: &str, name: &str, groups: &[&str]) -> String {
     let r = hub.client(Some(admin)).post_json("/api/v1/users", &json!({ "name": name, "groups": groups })).unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
     r.json()["token"].as_str().unwrap().to_string()
-}
-
-/// Registers and activates `name` on `hub`; returns the agent credential.
-fn register_and_activate(hub: &HubProc, admin: &str, name: &str) -> String {
-    let r = hub.client(Some(admin)).post_json("/api/v1/clusters", &json!({ "name": name })).unwrap();
-    assert_eq!(r.status, 201, "{}", r.text());
-    let act = &r.json()["activation"];
-    let r = hub
-        .client(None)
-        .post_json(
-            "/v1/activate",
-            &json!({
-                "activation_id": act["activation_id"], "activation_code": act["activation_code"],
-                "agent_version": "sim-0.1", "arch": "x86_64", "kube_version": "v1.32.0", "node_count": 3,
-            }),
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["credential"].as_str().unwrap().to_string()
 }
 
 fn readyz(hub: &HubProc) -> (u16, String) {
@@ -115,7 +96,7 @@ fn passfile(path: &std::path::Path, text: &str, mode: u32) {
 fn bad_stores_are_one_line_errors_and_nonzero_exits() {
     let Some(pg) = Postgres::start("hub-bad") else { return };
     let hub = env!("CARGO_BIN_EXE_uplink-hub");
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = free_port();
     let e = run(&format!("postgres://postgres@127.0.0.1:{closed}/uplink"));
     assert!(e.contains("cannot connect to PostgreSQL at postgres@127.0.0.1:") && e.contains("refused"), "{e}");
     assert!(
@@ -503,13 +484,6 @@ fn kill9_of_replicas_loses_no_acknowledged_write() {
     );
 }
 
-/// The replica id a hub logged at start.
-fn replica_id(hub: &HubProc) -> String {
-    let log = hub.log();
-    let at = log.find("replica=r_").expect("replica id in the log") + "replica=".len();
-    log[at..].split_whitespace().next().unwrap().to_string()
-}
-
 /// Audit rows of proxied requests from two replicas land in one table,
 /// each with its replica's id; a batch the database is still holding up
 /// when SIGTERM comes is written before the replica exits.
@@ -736,7 +710,7 @@ fn a_hung_database_holds_requests_at_most_the_statement_timeout() {
 #[ignore = "a figure, about a minute: cargo test --test hub_pg -- --ignored rss --nocapture"]
 fn rss_per_tunnel_with_agents_on_three_replicas() {
     use uplink::driver::Session;
-    use uplink::proto::{AgentInfo, Config, Mux};
+    use uplink::proto::{Config, Mux};
     let n: usize = std::env::var("UPLINK_PG_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let Some(pg) = Postgres::start("hub-rss") else { return };
     // Every simulated agent dials from 127.0.0.1: lift the per-address
@@ -777,12 +751,7 @@ fn rss_per_tunnel_with_agents_on_three_replicas() {
                         tasks.push(ex.spawn(async move {
                             let (io, status) = hub_support::dial_tunnel(addr, ca, &cred).await;
                             assert_eq!(status, 101);
-                            let info = AgentInfo {
-                                agent_version: "sim-0.1".into(),
-                                arch: "x86_64".into(),
-                                kube_version: "v1.32.0".into(),
-                                node_count: 3,
-                            };
+                            let info = hub_support::sim_info();
                             let session = Session::new(Mux::agent(Config::default(), info, Instant::now()));
                             let up = async {
                                 if session.connected().await.is_ok() {
@@ -835,11 +804,7 @@ fn rss_per_tunnel_with_agents_on_three_replicas() {
 
 /// `uplink_hub_http_requests_total` of `hub`.
 fn http_requests(hub: &HubProc) -> u64 {
-    let text = hub.client(None).get("/metrics").unwrap().text();
-    text.lines()
-        .find_map(|l| l.strip_prefix("uplink_hub_http_requests_total "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap()
+    hub_metric(hub, "uplink_hub_http_requests_total") as u64
 }
 
 /// The README's nginx `stream` block, taken from README.md, in front of
@@ -852,15 +817,11 @@ fn nginx_from_the_readme_in_front_of_two_replicas() {
         return;
     }
     let Some(pg) = Postgres::start("hub-lb") else { return };
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (lb, p1, p2) = (free(), free(), free());
+    let (lb, p1, p2) = (free_port(), free_port(), free_port());
     let public = format!("https://127.0.0.1:{lb}");
     let replica = |port: u16, tag: &str| {
-        let (listen, advertise) = (format!("127.0.0.1:{port}"), format!("https://127.0.0.1:{port}"));
-        HubProc::start_with(
-            &temp_dir(tag),
-            &["--listen", &listen, "--store", &pg.url(), "--public-url", &public, "--advertise-url", &advertise],
-        )
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        HubProc::start_replica(&temp_dir(tag), &pg.url(), listen, &public, &format!("https://{listen}"))
     };
     let mut r1 = replica(p1, "lb-1");
     let r2 = replica(p2, "lb-2");

@@ -15,7 +15,10 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, KillOnDrop, hub_cli, ok, temp_dir, wait_for, write_kube_credentials};
+use hub_support::{
+    HubProc, KillOnDrop, free_port, hub_cli, ok, register_and_activate, replica_id, rss_kib, temp_dir, wait_for,
+    write_kube_credentials,
+};
 use serde_json::json;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -45,34 +48,17 @@ subjects:
 ";
 const PODS: &str = "/k8s/clusters/edge-1/api/v1/namespaces/default/pods";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Replica `i` on `port`: public URL `https://localhost:PUBLIC`, its own
 /// advertise URL `https://127.0.0.{2+i}:PORT` (outside the certificate's
 /// names on purpose).
 fn replica(pg: &Postgres, i: usize, port: u16, public: u16) -> HubProc {
-    let dir = temp_dir(&format!("repl-{i}"));
-    let listen = format!("0.0.0.0:{port}");
+    let listen = std::net::SocketAddr::from(([0, 0, 0, 0], port));
     let public = format!("https://localhost:{public}");
-    let advertise = advertise(i, port);
-    let mut h = HubProc::start_with(
-        &dir,
-        &["--listen", &listen, "--store", &pg.url(), "--public-url", &public, "--advertise-url", &advertise],
-    );
-    h.url = format!("https://127.0.0.1:{port}");
-    h
+    HubProc::start_replica(&temp_dir(&format!("repl-{i}")), &pg.url(), listen, &public, &advertise(i, port))
 }
 
 fn advertise(i: usize, port: u16) -> String {
     format!("https://127.0.0.{}:{port}", 2 + i)
-}
-
-fn replica_id(h: &HubProc) -> String {
-    let log = h.log();
-    let line = log.lines().find(|l| l.contains("replica joined id=")).unwrap_or_else(|| panic!("no id in {log}"));
-    line.split("id=").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
 /// `(replica id, session id)` of every tunnel the replicas recorded for
@@ -90,16 +76,6 @@ fn sessions(pg: &Postgres, cluster: &str) -> Vec<(String, String)> {
             (a.to_string(), b.to_string())
         })
         .collect()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Waits (polling every 20 ms) until `f`, returning how long it took.
@@ -206,21 +182,6 @@ impl OldAgent {
     fn ended(&self) -> Option<String> {
         self.state.lock().unwrap().1.clone()
     }
-}
-
-fn register_and_activate(hub: &HubProc, admin: &str, name: &str) -> String {
-    let r = hub.client(Some(admin)).post_json("/api/v1/clusters", &json!({ "name": name })).unwrap();
-    assert_eq!(r.status, 201, "{}", r.text());
-    let act = &r.json()["activation"];
-    let r = hub
-        .client(None)
-        .post_json(
-            "/v1/activate",
-            &json!({ "activation_id": act["activation_id"], "activation_code": act["activation_code"] }),
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["credential"].as_str().unwrap().to_string()
 }
 
 fn agent_log(dir: &Path) -> String {

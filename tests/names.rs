@@ -22,7 +22,7 @@
 mod hub_support;
 mod support;
 
-use hub_support::{HubProc, KillOnDrop, fails, hub_cli, ok, temp_dir, wait_for, write_kube_credentials};
+use hub_support::{HubProc, KillOnDrop, activate, fails, hub_cli, ok, temp_dir, wait_for, write_kube_credentials};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Output;
@@ -345,21 +345,6 @@ fn rest_takes_every_name_and_refuses_control_characters_saying_which() {
 /// Where `register` writes for cluster `name`.
 fn files(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     (dir.join(format!("uplink-{name}.yaml")), dir.join(format!("uplink-{name}-activation.json")))
-}
-
-fn activate(hub: &HubProc, activation: &Value) -> (u16, Value) {
-    let r = hub
-        .client(None)
-        .post_json(
-            "/v1/activate",
-            &json!({
-                "activation_id": activation["activation_id"],
-                "activation_code": activation["activation_code"],
-                "agent_version": "test", "arch": "x86_64", "kube_version": "v1.32.0", "node_count": 1,
-            }),
-        )
-        .unwrap();
-    (r.status, r.json())
 }
 
 fn read_json(p: &Path) -> Value {

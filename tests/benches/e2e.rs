@@ -40,7 +40,7 @@
 #[path = "../hub_support/mod.rs"]
 mod hub_support;
 
-use hub_support::{temp_dir, wait_for};
+use hub_support::{free_port, spawn_agent_with, temp_dir, wait_for, write_kube_credentials};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use serde_json::json;
@@ -427,10 +427,6 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn find_program(name: &str, env: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         return Some(PathBuf::from(p));
@@ -585,28 +581,11 @@ fn start_agent(bin: &Path, dir: &Path, admin: &Client, cluster: &str, nginx: &Ng
     let r = admin.post_json("/api/v1/clusters", &json!({ "name": cluster })).unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
     std::fs::write(dir.join("activation.json"), r.json()["systemd_activation"].as_str().unwrap()).unwrap();
-    std::fs::write(dir.join("kube-token"), "bench-agent-token\n").unwrap();
-    std::fs::write(dir.join("kube-ca.pem"), &nginx.ca_pem).unwrap();
-    let child = Command::new(bin)
-        .args(["run", "--activation"])
-        .arg(dir.join("activation.json"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .args(["--kube-url", &format!("https://{}", nginx.addr), "--kube-token-file"])
-        .arg(dir.join("kube-token"))
-        .arg("--kube-ca")
-        .arg(dir.join("kube-ca.pem"))
-        .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-        .spawn()
-        .expect("spawn uplink");
-    let agent = Proc(child);
+    write_kube_credentials(dir, "bench-agent-token\n", &nginx.ca_pem);
+    let (activation, state) = (dir.join("activation.json"), dir.join("state"));
+    let flags = ["--activation".as_ref(), activation.as_os_str(), "--state".as_ref(), state.as_os_str()];
+    let kube_url = format!("https://{}", nginx.addr);
+    let agent = Proc(spawn_agent_with(Command::new(bin), &flags, &kube_url, dir, &dir.join("agent.log")));
     let active =
         wait_for(30, || admin.get(&format!("/api/v1/clusters/{cluster}")).unwrap().json()["status"] == "ACTIVE");
     assert!(active, "agent did not connect; log:\n{}", std::fs::read_to_string(dir.join("agent.log")).unwrap());

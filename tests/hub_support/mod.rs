@@ -53,7 +53,7 @@ impl HubProc {
     /// On a fixed port whose public URL is `https://127.0.0.1:PORT`, so
     /// real agents dial exactly what the activation says.
     pub fn start_on_free_port(dir: &Path) -> HubProc {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let url = format!("https://127.0.0.1:{port}");
         HubProc::start_with(dir, &["--listen", &listen, "--public-url", &url])
@@ -63,6 +63,20 @@ impl HubProc {
         let mut hub = Command::new(env!("CARGO_BIN_EXE_uplink-hub"));
         hub.arg("serve").args(args).arg("--data-dir").arg(dir.join("data"));
         HubProc::start_command(dir, hub)
+    }
+
+    /// A replica on the shared `store` (`postgres://...`), listening on
+    /// `listen`; agents are sent to `public` and, from the replica set, to
+    /// `advertise`. Its `url` is `https://127.0.0.1:PORT`, also when it
+    /// listens on every address.
+    pub fn start_replica(dir: &Path, store: &str, listen: SocketAddr, public: &str, advertise: &str) -> HubProc {
+        let listen = listen.to_string();
+        let mut hub = HubProc::start_with(
+            dir,
+            &["--listen", &listen, "--store", store, "--public-url", public, "--advertise-url", advertise],
+        );
+        hub.url = format!("https://127.0.0.1:{}", hub.addr.port());
+        hub
     }
 
     /// Runs `hub`, a prepared `uplink-hub serve ... --data-dir DIR/data`
@@ -117,13 +131,7 @@ impl HubProc {
     }
 
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        rss_kib(self.child.id())
     }
 
     pub fn log(&self) -> String {
@@ -135,6 +143,72 @@ impl Drop for HubProc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A port nothing listens on now (the kernel's pick, released at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One sample of a metric in a Prometheus text page: the line that starts
+/// with `name` (labels included) and a space.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+/// The resident memory of process `pid` (VmRSS), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The replica id `hub` logged when it joined the shared store.
+pub fn replica_id(hub: &HubProc) -> String {
+    let log = hub.log();
+    let line = log.lines().find(|l| l.contains("replica joined id=")).unwrap_or_else(|| panic!("no id in {log}"));
+    line.split("replica joined id=").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+/// The sample of `name` (labels included, as the page writes them) in
+/// `hub`'s `/metrics`.
+pub fn hub_metric(hub: &HubProc, name: &str) -> f64 {
+    let page = hub.client(None).get("/metrics").unwrap().text();
+    metric(&page, name).unwrap_or_else(|| panic!("no {name} in\n{page}"))
+}
+
+/// `POST /v1/activate` with the id and code of `activation` (a
+/// registration's), as a simulated agent ([`sim_info`]) would: the status
+/// and the answer.
+pub fn activate(hub: &HubProc, activation: &serde_json::Value) -> (u16, serde_json::Value) {
+    let info = sim_info();
+    let r = hub
+        .client(None)
+        .post_json(
+            "/v1/activate",
+            &serde_json::json!({
+                "activation_id": activation["activation_id"], "activation_code": activation["activation_code"],
+                "agent_version": info.agent_version, "arch": info.arch, "kube_version": info.kube_version,
+                "node_count": info.node_count,
+            }),
+        )
+        .unwrap();
+    (r.status, r.json())
+}
+
+/// Registers `name` on `hub` and activates it as a simulated agent would;
+/// the agent credential.
+pub fn register_and_activate(hub: &HubProc, admin: &str, name: &str) -> String {
+    let r = hub.client(Some(admin)).post_json("/api/v1/clusters", &serde_json::json!({ "name": name })).unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (status, answer) = activate(hub, &r.json()["activation"]);
+    assert_eq!(status, 200, "{answer}");
+    answer["credential"].as_str().unwrap().to_string()
 }
 
 /// Polls `f` until it is true or `secs` pass.
@@ -175,15 +249,20 @@ pub fn spawn_agent(flags: &[&std::ffi::OsStr], kube_url: &str, dir: &Path, log: 
 
 /// [`spawn_agent`] with the program given: another build of the agent, or
 /// one behind a launcher such as `qemu-aarch64-static`.
-pub fn spawn_agent_with(
+pub fn spawn_agent_with(agent: Command, flags: &[&std::ffi::OsStr], kube_url: &str, dir: &Path, log: &Path) -> Child {
+    spawn_agent_at(agent, flags, kube_url, dir, log, &format!("127.0.0.1:{}", free_port()))
+}
+
+/// [`spawn_agent_with`], its health and metrics server on `health`
+/// (`127.0.0.1:PORT`), for a test that reads them.
+pub fn spawn_agent_at(
     mut agent: Command,
     flags: &[&std::ffi::OsStr],
     kube_url: &str,
     dir: &Path,
     log: &Path,
+    health: &str,
 ) -> Child {
-    let health =
-        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
     agent
         .arg("run")
         .args(flags)
@@ -191,7 +270,7 @@ pub fn spawn_agent_with(
         .arg(dir.join("token"))
         .arg("--kube-ca")
         .arg(dir.join("kube-ca.pem"))
-        .args(["--health-addr", &health])
+        .args(["--health-addr", health])
         .env_remove("HTTPS_PROXY")
         .env_remove("https_proxy")
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -332,19 +411,18 @@ pub async fn dial_tunnel(
     (io, status)
 }
 
+/// What a simulated agent says of itself (in its activation and `Hello`).
+pub fn sim_info() -> AgentInfo {
+    AgentInfo { agent_version: "sim-0.1".into(), arch: "x86_64".into(), kube_version: "v1.32.0".into(), node_count: 3 }
+}
+
 async fn run_agent(addr: SocketAddr, ca: String, credential: String, state: Arc<Mutex<SimState>>) {
     let (io, status) = dial_tunnel(addr, ca, &credential).await;
     if status != 101 {
         state.lock().unwrap().refused.push(status);
         return;
     }
-    let info = AgentInfo {
-        agent_version: "sim-0.1".into(),
-        arch: "x86_64".into(),
-        kube_version: "v1.32.0".into(),
-        node_count: 3,
-    };
-    let session = Session::new(Mux::agent(Config::default(), info, Instant::now()));
+    let session = Session::new(Mux::agent(Config::default(), sim_info(), Instant::now()));
     let serve = async {
         if session.connected().await.is_ok() {
             state.lock().unwrap().connected += 1;

@@ -99,6 +99,39 @@ pub const AGENT_GROUPS: &[&str] = &["system:serviceaccounts", "system:serviceacc
 /// The admin user behind [`StandIn::admin_token`].
 pub const ADMIN_USER: &str = "kubernetes-admin";
 
+/// RBAC that lets the agent's service account impersonate `users`, and
+/// nobody else (for [`StandIn::load_rbac_yaml`]).
+pub fn impersonation_rbac(users: &[&str]) -> String {
+    let names: Vec<String> = users.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: uplink-agent-impersonator
+rules:
+- apiGroups: [""]
+  resources: ["users"]
+  verbs: ["impersonate"]
+  resourceNames: [{}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: uplink-agent-impersonator
+subjects:
+- kind: ServiceAccount
+  name: uplink-agent
+  namespace: uplink
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: uplink-agent-impersonator
+"#,
+        names.join(", ")
+    )
+}
+
 /// How to start a [`StandIn`].
 #[derive(Clone, Debug)]
 pub struct Config {
