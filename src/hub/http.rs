@@ -253,9 +253,16 @@ impl Incoming {
     }
 }
 
-/// A response body: whole, or fed by a task as the answer arrives.
+/// A response body: whole, pulled from a source as hyper asks for it,
+/// or fed by a task as the answer arrives.
 pub enum Body {
     Full(Option<Bytes>),
+    /// Pieces polled from the source when hyper is ready for them: no
+    /// task and no channel between the two, so a piece that arrives
+    /// wakes hyper's connection directly (a proxied answer cost a task
+    /// spawn and a task wake-up per piece before). Dropped with the
+    /// body, like a task. An `Err` aborts the answer, as below.
+    Pull(Pin<Box<dyn smol::stream::Stream<Item = std::io::Result<Bytes>>>>),
     /// Pieces from a producer task. The task is owned here: when hyper
     /// drops the body (the client reset its HTTP/2 stream or closed its
     /// connection) the task is cancelled, and what it holds (a tunnel
@@ -297,6 +304,7 @@ impl hyper::body::Body for Body {
             Body::Stream { rx, .. } => {
                 smol::stream::Stream::poll_next(rx.as_mut(), cx).map(|b| b.map(|b| b.map(hyper::body::Frame::data)))
             }
+            Body::Pull(s) => s.as_mut().poll_next(cx).map(|b| b.map(|b| b.map(hyper::body::Frame::data))),
         }
     }
 
@@ -307,7 +315,7 @@ impl hyper::body::Body for Body {
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
             Body::Full(b) => hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream { .. } => hyper::body::SizeHint::default(),
+            Body::Stream { .. } | Body::Pull(_) => hyper::body::SizeHint::default(),
         }
     }
 }
