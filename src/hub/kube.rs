@@ -480,9 +480,9 @@ fn switch_protocols(
         let message = format!("cluster \"{}\" answered with a malformed header", audit.cluster);
         return refuse(audit, 502, message);
     };
-    fields.push((b"Connection".to_vec(), b"Upgrade".to_vec()));
-    fields.push((b"Upgrade".to_vec(), upgrade.into_bytes()));
-    let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
+    fields.push(Header::new("Connection", "Upgrade"));
+    fields.push(Header::new("Upgrade", upgrade));
+    let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|h| (h.name.as_slice(), h.value.as_slice())).collect();
     let then = move |up| async move {
         let (bytes_in, bytes_out) = pipe(stream, up).await;
         audit.moved(bytes_in, bytes_out);
@@ -540,8 +540,7 @@ async fn answer(
         Box::pin(async move { hub.draining_started().await }) as Pin<Box<dyn Future<Output = ()>>>
     });
     let body = Body::Pull(Box::pin(Download { stream, audit, no_body, drain, done: false }));
-    let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
-    match super::http::streamed(code, &refs, body) {
+    match super::http::streamed_owned(code, fields, body) {
         Some(r) => Reply::Http(r),
         None => {
             Reply::Send(status_response(502, &format!("cluster \"{cluster_name}\" answered with a malformed header")))
@@ -699,24 +698,23 @@ const AGENT_MAY_NOT_SET: &[&str] = &[
 /// `None` when a field could split the response (a name that is not a
 /// token, a value with CR, LF or NUL): the agent is not trusted to have
 /// checked.
-fn response_fields(headers: Vec<Header>) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut fields = Vec::with_capacity(headers.len() + 2);
-    for h in headers {
+fn response_fields(mut headers: Vec<Header>) -> Option<Vec<Header>> {
+    for h in &headers {
         let token =
             !h.name.is_empty() && h.name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !token || h.value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
             return None;
         }
+    }
+    // In place: the fields move on into hyper's map without a copy.
+    headers.retain(|h| {
         let origin_sensitive = h.name.get(..15).is_some_and(|p| p.eq_ignore_ascii_case(b"access-control-"))
             || AGENT_MAY_NOT_SET.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(&h.name));
-        if is_hop_by_hop(&h.name) || origin_sensitive {
-            continue;
-        }
-        fields.push((h.name, h.value));
-    }
-    fields.push((b"Content-Security-Policy".to_vec(), b"sandbox; default-src 'none'; frame-ancestors 'none'".to_vec()));
-    fields.push((b"X-Content-Type-Options".to_vec(), b"nosniff".to_vec()));
-    Some(fields)
+        !is_hop_by_hop(&h.name) && !origin_sensitive
+    });
+    headers.push(Header::new("Content-Security-Policy", "sandbox; default-src 'none'; frame-ancestors 'none'"));
+    headers.push(Header::new("X-Content-Type-Options", "nosniff"));
+    Some(headers)
 }
 
 /// The request fields that travel to the agent. Also dropped: the field
