@@ -439,6 +439,11 @@ impl Session {
         .await
     }
 
+    /// Whether [`Session::open`] would take a stream now ([`Mux::can_open`]).
+    pub fn can_open(&self) -> Result<(), StreamError> {
+        self.shared.borrow().mux.can_open()
+    }
+
     /// Opens a stream carrying `head`.
     pub fn open(&self, head: RequestHead) -> Result<Stream, StreamError> {
         let mut s = self.shared.borrow_mut();
@@ -593,7 +598,9 @@ impl Stream {
         future::poll_fn(|cx| self.poll_chunk(cx)).await
     }
 
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Vec<u8>>, StreamClosed>> {
+    /// [`Stream::read_chunk`] as a poll, for bodies pulled by their
+    /// reader (the hub's answers to hyper) rather than pushed by a task.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Vec<u8>>, StreamClosed>> {
         let mut s = self.shared.borrow_mut();
         let s = &mut *s;
         let Some(slot) = s.slots.get_mut(&self.id) else {

@@ -252,7 +252,7 @@ fn clusters(st: &dyn Store) {
 
 fn audit(st: &dyn Store) {
     for i in 0..5u64 {
-        st.append_audit(&AuditEntry {
+        st.append_audit(AuditEntry {
             id: 0,
             time: 10_000 + i as i64,
             user: if i % 2 == 0 { s("alice") } else { s("bob") },
@@ -407,7 +407,7 @@ fn audit_appends_never_wait_while_the_database_is_unreachable() {
         .collect();
     let t0 = std::time::Instant::now();
     for i in 0..10_000u64 {
-        st.append_audit(&AuditEntry {
+        st.append_audit(AuditEntry {
             id: 0,
             time: i as i64,
             user: s("jane@example.com"),

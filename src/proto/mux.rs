@@ -567,8 +567,10 @@ impl Mux {
         room.max(reserve)
     }
 
-    /// Opens a stream carrying a request head.
-    pub fn open(&mut self, head: RequestHead) -> Result<StreamId, StreamError> {
+    /// Whether [`Mux::open`] would take a stream now (the session's
+    /// state, `GoAway`, the peer's stream limit): a caller that retries
+    /// elsewhere asks first, and keeps its head instead of a copy.
+    pub fn can_open(&self) -> Result<(), StreamError> {
         self.usable()?;
         if self.goaway_sent || self.goaway_received.is_some() {
             return Err(StreamError::GoingAway);
@@ -576,6 +578,12 @@ impl Mux {
         if self.local_open >= self.peer_max_streams {
             return Err(StreamError::TooManyStreams);
         }
+        Ok(())
+    }
+
+    /// Opens a stream carrying a request head.
+    pub fn open(&mut self, head: RequestHead) -> Result<StreamId, StreamError> {
+        self.can_open()?;
         check_head_limits(&head.headers, Some(&head.identity)).map_err(StreamError::Limits)?;
         if self.next_local > u32::MAX - 2 {
             // Ids are never reused; a session that used them all must end.

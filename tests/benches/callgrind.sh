@@ -12,7 +12,9 @@
 #     cargo build --release --bins --target-dir target/prof
 # Env: N (requests measured, default 2000), P (concurrent connections,
 # default 1), PER_THREAD=1 (with WRK: figures per thread), KEEP=1 keeps the work dir with
-# the callgrind.out files for callgrind_annotate.
+# the callgrind.out files for callgrind_annotate, HTTP1=1 makes curl speak
+# HTTP/1.1 to the hub (as the e2e bench's client and wrk do; kubectl and
+# curl otherwise negotiate h2).
 # Needs nginx, valgrind, openssl, curl, python3.
 set -euo pipefail
 BIN=$(realpath "${1:-target/prof/release}")
@@ -100,7 +102,7 @@ for _ in $(seq 600); do
 done
 
 get() { # $1 requests on one keep-alive connection (P of them with P=N)
-    curl -sf ${P:+--parallel --parallel-max "$P"} --cacert "$dir/hub/ca.pem" -H "Authorization: Bearer $token" \
+    curl -sf ${HTTP1:+--http1.1} ${P:+--parallel --parallel-max "$P"} --cacert "$dir/hub/ca.pem" -H "Authorization: Bearer $token" \
         "$hub/k8s/clusters/bench/small.json?[1-$1]" >/dev/null
 }
 get 200 # warm up: pools, caches, allocator

@@ -169,7 +169,7 @@ pub async fn ask_one(hub: &Hub, ask: &Ask<'_>, cluster: &Cluster) -> Outcome {
         duration_ms: start.elapsed().as_millis() as u64,
         upgrade: false,
     };
-    if let Err(e) = hub.store.append_audit(&entry) {
+    if let Err(e) = hub.store.append_audit(entry) {
         log::error!("audit write failed error={e}");
     }
     outcome

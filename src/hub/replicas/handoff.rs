@@ -383,6 +383,13 @@ impl Route {
     /// reaches here: the kube front end's header policy drops it
     /// (`kube::forward_headers`), and the other replica refuses a head
     /// that names more than one cluster.
+    /// Whether [`Route::open`] would take a stream now.
+    pub fn can_open(&self) -> Result<(), StreamError> {
+        match self {
+            Route::Local(s) | Route::Peer { session: s, .. } => s.can_open(),
+        }
+    }
+
     pub fn open(&self, mut head: RequestHead) -> Result<Stream, StreamError> {
         match self {
             Route::Local(s) => s.open(head),

@@ -33,6 +33,7 @@ use super::{
 use crate::hub::clock::Millis;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// Most tokens or cluster names remembered; past it the map starts over.
 const MAX_ENTRIES: usize = 1024;
@@ -43,7 +44,8 @@ struct Cached {
     /// People of the identity provider by name, as last signed in.
     oidc: HashMap<String, User>,
     grants: Option<Vec<Grant>>,
-    clusters: HashMap<String, Cluster>,
+    /// Shared with the requests that asked ([`Store::cluster_shared`]).
+    clusters: HashMap<String, Rc<Cluster>>,
     /// Every cluster, as `clusters()` lists them (for `/metrics`, the
     /// fleet view and the deregistration sweep).
     all_clusters: Option<Vec<Cluster>>,
@@ -174,6 +176,12 @@ impl<S: Store> Store for CachedStore<S> {
         self.cached.borrow_mut().grants = Some(grants.clone());
         Ok(grants)
     }
+    fn may_reach(&self, user: &User, name: &str) -> Result<bool> {
+        if let Some(g) = &self.cached.borrow().grants {
+            return Ok(crate::hub::may_reach(user, g, name));
+        }
+        Ok(crate::hub::may_reach(user, &self.grants()?, name))
+    }
     fn remove_grant(&self, id: i64) -> Result<()> {
         self.write(|s| s.remove_grant(id))
     }
@@ -190,10 +198,13 @@ impl<S: Store> Store for CachedStore<S> {
         Ok(all)
     }
     fn cluster(&self, name: &str) -> Result<Option<Cluster>> {
+        Ok(self.cluster_shared(name)?.map(|c| (*c).clone()))
+    }
+    fn cluster_shared(&self, name: &str) -> Result<Option<Rc<Cluster>>> {
         if let Some(c) = self.cached.borrow().clusters.get(name) {
             return Ok(Some(c.clone()));
         }
-        let found = self.inner.cluster(name)?;
+        let found = self.inner.cluster(name)?.map(Rc::new);
         if let Some(c) = &found {
             remember(&mut self.cached.borrow_mut().clusters, name, c);
         }
@@ -242,7 +253,7 @@ impl<S: Store> Store for CachedStore<S> {
         self.write(|s| s.deregister(name, now))
     }
 
-    fn append_audit(&self, entry: &AuditEntry) -> Result<()> {
+    fn append_audit(&self, entry: AuditEntry) -> Result<()> {
         self.inner.append_audit(entry)
     }
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {

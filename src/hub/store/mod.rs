@@ -21,6 +21,7 @@ pub mod sqlite;
 
 use crate::hub::clock::Millis;
 use std::fmt;
+use std::rc::Rc;
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +276,13 @@ pub trait Store {
     // Grants.
     fn add_grant(&self, subject: &Subject, clusters: &str, now: Millis) -> Result<Grant>;
     fn grants(&self) -> Result<Vec<Grant>>;
+    /// Whether `user` reaches cluster `name` by a grant (admins reach
+    /// every cluster). Asked on every proxied request: the cache answers
+    /// from the grant list it holds rather than copying it, which with
+    /// thousands of grants was thousands of allocations per request.
+    fn may_reach(&self, user: &User, name: &str) -> Result<bool> {
+        Ok(crate::hub::may_reach(user, &self.grants()?, name))
+    }
     fn remove_grant(&self, id: i64) -> Result<()>;
 
     // Clusters.
@@ -285,6 +293,11 @@ pub trait Store {
     fn clusters(&self) -> Result<Vec<Cluster>>;
     /// The live cluster of that name, else the latest deregistered one.
     fn cluster(&self, name: &str) -> Result<Option<Cluster>>;
+    /// [`Store::cluster`] for the proxy's hot path: the cache hands out
+    /// the copy it holds instead of cloning every field per request.
+    fn cluster_shared(&self, name: &str) -> Result<Option<Rc<Cluster>>> {
+        Ok(self.cluster(name)?.map(Rc::new))
+    }
     fn activations(&self, cluster_id: &str) -> Result<Vec<Activation>>;
     /// Gives the live `Pending` cluster of that name a fresh activation:
     /// every unused activation it had is marked replaced (its code stops
@@ -321,7 +334,9 @@ pub trait Store {
     fn deregister(&self, name: &str, now: Millis) -> Result<Cluster>;
 
     // Audit.
-    fn append_audit(&self, entry: &AuditEntry) -> Result<()>;
+    /// Queues an entry (by value: the writer keeps it until its batch
+    /// commits, and a copy per request showed in profiles).
+    fn append_audit(&self, entry: AuditEntry) -> Result<()>;
     /// Matching entries, newest first.
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;
 

@@ -1272,8 +1272,8 @@ impl Store for PostgresStore {
         })
     }
 
-    fn append_audit(&self, e: &AuditEntry) -> Result<()> {
-        self.audit.send(AuditMsg::Entry(e.clone()))
+    fn append_audit(&self, e: AuditEntry) -> Result<()> {
+        self.audit.send(AuditMsg::Entry(e))
     }
 
     fn join_replica(&self, r: &Replica, now: Millis, deadline: Millis) -> Result<()> {

@@ -766,8 +766,8 @@ impl Store for SqliteStore {
         self.cluster_where("id = ?1", [&id])?.ok_or_else(|| StoreError::Backend("cluster vanished".into()))
     }
 
-    fn append_audit(&self, e: &AuditEntry) -> Result<()> {
-        self.audit.send(AuditMsg::Entry(e.clone()))
+    fn append_audit(&self, e: AuditEntry) -> Result<()> {
+        self.audit.send(AuditMsg::Entry(e))
     }
 
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
