@@ -38,11 +38,25 @@ pub struct Socket {
     io: Async<TcpStream>,
     /// The last read emptied the receive queue: wait for readiness first.
     drained: bool,
+    /// Take a short read as the queue emptied ([`Socket::short_reads_drain`]).
+    short_reads_drain: bool,
 }
 
 impl Socket {
     pub fn new(io: Async<TcpStream>) -> Socket {
-        Socket { io, drained: false }
+        Socket { io, drained: false, short_reads_drain: false }
+    }
+
+    /// Whether a read that filled less than the buffer counts as having
+    /// emptied the receive queue, so the next read waits for readiness.
+    /// Right where a peer sends a request and then waits for the answer
+    /// (the hub's client connections): the read after each request found
+    /// nothing, a `recv` per request. Wrong for a stream that keeps
+    /// coming (a tunnel's download), where the next bytes are usually
+    /// there by the next poll; so off by default, and turned off again
+    /// when the hub switches a connection to raw bytes.
+    pub fn short_reads_drain(&mut self, on: bool) {
+        self.short_reads_drain = on;
     }
 
     pub fn get_ref(&self) -> &TcpStream {
@@ -66,11 +80,15 @@ impl AsyncRead for Socket {
             }
             match (&mut this.io.get_ref()).read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.drained = true,
-                // Not marked after a short read, though it usually empties
-                // the queue: during a download the next bytes are often
-                // there by the next poll, and waiting for the reactor to
-                // say so cost a fifth of the bulk rate (e2e bench).
-                Ok(n) => return Poll::Ready(Ok(n)),
+                // By default not marked after a short read, though it
+                // usually empties the queue: during a download the next
+                // bytes are often there by the next poll, and waiting for
+                // the reactor to say so cost a fifth of the bulk rate (e2e
+                // bench).
+                Ok(n) => {
+                    this.drained = this.short_reads_drain && n < buf.len();
+                    return Poll::Ready(Ok(n));
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }

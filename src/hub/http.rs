@@ -363,7 +363,12 @@ where
     super::rt::spawn(async move {
         match on.await {
             Ok(up) => match up.downcast::<super::rt::Io<super::rt::Tls>>() {
-                Ok(parts) => then(Prefixed::new(parts.read_buf.into(), parts.io.into_inner())).await,
+                Ok(parts) => {
+                    let mut tls = parts.io.into_inner();
+                    // Raw bytes from here on, bulk as often as not.
+                    tls.get_mut().0.short_reads_drain(false);
+                    then(Prefixed::new(parts.read_buf.into(), tls)).await
+                }
                 Err(_) => log::error!("an upgraded connection was not the hub's TLS stream"),
             },
             Err(e) => log::debug!("upgrade not completed error={e}"),

@@ -511,7 +511,9 @@ async fn accept_loop(ex: &LocalExecutor<'_>, hub: &Rc<Hub>, listener: &Async<Tcp
         // Reads only after readiness once a read found nothing (see
         // `crate::socket`): hyper and rustls poll far more often than
         // bytes arrive.
-        let tcp = Socket::new(tcp);
+        let mut tcp = Socket::new(tcp);
+        // Requests, then a wait for the answer: see the method.
+        tcp.short_reads_drain(true);
         let ticket = match hub.gate.admit(peer.ip()) {
             Ok(t) => t,
             Err(why) => {
