@@ -290,7 +290,10 @@ impl Peers {
             // A request that goes away mid-dial must not leave the others
             // waiting for a dial nobody finishes.
             let mut guard = DialGuard { peers: &self.peers, to, done: &done, armed: true };
-            let dialled = dial(hub, self, me, to, &url).or(async {
+            // Boxed: the dial (TCP, TLS, upgrade, handshake) is a large
+            // future, and unboxed it sized every proxied request's future
+            // (and, by its copies, the hub's per-request memory moves).
+            let dialled = Box::pin(dial(hub, self, me, to, &url)).or(async {
                 Timer::after(DIAL_TIMEOUT).await;
                 Err(format!("no answer within {} ms", DIAL_TIMEOUT.as_millis()))
             });
