@@ -282,6 +282,50 @@ fn audit(st: &dyn Store) {
     assert_eq!(q(None, Some("edge-2"), None, 100), 2);
     assert_eq!(q(Some("alice"), Some("edge-1"), Some(10_001), 100), 1);
     assert_eq!(q(None, None, None, 2), 2);
+
+    // A burst, as under load: the writer stores it in batches. Every
+    // entry is there, in order, each field its own.
+    let burst = 100u64;
+    for i in 0..burst {
+        st.append_audit(AuditEntry {
+            id: 0,
+            time: 20_000 + i as i64,
+            user: format!("arn:aws:iam::1234567890:user/Burst{i}"),
+            groups: vec![format!("g{i}"), s("devs")],
+            cluster: format!("edge-{}", i % 7),
+            method: if i % 3 == 0 { s("POST") } else { s("GET") },
+            path: format!("/api/v1/namespaces/n{i}/pods"),
+            status: 200 + (i % 300) as u16,
+            bytes_in: i * 3,
+            bytes_out: i * 1000 + 1,
+            duration_ms: i + 5,
+            upgrade: i % 5 == 0,
+        })
+        .unwrap();
+    }
+    let all = st.audit(&AuditQuery { limit: 1000, ..Default::default() }).unwrap();
+    assert_eq!(all.len(), 5 + burst as usize);
+    for (k, e) in all[..burst as usize].iter().enumerate() {
+        let i = burst - 1 - k as u64;
+        assert_eq!(
+            (e.time, e.user.as_str(), e.groups.clone(), e.cluster.as_str(), e.method.as_str(), e.path.as_str()),
+            (
+                20_000 + i as i64,
+                format!("arn:aws:iam::1234567890:user/Burst{i}").as_str(),
+                vec![format!("g{i}"), s("devs")],
+                format!("edge-{}", i % 7).as_str(),
+                if i % 3 == 0 { "POST" } else { "GET" },
+                format!("/api/v1/namespaces/n{i}/pods").as_str()
+            ),
+            "entry {i} of the burst"
+        );
+        assert_eq!(
+            (e.status, e.bytes_in, e.bytes_out, e.duration_ms, e.upgrade),
+            (200 + (i % 300) as u16, i * 3, i * 1000 + 1, i + 5, i % 5 == 0),
+            "entry {i} of the burst"
+        );
+    }
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "ids rise in the order entries were appended");
 }
 
 #[test]

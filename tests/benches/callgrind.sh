@@ -121,9 +121,9 @@ if [ -n "${WRK:-}" ]; then
     reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' wrk.out)
     for side in hub agent; do
         if [ -n "${PER_THREAD:-}" ]; then
-            awk -F, -v side=$side -v n="$reqs" '$4 ~ /sys_enter|context-switches|task-clock/ {printf "%s %s: %s %.2f per request\n", side, $1, $4, $2 / n}' "$dir/$side.stat"
+            awk -F, -v side=$side -v n="$reqs" '$4 ~ /sys_enter|context-switches|task-clock/ {printf "%s %s: %s %.4f per request\n", side, $1, $4, $2 / n}' "$dir/$side.stat"
         else
-            awk -F, -v side=$side -v n="$reqs" '$3 ~ /sys_enter|context-switches|task-clock/ {printf "%s: %s %.2f per request\n", side, $3, $1 / n}' "$dir/$side.stat"
+            awk -F, -v side=$side -v n="$reqs" '$3 ~ /sys_enter|context-switches|task-clock/ {printf "%s: %s %.4f per request\n", side, $3, $1 / n}' "$dir/$side.stat"
         fi
     done
     exit 0
