@@ -587,6 +587,18 @@ impl Stream {
         Ok(())
     }
 
+    /// Acceptor: sends the response head from borrowed `(name, value)`
+    /// fields (see [`Mux::send_head_fields`]).
+    pub fn send_head_fields<'a, I>(&mut self, status: u16, fields: I) -> Result<(), StreamError>
+    where
+        I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    {
+        let mut s = self.shared.borrow_mut();
+        s.mux.send_head_fields(self.id, status, fields)?;
+        s.dispatch();
+        Ok(())
+    }
+
     /// The next chunk of data as the peer sent it, `Ok(None)` at the end
     /// of the stream. Avoids a copy compared with `AsyncRead`.
     pub async fn read_chunk(&mut self) -> Result<Option<Vec<u8>>, StreamClosed> {

@@ -40,7 +40,9 @@ pub const HOP_BY_HOP: &[&str] = &[
 
 /// Whether a field name (any case) is in [`HOP_BY_HOP`].
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    // Lengths first: most fields match none of them, and this runs for
+    // every field of every request and answer.
+    HOP_BY_HOP.iter().any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// A header field as one side holds it: the tunnel's [`Header`], the
@@ -104,6 +106,18 @@ pub fn has_token<F: Field>(fields: &[F], name: &str, token: &str) -> bool {
 /// message only (RFC 9110 §7.6.1).
 pub fn connection_options<F: Field>(fields: &[F]) -> Vec<Vec<u8>> {
     members(fields, "connection").map(<[u8]>::to_ascii_lowercase).collect()
+}
+
+/// The tokens every `Connection` field lists, as they are written.
+pub fn connection_tokens<F: Field>(fields: &[F]) -> impl Iterator<Item = &[u8]> {
+    members(fields, "connection")
+}
+
+/// Whether `Connection` names the field `name` (any case), so that it is
+/// hop-by-hop for this message (RFC 9110 §7.6.1). The same answer as
+/// looking `name` up in [`connection_options`], without its allocations.
+pub fn connection_names<F: Field>(fields: &[F], name: &[u8]) -> bool {
+    members(fields, "connection").any(|t| t.eq_ignore_ascii_case(name))
 }
 
 /// Why a message's `Content-Length` cannot say where its body ends.
@@ -302,6 +316,8 @@ mod tests {
             Header::new("Transfer-Encoding", "gzip,chunked"),
         ];
         assert_eq!(connection_options(&fields), [&b"keep-alive"[..], b"x-hop", b"upgrade"]);
+        assert!(connection_names(&fields, b"X-HOP") && connection_names(&fields, b"upgrade"));
+        assert!(!connection_names(&fields, b"x") && !connection_names(&fields, b"connection"));
         assert!(has_token(&fields, "connection", "upgrade"));
         assert!(has_token(&fields, "transfer-encoding", "CHUNKED"));
         assert!(!has_token(&fields, "transfer-encoding", "deflate"));

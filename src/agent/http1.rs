@@ -10,7 +10,7 @@
 //! Not here: redirects, cookies, compression, HTTP/2.
 
 use super::net::{self, Io, Proxy, Target};
-use crate::http::{chunk_size, find as find_header, has_token};
+use crate::http::{Field, chunk_size, find as find_header, has_token};
 use crate::proto::Header;
 use rustls::ClientConfig;
 use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -54,6 +54,25 @@ pub struct ResponseHead {
     pub body: BodyKind,
     /// The server asked to close the connection after this response.
     pub close: bool,
+}
+
+/// What a response head says beside its fields.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadInfo {
+    pub status: u16,
+    pub body: BodyKind,
+    /// The server asked to close the connection after this response.
+    pub close: bool,
+}
+
+/// httparse's view of a field, borrowed from the read buffer.
+impl Field for httparse::Header<'_> {
+    fn name(&self) -> &[u8] {
+        self.name.as_bytes()
+    }
+    fn value(&self) -> &[u8] {
+        self.value
+    }
 }
 
 impl ResponseHead {
@@ -161,16 +180,21 @@ impl Conn {
     /// body follows whatever the headers say. Interim 1xx answers other
     /// than `101` are skipped.
     pub async fn read_head(&mut self, head_request: bool) -> io::Result<ResponseHead> {
-        loop {
-            let head = self.read_one_head(head_request).await?;
-            if (100..200).contains(&head.status) && head.status != 101 {
-                continue;
-            }
-            return Ok(head);
-        }
+        let (info, headers) = self
+            .read_head_with(head_request, |_, fields| fields.iter().map(|h| Header::new(h.name, h.value)).collect())
+            .await?;
+        Ok(ResponseHead { status: info.status, headers, body: info.body, close: info.close })
     }
 
-    async fn read_one_head(&mut self, head_request: bool) -> io::Result<ResponseHead> {
+    /// [`Conn::read_head`], handing the fields to `f` where they lie in
+    /// the read buffer instead of copying each into a [`Header`]: the kube
+    /// proxy encodes them into its tunnel frame from there. `f` runs once,
+    /// on the final head, and its result is returned beside the head.
+    pub async fn read_head_with<R>(
+        &mut self,
+        head_request: bool,
+        mut f: impl FnMut(&HeadInfo, &[httparse::Header<'_>]) -> R,
+    ) -> io::Result<(HeadInfo, R)> {
         loop {
             let avail = &self.buf[self.pos..self.end];
             if !avail.is_empty() {
@@ -179,12 +203,16 @@ impl Conn {
                 match resp.parse(avail) {
                     Ok(httparse::Status::Complete(len)) => {
                         let status = resp.code.unwrap_or(0);
-                        let headers: Vec<Header> =
-                            resp.headers.iter().map(|h| Header::new(h.name.as_bytes(), h.value)).collect();
-                        let close = has_token(&headers, "connection", "close") || resp.version == Some(0);
-                        let body = response_body_kind(status, head_request, &headers)?;
+                        let close = has_token(resp.headers, "connection", "close") || resp.version == Some(0);
+                        let body = response_body_kind(status, head_request, resp.headers)?;
+                        let info = HeadInfo { status, body, close };
+                        let interim = (100..200).contains(&status) && status != 101;
+                        let done = (!interim).then(|| f(&info, resp.headers));
                         self.pos += len;
-                        return Ok(ResponseHead { status, headers, body, close });
+                        match done {
+                            Some(r) => return Ok((info, r)),
+                            None => continue,
+                        }
                     }
                     Ok(httparse::Status::Partial) => {}
                     Err(e) => return Err(bad(format!("malformed response head: {e}"))),
@@ -255,7 +283,7 @@ fn malformed(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, MalformedResponse(msg))
 }
 
-fn response_body_kind(status: u16, head_request: bool, headers: &[Header]) -> io::Result<BodyKind> {
+fn response_body_kind<F: Field>(status: u16, head_request: bool, headers: &[F]) -> io::Result<BodyKind> {
     // Checked even where no body follows: a server that frames one answer
     // wrongly may frame the next one wrongly too, and the connection is
     // then not reused.
@@ -576,8 +604,8 @@ mod tests {
         assert_eq!(response_body_kind(200, false, &h("Content-Length", "5")).unwrap(), BodyKind::Length(5));
         assert_eq!(response_body_kind(200, false, &h("Transfer-Encoding", "chunked")).unwrap(), BodyKind::Chunked);
         assert_eq!(response_body_kind(200, false, &h("Transfer-Encoding", "gzip")).unwrap(), BodyKind::Close);
-        assert_eq!(response_body_kind(200, false, &[]).unwrap(), BodyKind::Close);
-        assert_eq!(response_body_kind(204, false, &[]).unwrap(), BodyKind::None);
+        assert_eq!(response_body_kind::<Header>(200, false, &[]).unwrap(), BodyKind::Close);
+        assert_eq!(response_body_kind::<Header>(204, false, &[]).unwrap(), BodyKind::None);
         assert_eq!(response_body_kind(200, true, &h("Content-Length", "5")).unwrap(), BodyKind::None);
         for bad in ["x", "+5", "5, 5", "-1", "99999999999999999999", ""] {
             let e = response_body_kind(200, false, &h("Content-Length", bad)).unwrap_err();

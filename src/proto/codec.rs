@@ -65,8 +65,20 @@ impl std::error::Error for EncodeError {}
 /// Appends the length-prefixed encoding of `frame` to `out`. On error `out`
 /// is left as it was.
 pub fn encode(frame: &Frame, max: u32, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    if let Frame::Data { id, data } = frame {
-        return encode_data(*id, data, max, out);
+    match frame {
+        Frame::Data { id, data } => return encode_data(*id, data, max, out),
+        Frame::Head { id, head } => {
+            let fields = head.headers.iter().map(|h| (h.name.as_slice(), h.value.as_slice()));
+            return encode_head(*id, head.status, fields, max, out);
+        }
+        Frame::End { id } => {
+            let start = out.len();
+            out.extend_from_slice(&[0; LEN_PREFIX]);
+            push_varint(out, END_TAG);
+            push_varint(out, id.0);
+            return finish_prefix(out, start, max);
+        }
+        _ => {}
     }
     let start = out.len();
     out.extend_from_slice(&[0; LEN_PREFIX]);
@@ -91,8 +103,35 @@ pub fn encode_data(id: StreamId, data: &[u8], max: u32, out: &mut Vec<u8>) -> Re
     finish_prefix(out, start, max)
 }
 
-/// The postcard variant index of `Frame::Data`.
+/// Appends a `Head` frame from borrowed fields, so a response head read
+/// from the API server goes out without a `Vec` per field name and value
+/// first. Byte for byte identical to `encode(&Frame::Head { .. })` with
+/// the same fields (postcard: the tag, the id, the status as a varint,
+/// the field count, then each name and value length-prefixed).
+pub fn encode_head<'a, I>(id: StreamId, status: u16, fields: I, max: u32, out: &mut Vec<u8>) -> Result<(), EncodeError>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+{
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_PREFIX]);
+    push_varint(out, HEAD_TAG);
+    push_varint(out, id.0);
+    push_varint(out, u32::from(status));
+    push_varint(out, fields.clone().count() as u32);
+    for (name, value) in fields {
+        push_varint(out, name.len() as u32);
+        out.extend_from_slice(name);
+        push_varint(out, value.len() as u32);
+        out.extend_from_slice(value);
+    }
+    finish_prefix(out, start, max)
+}
+
+/// The postcard variant indexes of `Frame::Head`, `Frame::Data` and
+/// `Frame::End`.
+const HEAD_TAG: u32 = 3;
 const DATA_TAG: u32 = 4;
+const END_TAG: u32 = 6;
 
 fn finish_prefix(out: &mut Vec<u8>, start: usize, max: u32) -> Result<(), EncodeError> {
     let len = out.len() - start - LEN_PREFIX;

@@ -423,15 +423,21 @@ pub fn identity_bytes(id: &Identity) -> usize {
 
 /// Checks a head against the header limits; `Err` names the limit broken.
 pub fn check_head_limits(headers: &[Header], identity: Option<&Identity>) -> Result<(), &'static str> {
-    if headers.len() > MAX_HEADER_COUNT {
-        return Err("too many header fields");
-    }
     let mut bytes = header_bytes(headers);
     if let Some(id) = identity {
         if id.groups.len() > MAX_IDENTITY_ITEMS || id.extra.len() > MAX_IDENTITY_ITEMS {
             return Err("too many identity groups or extras");
         }
         bytes += identity_bytes(id);
+    }
+    check_field_limits(headers.len(), bytes)
+}
+
+/// Checks a head of `count` fields taking `bytes` (see [`header_bytes`])
+/// against the header limits; `Err` names the limit broken.
+pub fn check_field_limits(count: usize, bytes: usize) -> Result<(), &'static str> {
+    if count > MAX_HEADER_COUNT {
+        return Err("too many header fields");
     }
     if bytes > MAX_HEADER_BYTES {
         return Err("header bytes over limit");

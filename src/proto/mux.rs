@@ -594,8 +594,21 @@ impl Mux {
 
     /// Sends the response head on a stream the peer opened.
     pub fn send_head(&mut self, id: StreamId, head: ResponseHead) -> Result<(), StreamError> {
+        let fields = head.headers.iter().map(|h| (h.name.as_slice(), h.value.as_slice()));
+        self.send_head_fields(id, head.status, fields)
+    }
+
+    /// [`Mux::send_head`] from borrowed `(name, value)` fields: encoded
+    /// straight into the transmit buffer, with no [`ResponseHead`] built
+    /// first (the agent's answers come from the API server's head in its
+    /// read buffer).
+    pub fn send_head_fields<'a, I>(&mut self, id: StreamId, status: u16, fields: I) -> Result<(), StreamError>
+    where
+        I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    {
         self.usable()?;
-        check_head_limits(&head.headers, None).map_err(StreamError::Limits)?;
+        let (count, bytes) = fields.clone().fold((0, 0), |(c, b), (n, v)| (c + 1, b + n.len() + v.len()));
+        check_field_limits(count, bytes).map_err(StreamError::Limits)?;
         let side = self.side;
         let peer_max_frame = self.peer_max_frame;
         let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
@@ -605,8 +618,7 @@ impl Mux {
         if s.local_end {
             return Err(StreamError::AlreadyFinished);
         }
-        let frame = Frame::Head { id, head };
-        if codec::encode(&frame, peer_max_frame, &mut self.ctrl).is_err() {
+        if codec::encode_head(id, status, fields, peer_max_frame, &mut self.ctrl).is_err() {
             return Err(StreamError::Limits("response head larger than the peer's frame limit"));
         }
         s.head = true;

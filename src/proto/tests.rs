@@ -297,6 +297,28 @@ proptest! {
         prop_assert_eq!(got, frames);
     }
 
+    /// The hand-written encoders of `Head` and `End` (the agent's
+    /// answers) write what postcard writes for the same frame.
+    #[test]
+    fn head_and_end_fast_paths_match_postcard(id in any::<u32>(), status in any::<u16>(), headers in arb_headers()) {
+        let id = StreamId(id);
+        let postcard_bytes = |frame: &Frame| {
+            let mut out = vec![0; LEN_PREFIX];
+            out.extend(postcard::to_allocvec(frame).unwrap());
+            let n = (out.len() - LEN_PREFIX) as u32;
+            out[..4].copy_from_slice(&n.to_be_bytes());
+            out
+        };
+        let head = Frame::Head { id, head: ResponseHead { status, headers: headers.clone() } };
+        let mut fast = Vec::new();
+        let fields = headers.iter().map(|h| (h.name.as_slice(), h.value.as_slice()));
+        codec::encode_head(id, status, fields, MAX_FRAME_LEN, &mut fast).unwrap();
+        prop_assert_eq!(&fast, &postcard_bytes(&head));
+        prop_assert_eq!(enc(&head), postcard_bytes(&head));
+        let end = Frame::End { id };
+        prop_assert_eq!(enc(&end), postcard_bytes(&end));
+    }
+
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in arb_bytes(512)) {
         let mut dec = Decoder::new(MAX_FRAME_LEN);

@@ -18,7 +18,7 @@
 //! `Accept` (with `as=Table` or protobuf), `Content-Type`,
 //! `Content-Length`, `Accept-Encoding`, `User-Agent` — goes on unchanged.
 
-use crate::http::{connection_options, has_token, is_hop_by_hop};
+use crate::http::{Field, connection_names, connection_options, connection_tokens, has_token, is_hop_by_hop};
 use crate::names::{self, NameError};
 use crate::proto::{Header, Identity};
 use std::fmt;
@@ -204,25 +204,31 @@ pub fn escape_extra_key(key: &str) -> String {
     out
 }
 
-/// Response headers for the hub: hop-by-hop fields dropped, except that a
-/// `101` keeps `Upgrade` and `Connection: Upgrade`. Takes the server's
-/// headers and keeps them in place (no copy of each field).
-pub fn response_headers(status: u16, mut server: Vec<Header>) -> Vec<Header> {
+/// Response fields for the hub, borrowed where the server's head lies:
+/// hop-by-hop fields dropped, except that a `101` keeps `Upgrade` and
+/// `Connection: Upgrade`. Nothing is copied; the tunnel frame is encoded
+/// from these.
+pub fn response_fields<'a, F: Field>(
+    status: u16,
+    server: &'a [F],
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone + 'a {
     let upgrade = status == 101;
-    let named = connection_options(&server);
-    let upgrade_token = upgrade && has_token(&server, "connection", "upgrade");
-    server.retain(|h| {
-        let name = h.name.as_slice();
-        if upgrade && name.eq_ignore_ascii_case(b"upgrade") {
-            return true;
-        }
-        !(is_hop_by_hop(name) || named.iter().any(|n| name.eq_ignore_ascii_case(n) && n.as_slice() != b"upgrade"))
-    });
-    let mut out = server;
-    if upgrade_token {
-        out.push(Header::new("Connection", "Upgrade"));
-    }
-    out
+    let upgrade_token = upgrade && has_token(server, "connection", "upgrade");
+    // Whether `Connection` names a field that is not hop-by-hop anyway
+    // (`keep-alive`, the usual, is): only then is each field looked up in
+    // it.
+    let names_others = connection_tokens(server).any(|t| !is_hop_by_hop(t) && !t.eq_ignore_ascii_case(b"close"));
+    server
+        .iter()
+        .filter(move |h| {
+            let name = h.name();
+            if upgrade && name.eq_ignore_ascii_case(b"upgrade") {
+                return true;
+            }
+            !(is_hop_by_hop(name) || (names_others && connection_names(server, name)))
+        })
+        .map(|h| (h.name(), h.value()))
+        .chain(upgrade_token.then_some((&b"Connection"[..], &b"Upgrade"[..])))
 }
 
 #[cfg(test)]
@@ -380,6 +386,10 @@ mod tests {
         assert_eq!(escape_extra_key("ü"), "%C3%BC");
     }
 
+    fn response_headers(status: u16, server: &[Header]) -> Vec<Header> {
+        response_fields(status, server).map(|(n, v)| Header::new(n, v)).collect()
+    }
+
     #[test]
     fn response_filtering() {
         let server = vec![
@@ -388,8 +398,18 @@ mod tests {
             Header::new("Connection", "close"),
             Header::new("Audit-Id", "x"),
         ];
-        assert_eq!(names(&response_headers(200, server)), vec!["Content-Type: application/json", "Audit-Id: x"]);
+        assert_eq!(names(&response_headers(200, &server)), vec!["Content-Type: application/json", "Audit-Id: x"]);
         let up = vec![Header::new("Connection", "Upgrade"), Header::new("Upgrade", "SPDY/3.1")];
-        assert_eq!(names(&response_headers(101, up)), vec!["Upgrade: SPDY/3.1", "Connection: Upgrade"]);
+        assert_eq!(names(&response_headers(101, &up)), vec!["Upgrade: SPDY/3.1", "Connection: Upgrade"]);
+        // Fields that `Connection` names are this hop's only.
+        let named = vec![
+            Header::new("Connection", "keep-alive, X-Hop"),
+            Header::new("x-hop", "1"),
+            Header::new("Keep-Alive", "timeout=5"),
+            Header::new("X-Kept", "2"),
+        ];
+        assert_eq!(names(&response_headers(200, &named)), vec!["X-Kept: 2"]);
+        // Not an upgrade: `Upgrade` goes too.
+        assert_eq!(names(&response_headers(200, &up)), Vec::<String>::new());
     }
 }

@@ -205,27 +205,35 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
 
     // Send the head (and body), read the answer's head. A pooled
     // connection the server closed meanwhile fails here; a bodiless
-    // request is then retried once on a fresh connection.
+    // request is then retried once on a fresh connection. The answer's
+    // head goes to the hub as it is read, its fields encoded into the
+    // tunnel frame from the connection's buffer.
+    let send_head = |stream: &mut Stream, info: &http1::HeadInfo, fields: &[httparse::Header<'_>]| {
+        if info.status == 101 && !upgrade {
+            return Err(Failure::Upstream("API server switched protocols without being asked".into()));
+        }
+        stream
+            .send_head_fields(info.status, headers::response_fields(info.status, fields))
+            .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))
+    };
     let (mut conn, mut reused) = pool.get().await.map_err(upstream)?;
-    let mut resp = loop {
+    let resp = loop {
         let attempt = async {
             conn.write_all(&wire_head).await.map_err(|e| (Failure::Upstream(e.to_string()), true))?;
             send_body(ctx, stream, &mut conn, body).await.map_err(|f| (f, false))?;
             let limit = net::response_timeout();
-            net::deadline(limit, || "waiting for the response head".into(), conn.read_head(head_request)).await.map_err(
-                |e| {
-                    // A malformed answer is not a stale pooled connection:
-                    // no retry, and `conn` is dropped with it, never pooled.
-                    if http1::is_malformed(&e) {
-                        (Failure::BadGateway(e.to_string()), false)
-                    } else {
-                        (upstream(e), true)
-                    }
-                },
-            )
+            let read = conn.read_head_with(head_request, |info, fields| send_head(stream, info, fields));
+            net::deadline(limit, || "waiting for the response head".into(), read).await.map_err(|e| {
+                // A malformed answer is not a stale pooled connection:
+                // no retry, and `conn` is dropped with it, never pooled.
+                if http1::is_malformed(&e) { (Failure::BadGateway(e.to_string()), false) } else { (upstream(e), true) }
+            })
         };
         match attempt.await {
-            Ok(r) => break r,
+            Ok((info, sent)) => {
+                sent?;
+                break info;
+            }
             Err((Failure::Upstream(e), true)) if reused && body == ReqBody::None => {
                 log::debug!("pooled API-server connection failed ({e}); retrying on a fresh one");
                 conn = pool.connect().await.map_err(upstream)?;
@@ -237,23 +245,8 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
 
     let status = resp.status;
     if status == 101 {
-        if !upgrade {
-            return Err(Failure::Upstream("API server switched protocols without being asked".into()));
-        }
-        stream
-            .send_head(ResponseHead {
-                status,
-                headers: headers::response_headers(status, std::mem::take(&mut resp.headers)),
-            })
-            .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
         return Ok(Outcome::Upgraded(conn));
     }
-    stream
-        .send_head(ResponseHead {
-            status,
-            headers: headers::response_headers(status, std::mem::take(&mut resp.headers)),
-        })
-        .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
     let mut reader = BodyReader::new(resp.body);
     // A body that stops for the response deadline is a wedged server,
     // unless the request asked for a stream (watch, logs -f) whose silence
