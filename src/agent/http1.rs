@@ -412,26 +412,39 @@ impl BodyReader {
 /// Serialises a request head. `headers` must already be policy-checked.
 pub fn request_head(method: &str, path: &str, host: &str, headers: &[Header]) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum::<usize>());
+    start_request_head(&mut out, method, path, host);
+    for h in headers {
+        push_field(&mut out, &h.name, &h.value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Appends the request line and `Host` to `out`; the fields follow with
+/// [`push_field`], and the head ends with an empty line.
+pub fn start_request_head(out: &mut Vec<u8>, method: &str, path: &str, host: &str) {
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(if path.is_empty() { b"/" } else { path.as_bytes() });
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for h in headers {
-        out.extend_from_slice(&h.name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&h.value);
-        out.extend_from_slice(b"\r\n");
-    }
+}
+
+/// Appends one policy-checked field to a head.
+pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// Keep-alive connections to one server. Bounded: at most `max_idle`
 /// connections wait; older ones are closed.
 pub struct Pool {
     pub target: Target,
+    /// `target`'s `Host` value, formatted once rather than per request.
+    authority: String,
     tls: Option<Arc<ClientConfig>>,
     proxy: Option<Proxy>,
     addrs: RefCell<Option<(Vec<SocketAddr>, Instant)>>,
@@ -446,6 +459,7 @@ const RESOLVE_TTL: Duration = Duration::from_secs(30);
 impl Pool {
     pub fn new(target: Target, tls: Option<Arc<ClientConfig>>, proxy: Option<Proxy>, max_idle: usize) -> Self {
         Pool {
+            authority: target.authority(),
             target,
             tls,
             proxy,
@@ -456,6 +470,11 @@ impl Pool {
             // not closing a connection just as we reuse it.
             idle_timeout: Duration::from_secs(50),
         }
+    }
+
+    /// The `Host` value for requests to this server.
+    pub fn authority(&self) -> &str {
+        &self.authority
     }
 
     /// A warm idle connection (`true`) or a fresh one (`false`).
@@ -540,7 +559,7 @@ pub async fn exchange(
     if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
         hdrs.push(Header::new("Content-Length", body.len().to_string()));
     }
-    let head = request_head(method, path, &pool.target.authority(), &hdrs);
+    let head = request_head(method, path, pool.authority(), &hdrs);
     let (mut conn, mut reused) = pool.get().await?;
     loop {
         match exchange_on(&mut conn, &head, body, method == "HEAD", max_body).await {

@@ -185,22 +185,29 @@ enum Outcome {
 }
 
 async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Result<Outcome, Failure> {
-    let auth =
-        ctx.kube.authorization().map_err(|e| Failure::Upstream(format!("cannot read the agent's token: {e}")))?;
-    headers::check_request_line(&head.method, &head.path)
-        .map_err(|r| Failure::Refused(400, "BadRequest", r.to_string()))?;
+    let pool = &ctx.kube.pool;
     let upgrade = headers::is_upgrade(&head.headers);
-    let mut out =
-        headers::request_headers(&head.headers, &head.identity, &ctx.allow, auth.as_deref()).map_err(|r| {
+    // The head for the API server, written field by field as the policy
+    // passes them: no copy of each field first.
+    let mut wire_head = Vec::with_capacity(
+        512 + head.path.len() + head.headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum::<usize>(),
+    );
+    let checked = ctx.kube.with_authorization(|auth| {
+        headers::check_request_line(&head.method, &head.path)
+            .map_err(|r| Failure::Refused(400, "BadRequest", r.to_string()))?;
+        http1::start_request_head(&mut wire_head, &head.method, &head.path, pool.authority());
+        let fields = |n: &[u8], v: &[u8]| http1::push_field(&mut wire_head, n, v);
+        headers::request_fields(&head.headers, &head.identity, &ctx.allow, auth, fields).map_err(|r| {
             let code = if matches!(r, Refusal::BadField(_) | Refusal::BadName(_)) { 400 } else { 403 };
             Failure::Refused(code, if code == 400 { "BadRequest" } else { "Forbidden" }, r.to_string())
-        })?;
+        })
+    });
+    checked.map_err(|e| Failure::Upstream(format!("cannot read the agent's token: {e}")))??;
     let body = request_body(head, upgrade)?;
     if body == ReqBody::Chunked {
-        out.push(Header::new("Transfer-Encoding", "chunked"));
+        http1::push_field(&mut wire_head, b"Transfer-Encoding", b"chunked");
     }
-    let pool = &ctx.kube.pool;
-    let wire_head = http1::request_head(&head.method, &head.path, &pool.target.authority(), &out);
+    wire_head.extend_from_slice(b"\r\n");
     let head_request = head.method == "HEAD";
 
     // Send the head (and body), read the answer's head. A pooled
