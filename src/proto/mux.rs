@@ -71,7 +71,7 @@
 use super::codec::{self, DecodeError, Decoder};
 use super::frame::*;
 use super::sched::{QUANTUM, SendQueue};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -270,7 +270,7 @@ pub struct Mux {
     /// Data accepted from the application, sent in round-robin turns.
     sendq: SendQueue,
     events: VecDeque<Event>,
-    streams: HashMap<StreamId, Stream>,
+    streams: StreamMap<Stream>,
     /// Next id this side will open.
     next_local: u32,
     /// Highest id the peer opened so far (0: none).
@@ -350,7 +350,7 @@ impl Mux {
             ctrl: Vec::new(),
             sendq: SendQueue::default(),
             events: VecDeque::new(),
-            streams: HashMap::new(),
+            streams: StreamMap::default(),
             next_local: if side == Side::Hub { 1 } else { 2 },
             last_peer: 0,
             local_open: 0,

@@ -460,3 +460,27 @@ mod replica_set {
         assert!(e(set("a", &[("a", &long)])).contains("longer than the limit"));
     }
 }
+
+/// The stream-id hash spreads one side's ids (all odd, or all even) over
+/// the table's low bits, where hashbrown picks the bucket.
+#[test]
+fn stream_id_hash_spreads_one_sides_ids() {
+    use std::hash::BuildHasher as _;
+    for side in [1u32, 2] {
+        let state = StreamIdHash::default();
+        let mut buckets: Vec<u64> = (0..1024u32).map(|i| state.hash_one(StreamId(side + 2 * i)) & 2047).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        // Random hashing leaves about 806 distinct buckets; a plain
+        // multiplication leaves as few as 2048 / 2^k for a multiplier with
+        // k trailing zero bits in the part that picks the bucket.
+        assert!(buckets.len() > 700, "{} distinct buckets of 2048 for 1024 ids", buckets.len());
+        let odd = buckets.iter().filter(|b| *b % 2 == 1).count();
+        assert!(odd > 200 && odd < buckets.len() - 200, "{odd} odd buckets of {}", buckets.len());
+    }
+    let mut map: StreamMap<u32> = StreamMap::default();
+    for i in 0..5000 {
+        map.insert(StreamId(2 * i + 1), i);
+    }
+    assert!((0..5000).all(|i| map[&StreamId(2 * i + 1)] == i) && !map.contains_key(&StreamId(2)));
+}
