@@ -112,12 +112,28 @@ pub fn encode_head<'a, I>(id: StreamId, status: u16, fields: I, max: u32, out: &
 where
     I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
 {
+    encode_head_of(id, status, fields.clone().count(), fields, max, out)
+}
+
+/// [`encode_head`] when the caller has counted the fields already:
+/// `count` must be how many `fields` yields.
+pub fn encode_head_of<'a, I>(
+    id: StreamId,
+    status: u16,
+    count: usize,
+    fields: I,
+    max: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])>,
+{
     let start = out.len();
     out.extend_from_slice(&[0; LEN_PREFIX]);
     push_varint(out, HEAD_TAG);
     push_varint(out, id.0);
     push_varint(out, u32::from(status));
-    push_varint(out, fields.clone().count() as u32);
+    push_varint(out, count as u32);
     for (name, value) in fields {
         push_varint(out, name.len() as u32);
         out.extend_from_slice(name);

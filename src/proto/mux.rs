@@ -618,7 +618,7 @@ impl Mux {
         if s.local_end {
             return Err(StreamError::AlreadyFinished);
         }
-        if codec::encode_head(id, status, fields, peer_max_frame, &mut self.ctrl).is_err() {
+        if codec::encode_head_of(id, status, count, fields, peer_max_frame, &mut self.ctrl).is_err() {
             return Err(StreamError::Limits("response head larger than the peer's frame limit"));
         }
         s.head = true;
