@@ -227,25 +227,27 @@ impl Conn {
         }
     }
 
-    /// Up to `max` bytes: what is buffered, else one socket read. Empty at EOF.
-    async fn read_some(&mut self, max: usize) -> io::Result<Vec<u8>> {
+    /// Up to `max` bytes: what is buffered, else one socket read. Empty at
+    /// EOF. Borrowed from the read buffer: the caller forwards it before
+    /// reading on, so it is never copied into a `Vec` of its own.
+    async fn read_some(&mut self, max: usize) -> io::Result<&[u8]> {
         if self.pos == self.end && self.fill().await? == 0 {
-            return Ok(Vec::new());
+            return Ok(&[]);
         }
-        let n = (self.end - self.pos).min(max);
-        let out = self.buf[self.pos..self.pos + n].to_vec();
+        let start = self.pos;
+        let n = (self.end - start).min(max);
         self.pos += n;
-        Ok(out)
+        Ok(&self.buf[start..start + n])
     }
 
-    async fn read_line(&mut self) -> io::Result<Vec<u8>> {
+    /// The next line without its CR LF, borrowed from the read buffer.
+    async fn read_line(&mut self) -> io::Result<&[u8]> {
         loop {
             if let Some(i) = self.buf[self.pos..self.end].iter().position(|&b| b == b'\n') {
-                let line =
-                    self.buf[self.pos..self.pos + i].strip_suffix(b"\r").unwrap_or(&self.buf[self.pos..self.pos + i]);
-                let line = line.to_vec();
+                let start = self.pos;
                 self.pos += i + 1;
-                return Ok(line);
+                let line = &self.buf[start..start + i];
+                return Ok(line.strip_suffix(b"\r").unwrap_or(line));
             }
             if self.end - self.pos > MAX_LINE {
                 return Err(bad("chunk line too long"));
@@ -340,8 +342,9 @@ impl BodyReader {
     }
 
     /// The next piece of the body, `None` at its end. A body delimited by
-    /// close ends at EOF; any other body cut short is an error.
-    pub async fn next(&mut self, conn: &mut Conn) -> io::Result<Option<Vec<u8>>> {
+    /// close ends at EOF; any other body cut short is an error. The piece
+    /// is borrowed from the connection's read buffer until the next read.
+    pub async fn next<'c>(&mut self, conn: &'c mut Conn) -> io::Result<Option<&'c [u8]>> {
         if self.done {
             return Ok(None);
         }
@@ -368,7 +371,7 @@ impl BodyReader {
                 match self.chunk {
                     ChunkState::Size => {
                         let line = conn.read_line().await?;
-                        let size = chunk_size(&line).ok_or_else(|| bad("bad chunk size"))?;
+                        let size = chunk_size(line).ok_or_else(|| bad("bad chunk size"))?;
                         if size == 0 {
                             // Trailer section: skip fields up to the blank line.
                             while !conn.read_line().await?.is_empty() {}
@@ -601,7 +604,7 @@ async fn exchange_on(
     let read_body = async {
         let mut out = Vec::new();
         while let Some(piece) = reader.next(conn).await? {
-            out.extend_from_slice(&piece);
+            out.extend_from_slice(piece);
             if out.len() > max_body {
                 return Err(bad(format!("answer body over {max_body} bytes")));
             }
@@ -698,7 +701,7 @@ mod tests {
             let head = conn.read_head(false).await.unwrap();
             assert_eq!((head.status, head.body), (200, BodyKind::Chunked));
             let mut reader = BodyReader::new(head.body);
-            let mut body = Vec::new();
+            let mut body: Vec<u8> = Vec::new();
             while let Some(p) = reader.next(&mut conn).await.unwrap() {
                 body.extend(p);
             }

@@ -281,7 +281,8 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
                 stall = net::Expiry::at(last_piece.get() + stall_limit);
             }
         };
-        let piece = async { Ok(reader.next(&mut conn).await) }
+        let (r, c) = (&mut reader, &mut conn);
+        let piece = async move { Ok(r.next(c).await) }
             .or(async { Err(Failure::Tunnel(stream.closed().await)) })
             .or(async { Err(stalled.await) })
             .await?;
@@ -289,7 +290,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
         match piece {
             Ok(Some(data)) => {
                 ctx.metrics.add_to_hub(data.len());
-                stream.write_all(&data).await?;
+                stream.write_all(data).await?;
             }
             Ok(None) => break,
             Err(e) => return Err(Failure::UpstreamAfterHead(e.to_string())),
