@@ -319,6 +319,42 @@ proptest! {
         prop_assert_eq!(enc(&end), postcard_bytes(&end));
     }
 
+    /// The hand-written decoder takes every request and answer frame as
+    /// postcard writes it, and nothing else.
+    #[test]
+    fn fast_decoder_reads_what_postcard_writes(frame in arb_frame()) {
+        let bytes = enc(&frame);
+        let fast = codec::decode_fast(&bytes[LEN_PREFIX..]);
+        let handled = matches!(
+            frame,
+            Frame::Open { .. } | Frame::Head { .. } | Frame::Data { .. } | Frame::Window { .. } | Frame::End { .. }
+        );
+        prop_assert_eq!(fast, handled.then(|| (frame.clone(), 0)));
+    }
+
+    /// On damaged input it accepts only what postcard accepts, as postcard
+    /// decodes it; everything else falls through to postcard.
+    #[test]
+    fn fast_decoder_agrees_with_postcard_on_damaged_frames(
+        frame in arb_frame(),
+        at in any::<usize>(),
+        byte in any::<u8>(),
+        how in 0..3u8,
+    ) {
+        let mut body = enc(&frame)[LEN_PREFIX..].to_vec();
+        let i = at % body.len();
+        match how {
+            0 => body[i] = byte,
+            1 => body.truncate(i),
+            _ => body.insert(i, byte),
+        }
+        if let Some((fast, rest)) = codec::decode_fast(&body) {
+            let (slow, slow_rest) = postcard::take_from_bytes::<Frame>(&body).expect("postcard accepts it too");
+            prop_assert_eq!(fast, slow);
+            prop_assert_eq!(rest, slow_rest.len());
+        }
+    }
+
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in arb_bytes(512)) {
         let mut dec = Decoder::new(MAX_FRAME_LEN);
