@@ -20,13 +20,13 @@
 
 use crate::proto::{
     Event, GoAwayCode, Hello, Mux, ReplicaSet, ReplicaSetError, RequestHead, ResetCode, ResponseHead, SessionError,
-    StreamError, StreamId, Welcome,
+    StreamError, StreamId, StreamMap, Welcome,
 };
 use smol::Timer;
 use smol::future::{self, FutureExt};
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
@@ -116,7 +116,7 @@ struct Slot {
 
 struct Shared {
     mux: Mux,
-    slots: HashMap<StreamId, Slot>,
+    slots: StreamMap<Slot>,
     accept: VecDeque<(StreamId, RequestHead)>,
     accept_waker: Option<Waker>,
     connected: Option<(Option<Hello>, Welcome)>,
@@ -248,7 +248,7 @@ impl Session {
         Session {
             shared: Rc::new(RefCell::new(Shared {
                 mux,
-                slots: HashMap::new(),
+                slots: StreamMap::default(),
                 accept: VecDeque::new(),
                 accept_waker: None,
                 connected: None,
@@ -588,6 +588,18 @@ impl Stream {
     pub fn send_head(&mut self, head: ResponseHead) -> Result<(), StreamError> {
         let mut s = self.shared.borrow_mut();
         s.mux.send_head(self.id, head)?;
+        s.dispatch();
+        Ok(())
+    }
+
+    /// Acceptor: sends the response head from borrowed `(name, value)`
+    /// fields (see [`Mux::send_head_fields`]).
+    pub fn send_head_fields<'a, I>(&mut self, status: u16, fields: I) -> Result<(), StreamError>
+    where
+        I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    {
+        let mut s = self.shared.borrow_mut();
+        s.mux.send_head_fields(self.id, status, fields)?;
         s.dispatch();
         Ok(())
     }

@@ -40,7 +40,20 @@ pub const HOP_BY_HOP: &[&str] = &[
 
 /// Whether a field name (any case) is in [`HOP_BY_HOP`].
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    // By length first: most fields have none of these lengths, and this
+    // runs for every field of every request and answer. The same names as
+    // HOP_BY_HOP (a test checks).
+    let candidates: &[&str] = match name.len() {
+        2 => &["te"],
+        7 => &["trailer", "upgrade"],
+        10 => &["connection", "keep-alive"],
+        16 => &["proxy-connection"],
+        17 => &["transfer-encoding"],
+        18 => &["proxy-authenticate"],
+        19 => &["proxy-authorization"],
+        _ => return false,
+    };
+    candidates.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// A header field as one side holds it: the tunnel's [`Header`], the
@@ -104,6 +117,18 @@ pub fn has_token<F: Field>(fields: &[F], name: &str, token: &str) -> bool {
 /// message only (RFC 9110 §7.6.1).
 pub fn connection_options<F: Field>(fields: &[F]) -> Vec<Vec<u8>> {
     members(fields, "connection").map(<[u8]>::to_ascii_lowercase).collect()
+}
+
+/// The tokens every `Connection` field lists, as they are written.
+pub fn connection_tokens<F: Field>(fields: &[F]) -> impl Iterator<Item = &[u8]> {
+    members(fields, "connection")
+}
+
+/// Whether `Connection` names the field `name` (any case), so that it is
+/// hop-by-hop for this message (RFC 9110 §7.6.1). The same answer as
+/// looking `name` up in [`connection_options`], without its allocations.
+pub fn connection_names<F: Field>(fields: &[F], name: &[u8]) -> bool {
+    members(fields, "connection").any(|t| t.eq_ignore_ascii_case(name))
 }
 
 /// Why a message's `Content-Length` cannot say where its body ends.
@@ -302,6 +327,8 @@ mod tests {
             Header::new("Transfer-Encoding", "gzip,chunked"),
         ];
         assert_eq!(connection_options(&fields), [&b"keep-alive"[..], b"x-hop", b"upgrade"]);
+        assert!(connection_names(&fields, b"X-HOP") && connection_names(&fields, b"upgrade"));
+        assert!(!connection_names(&fields, b"x") && !connection_names(&fields, b"connection"));
         assert!(has_token(&fields, "connection", "upgrade"));
         assert!(has_token(&fields, "transfer-encoding", "CHUNKED"));
         assert!(!has_token(&fields, "transfer-encoding", "deflate"));
@@ -310,6 +337,10 @@ mod tests {
         assert_eq!(find(&pairs, "te"), Some(&b"trailers"[..]));
         assert!(is_hop_by_hop(b"Proxy-Connection") && is_hop_by_hop(b"TE"));
         assert!(!is_hop_by_hop(b"Content-Length") && !is_hop_by_hop(b"Authorization"));
+        for h in HOP_BY_HOP {
+            assert!(is_hop_by_hop(h.as_bytes()) && is_hop_by_hop(h.to_ascii_uppercase().as_bytes()), "{h}");
+        }
+        assert!(!is_hop_by_hop(b"x-trailer") && !is_hop_by_hop(b"tf") && !is_hop_by_hop(b"upgradx"));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! Not here: redirects, cookies, compression, HTTP/2.
 
 use super::net::{self, Io, Proxy, Target};
-use crate::http::{chunk_size, find as find_header, has_token};
+use crate::http::{Field, chunk_size, find as find_header, has_token};
 use crate::proto::Header;
 use rustls::ClientConfig;
 use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -54,6 +54,25 @@ pub struct ResponseHead {
     pub body: BodyKind,
     /// The server asked to close the connection after this response.
     pub close: bool,
+}
+
+/// What a response head says beside its fields.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadInfo {
+    pub status: u16,
+    pub body: BodyKind,
+    /// The server asked to close the connection after this response.
+    pub close: bool,
+}
+
+/// httparse's view of a field, borrowed from the read buffer.
+impl Field for httparse::Header<'_> {
+    fn name(&self) -> &[u8] {
+        self.name.as_bytes()
+    }
+    fn value(&self) -> &[u8] {
+        self.value
+    }
 }
 
 impl ResponseHead {
@@ -161,16 +180,21 @@ impl Conn {
     /// body follows whatever the headers say. Interim 1xx answers other
     /// than `101` are skipped.
     pub async fn read_head(&mut self, head_request: bool) -> io::Result<ResponseHead> {
-        loop {
-            let head = self.read_one_head(head_request).await?;
-            if (100..200).contains(&head.status) && head.status != 101 {
-                continue;
-            }
-            return Ok(head);
-        }
+        let (info, headers) = self
+            .read_head_with(head_request, |_, fields| fields.iter().map(|h| Header::new(h.name, h.value)).collect())
+            .await?;
+        Ok(ResponseHead { status: info.status, headers, body: info.body, close: info.close })
     }
 
-    async fn read_one_head(&mut self, head_request: bool) -> io::Result<ResponseHead> {
+    /// [`Conn::read_head`], handing the fields to `f` where they lie in
+    /// the read buffer instead of copying each into a [`Header`]: the kube
+    /// proxy encodes them into its tunnel frame from there. `f` runs once,
+    /// on the final head, and its result is returned beside the head.
+    pub async fn read_head_with<R>(
+        &mut self,
+        head_request: bool,
+        mut f: impl FnMut(&HeadInfo, &[httparse::Header<'_>]) -> R,
+    ) -> io::Result<(HeadInfo, R)> {
         loop {
             let avail = &self.buf[self.pos..self.end];
             if !avail.is_empty() {
@@ -179,12 +203,16 @@ impl Conn {
                 match resp.parse(avail) {
                     Ok(httparse::Status::Complete(len)) => {
                         let status = resp.code.unwrap_or(0);
-                        let headers: Vec<Header> =
-                            resp.headers.iter().map(|h| Header::new(h.name.as_bytes(), h.value)).collect();
-                        let close = has_token(&headers, "connection", "close") || resp.version == Some(0);
-                        let body = response_body_kind(status, head_request, &headers)?;
+                        let close = has_token(resp.headers, "connection", "close") || resp.version == Some(0);
+                        let body = response_body_kind(status, head_request, resp.headers)?;
+                        let info = HeadInfo { status, body, close };
+                        let interim = (100..200).contains(&status) && status != 101;
+                        let done = (!interim).then(|| f(&info, resp.headers));
                         self.pos += len;
-                        return Ok(ResponseHead { status, headers, body, close });
+                        match done {
+                            Some(r) => return Ok((info, r)),
+                            None => continue,
+                        }
                     }
                     Ok(httparse::Status::Partial) => {}
                     Err(e) => return Err(bad(format!("malformed response head: {e}"))),
@@ -199,25 +227,27 @@ impl Conn {
         }
     }
 
-    /// Up to `max` bytes: what is buffered, else one socket read. Empty at EOF.
-    async fn read_some(&mut self, max: usize) -> io::Result<Vec<u8>> {
+    /// Up to `max` bytes: what is buffered, else one socket read. Empty at
+    /// EOF. Borrowed from the read buffer: the caller forwards it before
+    /// reading on, so it is never copied into a `Vec` of its own.
+    async fn read_some(&mut self, max: usize) -> io::Result<&[u8]> {
         if self.pos == self.end && self.fill().await? == 0 {
-            return Ok(Vec::new());
+            return Ok(&[]);
         }
-        let n = (self.end - self.pos).min(max);
-        let out = self.buf[self.pos..self.pos + n].to_vec();
+        let start = self.pos;
+        let n = (self.end - start).min(max);
         self.pos += n;
-        Ok(out)
+        Ok(&self.buf[start..start + n])
     }
 
-    async fn read_line(&mut self) -> io::Result<Vec<u8>> {
+    /// The next line without its CR LF, borrowed from the read buffer.
+    async fn read_line(&mut self) -> io::Result<&[u8]> {
         loop {
             if let Some(i) = self.buf[self.pos..self.end].iter().position(|&b| b == b'\n') {
-                let line =
-                    self.buf[self.pos..self.pos + i].strip_suffix(b"\r").unwrap_or(&self.buf[self.pos..self.pos + i]);
-                let line = line.to_vec();
+                let start = self.pos;
                 self.pos += i + 1;
-                return Ok(line);
+                let line = &self.buf[start..start + i];
+                return Ok(line.strip_suffix(b"\r").unwrap_or(line));
             }
             if self.end - self.pos > MAX_LINE {
                 return Err(bad("chunk line too long"));
@@ -255,7 +285,7 @@ fn malformed(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, MalformedResponse(msg))
 }
 
-fn response_body_kind(status: u16, head_request: bool, headers: &[Header]) -> io::Result<BodyKind> {
+fn response_body_kind<F: Field>(status: u16, head_request: bool, headers: &[F]) -> io::Result<BodyKind> {
     // Checked even where no body follows: a server that frames one answer
     // wrongly may frame the next one wrongly too, and the connection is
     // then not reused.
@@ -312,8 +342,9 @@ impl BodyReader {
     }
 
     /// The next piece of the body, `None` at its end. A body delimited by
-    /// close ends at EOF; any other body cut short is an error.
-    pub async fn next(&mut self, conn: &mut Conn) -> io::Result<Option<Vec<u8>>> {
+    /// close ends at EOF; any other body cut short is an error. The piece
+    /// is borrowed from the connection's read buffer until the next read.
+    pub async fn next<'c>(&mut self, conn: &'c mut Conn) -> io::Result<Option<&'c [u8]>> {
         if self.done {
             return Ok(None);
         }
@@ -340,7 +371,7 @@ impl BodyReader {
                 match self.chunk {
                     ChunkState::Size => {
                         let line = conn.read_line().await?;
-                        let size = chunk_size(&line).ok_or_else(|| bad("bad chunk size"))?;
+                        let size = chunk_size(line).ok_or_else(|| bad("bad chunk size"))?;
                         if size == 0 {
                             // Trailer section: skip fields up to the blank line.
                             while !conn.read_line().await?.is_empty() {}
@@ -384,26 +415,39 @@ impl BodyReader {
 /// Serialises a request head. `headers` must already be policy-checked.
 pub fn request_head(method: &str, path: &str, host: &str, headers: &[Header]) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum::<usize>());
+    start_request_head(&mut out, method, path, host);
+    for h in headers {
+        push_field(&mut out, &h.name, &h.value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Appends the request line and `Host` to `out`; the fields follow with
+/// [`push_field`], and the head ends with an empty line.
+pub fn start_request_head(out: &mut Vec<u8>, method: &str, path: &str, host: &str) {
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(if path.is_empty() { b"/" } else { path.as_bytes() });
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for h in headers {
-        out.extend_from_slice(&h.name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&h.value);
-        out.extend_from_slice(b"\r\n");
-    }
+}
+
+/// Appends one policy-checked field to a head.
+pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// Keep-alive connections to one server. Bounded: at most `max_idle`
 /// connections wait; older ones are closed.
 pub struct Pool {
     pub target: Target,
+    /// `target`'s `Host` value, formatted once rather than per request.
+    authority: String,
     tls: Option<Arc<ClientConfig>>,
     proxy: Option<Proxy>,
     addrs: RefCell<Option<(Vec<SocketAddr>, Instant)>>,
@@ -418,6 +462,7 @@ const RESOLVE_TTL: Duration = Duration::from_secs(30);
 impl Pool {
     pub fn new(target: Target, tls: Option<Arc<ClientConfig>>, proxy: Option<Proxy>, max_idle: usize) -> Self {
         Pool {
+            authority: target.authority(),
             target,
             tls,
             proxy,
@@ -428,6 +473,11 @@ impl Pool {
             // not closing a connection just as we reuse it.
             idle_timeout: Duration::from_secs(50),
         }
+    }
+
+    /// The `Host` value for requests to this server.
+    pub fn authority(&self) -> &str {
+        &self.authority
     }
 
     /// A warm idle connection (`true`) or a fresh one (`false`).
@@ -512,7 +562,7 @@ pub async fn exchange(
     if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
         hdrs.push(Header::new("Content-Length", body.len().to_string()));
     }
-    let head = request_head(method, path, &pool.target.authority(), &hdrs);
+    let head = request_head(method, path, pool.authority(), &hdrs);
     let (mut conn, mut reused) = pool.get().await?;
     loop {
         match exchange_on(&mut conn, &head, body, method == "HEAD", max_body).await {
@@ -554,7 +604,7 @@ async fn exchange_on(
     let read_body = async {
         let mut out = Vec::new();
         while let Some(piece) = reader.next(conn).await? {
-            out.extend_from_slice(&piece);
+            out.extend_from_slice(piece);
             if out.len() > max_body {
                 return Err(bad(format!("answer body over {max_body} bytes")));
             }
@@ -576,8 +626,8 @@ mod tests {
         assert_eq!(response_body_kind(200, false, &h("Content-Length", "5")).unwrap(), BodyKind::Length(5));
         assert_eq!(response_body_kind(200, false, &h("Transfer-Encoding", "chunked")).unwrap(), BodyKind::Chunked);
         assert_eq!(response_body_kind(200, false, &h("Transfer-Encoding", "gzip")).unwrap(), BodyKind::Close);
-        assert_eq!(response_body_kind(200, false, &[]).unwrap(), BodyKind::Close);
-        assert_eq!(response_body_kind(204, false, &[]).unwrap(), BodyKind::None);
+        assert_eq!(response_body_kind::<Header>(200, false, &[]).unwrap(), BodyKind::Close);
+        assert_eq!(response_body_kind::<Header>(204, false, &[]).unwrap(), BodyKind::None);
         assert_eq!(response_body_kind(200, true, &h("Content-Length", "5")).unwrap(), BodyKind::None);
         for bad in ["x", "+5", "5, 5", "-1", "99999999999999999999", ""] {
             let e = response_body_kind(200, false, &h("Content-Length", bad)).unwrap_err();
@@ -651,7 +701,7 @@ mod tests {
             let head = conn.read_head(false).await.unwrap();
             assert_eq!((head.status, head.body), (200, BodyKind::Chunked));
             let mut reader = BodyReader::new(head.body);
-            let mut body = Vec::new();
+            let mut body: Vec<u8> = Vec::new();
             while let Some(p) = reader.next(&mut conn).await.unwrap() {
                 body.extend(p);
             }

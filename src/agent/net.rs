@@ -28,7 +28,7 @@ use smol::Async;
 use smol::future::FutureExt as _;
 use smol::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -103,6 +103,8 @@ pub async fn deadline<T>(
 pub struct Expiry {
     at: Instant,
     id: u64,
+    /// A waker of this deadline's may be in the fan-out.
+    registered: bool,
 }
 
 /// The shared timer's state; one per thread (the agent runs on one).
@@ -119,15 +121,16 @@ struct Clock {
 }
 
 /// Wakes the tasks of every waiting deadline: the shared timer's waker.
-/// A `Mutex`, since async-io may fire the timer on its helper thread.
+/// A `Mutex`, since async-io may fire the timer on its helper thread. A
+/// `BTreeMap`: the ids only grow, so an insert lands at the right edge,
+/// and nothing is hashed.
 #[derive(Default)]
-struct FanOut(Mutex<HashMap<u64, Waker>>);
+struct FanOut(Mutex<BTreeMap<u64, Waker>>);
 
 impl FanOut {
     fn wake_all(&self) {
-        let wakers: Vec<Waker> =
-            self.0.lock().unwrap_or_else(PoisonError::into_inner).drain().map(|(_, w)| w).collect();
-        wakers.into_iter().for_each(Waker::wake);
+        let wakers = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        wakers.into_values().for_each(Waker::wake);
     }
 }
 
@@ -164,7 +167,7 @@ impl Expiry {
         CLOCK.with_borrow_mut(|c| {
             c.next_id += 1;
             c.pending.insert((at, c.next_id));
-            Expiry { at, id: c.next_id }
+            Expiry { at, id: c.next_id, registered: false }
         })
     }
 
@@ -173,7 +176,9 @@ impl Expiry {
         let _ = CLOCK.try_with(|c| {
             if let Ok(mut c) = c.try_borrow_mut() {
                 c.pending.remove(&(self.at, self.id));
-                c.fanout.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+                if self.registered {
+                    c.fanout.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+                }
             }
         });
     }
@@ -188,13 +193,16 @@ impl Future for Expiry {
             self.forget();
             return Poll::Ready(());
         }
+        let this = self.get_mut();
+        this.registered = true;
+        let this = &*this;
         CLOCK.with_borrow_mut(|c| {
             {
                 let mut wakers = c.fanout.0.lock().unwrap_or_else(PoisonError::into_inner);
-                match wakers.get(&self.id) {
+                match wakers.get(&this.id) {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => {
-                        wakers.insert(self.id, cx.waker().clone());
+                        wakers.insert(this.id, cx.waker().clone());
                     }
                 }
             }
@@ -203,7 +211,7 @@ impl Future for Expiry {
             if c.pending.first().is_some_and(|&(t, _)| t <= now) {
                 c.fanout.wake_all();
             }
-            let next = c.pending.range((now, u64::MAX)..).next().map_or(self.at, |&(t, _)| t);
+            let next = c.pending.range((now, u64::MAX)..).next().map_or(this.at, |&(t, _)| t);
             if c.armed.is_none_or(|a| next < a || a <= now) {
                 c.armed = Some(next);
                 c.timer.set_at(next);

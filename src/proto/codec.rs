@@ -6,7 +6,7 @@
 //! buffered or anything is allocated for it. Input that ends mid-frame is
 //! `Ok(None)`: wait for more bytes.
 
-use super::frame::{Frame, MAX_FRAME_LEN, StreamId};
+use super::frame::{Frame, Header, Identity, MAX_FRAME_LEN, RequestHead, ResponseHead, StreamId};
 use std::fmt;
 
 /// Bytes of the length prefix.
@@ -65,8 +65,20 @@ impl std::error::Error for EncodeError {}
 /// Appends the length-prefixed encoding of `frame` to `out`. On error `out`
 /// is left as it was.
 pub fn encode(frame: &Frame, max: u32, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    if let Frame::Data { id, data } = frame {
-        return encode_data(*id, data, max, out);
+    match frame {
+        Frame::Data { id, data } => return encode_data(*id, data, max, out),
+        Frame::Head { id, head } => {
+            let fields = head.headers.iter().map(|h| (h.name.as_slice(), h.value.as_slice()));
+            return encode_head(*id, head.status, fields, max, out);
+        }
+        Frame::End { id } => {
+            let start = out.len();
+            out.extend_from_slice(&[0; LEN_PREFIX]);
+            push_varint(out, END_TAG);
+            push_varint(out, id.0);
+            return finish_prefix(out, start, max);
+        }
+        _ => {}
     }
     let start = out.len();
     out.extend_from_slice(&[0; LEN_PREFIX]);
@@ -91,8 +103,52 @@ pub fn encode_data(id: StreamId, data: &[u8], max: u32, out: &mut Vec<u8>) -> Re
     finish_prefix(out, start, max)
 }
 
-/// The postcard variant index of `Frame::Data`.
+/// Appends a `Head` frame from borrowed fields, so a response head read
+/// from the API server goes out without a `Vec` per field name and value
+/// first. Byte for byte identical to `encode(&Frame::Head { .. })` with
+/// the same fields (postcard: the tag, the id, the status as a varint,
+/// the field count, then each name and value length-prefixed).
+pub fn encode_head<'a, I>(id: StreamId, status: u16, fields: I, max: u32, out: &mut Vec<u8>) -> Result<(), EncodeError>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+{
+    encode_head_of(id, status, fields.clone().count(), fields, max, out)
+}
+
+/// [`encode_head`] when the caller has counted the fields already:
+/// `count` must be how many `fields` yields.
+pub fn encode_head_of<'a, I>(
+    id: StreamId,
+    status: u16,
+    count: usize,
+    fields: I,
+    max: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])>,
+{
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_PREFIX]);
+    push_varint(out, HEAD_TAG);
+    push_varint(out, id.0);
+    push_varint(out, u32::from(status));
+    push_varint(out, count as u32);
+    for (name, value) in fields {
+        push_varint(out, name.len() as u32);
+        out.extend_from_slice(name);
+        push_varint(out, value.len() as u32);
+        out.extend_from_slice(value);
+    }
+    finish_prefix(out, start, max)
+}
+
+/// The postcard variant indexes of the frames encoded or decoded by hand.
+const OPEN_TAG: u32 = 2;
+const HEAD_TAG: u32 = 3;
 const DATA_TAG: u32 = 4;
+const WINDOW_TAG: u32 = 5;
+const END_TAG: u32 = 6;
 
 fn finish_prefix(out: &mut Vec<u8>, start: usize, max: u32) -> Result<(), EncodeError> {
     let len = out.len() - start - LEN_PREFIX;
@@ -129,10 +185,144 @@ pub fn decode(buf: &[u8], max: u32) -> Result<Option<(Frame, usize)>, DecodeErro
     }
     let end = LEN_PREFIX + len as usize;
     let Some(body) = buf.get(LEN_PREFIX..end) else { return Ok(None) };
+    if let Some((frame, rest)) = decode_fast(body) {
+        return if rest == 0 { Ok(Some((frame, end))) } else { Err(DecodeError::TrailingBytes(rest)) };
+    }
     match postcard::take_from_bytes::<Frame>(body) {
         Ok((frame, [])) => Ok(Some((frame, end))),
         Ok((_, rest)) => Err(DecodeError::TrailingBytes(rest.len())),
         Err(e) => Err(DecodeError::Malformed(e.to_string())),
+    }
+}
+
+/// Decodes the frames every request and answer carries (`Open`, `Head`,
+/// `Data`, `Window`, `End`) without serde, which at the crate's size
+/// optimisation cost the agent more than the allocations themselves.
+/// Returns the frame and how many bytes of `body` are left after it, or
+/// `None` for any other frame and for any input it does not take, which
+/// then goes to postcard: so errors keep postcard's words, and this path
+/// may only ever accept what postcard accepts, as postcard decodes it (a
+/// proptest compares them, also on damaged input).
+pub fn decode_fast(body: &[u8]) -> Option<(Frame, usize)> {
+    let mut r = Reader(body);
+    let frame = match r.u32()? {
+        OPEN_TAG => {
+            let id = StreamId(r.u32()?);
+            let method = r.string()?;
+            let path = r.string()?;
+            let headers = r.headers()?;
+            let identity = r.identity()?;
+            Frame::Open { id, head: RequestHead { method, path, headers, identity } }
+        }
+        HEAD_TAG => {
+            let id = StreamId(r.u32()?);
+            let status = r.u16()?;
+            let headers = r.headers()?;
+            Frame::Head { id, head: ResponseHead { status, headers } }
+        }
+        DATA_TAG => {
+            let id = StreamId(r.u32()?);
+            let data = r.bytes()?.to_vec();
+            Frame::Data { id, data }
+        }
+        WINDOW_TAG => {
+            let id = StreamId(r.u32()?);
+            let increment = r.u32()?;
+            Frame::Window { id, increment }
+        }
+        END_TAG => Frame::End { id: StreamId(r.u32()?) },
+        _ => return None,
+    };
+    Some((frame, r.0.len()))
+}
+
+/// postcard's wire rules, read by hand: varints of at most the type's
+/// length whose last byte holds no bits past the type, lengths as `u64`
+/// varints, strings UTF-8, `Option` a 0 or 1 byte.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self, max_bytes: usize, last_max: u8) -> Option<u64> {
+        let mut out = 0u64;
+        for i in 0..max_bytes {
+            let (&b, rest) = self.0.split_first()?;
+            self.0 = rest;
+            out |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return (i + 1 < max_bytes || b <= last_max).then_some(out);
+            }
+        }
+        None
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.varint(3, 0b11).map(|v| v as u16)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.varint(5, 0b1111).map(|v| v as u32)
+    }
+
+    fn len(&mut self) -> Option<usize> {
+        usize::try_from(self.varint(10, 1)?).ok()
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.len()?;
+        if n > self.0.len() {
+            return None;
+        }
+        let (b, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(b)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        std::str::from_utf8(self.bytes()?).ok().map(str::to_owned)
+    }
+
+    /// A sequence's length, and room for it bounded by the bytes left (an
+    /// element takes at least one): a peer's count allocates nothing
+    /// beyond what it sent.
+    fn seq<T>(&mut self) -> Option<(usize, Vec<T>)> {
+        let n = self.len()?;
+        Some((n, Vec::with_capacity(n.min(self.0.len()))))
+    }
+
+    fn strings(&mut self) -> Option<Vec<String>> {
+        let (n, mut v) = self.seq()?;
+        for _ in 0..n {
+            v.push(self.string()?);
+        }
+        Some(v)
+    }
+
+    fn headers(&mut self) -> Option<Vec<Header>> {
+        let (n, mut v) = self.seq()?;
+        for _ in 0..n {
+            let name = self.bytes()?.to_vec();
+            let value = self.bytes()?.to_vec();
+            v.push(Header { name, value });
+        }
+        Some(v)
+    }
+
+    fn identity(&mut self) -> Option<Identity> {
+        let user = self.string()?;
+        let groups = self.strings()?;
+        let (&tag, rest) = self.0.split_first()?;
+        self.0 = rest;
+        let uid = match tag {
+            0 => None,
+            1 => Some(self.string()?),
+            _ => return None,
+        };
+        let (n, mut extra) = self.seq()?;
+        for _ in 0..n {
+            let key = self.string()?;
+            extra.push((key, self.strings()?));
+        }
+        Some(Identity { user, groups, uid, extra })
     }
 }
 

@@ -71,7 +71,7 @@
 use super::codec::{self, DecodeError, Decoder};
 use super::frame::*;
 use super::sched::{QUANTUM, SendQueue};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -270,7 +270,7 @@ pub struct Mux {
     /// Data accepted from the application, sent in round-robin turns.
     sendq: SendQueue,
     events: VecDeque<Event>,
-    streams: HashMap<StreamId, Stream>,
+    streams: StreamMap<Stream>,
     /// Next id this side will open.
     next_local: u32,
     /// Highest id the peer opened so far (0: none).
@@ -350,7 +350,7 @@ impl Mux {
             ctrl: Vec::new(),
             sendq: SendQueue::default(),
             events: VecDeque::new(),
-            streams: HashMap::new(),
+            streams: StreamMap::default(),
             next_local: if side == Side::Hub { 1 } else { 2 },
             last_peer: 0,
             local_open: 0,
@@ -602,8 +602,21 @@ impl Mux {
 
     /// Sends the response head on a stream the peer opened.
     pub fn send_head(&mut self, id: StreamId, head: ResponseHead) -> Result<(), StreamError> {
+        let fields = head.headers.iter().map(|h| (h.name.as_slice(), h.value.as_slice()));
+        self.send_head_fields(id, head.status, fields)
+    }
+
+    /// [`Mux::send_head`] from borrowed `(name, value)` fields: encoded
+    /// straight into the transmit buffer, with no [`ResponseHead`] built
+    /// first (the agent's answers come from the API server's head in its
+    /// read buffer).
+    pub fn send_head_fields<'a, I>(&mut self, id: StreamId, status: u16, fields: I) -> Result<(), StreamError>
+    where
+        I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    {
         self.usable()?;
-        check_head_limits(&head.headers, None).map_err(StreamError::Limits)?;
+        let (count, bytes) = fields.clone().fold((0, 0), |(c, b), (n, v)| (c + 1, b + n.len() + v.len()));
+        check_field_limits(count, bytes).map_err(StreamError::Limits)?;
         let side = self.side;
         let peer_max_frame = self.peer_max_frame;
         let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
@@ -613,8 +626,7 @@ impl Mux {
         if s.local_end {
             return Err(StreamError::AlreadyFinished);
         }
-        let frame = Frame::Head { id, head };
-        if codec::encode(&frame, peer_max_frame, &mut self.ctrl).is_err() {
+        if codec::encode_head_of(id, status, count, fields, peer_max_frame, &mut self.ctrl).is_err() {
             return Err(StreamError::Limits("response head larger than the peer's frame limit"));
         }
         s.head = true;

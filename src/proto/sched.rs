@@ -19,8 +19,8 @@
 //! frames, or any I/O. It only remembers bytes and the order of turns.
 
 use super::codec;
-use super::frame::{Frame, StreamId};
-use std::collections::{HashMap, VecDeque};
+use super::frame::{Frame, StreamId, StreamMap};
+use std::collections::VecDeque;
 
 /// Most payload one stream sends per turn: one TLS record's worth, so a
 /// turn costs a slow link little time (16 KiB is 6.5 ms at 20 Mbit/s).
@@ -49,7 +49,7 @@ impl Queued {
 /// Per-stream send queues and the round-robin ring. See the module docs.
 #[derive(Debug, Default)]
 pub struct SendQueue {
-    queues: HashMap<StreamId, Queued>,
+    queues: StreamMap<Queued>,
     /// Streams with something to send, in turn order. Each queued stream
     /// is in the ring exactly once.
     ready: VecDeque<StreamId>,

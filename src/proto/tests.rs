@@ -297,6 +297,64 @@ proptest! {
         prop_assert_eq!(got, frames);
     }
 
+    /// The hand-written encoders of `Head` and `End` (the agent's
+    /// answers) write what postcard writes for the same frame.
+    #[test]
+    fn head_and_end_fast_paths_match_postcard(id in any::<u32>(), status in any::<u16>(), headers in arb_headers()) {
+        let id = StreamId(id);
+        let postcard_bytes = |frame: &Frame| {
+            let mut out = vec![0; LEN_PREFIX];
+            out.extend(postcard::to_allocvec(frame).unwrap());
+            let n = (out.len() - LEN_PREFIX) as u32;
+            out[..4].copy_from_slice(&n.to_be_bytes());
+            out
+        };
+        let head = Frame::Head { id, head: ResponseHead { status, headers: headers.clone() } };
+        let mut fast = Vec::new();
+        let fields = headers.iter().map(|h| (h.name.as_slice(), h.value.as_slice()));
+        codec::encode_head(id, status, fields, MAX_FRAME_LEN, &mut fast).unwrap();
+        prop_assert_eq!(&fast, &postcard_bytes(&head));
+        prop_assert_eq!(enc(&head), postcard_bytes(&head));
+        let end = Frame::End { id };
+        prop_assert_eq!(enc(&end), postcard_bytes(&end));
+    }
+
+    /// The hand-written decoder takes every request and answer frame as
+    /// postcard writes it, and nothing else.
+    #[test]
+    fn fast_decoder_reads_what_postcard_writes(frame in arb_frame()) {
+        let bytes = enc(&frame);
+        let fast = codec::decode_fast(&bytes[LEN_PREFIX..]);
+        let handled = matches!(
+            frame,
+            Frame::Open { .. } | Frame::Head { .. } | Frame::Data { .. } | Frame::Window { .. } | Frame::End { .. }
+        );
+        prop_assert_eq!(fast, handled.then(|| (frame.clone(), 0)));
+    }
+
+    /// On damaged input it accepts only what postcard accepts, as postcard
+    /// decodes it; everything else falls through to postcard.
+    #[test]
+    fn fast_decoder_agrees_with_postcard_on_damaged_frames(
+        frame in arb_frame(),
+        at in any::<usize>(),
+        byte in any::<u8>(),
+        how in 0..3u8,
+    ) {
+        let mut body = enc(&frame)[LEN_PREFIX..].to_vec();
+        let i = at % body.len();
+        match how {
+            0 => body[i] = byte,
+            1 => body.truncate(i),
+            _ => body.insert(i, byte),
+        }
+        if let Some((fast, rest)) = codec::decode_fast(&body) {
+            let (slow, slow_rest) = postcard::take_from_bytes::<Frame>(&body).expect("postcard accepts it too");
+            prop_assert_eq!(fast, slow);
+            prop_assert_eq!(rest, slow_rest.len());
+        }
+    }
+
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in arb_bytes(512)) {
         let mut dec = Decoder::new(MAX_FRAME_LEN);
@@ -437,4 +495,28 @@ mod replica_set {
         let long = format!("https://{}", "h".repeat(MAX_REPLICA_URL));
         assert!(e(set("a", &[("a", &long)])).contains("longer than the limit"));
     }
+}
+
+/// The stream-id hash spreads one side's ids (all odd, or all even) over
+/// the table's low bits, where hashbrown picks the bucket.
+#[test]
+fn stream_id_hash_spreads_one_sides_ids() {
+    use std::hash::BuildHasher as _;
+    for side in [1u32, 2] {
+        let state = StreamIdHash::default();
+        let mut buckets: Vec<u64> = (0..1024u32).map(|i| state.hash_one(StreamId(side + 2 * i)) & 2047).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        // Random hashing leaves about 806 distinct buckets; a plain
+        // multiplication leaves as few as 2048 / 2^k for a multiplier with
+        // k trailing zero bits in the part that picks the bucket.
+        assert!(buckets.len() > 700, "{} distinct buckets of 2048 for 1024 ids", buckets.len());
+        let odd = buckets.iter().filter(|b| *b % 2 == 1).count();
+        assert!(odd > 200 && odd < buckets.len() - 200, "{odd} odd buckets of {}", buckets.len());
+    }
+    let mut map: StreamMap<u32> = StreamMap::default();
+    for i in 0..5000 {
+        map.insert(StreamId(2 * i + 1), i);
+    }
+    assert!((0..5000).all(|i| map[&StreamId(2 * i + 1)] == i) && !map.contains_key(&StreamId(2)));
 }

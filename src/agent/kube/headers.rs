@@ -18,7 +18,7 @@
 //! `Accept` (with `as=Table` or protobuf), `Content-Type`,
 //! `Content-Length`, `Accept-Encoding`, `User-Agent` — goes on unchanged.
 
-use crate::http::{connection_options, has_token, is_hop_by_hop};
+use crate::http::{Field, connection_names, connection_tokens, has_token, is_hop_by_hop};
 use crate::names::{self, NameError};
 use crate::proto::{Header, Identity};
 use std::fmt;
@@ -97,19 +97,23 @@ pub fn check_request_line(method: &str, path: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The request headers for the API server, or why the request is refused.
+/// The request fields for the API server, handed to `field` one by one
+/// (the proxy writes them straight into the request head), or why the
+/// request is refused (then what `field` got is to be thrown away).
 /// `authorization` is the agent's own `Authorization` value, if it uses a
 /// token.
-pub fn request_headers(
+pub fn request_fields(
     client: &[Header],
     identity: &Identity,
     allow: &AllowLists,
     authorization: Option<&str>,
-) -> Result<Vec<Header>, Refusal> {
+    mut field: impl FnMut(&[u8], &[u8]),
+) -> Result<(), Refusal> {
     check_identity(identity, allow)?;
     let upgrade = is_upgrade(client);
-    let named = connection_options(client);
-    let mut out = Vec::with_capacity(client.len() + 4 + identity.groups.len());
+    // Whether `Connection` names a field that is not hop-by-hop anyway:
+    // only then is each field looked up in it.
+    let names_others = connection_tokens(client).any(|t| !is_hop_by_hop(t));
     for h in client {
         if !is_token(&h.name) || !is_field_value(&h.value) {
             return Err(Refusal::BadField(String::from_utf8_lossy(&h.name).into_owned()));
@@ -121,23 +125,23 @@ pub fn request_headers(
         let keep_upgrade = upgrade && is("upgrade");
         if !keep_upgrade
             && (is_hop_by_hop(name)
-                || named.iter().any(|n| name.eq_ignore_ascii_case(n) && n.as_slice() != b"upgrade")
+                || (names_others && connection_names(client, name) && !is("upgrade"))
                 || is("host")
                 || is("authorization")
                 || name.get(..12).is_some_and(|p| p.eq_ignore_ascii_case(b"impersonate-")))
         {
             continue;
         }
-        out.push(h.clone());
+        field(name, &h.value);
     }
     if upgrade {
-        out.push(Header::new("Connection", "Upgrade"));
+        field(b"Connection", b"Upgrade");
     }
     if let Some(auth) = authorization {
-        out.push(Header::new("Authorization", auth));
+        field(b"Authorization", auth.as_bytes());
     }
-    out.extend(impersonation(identity));
-    Ok(out)
+    impersonation(identity, &mut field);
+    Ok(())
 }
 
 fn check_identity(identity: &Identity, allow: &AllowLists) -> Result<(), Refusal> {
@@ -171,21 +175,20 @@ fn check_identity(identity: &Identity, allow: &AllowLists) -> Result<(), Refusal
 
 /// `Impersonate-User`, one `Impersonate-Group` per group, `-Uid`, and one
 /// `Impersonate-Extra-KEY` per value.
-fn impersonation(identity: &Identity) -> Vec<Header> {
-    let mut out = vec![Header::new("Impersonate-User", identity.user.as_str())];
+fn impersonation(identity: &Identity, field: &mut impl FnMut(&[u8], &[u8])) {
+    field(b"Impersonate-User", identity.user.as_bytes());
     for g in &identity.groups {
-        out.push(Header::new("Impersonate-Group", g.as_str()));
+        field(b"Impersonate-Group", g.as_bytes());
     }
     if let Some(uid) = identity.uid.as_ref().filter(|u| !u.is_empty()) {
-        out.push(Header::new("Impersonate-Uid", uid.as_str()));
+        field(b"Impersonate-Uid", uid.as_bytes());
     }
     for (key, values) in &identity.extra {
         let name = format!("Impersonate-Extra-{}", escape_extra_key(key));
         for v in values {
-            out.push(Header::new(name.as_str(), v.as_str()));
+            field(name.as_bytes(), v.as_bytes());
         }
     }
-    out
 }
 
 /// Percent-encodes an extra key as client-go does (`headerKeyEscape`):
@@ -204,25 +207,31 @@ pub fn escape_extra_key(key: &str) -> String {
     out
 }
 
-/// Response headers for the hub: hop-by-hop fields dropped, except that a
-/// `101` keeps `Upgrade` and `Connection: Upgrade`. Takes the server's
-/// headers and keeps them in place (no copy of each field).
-pub fn response_headers(status: u16, mut server: Vec<Header>) -> Vec<Header> {
+/// Response fields for the hub, borrowed where the server's head lies:
+/// hop-by-hop fields dropped, except that a `101` keeps `Upgrade` and
+/// `Connection: Upgrade`. Nothing is copied; the tunnel frame is encoded
+/// from these.
+pub fn response_fields<'a, F: Field>(
+    status: u16,
+    server: &'a [F],
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone + 'a {
     let upgrade = status == 101;
-    let named = connection_options(&server);
-    let upgrade_token = upgrade && has_token(&server, "connection", "upgrade");
-    server.retain(|h| {
-        let name = h.name.as_slice();
-        if upgrade && name.eq_ignore_ascii_case(b"upgrade") {
-            return true;
-        }
-        !(is_hop_by_hop(name) || named.iter().any(|n| name.eq_ignore_ascii_case(n) && n.as_slice() != b"upgrade"))
-    });
-    let mut out = server;
-    if upgrade_token {
-        out.push(Header::new("Connection", "Upgrade"));
-    }
-    out
+    let upgrade_token = upgrade && has_token(server, "connection", "upgrade");
+    // Whether `Connection` names a field that is not hop-by-hop anyway
+    // (`keep-alive`, the usual, is): only then is each field looked up in
+    // it.
+    let names_others = connection_tokens(server).any(|t| !is_hop_by_hop(t));
+    server
+        .iter()
+        .filter(move |h| {
+            let name = h.name();
+            if upgrade && name.eq_ignore_ascii_case(b"upgrade") {
+                return true;
+            }
+            !(is_hop_by_hop(name) || (names_others && connection_names(server, name)))
+        })
+        .map(|h| (h.name(), h.value()))
+        .chain(upgrade_token.then_some((&b"Connection"[..], &b"Upgrade"[..])))
 }
 
 #[cfg(test)]
@@ -380,6 +389,21 @@ mod tests {
         assert_eq!(escape_extra_key("ü"), "%C3%BC");
     }
 
+    fn request_headers(
+        client: &[Header],
+        identity: &Identity,
+        allow: &AllowLists,
+        authorization: Option<&str>,
+    ) -> Result<Vec<Header>, Refusal> {
+        let mut out = Vec::new();
+        request_fields(client, identity, allow, authorization, |n, v| out.push(Header::new(n, v)))?;
+        Ok(out)
+    }
+
+    fn response_headers(status: u16, server: &[Header]) -> Vec<Header> {
+        response_fields(status, server).map(|(n, v)| Header::new(n, v)).collect()
+    }
+
     #[test]
     fn response_filtering() {
         let server = vec![
@@ -388,8 +412,18 @@ mod tests {
             Header::new("Connection", "close"),
             Header::new("Audit-Id", "x"),
         ];
-        assert_eq!(names(&response_headers(200, server)), vec!["Content-Type: application/json", "Audit-Id: x"]);
+        assert_eq!(names(&response_headers(200, &server)), vec!["Content-Type: application/json", "Audit-Id: x"]);
         let up = vec![Header::new("Connection", "Upgrade"), Header::new("Upgrade", "SPDY/3.1")];
-        assert_eq!(names(&response_headers(101, up)), vec!["Upgrade: SPDY/3.1", "Connection: Upgrade"]);
+        assert_eq!(names(&response_headers(101, &up)), vec!["Upgrade: SPDY/3.1", "Connection: Upgrade"]);
+        // Fields that `Connection` names are this hop's only.
+        let named = vec![
+            Header::new("Connection", "keep-alive, X-Hop"),
+            Header::new("x-hop", "1"),
+            Header::new("Keep-Alive", "timeout=5"),
+            Header::new("X-Kept", "2"),
+        ];
+        assert_eq!(names(&response_headers(200, &named)), vec!["X-Kept: 2"]);
+        // Not an upgrade: `Upgrade` goes too.
+        assert_eq!(names(&response_headers(200, &up)), Vec::<String>::new());
     }
 }

@@ -70,6 +70,8 @@ struct CachedToken {
     modified: Option<SystemTime>,
     len: u64,
     token: Secret,
+    /// `Bearer TOKEN`, built once per token rather than per request.
+    header: Secret,
     checked: Instant,
 }
 
@@ -81,10 +83,16 @@ impl TokenFile {
     /// The token now: re-read when the file changed since the last read,
     /// which is checked at most once per [`TOKEN_RECHECK`].
     pub fn current(&self) -> io::Result<Secret> {
+        self.with_current(|c| c.token.clone())
+    }
+
+    /// Runs `f` on the current token and its `Authorization` value, as
+    /// [`TokenFile::current`] finds them, without copying either out.
+    fn with_current<R>(&self, f: impl FnOnce(&CachedToken) -> R) -> io::Result<R> {
         let now = Instant::now();
         if let Some(c) = &*self.cache.borrow() {
             if now.saturating_duration_since(c.checked) < TOKEN_RECHECK {
-                return Ok(c.token.clone());
+                return Ok(f(c));
             }
         }
         let meta = std::fs::metadata(&self.path)?;
@@ -92,7 +100,7 @@ impl TokenFile {
         if let Some(c) = &mut *self.cache.borrow_mut() {
             if (c.modified, c.len) == (modified, len) {
                 c.checked = now;
-                return Ok(c.token.clone());
+                return Ok(f(c));
             }
         }
         let text = std::fs::read_to_string(&self.path)?;
@@ -100,15 +108,27 @@ impl TokenFile {
         if self.cache.borrow().is_some() {
             log::info!("token file {} changed; using the new token", self.path.display());
         }
-        *self.cache.borrow_mut() = Some(CachedToken { modified, len, token: token.clone(), checked: now });
-        Ok(token)
+        let header = bearer(&token);
+        let cached = CachedToken { modified, len, token, header, checked: now };
+        let r = f(&cached);
+        *self.cache.borrow_mut() = Some(cached);
+        Ok(r)
     }
+}
+
+/// `Bearer TOKEN`, the `Authorization` value for a token.
+fn bearer(token: &Secret) -> Secret {
+    let mut v = String::with_capacity(7 + token.expose().len());
+    v.push_str("Bearer ");
+    v.push_str(token.expose());
+    Secret::new(v)
 }
 
 /// How the agent authenticates to the API server.
 pub enum Auth {
     /// A client certificate in the TLS configuration (k3s), or nothing.
     Tls,
+    /// A fixed token, kept as its `Authorization` value (`Bearer TOKEN`).
     Token(Secret),
     TokenFile(TokenFile),
 }
@@ -232,7 +252,7 @@ impl Kube {
             _ => None,
         };
         let auth = match (s.token, s.token_file) {
-            (Some(t), _) => Auth::Token(t),
+            (Some(t), _) => Auth::Token(bearer(&t)),
             (None, Some(f)) => Auth::TokenFile(TokenFile::new(f)),
             _ => Auth::Tls,
         };
@@ -256,11 +276,18 @@ impl Kube {
 
     /// The `Authorization` value to send now, if the agent uses a token.
     pub fn authorization(&self) -> io::Result<Option<String>> {
-        Ok(match &self.auth {
-            Auth::Tls => None,
-            Auth::Token(t) => Some(format!("Bearer {}", t.expose())),
-            Auth::TokenFile(f) => Some(format!("Bearer {}", f.current()?.expose())),
-        })
+        self.with_authorization(|a| a.map(str::to_string))
+    }
+
+    /// Runs `f` on the `Authorization` value to send now (`None`: the
+    /// agent authenticates with its client certificate), without a copy
+    /// of it per request.
+    pub fn with_authorization<R>(&self, f: impl FnOnce(Option<&str>) -> R) -> io::Result<R> {
+        match &self.auth {
+            Auth::Tls => Ok(f(None)),
+            Auth::Token(header) => Ok(f(Some(header.expose()))),
+            Auth::TokenFile(file) => file.with_current(|c| f(Some(c.header.expose()))),
+        }
     }
 
     /// A request as the agent itself (no impersonation); whole answer.

@@ -185,47 +185,62 @@ enum Outcome {
 }
 
 async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Result<Outcome, Failure> {
-    let auth =
-        ctx.kube.authorization().map_err(|e| Failure::Upstream(format!("cannot read the agent's token: {e}")))?;
-    headers::check_request_line(&head.method, &head.path)
-        .map_err(|r| Failure::Refused(400, "BadRequest", r.to_string()))?;
+    let pool = &ctx.kube.pool;
     let upgrade = headers::is_upgrade(&head.headers);
-    let mut out =
-        headers::request_headers(&head.headers, &head.identity, &ctx.allow, auth.as_deref()).map_err(|r| {
+    // The head for the API server, written field by field as the policy
+    // passes them: no copy of each field first.
+    let mut wire_head = Vec::with_capacity(
+        512 + head.path.len() + head.headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum::<usize>(),
+    );
+    let checked = ctx.kube.with_authorization(|auth| {
+        headers::check_request_line(&head.method, &head.path)
+            .map_err(|r| Failure::Refused(400, "BadRequest", r.to_string()))?;
+        http1::start_request_head(&mut wire_head, &head.method, &head.path, pool.authority());
+        let fields = |n: &[u8], v: &[u8]| http1::push_field(&mut wire_head, n, v);
+        headers::request_fields(&head.headers, &head.identity, &ctx.allow, auth, fields).map_err(|r| {
             let code = if matches!(r, Refusal::BadField(_) | Refusal::BadName(_)) { 400 } else { 403 };
             Failure::Refused(code, if code == 400 { "BadRequest" } else { "Forbidden" }, r.to_string())
-        })?;
+        })
+    });
+    checked.map_err(|e| Failure::Upstream(format!("cannot read the agent's token: {e}")))??;
     let body = request_body(head, upgrade)?;
     if body == ReqBody::Chunked {
-        out.push(Header::new("Transfer-Encoding", "chunked"));
+        http1::push_field(&mut wire_head, b"Transfer-Encoding", b"chunked");
     }
-    let pool = &ctx.kube.pool;
-    let wire_head = http1::request_head(&head.method, &head.path, &pool.target.authority(), &out);
+    wire_head.extend_from_slice(b"\r\n");
     let head_request = head.method == "HEAD";
 
     // Send the head (and body), read the answer's head. A pooled
     // connection the server closed meanwhile fails here; a bodiless
-    // request is then retried once on a fresh connection.
+    // request is then retried once on a fresh connection. The answer's
+    // head goes to the hub as it is read, its fields encoded into the
+    // tunnel frame from the connection's buffer.
+    let send_head = |stream: &mut Stream, info: &http1::HeadInfo, fields: &[httparse::Header<'_>]| {
+        if info.status == 101 && !upgrade {
+            return Err(Failure::Upstream("API server switched protocols without being asked".into()));
+        }
+        stream
+            .send_head_fields(info.status, headers::response_fields(info.status, fields))
+            .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))
+    };
     let (mut conn, mut reused) = pool.get().await.map_err(upstream)?;
-    let mut resp = loop {
+    let resp = loop {
         let attempt = async {
             conn.write_all(&wire_head).await.map_err(|e| (Failure::Upstream(e.to_string()), true))?;
             send_body(ctx, stream, &mut conn, body).await.map_err(|f| (f, false))?;
             let limit = net::response_timeout();
-            net::deadline(limit, || "waiting for the response head".into(), conn.read_head(head_request)).await.map_err(
-                |e| {
-                    // A malformed answer is not a stale pooled connection:
-                    // no retry, and `conn` is dropped with it, never pooled.
-                    if http1::is_malformed(&e) {
-                        (Failure::BadGateway(e.to_string()), false)
-                    } else {
-                        (upstream(e), true)
-                    }
-                },
-            )
+            let read = conn.read_head_with(head_request, |info, fields| send_head(stream, info, fields));
+            net::deadline(limit, || "waiting for the response head".into(), read).await.map_err(|e| {
+                // A malformed answer is not a stale pooled connection:
+                // no retry, and `conn` is dropped with it, never pooled.
+                if http1::is_malformed(&e) { (Failure::BadGateway(e.to_string()), false) } else { (upstream(e), true) }
+            })
         };
         match attempt.await {
-            Ok(r) => break r,
+            Ok((info, sent)) => {
+                sent?;
+                break info;
+            }
             Err((Failure::Upstream(e), true)) if reused && body == ReqBody::None => {
                 log::debug!("pooled API-server connection failed ({e}); retrying on a fresh one");
                 conn = pool.connect().await.map_err(upstream)?;
@@ -237,23 +252,8 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
 
     let status = resp.status;
     if status == 101 {
-        if !upgrade {
-            return Err(Failure::Upstream("API server switched protocols without being asked".into()));
-        }
-        stream
-            .send_head(ResponseHead {
-                status,
-                headers: headers::response_headers(status, std::mem::take(&mut resp.headers)),
-            })
-            .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
         return Ok(Outcome::Upgraded(conn));
     }
-    stream
-        .send_head(ResponseHead {
-            status,
-            headers: headers::response_headers(status, std::mem::take(&mut resp.headers)),
-        })
-        .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))?;
     let mut reader = BodyReader::new(resp.body);
     // A body that stops for the response deadline is a wedged server,
     // unless the request asked for a stream (watch, logs -f) whose silence
@@ -281,7 +281,8 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
                 stall = net::Expiry::at(last_piece.get() + stall_limit);
             }
         };
-        let piece = async { Ok(reader.next(&mut conn).await) }
+        let (r, c) = (&mut reader, &mut conn);
+        let piece = async move { Ok(r.next(c).await) }
             .or(async { Err(Failure::Tunnel(stream.closed().await)) })
             .or(async { Err(stalled.await) })
             .await?;
@@ -289,7 +290,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
         match piece {
             Ok(Some(data)) => {
                 ctx.metrics.add_to_hub(data.len());
-                stream.write_all(&data).await?;
+                stream.write_all(data).await?;
             }
             Ok(None) => break,
             Err(e) => return Err(Failure::UpstreamAfterHead(e.to_string())),
