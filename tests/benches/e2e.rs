@@ -21,7 +21,8 @@
 //!
 //! Measured per round, paths interleaved, medians of the rounds reported
 //! as ratios to direct: warm latency of a 2.5 KB JSON answer (like a small
-//! `kubectl get`; c=1 p50, p99), request rate with 32 keep-alive clients,
+//! `kubectl get`; c=1 p50, p99; all paths in turns of short runs, so a
+//! slow spell falls on each alike), request rate with 32 keep-alive clients,
 //! CPU ms per 10k of those requests on each side of the tunnel (utime +
 //! stime from /proc), bulk download of 64 MiB, small-request latency while
 //! a bulk download runs on another connection through the same tunnel,
@@ -783,8 +784,44 @@ fn cpu_per_10k(d: Duration, requests: u64) -> f64 {
     ms(d) * 10_000.0 / requests.max(1) as f64
 }
 
-fn measure(route: &Route, plan: &Plan) -> Sample {
-    let warm = warm_latency(&route.ep, plan.latency_requests);
+/// Warm c=1 latency of every route, in turns: each route's requests
+/// are split into [`LATENCY_TURNS`] runs on one warm connection per
+/// route, the routes taking turns. Measured a route at a time, the c=1
+/// p50 hung on what ran just before (one build in a given slot was the
+/// slower one in six of seven runs, whichever build it was); in turns,
+/// a slow spell of the machine falls on every route alike.
+fn warm_latencies(routes: &[Route], n: usize) -> Vec<Latency> {
+    let mut conns: Vec<(Vec<u8>, Conn)> = routes
+        .iter()
+        .map(|r| {
+            let req = r.ep.request(SMALL);
+            let mut c = r.ep.connect();
+            for _ in 0..n / 10 + 20 {
+                c.get(&req);
+            }
+            (req, c)
+        })
+        .collect();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); routes.len()];
+    let per_turn = n.div_ceil(LATENCY_TURNS);
+    for turn in 0..LATENCY_TURNS {
+        for k in 0..routes.len() {
+            let i = (k + turn) % routes.len();
+            let (req, c) = &mut conns[i];
+            for _ in 0..per_turn.min(n - samples[i].len()) {
+                let t = Instant::now();
+                c.get(req);
+                samples[i].push(t.elapsed());
+            }
+        }
+    }
+    samples.into_iter().map(percentiles).collect()
+}
+
+/// Turns of [`warm_latencies`].
+const LATENCY_TURNS: usize = 20;
+
+fn measure(route: &Route, plan: &Plan, warm: Latency) -> Sample {
     let cpu0 = route.pids.map(|(e, h)| (cpu_time(e), cpu_time(h)));
     let (rate, n) = rate(&route.ep, plan.rate_secs);
     let (cpu_edge, cpu_hub) = match (route.pids, cpu0) {
@@ -903,10 +940,12 @@ fn main() {
         // Interleaved, and each round in another order, so a noisy
         // neighbour's burst does not always land on the same path.
         let n = routes.len();
+        eprintln!("e2e bench: round {}/{}: c=1 latency, every path in turns", round + 1, plan.rounds);
+        let warm = warm_latencies(&routes, plan.latency_requests);
         for k in 0..n {
             let i = (k + round) % n;
             eprintln!("e2e bench: round {}/{}: {}", round + 1, plan.rounds, routes[i].name);
-            samples[i].push(measure(&routes[i], &plan));
+            samples[i].push(measure(&routes[i], &plan, warm[i]));
         }
         for k in 0..edges.len() {
             let i = (k + round) % edges.len();
