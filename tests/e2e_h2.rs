@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::kube::{Config, StandIn};
-use support::kubectl::{Kubectl, kill, lines, wait_line};
+use support::kubectl::{Kubectl, forwarded_port, kill, lines, wait_line};
 
 const AGENT_IMPERSONATION: &str = include_str!("fixtures/kube/agent-impersonation.yaml");
 const DEBUG_ACCESS: &str = include_str!("fixtures/kube/debug-access.yaml");
@@ -177,8 +177,7 @@ fn kubectl_speaks_h2_for_reads_watches_and_logs() {
         assert_eq!(ok(&cat), "hello over h1 upgrade\n", "{version}");
         let mut pf = kc.spawn(&["port-forward", &format!("pod/{POD}"), ":8080", "-n", "default"]);
         let rx = lines(&mut pf);
-        let l = wait_line(&rx, PATIENCE, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
-        let port: u16 = l.trim_start_matches("Forwarding from 127.0.0.1:").split(' ').next().unwrap().parse().unwrap();
+        let port = forwarded_port(&rx, PATIENCE);
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(PATIENCE)).unwrap();
         s.write_all(b"ping through the hub").unwrap();

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 use support::kube::{Config, StandIn};
-use support::kubectl::{Kubectl, kill, lines, stderr, stdout, wait_line};
+use support::kubectl::{Kubectl, forwarded_port, kill, lines, stderr, stdout, wait_line};
 
 const ARTICLE_RBAC: &str = include_str!("fixtures/kube/eks-console-restricted-access.yaml");
 const AGENT_IMPERSONATION: &str = include_str!("fixtures/kube/agent-impersonation.yaml");
@@ -130,8 +130,7 @@ fn register_activate_use_with_kubectl_disconnect_and_deregister() {
 
     let mut pf = bob_kc.spawn(&["port-forward", &format!("pod/{pod}"), ":8080", "-n", "default"]);
     let rx = lines(&mut pf);
-    let l = wait_line(&rx, PATIENCE, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
-    let port: u16 = l.trim_start_matches("Forwarding from 127.0.0.1:").split(' ').next().unwrap().parse().unwrap();
+    let port = forwarded_port(&rx, PATIENCE);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     std::io::Write::write_all(&mut s, b"ping through the hub").unwrap();

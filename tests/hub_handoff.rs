@@ -434,22 +434,10 @@ fn a_failed_dial_moves_on_to_the_next_replica_holding_a_tunnel() {
     let elapsed = t0.elapsed();
     // (The heartbeat reads the replica rows every 2 s whatever comes;
     // the hand-off takes its answer from the last one.)
-    let reads = pg
-        .query(
-            "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements WHERE query !~* 'pg_stat_statements' AND \
-             query ~* '(FROM|JOIN) (users|tokens|grants|clusters)\\M'",
-        )
-        .parse::<i64>()
-        .unwrap();
+    let reads = pg.statement_calls("(FROM|JOIN) (users|tokens|grants|clusters)\\M");
     // Where the replicas are is read once per heartbeat (the replica set
     // the agents are told), never per request.
-    let set_reads = pg
-        .query(
-            "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements WHERE query !~* 'pg_stat_statements' AND \
-             query ~* 'SELECT id, advertise_url'",
-        )
-        .parse::<u128>()
-        .unwrap();
+    let set_reads = pg.statement_calls("SELECT id, advertise_url");
     eprintln!(
         "FIGURE {N} handed-off requests (a new connection each) in {elapsed:?}: {reads} store reads on the way, \
          {set_reads} reads of the replica set (per heartbeat, each replica)"

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::kube::{AGENT_USER, Config, StandIn};
-use support::kubectl::{Kubectl, kill, lines, stderr, stdout, wait_line};
+use support::kubectl::{Kubectl, forwarded_port, kill, lines, stderr, stdout, wait_line};
 
 const ARTICLE_RBAC: &str = include_str!("fixtures/kube/eks-console-restricted-access.yaml");
 const AGENT_IMPERSONATION: &str = include_str!("fixtures/kube/agent-impersonation.yaml");
@@ -228,13 +228,7 @@ fn kubectl_port_forward_reaches_the_echo_socket() {
     let Some((k, kc)) = cluster("port-forward") else { return };
     let mut child = kc.spawn(&["port-forward", "pod/web-7d4b9c8f6d-k2x9p", ":8080", "-n", "default", "--as", "bob"]);
     let rx = lines(&mut child);
-    let l = wait_line(&rx, PATIENCE, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
-    let port: u16 = l
-        .trim_start_matches("Forwarding from 127.0.0.1:")
-        .split(' ')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("local port");
+    let port = forwarded_port(&rx, PATIENCE);
     for round in 0..2 {
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to kubectl's port");
         s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -607,8 +601,7 @@ fn kubectl_spdy_fallbacks_and_attach() {
     cmd.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false");
     let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let rx = lines(&mut child);
-    let l = wait_line(&rx, PATIENCE, "Forwarding from", |l| l.starts_with("Forwarding from 127.0.0.1:"));
-    let port: u16 = l.trim_start_matches("Forwarding from 127.0.0.1:").split(' ').next().unwrap().parse().unwrap();
+    let port = forwarded_port(&rx, PATIENCE);
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     s.write_all(b"over plain SPDY").unwrap();

@@ -132,6 +132,14 @@ pub fn wait_line(rx: &mpsc::Receiver<String>, patience: Duration, what: &str, pr
     panic!("no line with {what} within {patience:?}; saw {seen:#?}");
 }
 
+/// The local port of a `kubectl port-forward` whose stdout is `rx`, from
+/// its "Forwarding from 127.0.0.1:PORT -> ..." line.
+pub fn forwarded_port(rx: &mpsc::Receiver<String>, patience: Duration) -> u16 {
+    const PREFIX: &str = "Forwarding from 127.0.0.1:";
+    let l = wait_line(rx, patience, "Forwarding from", |l| l.starts_with(PREFIX));
+    l[PREFIX.len()..].split(' ').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {l:?}"))
+}
+
 /// Kills a background child and returns what it wrote to stderr.
 pub fn kill(mut child: Child) -> String {
     let _ = child.kill();

@@ -212,6 +212,18 @@ impl Postgres {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
 
+    /// Calls since the last `pg_stat_statements_reset()` of the statements
+    /// whose text matches the regular expression `pattern` (`~*`), the
+    /// extension's own queries left out.
+    pub fn statement_calls(&self, pattern: &str) -> u128 {
+        self.query(&format!(
+            "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements WHERE query !~* 'pg_stat_statements' AND \
+             query ~* '{pattern}'"
+        ))
+        .parse()
+        .unwrap()
+    }
+
     /// The connection string of the `uplink` database, with the password.
     pub fn url(&self) -> String {
         format!("postgres://postgres:{PASSWORD}@127.0.0.1:{}/uplink?sslmode=disable", self.port)
