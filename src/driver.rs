@@ -34,9 +34,6 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// Bytes asked of the socket per read.
-const READ_BUF: usize = 64 * 1024;
-
 /// How long a session that closed with the transport still up may spend
 /// flushing its last frames before the transport is dropped anyway.
 const CLOSE_FLUSH: Duration = Duration::from_millis(500);
@@ -297,18 +294,20 @@ impl Session {
     }
 
     async fn read_loop<R: AsyncRead + Unpin>(&self, mut reader: R) -> Ended {
-        let mut buf = vec![0u8; READ_BUF];
         loop {
-            let result = reader.read(&mut buf).await;
+            // Read straight into the mux's receive buffer: one copy fewer
+            // of every byte the tunnel brings (the decoder's).
+            let mut buf = self.shared.borrow_mut().mux.input_buffer();
+            let result = reader.read(buf.room()).await;
             let mut s = self.shared.borrow_mut();
+            s.mux.handle_read(buf, *result.as_ref().unwrap_or(&0), Instant::now());
             match result {
                 Ok(0) => {
                     s.mux.handle_eof("peer closed the connection");
                     s.dispatch();
                     return Ended::TransportGone;
                 }
-                Ok(n) => {
-                    s.mux.handle_input(&buf[..n], Instant::now());
+                Ok(_) => {
                     if s.mux.is_drained() {
                         s.mux.shutdown_drained();
                     }

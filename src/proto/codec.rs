@@ -329,33 +329,96 @@ impl<'a> Reader<'a> {
 /// A receive buffer that accumulates bytes from the socket and yields
 /// whole frames. It holds at most one partial frame plus whatever one read
 /// brought; consumed bytes are dropped lazily to avoid a shift per frame.
+///
+/// The driver reads straight into it ([`Decoder::lend`]): a tunnel's
+/// bytes are copied once on their way from TLS to a frame, not first into
+/// a read buffer and then here. That buffer ([`READ_HOME`]) stays for the
+/// session's life, as the driver's own read buffer did before; it grows
+/// only for a frame larger than itself and returns to its home size once
+/// that frame is decoded. [`Decoder::push`] (tests, benches) allocates only
+/// what it is given.
 #[derive(Debug)]
 pub struct Decoder {
+    /// Initialized bytes: `start..end` is undecoded input, `end..` is room.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     max: u32,
+}
+
+/// The size of a session's receive buffer while it reads straight into it.
+pub const READ_HOME: usize = 64 * 1024;
+/// The least room a read is given: a whole TLS record's plaintext.
+pub const READ_ROOM: usize = 16 * 1024 + 256;
+
+/// The decoder's buffer lent out for one read (see [`Decoder::lend`]).
+#[derive(Debug)]
+pub struct InputBuf {
+    buf: Vec<u8>,
+    end: usize,
+}
+
+impl InputBuf {
+    /// Where the read goes.
+    pub fn room(&mut self) -> &mut [u8] {
+        &mut self.buf[self.end..]
+    }
 }
 
 impl Decoder {
     pub fn new(max: u32) -> Self {
-        Decoder { buf: Vec::new(), start: 0, max }
+        Decoder { buf: Vec::new(), start: 0, end: 0, max }
+    }
+
+    /// Moves the undecoded bytes to the front when that makes room for
+    /// `want` more; then grows the buffer to fit them if it still must.
+    fn make_room(&mut self, want: usize) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.buf.len() - self.end >= want {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < want {
+            self.buf.resize(self.end + want, 0);
+        }
     }
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > self.buf.len() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
+        self.make_room(bytes.len());
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    /// Lends the buffer, with at least [`READ_ROOM`] free at its end, for
+    /// a read that may wait: the caller reads into [`InputBuf::room`] and
+    /// hands it back with [`Decoder::filled`]. Meanwhile the decoder holds
+    /// nothing (it is not fed from anywhere else).
+    pub fn lend(&mut self) -> InputBuf {
+        self.make_room(READ_ROOM);
+        if self.buf.len() < READ_HOME {
+            self.buf.resize(READ_HOME, 0);
         }
-        self.buf.extend_from_slice(bytes);
+        InputBuf { buf: std::mem::take(&mut self.buf), end: self.end }
+    }
+
+    /// Takes the lent buffer back with `n` more bytes read into its room.
+    pub fn filled(&mut self, lent: InputBuf, n: usize) {
+        debug_assert!(lent.end == self.end && n <= lent.buf.len() - lent.end);
+        self.buf = lent.buf;
+        self.end += n;
     }
 
     /// The next whole frame, if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
-        match decode(&self.buf[self.start..], self.max)? {
+        match decode(&self.buf[self.start..self.end], self.max)? {
             Some((frame, used)) => {
                 self.start += used;
                 Ok(Some(frame))
@@ -366,7 +429,7 @@ impl Decoder {
 
     /// Bytes buffered but not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// Memory held by the buffer.
@@ -374,11 +437,15 @@ impl Decoder {
         self.buf.capacity()
     }
 
-    /// Drops an oversized idle allocation (after a burst of big frames).
+    /// Drops an oversized idle allocation (after a frame larger than the
+    /// home size, or input pushed rather than read in place).
     pub fn shrink(&mut self) {
-        if self.start == self.buf.len() {
-            self.buf = Vec::new();
+        if self.start == self.end {
             self.start = 0;
+            self.end = 0;
+            if self.buf.len() != READ_HOME {
+                self.buf = Vec::new();
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ pub mod frame;
 pub mod mux;
 pub mod sched;
 
-pub use codec::{DecodeError, Decoder, EncodeError};
+pub use codec::{DecodeError, Decoder, EncodeError, InputBuf};
 pub use frame::*;
 pub use mux::{AgentInfo, Config, Event, Mux, SessionError, StreamError};
 

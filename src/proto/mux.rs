@@ -68,7 +68,7 @@
 //! handshake, silence past the dead-peer deadline) sends `GoAway` with the
 //! reason and ends the session with [`Event::Closed`].
 
-use super::codec::{self, DecodeError, Decoder};
+use super::codec::{self, DecodeError, Decoder, InputBuf};
 use super::frame::*;
 use super::sched::{QUANTUM, SendQueue};
 use std::collections::VecDeque;
@@ -456,8 +456,30 @@ impl Mux {
         if self.state == State::Closed {
             return;
         }
-        self.last_recv = now;
         self.decoder.push(bytes);
+        self.decode_input(now);
+    }
+
+    /// Lends the receive buffer for a read straight into it, so the
+    /// transport's bytes are not copied a second time on their way in;
+    /// give it back with [`Mux::handle_read`] (also after a failed read,
+    /// with `0`).
+    pub fn input_buffer(&mut self) -> InputBuf {
+        self.decoder.lend()
+    }
+
+    /// Takes the lent buffer back with `n` bytes read into it, as
+    /// [`Mux::handle_input`] takes bytes.
+    pub fn handle_read(&mut self, lent: InputBuf, n: usize, now: Instant) {
+        self.decoder.filled(lent, n);
+        if self.state == State::Closed || n == 0 {
+            return;
+        }
+        self.decode_input(now);
+    }
+
+    fn decode_input(&mut self, now: Instant) {
+        self.last_recv = now;
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(frame)) => {

@@ -141,6 +141,39 @@ fn split_at_every_byte_boundary_yields_the_same_frames() {
     assert_eq!(got, frames);
 }
 
+/// The driver's way in: reads straight into the lent buffer, of any size
+/// up to the room given, with a frame larger than the buffer's home size
+/// among the small ones. Same frames as pushing; the buffer goes back to
+/// its home size once the big frame is decoded.
+#[test]
+fn reads_into_the_lent_buffer_yield_the_same_frames() {
+    let big = Frame::Data { id: StreamId(3), data: vec![7; 200 * 1024] };
+    let mut frames: Vec<Frame> = golden().into_iter().map(|(f, _)| f).collect();
+    frames.insert(2, big);
+    let stream: Vec<u8> = frames.iter().flat_map(enc).collect();
+    for step in [1, 7, 4096, 16 * 1024 + 256, 64 * 1024] {
+        let mut dec = Decoder::new(MAX_FRAME_LEN);
+        let (mut got, mut at) = (Vec::new(), 0);
+        while at < stream.len() {
+            let mut lent = dec.lend();
+            assert!(lent.room().len() >= codec::READ_ROOM);
+            let n = lent.room().len().min(step).min(stream.len() - at);
+            lent.room()[..n].copy_from_slice(&stream[at..at + n]);
+            dec.filled(lent, n);
+            at += n;
+            while let Some(f) = dec.next_frame().unwrap() {
+                got.push(f);
+            }
+            dec.shrink();
+        }
+        assert_eq!(got, frames, "reads of {step}");
+        assert_eq!(dec.buffered(), 0);
+        let lent = dec.lend();
+        dec.filled(lent, 0);
+        assert_eq!(dec.capacity(), codec::READ_HOME, "reads of {step}: back to the home size");
+    }
+}
+
 #[test]
 fn incomplete_input_is_none() {
     let bytes = enc(&Frame::Ping { nonce: 1 });
