@@ -387,6 +387,11 @@ impl Io {
         }
     }
 
+    /// See [`Socket::short_reads_after_wait_drain`]: for the tunnel.
+    pub fn short_reads_after_wait_drain(&mut self, on: bool) {
+        self.socket_mut().short_reads_after_wait_drain(on);
+    }
+
     /// The connection goes idle (into a pool): see [`Socket::watch_idle`].
     pub fn watch_idle(&mut self) {
         self.socket_mut().watch_idle();
