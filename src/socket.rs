@@ -19,6 +19,20 @@
 //! bytes that arrive after the empty read, even before the interest is
 //! armed, make the armed interest fire at once.
 //!
+//! The agent's tunnel also takes a short read right after a readiness
+//! wait as the queue emptied ([`Socket::short_reads_after_wait_drain`]):
+//! that read took one burst of frames, and the `recv` after it found
+//! nothing, once per request at one client.
+//!
+//! A connection that goes idle between requests (the agent's pool of
+//! API-server connections) is watched instead ([`Socket::watch_idle`]):
+//! read interest is armed when it goes idle, so taking it out again
+//! needs no `peek` to see whether the server closed it (the reactor
+//! would have said so), and the first read of the next answer waits for
+//! its readiness event rather than finding the queue empty. Per reused
+//! connection that is one `epoll_ctl` where a `peek`, a failed `recv` and
+//! an `epoll_ctl` were.
+//!
 //! [`Prefixed`] puts bytes read past an upgrade's answer head back in
 //! front of the stream.
 //!
@@ -30,7 +44,7 @@ use smol::io::{AsyncRead, AsyncWrite};
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 /// A non-blocking TCP stream that reads only when it may have bytes.
 #[derive(Debug)]
@@ -40,11 +54,16 @@ pub struct Socket {
     drained: bool,
     /// Take a short read as the queue emptied ([`Socket::short_reads_drain`]).
     short_reads_drain: bool,
+    /// The same, for the first read after a readiness wait only
+    /// ([`Socket::short_reads_after_wait_drain`]).
+    short_reads_after_wait_drain: bool,
+    /// The next read is the first since a readiness wait.
+    woke: bool,
 }
 
 impl Socket {
     pub fn new(io: Async<TcpStream>) -> Socket {
-        Socket { io, drained: false, short_reads_drain: false }
+        Socket { io, drained: false, short_reads_drain: false, short_reads_after_wait_drain: false, woke: false }
     }
 
     /// Whether a read that filled less than the buffer counts as having
@@ -57,6 +76,38 @@ impl Socket {
     /// when the hub switches a connection to raw bytes.
     pub fn short_reads_drain(&mut self, on: bool) {
         self.short_reads_drain = on;
+    }
+
+    /// Whether a short read right after a readiness wait counts as having
+    /// emptied the queue. Such a read took all the peer had sent since
+    /// the queue was last empty: one burst (a request, a batch of
+    /// frames), after which a `recv` at once would find nothing; the
+    /// agent's tunnel paid that `recv` once per request at one client. A
+    /// stream that keeps coming is left alone: its first read after a
+    /// wait fills the buffer, and its short reads later on are not
+    /// marked.
+    pub fn short_reads_after_wait_drain(&mut self, on: bool) {
+        self.short_reads_after_wait_drain = on;
+    }
+
+    /// For a connection going idle: arms read interest now (with a waker
+    /// that does nothing) and marks the queue empty, so that
+    /// [`Socket::quiet_since_idle`] can tell without a syscall whether
+    /// the peer sent anything since, and the first read after the next
+    /// request waits for the answer's readiness event, whose interest is
+    /// already armed, instead of a `recv` that would find nothing yet.
+    pub fn watch_idle(&mut self) {
+        // Ready: the reactor already reported bytes or the end; the next
+        // read, or the check, finds out which.
+        self.drained = self.io.poll_readable(&mut Context::from_waker(Waker::noop())).is_pending();
+    }
+
+    /// Since [`Socket::watch_idle`] the reactor has not reported the
+    /// socket readable: the peer has sent neither bytes nor its end (a
+    /// close or reset also makes it readable). False when it has, or when
+    /// the socket was not being watched; a caller then asks the kernel.
+    pub fn quiet_since_idle(&mut self) -> bool {
+        self.drained && self.io.poll_readable(&mut Context::from_waker(Waker::noop())).is_pending()
     }
 
     pub fn get_ref(&self) -> &TcpStream {
@@ -77,6 +128,7 @@ impl AsyncRead for Socket {
             if this.drained {
                 ready!(this.io.poll_readable(cx))?;
                 this.drained = false;
+                this.woke = true;
             }
             match (&mut this.io.get_ref()).read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.drained = true,
@@ -86,7 +138,10 @@ impl AsyncRead for Socket {
                 // the reactor to say so cost a fifth of the bulk rate (e2e
                 // bench).
                 Ok(n) => {
-                    this.drained = this.short_reads_drain && n < buf.len();
+                    let short = n < buf.len();
+                    this.drained =
+                        short && (this.short_reads_drain || (this.short_reads_after_wait_drain && this.woke));
+                    this.woke = false;
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) => return Poll::Ready(Err(e)),
@@ -174,14 +229,25 @@ mod tests {
     use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use std::net::TcpListener;
 
+    /// Every mode of marking the queue empty still sees every byte: those
+    /// that come while the reader waits, those that came before it read,
+    /// and the end.
     #[test]
     fn reads_what_arrives_after_an_empty_read_and_the_end() {
+        for (short, after_wait) in [(false, false), (true, false), (false, true)] {
+            reads_everything(short, after_wait);
+        }
+    }
+
+    fn reads_everything(short_reads_drain: bool, after_wait: bool) {
         smol::block_on(async {
             let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
             let addr = listener.get_ref().local_addr().unwrap();
             let client = Async::<TcpStream>::connect(addr).await.unwrap();
             let (server, _) = listener.accept().await.unwrap();
             let mut reader = Socket::new(client);
+            reader.short_reads_drain(short_reads_drain);
+            reader.short_reads_after_wait_drain(after_wait);
             let mut writer = Socket::new(server);
             let mut buf = [0u8; 64];
             writer.write_all(b"first").await.unwrap();
@@ -198,6 +264,15 @@ mod tests {
             smol::Timer::after(std::time::Duration::from_millis(20)).await;
             assert_eq!(reader.read(&mut buf).await.unwrap(), 6);
             assert_eq!(&buf[..6], b"second");
+            // A burst after a wait, read short: the next one comes still.
+            let late = async {
+                smol::Timer::after(std::time::Duration::from_millis(20)).await;
+                writer.write_all(b"burst").await.unwrap();
+            };
+            let (n, ()) = smol::future::zip(reader.read(&mut buf), late).await;
+            assert_eq!(n.unwrap(), 5);
+            writer.write_all(b"next").await.unwrap();
+            assert_eq!(reader.read(&mut buf).await.unwrap(), 4);
             // A full read does not mark it: the rest comes without a wait.
             writer.write_all(&[7u8; 100]).await.unwrap();
             smol::Timer::after(std::time::Duration::from_millis(20)).await;

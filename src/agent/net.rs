@@ -380,11 +380,32 @@ impl Io {
         }
     }
 
+    fn socket_mut(&mut self) -> &mut Socket {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_mut().0,
+        }
+    }
+
+    /// See [`Socket::short_reads_after_wait_drain`]: for the tunnel.
+    pub fn short_reads_after_wait_drain(&mut self, on: bool) {
+        self.socket_mut().short_reads_after_wait_drain(on);
+    }
+
+    /// The connection goes idle (into a pool): see [`Socket::watch_idle`].
+    pub fn watch_idle(&mut self) {
+        self.socket_mut().watch_idle();
+    }
+
     /// Whether an idle connection can still carry a request: the server
     /// has neither closed it nor sent anything unasked (which, on an idle
-    /// HTTP/1.1 connection, is a close or an error). One non-blocking
-    /// `peek`; the socket is non-blocking already.
-    pub fn idle_alive(&self) -> bool {
+    /// HTTP/1.1 connection, is a close or an error). Without a syscall
+    /// when it was watched ([`Io::watch_idle`]) and the reactor has not
+    /// reported it readable; otherwise one non-blocking `peek`.
+    pub fn idle_alive(&mut self) -> bool {
+        if self.socket_mut().quiet_since_idle() {
+            return true;
+        }
         let mut b = [0u8; 1];
         matches!(self.tcp().peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }

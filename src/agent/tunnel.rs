@@ -647,7 +647,11 @@ async fn open(ctx: &AgentCtx, target: &Target) -> Result<Prefixed<Io>, Open> {
         if !ok {
             return Err(Open::Failed("the hub switched to a protocol other than uplink/1".into()));
         }
-        let (io, leftover) = conn.into_parts();
+        let (mut io, leftover) = conn.into_parts();
+        // Frames come in bursts (a request's, a batch of them): the read
+        // that takes a burst is followed by a wait, not by a `recv` that
+        // finds nothing.
+        io.short_reads_after_wait_drain(true);
         return Ok(Prefixed::new(leftover, io));
     }
     let mut reader = http1::BodyReader::new(resp.body);
