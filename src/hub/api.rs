@@ -122,7 +122,7 @@ pub fn authenticate(hub: &Hub, req: &Request) -> Result<Option<User>, AuthError>
             })?;
             signed_in(hub, &id.name, &id.groups, id.admin).map(Some)
         }
-        (Some(t), _) => Ok(hub.store.user_by_token(&sha256_hex(t))?),
+        (Some(t), _) => Ok(hub.store.user_by_token(crate::secret::Sha256Hex::of(t).as_str())?),
         (None, Some(_)) => match browser::session_of(hub, req) {
             Ok(Some(s)) => signed_in(hub, &s.user.user, &s.user.groups, s.user.admin).map(Some),
             Ok(None) => Ok(None),

@@ -898,7 +898,10 @@ async fn route(hub: &Rc<Hub>, req: &Request, body: &mut Incoming, peer: SocketAd
     let path = req.target.split('?').next().unwrap_or("");
     // An ID token naming a key the hub lacks: fetch the keys first, so
     // the (synchronous) authentication below sees them.
-    if let (Some(p), Some(token)) = (&hub.oidc, api::bearer(req)) {
+    // (The token is looked for only then: every request pays for it.)
+    if let Some(p) = &hub.oidc
+        && let Some(token) = api::bearer(req)
+    {
         p.prepare(token).await;
     }
     if path.starts_with(fleet::KUBE_PREFIX) {
