@@ -404,6 +404,22 @@ impl Route {
     }
 }
 
+impl Route {
+    /// [`Route::open`] from a borrowed head, as the kube front end opens
+    /// its streams.
+    pub fn open_ref<'a, I>(&self, head: crate::proto::codec::OpenHead<'a, I>) -> Result<Stream, StreamError>
+    where
+        I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    {
+        match self {
+            Route::Local(s) => s.open_ref(&head),
+            Route::Peer { session, cluster_id } => {
+                session.open_ref(&head.with_field(CLUSTER_HEADER.as_bytes(), cluster_id.as_bytes()))
+            }
+        }
+    }
+}
+
 /// Dials replica `to` at `url`: TCP, TLS pinned to the shared key, the
 /// upgrade with our credential, the tunnel handshake with us as the hub.
 async fn dial(hub: &Hub, peers: &Peers, me: &str, to: &str, url: &str) -> Result<Rc<PeerConn>, String> {
