@@ -177,7 +177,7 @@ async fn json_body<T: for<'de> Deserialize<'de>>(body: &mut Incoming) -> Result<
 }
 
 fn param(req: &Request, name: &str) -> Option<String> {
-    query_params(&req.target).into_iter().find(|(k, _)| k == name).map(|(_, v)| v).filter(|v| !v.is_empty())
+    query_params(req.target()).into_iter().find(|(k, _)| k == name).map(|(_, v)| v).filter(|v| !v.is_empty())
 }
 
 /// Serves one `/api/v1/` request.
@@ -219,7 +219,7 @@ fn check_names<'a>(kind: NameKind, list: impl IntoIterator<Item = &'a String>) -
 }
 
 async fn dispatch(hub: &Hub, req: &Request, body: &mut Incoming) -> ApiResult {
-    let path = req.target.split('?').next().unwrap_or("");
+    let path = req.target().split('?').next().unwrap_or("");
     let decoded = segments(path)?;
     let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let m = req.method.as_str();

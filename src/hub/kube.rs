@@ -127,7 +127,7 @@ pub fn error_for(forward: &str, code: u16, message: &str) -> Response {
 /// do not, so `kubectl get --raw /healthz` no longer reads "ok" for a
 /// cluster it never reached.
 pub fn root_hint(req: &Request, public_url: &str) -> Option<Response> {
-    let path = req.target.split('?').next().unwrap_or("");
+    let path = req.target().split('?').next().unwrap_or("");
     let under = |p: &str| path == p || path.starts_with(&format!("{p}/"));
     let kube_like = path == "/api"
         || path == "/api/"
@@ -296,7 +296,7 @@ pub(super) fn authenticate(hub: &Hub, req: &Request, forward: &str) -> Result<Us
 
 /// Serves one kube front-end request, along the module's pipeline.
 pub async fn proxy(hub: &Rc<Hub>, req: &Request, body: &mut Incoming) -> Reply {
-    let (cluster_name, forward) = match split_target(&req.target) {
+    let (cluster_name, forward) = match split_target(req.target()) {
         Ok(x) => x,
         Err(why) => return Reply::Send(status_response(400, &format!("path rejected by uplink-hub: {why}"))),
     };
@@ -392,9 +392,7 @@ fn admit(hub: &Hub, req: &Request, user: &User, cluster_name: &str) -> Result<Rc
             ),
         ));
     }
-    if let Some((name, _)) =
-        req.headers.iter().find(|(n, _)| n.len() >= 12 && n[..12].eq_ignore_ascii_case("impersonate-"))
-    {
+    if let Some((name, _)) = req.headers.iter().find(|(n, _)| n.as_str().starts_with("impersonate-")) {
         return Err((
             403,
             format!(
@@ -750,19 +748,20 @@ fn forward_fields<'a>(
 ) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone + 'a {
     // Fields the client's Connection header marks hop-by-hop (RFC 9110
     // §7.6.1); most requests have no Connection field to look in.
-    let named = req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("connection"));
+    let named = req.headers.iter().any(|(n, _)| *n == hyper::http::header::CONNECTION);
     let kept = req
         .headers
         .iter()
         .filter(move |(n, _)| {
-            let dropped = is_hop_by_hop(n.as_bytes())
-                || n.eq_ignore_ascii_case("authorization")
-                || n.eq_ignore_ascii_case("host")
-                || n.eq_ignore_ascii_case(super::replicas::handoff::CLUSTER_HEADER)
-                || named && connection_names(&req.headers, n.as_bytes());
+            let name = n.as_str().as_bytes();
+            let dropped = is_hop_by_hop(name)
+                || *n == hyper::http::header::AUTHORIZATION
+                || *n == hyper::http::header::HOST
+                || *n == super::replicas::handoff::CLUSTER_HEADER
+                || named && connection_names(&req.headers, name);
             !dropped
         })
-        .map(|(n, v)| (n.as_bytes(), v.as_slice()));
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
     let upgrade =
         upgrade.into_iter().flat_map(|u| [(&b"Connection"[..], &b"Upgrade"[..]), (&b"Upgrade"[..], u.as_bytes())]);
     kept.chain(upgrade)
@@ -875,15 +874,10 @@ mod tests {
                 ("Accept", "application/json;as=Table;g=meta.k8s.io;v=v1"),
                 ("Content-Type", "application/merge-patch+json"),
             ];
-            let req = Request {
-                method: "GET".into(),
-                target: "/k8s/clusters/edge-1/api/v1/pods".into(),
-                proto,
-                headers: fields.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect(),
-            };
+            let req = Request::new("GET", "/k8s/clusters/edge-1/api/v1/pods", proto, fields).unwrap();
             let names: Vec<String> =
                 forward_fields(&req, None).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).collect();
-            assert_eq!(names, ["Accept", "Content-Type"], "{proto:?}");
+            assert_eq!(names, ["accept", "content-type"], "{proto:?}");
             let up: Vec<String> = forward_fields(&req, Some("SPDY/3.1"))
                 .map(|(n, v)| format!("{}: {}", String::from_utf8_lossy(n), String::from_utf8_lossy(v)))
                 .collect();
@@ -917,11 +911,9 @@ mod tests {
 
     #[test]
     fn kubernetes_paths_at_the_hub_root_get_a_hint() {
-        let req = |target: &str, auth: bool| Request {
-            method: "GET".into(),
-            target: target.into(),
-            proto: crate::hub::http::Proto::Http11,
-            headers: if auth { vec![("Authorization".into(), b"Bearer t".to_vec())] } else { vec![] },
+        let req = |target: &str, auth: bool| {
+            let fields: &[(&str, &str)] = if auth { &[("Authorization", "Bearer t")] } else { &[] };
+            Request::new("GET", target, crate::hub::http::Proto::Http11, fields).unwrap()
         };
         for (target, auth) in [
             ("/api", false),
