@@ -432,15 +432,24 @@ pub fn streamed(status: u16, fields: &[(&[u8], &[u8])], body: Body) -> Option<hy
 /// value moves into hyper's map without a copy, and the map is sized
 /// once (through the builder, each field moved the whole head and the
 /// map grew step by step; this way a proxied request costs the hub
-/// about 4 % fewer instructions).
-pub fn streamed_owned(status: u16, fields: Vec<crate::proto::Header>, body: Body) -> Option<hyper::Response<Body>> {
+/// about 4 % fewer instructions). `then` is appended after them: fields
+/// of the hub's own, constants that cost no allocation.
+pub fn streamed_owned<const N: usize>(
+    status: u16,
+    fields: Vec<crate::proto::Header>,
+    then: [(http::HeaderName, http::HeaderValue); N],
+    body: Body,
+) -> Option<hyper::Response<Body>> {
     let mut r = hyper::Response::new(body);
     *r.status_mut() = http::StatusCode::from_u16(status).ok()?;
     let map = r.headers_mut();
-    map.reserve(fields.len());
+    map.reserve(fields.len() + N);
     for h in fields {
         let name = http::HeaderName::from_bytes(&h.name).ok()?;
         map.append(name, http::HeaderValue::from_maybe_shared(Bytes::from(h.value)).ok()?);
+    }
+    for (name, value) in then {
+        map.append(name, value);
     }
     Some(r)
 }

@@ -493,6 +493,9 @@ fn switch_protocols(
         let message = format!("cluster \"{}\" answered with a malformed header", audit.cluster);
         return refuse(audit, 502, message);
     };
+    for (n, v) in sandbox() {
+        fields.push(Header::new(n.as_str(), v.as_bytes()));
+    }
     fields.push(Header::new("Connection", "Upgrade"));
     fields.push(Header::new("Upgrade", upgrade));
     let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|h| (h.name.as_slice(), h.value.as_slice())).collect();
@@ -553,7 +556,7 @@ async fn answer(
         Box::pin(async move { hub.draining_started().await }) as Pin<Box<dyn Future<Output = ()>>>
     });
     let body = Body::Pull(Box::pin(Download { stream, audit, no_body, drain, done: false }));
-    match super::http::streamed_owned(code, fields, body) {
+    match super::http::streamed_owned(code, fields, sandbox(), body) {
         Some(r) => Reply::Http(r),
         None => {
             Reply::Send(status_response(502, &format!("cluster \"{cluster_name}\" answered with a malformed header")))
@@ -712,28 +715,56 @@ const AGENT_MAY_NOT_SET: &[&str] = &[
     "service-worker-allowed",
 ];
 
+/// What every proxied answer carries besides the cluster's fields: a
+/// sandboxing policy, so that whatever a cluster answers can never run as
+/// the hub's own page.
+fn sandbox() -> [(hyper::http::HeaderName, hyper::http::HeaderValue); 2] {
+    use hyper::http::{HeaderValue, header};
+    [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox; default-src 'none'; frame-ancestors 'none'"),
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+    ]
+}
+
+/// The bytes of a field name (RFC 9110 §5.6.2 `tchar`), by table: every
+/// field of every answer is checked.
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            );
+        i += 1;
+    }
+    t
+};
+
 /// The agent's response fields as the hub will send them: hop-by-hop and
-/// origin-sensitive fields dropped, and a sandboxing policy added, so
-/// whatever a cluster answers can never run as the hub's own page.
+/// origin-sensitive fields dropped (the caller adds [`sandbox`]).
 /// `None` when a field could split the response (a name that is not a
 /// token, a value with CR, LF or NUL): the agent is not trusted to have
 /// checked.
 fn response_fields(mut headers: Vec<Header>) -> Option<Vec<Header>> {
     for h in &headers {
-        let token =
-            !h.name.is_empty() && h.name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !token || h.value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+        let token = !h.name.is_empty() && h.name.iter().all(|&b| TCHAR[b as usize]);
+        if !token || h.value.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
             return None;
         }
     }
     // In place: the fields move on into hyper's map without a copy.
     headers.retain(|h| {
-        let origin_sensitive = h.name.get(..15).is_some_and(|p| p.eq_ignore_ascii_case(b"access-control-"))
-            || AGENT_MAY_NOT_SET.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(&h.name));
-        !is_hop_by_hop(&h.name) && !origin_sensitive
+        let name = h.name.as_slice();
+        let origin_sensitive = name.get(..15).is_some_and(|p| p.eq_ignore_ascii_case(b"access-control-"))
+            || AGENT_MAY_NOT_SET.iter().any(|n| n.len() == name.len() && n.as_bytes().eq_ignore_ascii_case(name));
+        !is_hop_by_hop(name) && !origin_sensitive
     });
-    headers.push(Header::new("Content-Security-Policy", "sandbox; default-src 'none'; frame-ancestors 'none'"));
-    headers.push(Header::new("X-Content-Type-Options", "nosniff"));
     Some(headers)
 }
 
