@@ -384,7 +384,7 @@ impl Route {
     /// Opens a stream carrying `head` (on a peer session, naming the
     /// cluster for the other replica). A person's field of that name never
     /// reaches here: the kube front end's header policy drops it
-    /// (`kube::forward_headers`), and the other replica refuses a head
+    /// (`kube::forward_fields`), and the other replica refuses a head
     /// that names more than one cluster.
     /// Whether [`Route::open`] would take a stream now.
     pub fn can_open(&self) -> Result<(), StreamError> {
