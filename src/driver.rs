@@ -452,6 +452,18 @@ impl Session {
         Ok(Stream { id, shared: self.shared.clone(), opener: true })
     }
 
+    /// [`Session::open`] from a borrowed head ([`Mux::open_ref`]).
+    pub fn open_ref<'a, I>(&self, head: &crate::proto::codec::OpenHead<'a, I>) -> Result<Stream, StreamError>
+    where
+        I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    {
+        let mut s = self.shared.borrow_mut();
+        let id = s.mux.open_ref(head)?;
+        s.slots.insert(id, Slot::default());
+        s.dispatch();
+        Ok(Stream { id, shared: self.shared.clone(), opener: true })
+    }
+
     /// The next stream the peer opened, or `None` once the session is
     /// closed or the peer sent `GoAway`.
     pub async fn accept(&self) -> Option<(Stream, RequestHead)> {

@@ -160,6 +160,41 @@ fn request_response_with_half_close() {
     assert_eq!(p.agent.stream_count(), 0);
 }
 
+/// A head opened by reference (the hub's proxied requests) reaches the
+/// agent as the same head opened by value, and meets the same limits.
+#[test]
+fn a_borrowed_open_is_the_same_open() {
+    let mut p = Pair::new();
+    p.take_agent_events();
+    let owned = head("/api/v1/pods?limit=1");
+    let a = p.hub.open(owned.clone()).unwrap();
+    let b = p.hub.open_ref(&owned.as_open()).unwrap();
+    let extra = owned.as_open().with_field(b"uplink-peer-cluster", b"c_1");
+    let c = p.hub.open_ref(&extra).unwrap();
+    p.run();
+    let mut with_extra = owned.clone();
+    with_extra.headers.push(Header::new("uplink-peer-cluster", "c_1"));
+    assert_eq!(
+        p.take_agent_events(),
+        [
+            Event::Opened { id: a, head: owned.clone() },
+            Event::Opened { id: b, head: owned.clone() },
+            Event::Opened { id: c, head: with_extra }
+        ]
+    );
+    let mut crowded = owned.clone();
+    crowded.identity.groups = (0..300).map(|i| format!("g{i}")).collect();
+    let mut wordy = owned.clone();
+    wordy.headers = (0..300).map(|i| Header::new(format!("x-{i}"), "v")).collect();
+    let mut big = owned.clone();
+    big.headers = vec![Header::new("x-big", vec![b'v'; 300 * 1024])];
+    for bad in [crowded, wordy, big] {
+        let by_value = p.hub.open(bad.clone()).unwrap_err();
+        assert!(matches!(by_value, StreamError::Limits(_)), "{by_value:?}");
+        assert_eq!(p.hub.open_ref(&bad.as_open()).unwrap_err(), by_value);
+    }
+}
+
 #[test]
 fn both_sides_open_streams_without_colliding() {
     let mut p = Pair::new();

@@ -122,7 +122,7 @@ pub fn authenticate(hub: &Hub, req: &Request) -> Result<Option<User>, AuthError>
             })?;
             signed_in(hub, &id.name, &id.groups, id.admin).map(Some)
         }
-        (Some(t), _) => Ok(hub.store.user_by_token(&sha256_hex(t))?),
+        (Some(t), _) => Ok(hub.store.user_by_token(crate::secret::Sha256Hex::of(t).as_str())?),
         (None, Some(_)) => match browser::session_of(hub, req) {
             Ok(Some(s)) => signed_in(hub, &s.user.user, &s.user.groups, s.user.admin).map(Some),
             Ok(None) => Ok(None),
@@ -177,7 +177,7 @@ async fn json_body<T: for<'de> Deserialize<'de>>(body: &mut Incoming) -> Result<
 }
 
 fn param(req: &Request, name: &str) -> Option<String> {
-    query_params(&req.target).into_iter().find(|(k, _)| k == name).map(|(_, v)| v).filter(|v| !v.is_empty())
+    query_params(req.target()).into_iter().find(|(k, _)| k == name).map(|(_, v)| v).filter(|v| !v.is_empty())
 }
 
 /// Serves one `/api/v1/` request.
@@ -219,7 +219,7 @@ fn check_names<'a>(kind: NameKind, list: impl IntoIterator<Item = &'a String>) -
 }
 
 async fn dispatch(hub: &Hub, req: &Request, body: &mut Incoming) -> ApiResult {
-    let path = req.target.split('?').next().unwrap_or("");
+    let path = req.target().split('?').next().unwrap_or("");
     let decoded = segments(path)?;
     let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let m = req.method.as_str();

@@ -94,7 +94,7 @@ fn secure(r: Response) -> Response {
 
 /// Serves a console path (see [`is_console_path`]); `GET` and `HEAD` only.
 pub fn serve(req: &Request) -> Response {
-    let path = req.target.split('?').next().unwrap_or("");
+    let path = req.target().split('?').next().unwrap_or("");
     if path == "/" || path == "/index.html" {
         let html = INDEX.replace("{{BUILD}}", build_id());
         return secure(Response::new(200, "text/html; charset=utf-8", html).with_header("Cache-Control", "no-cache"));
@@ -125,12 +125,7 @@ mod tests {
     use super::*;
 
     fn get(target: &str) -> Response {
-        serve(&Request {
-            method: "GET".into(),
-            target: target.into(),
-            proto: crate::hub::http::Proto::Http11,
-            headers: vec![],
-        })
+        serve(&Request::new("GET", target, crate::hub::http::Proto::Http11, &[]).unwrap())
     }
 
     fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {

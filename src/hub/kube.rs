@@ -34,8 +34,9 @@ use super::http::{Body, Incoming, Reply, Request, Response, Upgraded};
 use super::store::{AuditEntry, Cluster, Lifecycle, User};
 use super::{Hub, api, valid_cluster_name};
 use crate::driver::{Stream, StreamClosed};
-use crate::http::{connection_options, is_hop_by_hop};
-use crate::proto::{Header, Identity, RequestHead, ResetCode, ResponseHead, StreamError};
+use crate::http::{connection_names, is_hop_by_hop};
+use crate::proto::codec::OpenHead;
+use crate::proto::{Header, ResetCode, ResponseHead, StreamError};
 use bytes::Bytes;
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,7 +127,7 @@ pub fn error_for(forward: &str, code: u16, message: &str) -> Response {
 /// do not, so `kubectl get --raw /healthz` no longer reads "ok" for a
 /// cluster it never reached.
 pub fn root_hint(req: &Request, public_url: &str) -> Option<Response> {
-    let path = req.target.split('?').next().unwrap_or("");
+    let path = req.target().split('?').next().unwrap_or("");
     let under = |p: &str| path == p || path.starts_with(&format!("{p}/"));
     let kube_like = path == "/api"
         || path == "/api/"
@@ -155,7 +156,7 @@ pub fn root_hint(req: &Request, public_url: &str) -> Option<Response> {
 /// forwarded path differ from what the hub checked: dot segments, empty
 /// segments, backslashes, encoded `/`, `\`, `.` or `%`, control bytes,
 /// and a second `/k8s/` prefix.
-pub fn split_target(target: &str) -> Result<(String, String), &'static str> {
+pub fn split_target(target: &str) -> Result<(&str, String), &'static str> {
     if !target.starts_with('/') {
         return Err("the request target must be a path");
     }
@@ -166,31 +167,39 @@ pub fn split_target(target: &str) -> Result<(String, String), &'static str> {
     if path.bytes().any(|b| b.is_ascii_control() || b == b'\\' || b == b' ' || b == b'#') {
         return Err("control characters, spaces and backslashes are not allowed in the path");
     }
-    let lower = path.to_ascii_lowercase();
-    for bad in ["%2f", "%5c", "%2e", "%25", "%00"] {
-        if lower.contains(bad) {
-            return Err("encoded '/', '\\', '.' or '%' are not allowed in the path");
-        }
+    // %2f, %5c, %2e, %25 and %00 in any case, looked for in place (every
+    // kube request comes through here).
+    let encoded = |w: &[u8]| {
+        w[0] == b'%'
+            && matches!((w[1], w[2].to_ascii_lowercase()), (b'2', b'f' | b'e' | b'5') | (b'5', b'c') | (b'0', b'0'))
+    };
+    if path.as_bytes().windows(3).any(encoded) {
+        return Err("encoded '/', '\\', '.' or '%' are not allowed in the path");
     }
     let rest = path.strip_prefix(PREFIX).ok_or("kube paths look like /k8s/clusters/NAME/api/...")?;
-    let mut segments = rest.split('/');
-    let name = segments.next().unwrap_or("");
+    let name = rest.split('/').next().unwrap_or("");
     if !valid_cluster_name(name) {
         return Err("the cluster name in the path is not a valid cluster name");
     }
-    let segments: Vec<&str> = segments.collect();
-    for (i, s) in segments.iter().enumerate() {
-        if *s == "." || *s == ".." {
-            return Err("'.' and '..' path segments are not allowed");
-        }
-        if s.is_empty() && i + 1 != segments.len() {
-            return Err("empty path segments ('//') are not allowed");
+    // What follows the name: empty, or `/` and the segments.
+    let after = &rest[name.len()..];
+    if let Some(segments) = after.strip_prefix('/') {
+        let mut segments = segments.split('/').peekable();
+        while let Some(s) = segments.next() {
+            if s == "." || s == ".." {
+                return Err("'.' and '..' path segments are not allowed");
+            }
+            if s.is_empty() && segments.peek().is_some() {
+                return Err("empty path segments ('//') are not allowed");
+            }
         }
     }
-    let mut forward = format!("/{}", segments.join("/"));
-    if forward.starts_with("/k8s/") || forward == "/k8s" {
+    let forward_path = if after.is_empty() { "/" } else { after };
+    if forward_path.starts_with("/k8s/") || forward_path == "/k8s" {
         return Err("a second /k8s/ prefix is not allowed");
     }
+    let mut forward = String::with_capacity(forward_path.len() + query.map_or(0, |q| q.len() + 1));
+    forward.push_str(forward_path);
     if let Some(q) = query {
         if q.bytes().any(|b| b.is_ascii_control() || b == b' ') {
             return Err("control characters are not allowed in the query");
@@ -198,7 +207,7 @@ pub fn split_target(target: &str) -> Result<(String, String), &'static str> {
         forward.push('?');
         forward.push_str(q);
     }
-    Ok((name.to_string(), forward))
+    Ok((name, forward))
 }
 
 /// What gets audited about a request; written once, when dropped, so a
@@ -287,7 +296,7 @@ pub(super) fn authenticate(hub: &Hub, req: &Request, forward: &str) -> Result<Us
 
 /// Serves one kube front-end request, along the module's pipeline.
 pub async fn proxy(hub: &Rc<Hub>, req: &Request, body: &mut Incoming) -> Reply {
-    let (cluster_name, forward) = match split_target(&req.target) {
+    let (cluster_name, forward) = match split_target(req.target()) {
         Ok(x) => x,
         Err(why) => return Reply::Send(status_response(400, &format!("path rejected by uplink-hub: {why}"))),
     };
@@ -295,31 +304,39 @@ pub async fn proxy(hub: &Rc<Hub>, req: &Request, body: &mut Incoming) -> Reply {
         Ok(u) => u,
         Err(refusal) => return Reply::Send(refusal),
     };
+    // Taken before the checks, as a refusal is audited too.
+    let (start, time) = (Instant::now(), now_ms());
+    let upgrade = req.upgrade();
+    let admitted = admit(hub, req, &user, cluster_name);
+    // The person's name and groups move into the audit record, and the
+    // tunnel's `Open` frame is written from there: no copy of either.
     let mut audit = Audit {
         hub: hub.clone(),
-        start: Instant::now(),
-        time: now_ms(),
-        user: user.name.clone(),
-        groups: user.groups.clone(),
-        cluster: cluster_name.clone(),
-        method: req.method.clone(),
-        path: forward.clone(),
+        start,
+        time,
+        user: user.name,
+        groups: user.groups,
+        cluster: cluster_name.to_string(),
+        method: req.method.to_string(),
+        path: forward,
         status: 499,
         bytes_in: 0,
         bytes_out: 0,
-        upgrade: req.upgrade().is_some(),
+        upgrade: upgrade.is_some(),
     };
-    let (cluster, groups) = match admit(hub, req, &user, &cluster_name) {
-        Ok(x) => x,
+    let cluster = match admitted {
+        Ok(c) => c,
         Err((code, message)) => return refuse(audit, code, message),
     };
-    audit.groups = groups.clone();
-    let upgrade = req.upgrade().map(str::to_string);
-    let head = RequestHead {
-        method: req.method.clone(),
-        path: forward.clone(),
-        headers: forward_headers(req, upgrade.as_deref()),
-        identity: Identity { user: user.name.clone(), groups, uid: None, extra: Vec::new() },
+    audit.groups = impersonable(&cluster, std::mem::take(&mut audit.groups));
+    let head = OpenHead {
+        method: req.method.as_str(),
+        path: &audit.path,
+        fields: forward_fields(req, upgrade),
+        user: &audit.user,
+        groups: &audit.groups,
+        uid: None,
+        extra: &[],
     };
     let mut stream = match open_stream(hub, &cluster.id, head).await {
         Ok(s) => s,
@@ -333,7 +350,7 @@ pub async fn proxy(hub: &Rc<Hub>, req: &Request, body: &mut Incoming) -> Reply {
             return refuse(audit, 503, format!("cluster \"{cluster_name}\" could not take the request: {e}"));
         }
     };
-    let resp_head = match upload(&mut stream, body, &mut audit, upgrade.is_some(), &cluster_name).await {
+    let resp_head = match upload(&mut stream, body, &mut audit, upgrade.is_some(), cluster_name).await {
         Ok(h) => h,
         Err(Upload::Client(e)) => {
             // The client's body broke: the stream is dropped (reset) and
@@ -343,7 +360,7 @@ pub async fn proxy(hub: &Rc<Hub>, req: &Request, body: &mut Incoming) -> Reply {
         }
         Err(Upload::Tunnel(e)) => {
             drop(stream);
-            let (code, message) = tunnel_failure(&cluster_name, &e);
+            let (code, message) = tunnel_failure(cluster_name, &e);
             return refuse(audit, code, message);
         }
     };
@@ -351,7 +368,7 @@ pub async fn proxy(hub: &Rc<Hub>, req: &Request, body: &mut Incoming) -> Reply {
     if resp_head.status == 101 {
         return switch_protocols(stream, resp_head.headers, upgrade, body, audit);
     }
-    answer(hub, req, &cluster_name, stream, resp_head, audit).await
+    answer(hub, req, cluster_name, stream, resp_head, audit).await
 }
 
 /// A refusal made by the hub: audited, and worded for the path asked.
@@ -362,14 +379,9 @@ fn refuse(mut audit: Audit, code: u16, message: String) -> Reply {
 
 /// The checks between authentication and the tunnel: the grant, no
 /// `Impersonate-*`, the cluster registered, the user and groups it was
-/// registered to impersonate, an agent activated. The cluster and the
-/// groups to impersonate, or the refusal's code and words.
-fn admit(
-    hub: &Hub,
-    req: &Request,
-    user: &User,
-    cluster_name: &str,
-) -> Result<(Rc<Cluster>, Vec<String>), (u16, String)> {
+/// registered to impersonate, an agent activated. The cluster, or the
+/// refusal's code and words.
+fn admit(hub: &Hub, req: &Request, user: &User, cluster_name: &str) -> Result<Rc<Cluster>, (u16, String)> {
     let reach = hub.store.may_reach(user, cluster_name).map_err(|e| (503, format!("uplink-hub store failed: {e}")))?;
     if !reach {
         return Err((
@@ -380,9 +392,7 @@ fn admit(
             ),
         ));
     }
-    if let Some((name, _)) =
-        req.headers.iter().find(|(n, _)| n.len() >= 12 && n[..12].eq_ignore_ascii_case("impersonate-"))
-    {
+    if let Some((name, _)) = req.headers.iter().find(|(n, _)| n.as_str().starts_with("impersonate-")) {
         return Err((
             403,
             format!(
@@ -407,13 +417,6 @@ fn admit(
             ),
         ));
     }
-    // Only groups the cluster's RBAC lets the agent impersonate: asking
-    // for more would fail the whole request. Dropping one only narrows.
-    let groups: Vec<String> = if cluster.groups.is_empty() {
-        user.groups.clone()
-    } else {
-        user.groups.iter().filter(|g| cluster.groups.iter().any(|c| c == *g || c == "*")).cloned().collect()
-    };
     if cluster.lifecycle == Lifecycle::Pending {
         return Err((
             503,
@@ -422,7 +425,17 @@ fn admit(
             ),
         ));
     }
-    Ok((cluster, groups))
+    Ok(cluster)
+}
+
+/// The person's groups the cluster was registered to let the agent
+/// impersonate: asking for more would fail the whole request. Dropping
+/// one only narrows.
+fn impersonable(cluster: &Cluster, mut groups: Vec<String>) -> Vec<String> {
+    if !cluster.groups.is_empty() {
+        groups.retain(|g| cluster.groups.iter().any(|c| c == g || c == "*"));
+    }
+    groups
 }
 
 /// Why [`upload`] stopped.
@@ -469,7 +482,7 @@ async fn upload(
 fn switch_protocols(
     stream: Stream,
     headers: Vec<Header>,
-    upgrade: Option<String>,
+    upgrade: Option<&str>,
     body: &mut Incoming,
     audit: Audit,
 ) -> Reply {
@@ -480,6 +493,9 @@ fn switch_protocols(
         let message = format!("cluster \"{}\" answered with a malformed header", audit.cluster);
         return refuse(audit, 502, message);
     };
+    for (n, v) in sandbox() {
+        fields.push(Header::new(n.as_str(), v.as_bytes()));
+    }
     fields.push(Header::new("Connection", "Upgrade"));
     fields.push(Header::new("Upgrade", upgrade));
     let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|h| (h.name.as_slice(), h.value.as_slice())).collect();
@@ -540,7 +556,7 @@ async fn answer(
         Box::pin(async move { hub.draining_started().await }) as Pin<Box<dyn Future<Output = ()>>>
     });
     let body = Body::Pull(Box::pin(Download { stream, audit, no_body, drain, done: false }));
-    match super::http::streamed_owned(code, fields, body) {
+    match super::http::streamed_owned(code, fields, sandbox(), body) {
         Some(r) => Reply::Http(r),
         None => {
             Reply::Send(status_response(502, &format!("cluster \"{cluster_name}\" answered with a malformed header")))
@@ -634,14 +650,21 @@ const TUNNEL_GRACE: Duration = Duration::from_secs(3);
 /// while the agent is redialling waits for it, up to [`TUNNEL_GRACE`],
 /// rather than being refused. `Err(None)`: no tunnel; `Err(Some)`: the
 /// tunnel could not take the stream.
-pub(super) async fn open_stream(hub: &Hub, cluster_id: &str, head: RequestHead) -> Result<Stream, Option<StreamError>> {
+pub(super) async fn open_stream<'a, I>(
+    hub: &Hub,
+    cluster_id: &str,
+    head: OpenHead<'a, I>,
+) -> Result<Stream, Option<StreamError>>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+{
     let until = Instant::now() + TUNNEL_GRACE;
     loop {
-        // Asked before the head is handed over, so a retry has it
-        // without a copy per request.
+        // Asked before the head is encoded, so that a stream refused for
+        // a passing reason is retried.
         let error = match super::replicas::handoff::route(hub, cluster_id).await {
             Some(route) => match route.can_open() {
-                Ok(()) => return route.open(head).map_err(Some),
+                Ok(()) => return route.open_ref(head.clone()).map_err(Some),
                 // Going away or closing: a new tunnel is on its way.
                 Err(e @ (StreamError::GoingAway | StreamError::Closed | StreamError::NotConnected)) => Some(e),
                 Err(e) => return Err(Some(e)),
@@ -692,54 +715,87 @@ const AGENT_MAY_NOT_SET: &[&str] = &[
     "service-worker-allowed",
 ];
 
+/// What every proxied answer carries besides the cluster's fields: a
+/// sandboxing policy, so that whatever a cluster answers can never run as
+/// the hub's own page.
+fn sandbox() -> [(hyper::http::HeaderName, hyper::http::HeaderValue); 2] {
+    use hyper::http::{HeaderValue, header};
+    // Constants, so the values are checked at compile time, not on every
+    // answer (`from_static` walks its bytes). A fresh value at each use.
+    #[allow(clippy::declare_interior_mutable_const)]
+    const CSP: HeaderValue = HeaderValue::from_static("sandbox; default-src 'none'; frame-ancestors 'none'");
+    #[allow(clippy::declare_interior_mutable_const)]
+    const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
+    [(header::CONTENT_SECURITY_POLICY, CSP), (header::X_CONTENT_TYPE_OPTIONS, NOSNIFF)]
+}
+
+/// The bytes of a field name (RFC 9110 §5.6.2 `tchar`), by table: every
+/// field of every answer is checked.
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            );
+        i += 1;
+    }
+    t
+};
+
 /// The agent's response fields as the hub will send them: hop-by-hop and
-/// origin-sensitive fields dropped, and a sandboxing policy added, so
-/// whatever a cluster answers can never run as the hub's own page.
+/// origin-sensitive fields dropped (the caller adds [`sandbox`]).
 /// `None` when a field could split the response (a name that is not a
 /// token, a value with CR, LF or NUL): the agent is not trusted to have
 /// checked.
 fn response_fields(mut headers: Vec<Header>) -> Option<Vec<Header>> {
     for h in &headers {
-        let token =
-            !h.name.is_empty() && h.name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !token || h.value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+        let token = !h.name.is_empty() && h.name.iter().all(|&b| TCHAR[b as usize]);
+        if !token || h.value.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
             return None;
         }
     }
     // In place: the fields move on into hyper's map without a copy.
     headers.retain(|h| {
-        let origin_sensitive = h.name.get(..15).is_some_and(|p| p.eq_ignore_ascii_case(b"access-control-"))
-            || AGENT_MAY_NOT_SET.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(&h.name));
-        !is_hop_by_hop(&h.name) && !origin_sensitive
+        let name = h.name.as_slice();
+        let origin_sensitive = name.get(..15).is_some_and(|p| p.eq_ignore_ascii_case(b"access-control-"))
+            || AGENT_MAY_NOT_SET.iter().any(|n| n.len() == name.len() && n.as_bytes().eq_ignore_ascii_case(name));
+        !is_hop_by_hop(name) && !origin_sensitive
     });
-    headers.push(Header::new("Content-Security-Policy", "sandbox; default-src 'none'; frame-ancestors 'none'"));
-    headers.push(Header::new("X-Content-Type-Options", "nosniff"));
     Some(headers)
 }
 
-/// The request fields that travel to the agent. Also dropped: the field
-/// a replica names a handed-off stream's cluster with
+/// The request fields that travel to the agent, as `(name, value)`
+/// borrowed from the request (walked twice: counted, then encoded into
+/// the `Open` frame). Also dropped: the field a replica names a
+/// handed-off stream's cluster with
 /// ([`super::replicas::handoff::CLUSTER_HEADER`]); only replicas set it.
-fn forward_headers(req: &Request, upgrade: Option<&str>) -> Vec<Header> {
-    // Fields the client's Connection header marks hop-by-hop (RFC 9110 §7.6.1).
-    let named = connection_options(&req.headers);
-    let mut out: Vec<Header> = req
+fn forward_fields<'a>(
+    req: &'a Request,
+    upgrade: Option<&'a str>,
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone + 'a {
+    // Fields the client's Connection header marks hop-by-hop (RFC 9110
+    // §7.6.1); most requests have no Connection field to look in.
+    let named = req.headers.iter().any(|(n, _)| *n == hyper::http::header::CONNECTION);
+    let kept = req
         .headers
         .iter()
-        .filter(|(n, _)| {
-            !is_hop_by_hop(n.as_bytes())
-                && !n.eq_ignore_ascii_case("authorization")
-                && !n.eq_ignore_ascii_case("host")
-                && !n.eq_ignore_ascii_case(super::replicas::handoff::CLUSTER_HEADER)
-                && !named.iter().any(|t| n.as_bytes().eq_ignore_ascii_case(t))
+        .filter(move |(n, _)| {
+            let name = n.as_str().as_bytes();
+            let dropped = is_hop_by_hop(name)
+                || *n == hyper::http::header::AUTHORIZATION
+                || *n == hyper::http::header::HOST
+                || *n == super::replicas::handoff::CLUSTER_HEADER
+                || named && connection_names(&req.headers, name);
+            !dropped
         })
-        .map(|(n, v)| Header::new(n.as_bytes(), v.clone()))
-        .collect();
-    if let Some(u) = upgrade {
-        out.push(Header::new("Connection", "Upgrade"));
-        out.push(Header::new("Upgrade", u));
-    }
-    out
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    let upgrade =
+        upgrade.into_iter().flat_map(|u| [(&b"Connection"[..], &b"Upgrade"[..]), (&b"Upgrade"[..], u.as_bytes())]);
+    kept.chain(upgrade)
 }
 
 async fn stream_read(s: &RefCell<Stream>, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -830,7 +886,7 @@ async fn pipe(stream: Stream, up: Upgraded) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::{error_for, forward_headers, root_hint, split_target, status_message};
+    use super::{error_for, forward_fields, root_hint, split_target, status_message};
     use crate::hub::http::{Proto, Request};
 
     #[test]
@@ -849,18 +905,12 @@ mod tests {
                 ("Accept", "application/json;as=Table;g=meta.k8s.io;v=v1"),
                 ("Content-Type", "application/merge-patch+json"),
             ];
-            let req = Request {
-                method: "GET".into(),
-                target: "/k8s/clusters/edge-1/api/v1/pods".into(),
-                proto,
-                headers: fields.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect(),
-            };
+            let req = Request::new("GET", "/k8s/clusters/edge-1/api/v1/pods", proto, fields).unwrap();
             let names: Vec<String> =
-                forward_headers(&req, None).iter().map(|h| String::from_utf8_lossy(&h.name).into_owned()).collect();
-            assert_eq!(names, ["Accept", "Content-Type"], "{proto:?}");
-            let up: Vec<String> = forward_headers(&req, Some("SPDY/3.1"))
-                .iter()
-                .map(|h| format!("{}: {}", String::from_utf8_lossy(&h.name), String::from_utf8_lossy(&h.value)))
+                forward_fields(&req, None).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).collect();
+            assert_eq!(names, ["accept", "content-type"], "{proto:?}");
+            let up: Vec<String> = forward_fields(&req, Some("SPDY/3.1"))
+                .map(|(n, v)| format!("{}: {}", String::from_utf8_lossy(n), String::from_utf8_lossy(v)))
                 .collect();
             assert_eq!(up[2..], ["Connection: Upgrade", "Upgrade: SPDY/3.1"], "{proto:?}");
         }
@@ -892,11 +942,9 @@ mod tests {
 
     #[test]
     fn kubernetes_paths_at_the_hub_root_get_a_hint() {
-        let req = |target: &str, auth: bool| Request {
-            method: "GET".into(),
-            target: target.into(),
-            proto: crate::hub::http::Proto::Http11,
-            headers: if auth { vec![("Authorization".into(), b"Bearer t".to_vec())] } else { vec![] },
+        let req = |target: &str, auth: bool| {
+            let fields: &[(&str, &str)] = if auth { &[("Authorization", "Bearer t")] } else { &[] };
+            Request::new("GET", target, crate::hub::http::Proto::Http11, fields).unwrap()
         };
         for (target, auth) in [
             ("/api", false),
@@ -928,11 +976,11 @@ mod tests {
     fn paths() {
         assert_eq!(
             split_target("/k8s/clusters/edge-1/api/v1/pods?watch=1").unwrap(),
-            ("edge-1".into(), "/api/v1/pods?watch=1".into())
+            ("edge-1", "/api/v1/pods?watch=1".into())
         );
-        assert_eq!(split_target("/k8s/clusters/edge-1").unwrap(), ("edge-1".into(), "/".into()));
-        assert_eq!(split_target("/k8s/clusters/edge-1/").unwrap(), ("edge-1".into(), "/".into()));
-        assert_eq!(split_target("/k8s/clusters/edge-1/api/").unwrap(), ("edge-1".into(), "/api/".into()));
+        assert_eq!(split_target("/k8s/clusters/edge-1").unwrap(), ("edge-1", "/".into()));
+        assert_eq!(split_target("/k8s/clusters/edge-1/").unwrap(), ("edge-1", "/".into()));
+        assert_eq!(split_target("/k8s/clusters/edge-1/api/").unwrap(), ("edge-1", "/api/".into()));
         for bad in [
             "/k8s/clusters/edge-1/../edge-2/api",
             "/k8s/clusters/edge-1/api/%2e%2e/x",

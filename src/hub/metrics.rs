@@ -7,10 +7,9 @@ use std::rc::Rc;
 
 #[derive(Default)]
 pub struct Metrics {
-    /// (cluster, status code) → proxied requests.
-    requests: RefCell<BTreeMap<(String, u16), u64>>,
-    /// cluster → (bytes from clients, bytes to clients).
-    bytes: RefCell<BTreeMap<String, (u64, u64)>>,
+    /// cluster → its proxied requests' counts, keyed by the name so that
+    /// counting a request allocates nothing once its cluster is known.
+    clusters: RefCell<BTreeMap<String, ClusterCounts>>,
     pub tunnels_accepted: Cell<u64>,
     pub activations: Cell<u64>,
     pub http_requests: Cell<u64>,
@@ -35,6 +34,15 @@ pub struct Metrics {
     by_proto: RefCell<BTreeMap<&'static str, (u64, u64, u64)>>,
 }
 
+/// One cluster's kube front-end counters.
+#[derive(Default)]
+struct ClusterCounts {
+    /// status code → proxied requests.
+    requests: BTreeMap<u16, u64>,
+    /// Bytes from clients, bytes to clients.
+    bytes: (u64, u64),
+}
+
 /// Counts a client connection as open until dropped.
 pub struct OpenConnection<'a> {
     metrics: &'a Metrics,
@@ -51,11 +59,14 @@ impl Drop for OpenConnection<'_> {
 
 impl Metrics {
     pub fn record(&self, cluster: &str, status: u16, bytes_in: u64, bytes_out: u64) {
-        *self.requests.borrow_mut().entry((cluster.to_string(), status)).or_default() += 1;
-        let mut b = self.bytes.borrow_mut();
-        let e = b.entry(cluster.to_string()).or_default();
-        e.0 += bytes_in;
-        e.1 += bytes_out;
+        let mut clusters = self.clusters.borrow_mut();
+        let c = match clusters.get_mut(cluster) {
+            Some(c) => c,
+            None => clusters.entry(cluster.to_string()).or_default(),
+        };
+        *c.requests.entry(status).or_default() += 1;
+        c.bytes.0 += bytes_in;
+        c.bytes.1 += bytes_out;
     }
 
     /// A client connection speaking `proto` (`h2`, `http/1.1`) opened.
@@ -92,11 +103,14 @@ impl Metrics {
         s += "# HELP uplink_hub_streams_open Streams open on all tunnels.\n# TYPE uplink_hub_streams_open gauge\n";
         let _ = writeln!(s, "uplink_hub_streams_open {streams}");
         s += "# HELP uplink_hub_kube_requests_total Kube front-end requests by cluster and status.\n# TYPE uplink_hub_kube_requests_total counter\n";
-        for ((c, code), n) in self.requests.borrow().iter() {
-            let _ = writeln!(s, "uplink_hub_kube_requests_total{{cluster=\"{}\",code=\"{code}\"}} {n}", esc(c));
+        let clusters = self.clusters.borrow();
+        for (c, counts) in clusters.iter() {
+            for (code, n) in &counts.requests {
+                let _ = writeln!(s, "uplink_hub_kube_requests_total{{cluster=\"{}\",code=\"{code}\"}} {n}", esc(c));
+            }
         }
         s += "# HELP uplink_hub_kube_bytes_total Kube front-end body bytes by cluster and direction.\n# TYPE uplink_hub_kube_bytes_total counter\n";
-        for (c, (i, o)) in self.bytes.borrow().iter() {
+        for (c, ClusterCounts { bytes: (i, o), .. }) in clusters.iter() {
             let _ = writeln!(s, "uplink_hub_kube_bytes_total{{cluster=\"{}\",direction=\"in\"}} {i}", esc(c));
             let _ = writeln!(s, "uplink_hub_kube_bytes_total{{cluster=\"{}\",direction=\"out\"}} {o}", esc(c));
         }

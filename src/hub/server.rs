@@ -851,7 +851,7 @@ async fn serve_request(
     let conn = &active.0;
     let upgrade = (req.version() != hyper::http::Version::HTTP_2).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let head = Request::from_parts(&parts);
+    let head = Request::from_parts(parts);
     hub.metrics.request(head.proto.label());
     if conn.ticket.borrow().is_pending() && credential_valid(&hub, &head) {
         conn.ticket.borrow_mut().authenticated();
@@ -887,7 +887,7 @@ async fn serve_request(
 /// until one has one, to take it off its address's cap (`limits`);
 /// handlers still authenticate every request themselves.
 fn credential_valid(hub: &Hub, req: &Request) -> bool {
-    if req.target.split('?').next() == Some("/v1/tunnel") {
+    if req.target().split('?').next() == Some("/v1/tunnel") {
         return agents::credential_valid(hub, req);
     }
     matches!(api::authenticate(hub, req), Ok(Some(_)))
@@ -895,10 +895,13 @@ fn credential_valid(hub: &Hub, req: &Request) -> bool {
 
 /// The router: one line per route, each a handler of `http` types.
 async fn route(hub: &Rc<Hub>, req: &Request, body: &mut Incoming, peer: SocketAddr) -> Reply {
-    let path = req.target.split('?').next().unwrap_or("");
+    let path = req.target().split('?').next().unwrap_or("");
     // An ID token naming a key the hub lacks: fetch the keys first, so
     // the (synchronous) authentication below sees them.
-    if let (Some(p), Some(token)) = (&hub.oidc, api::bearer(req)) {
+    // (The token is looked for only then: every request pays for it.)
+    if let Some(p) = &hub.oidc
+        && let Some(token) = api::bearer(req)
+    {
         p.prepare(token).await;
     }
     if path.starts_with(fleet::KUBE_PREFIX) {

@@ -143,6 +143,149 @@ where
     finish_prefix(out, start, max)
 }
 
+/// A request head by reference, for [`encode_open`] and `Mux::open_ref`:
+/// the hub builds it from the client's request as it holds it (hyper's
+/// fields, the person's name and groups from the audit record), so a
+/// proxied request's head goes into the transmit buffer without a
+/// [`RequestHead`] (a `Vec` per field name and value) built first.
+#[derive(Clone, Debug)]
+pub struct OpenHead<'a, I> {
+    pub method: &'a str,
+    /// Path and query.
+    pub path: &'a str,
+    /// `(name, value)` pairs; walked twice (counted, then written).
+    pub fields: I,
+    pub user: &'a str,
+    pub groups: &'a [String],
+    pub uid: Option<&'a str>,
+    pub extra: &'a [(String, Vec<String>)],
+}
+
+impl<'a, I> OpenHead<'a, I>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+{
+    /// The head with one more field at the end (a replica naming the
+    /// cluster of a handed-off stream), which may live less long.
+    pub fn with_field<'b>(
+        self,
+        name: &'b [u8],
+        value: &'b [u8],
+    ) -> OpenHead<'b, impl Iterator<Item = (&'b [u8], &'b [u8])> + Clone>
+    where
+        'a: 'b,
+    {
+        let shorter = |(n, v): (&'a [u8], &'a [u8])| -> (&'b [u8], &'b [u8]) { (n, v) };
+        OpenHead {
+            method: self.method,
+            path: self.path,
+            fields: self.fields.map(shorter).chain(std::iter::once((name, value))),
+            user: self.user,
+            groups: self.groups,
+            uid: self.uid,
+            extra: self.extra,
+        }
+    }
+
+    /// How many fields, and the bytes that count against
+    /// [`MAX_HEADER_BYTES`](super::frame::MAX_HEADER_BYTES): the same sums
+    /// as `header_bytes` and `identity_bytes` of the owned head.
+    pub fn size(&self) -> (usize, usize) {
+        let (count, fields) = self.fields.clone().fold((0, 0), |(c, b), (n, v)| (c + 1, b + n.len() + v.len()));
+        let identity = self.user.len()
+            + self.groups.iter().map(String::len).sum::<usize>()
+            + self.uid.map_or(0, str::len)
+            + self.extra.iter().map(|(k, v)| k.len() + v.iter().map(String::len).sum::<usize>()).sum::<usize>();
+        (count, fields + identity)
+    }
+
+    /// The owned head (tests, and callers that must keep one).
+    pub fn to_owned(&self) -> RequestHead {
+        RequestHead {
+            method: self.method.to_string(),
+            path: self.path.to_string(),
+            headers: self.fields.clone().map(|(n, v)| Header::new(n, v)).collect(),
+            identity: Identity {
+                user: self.user.to_string(),
+                groups: self.groups.to_vec(),
+                uid: self.uid.map(str::to_string),
+                extra: self.extra.to_vec(),
+            },
+        }
+    }
+}
+
+impl RequestHead {
+    /// This head by reference, for [`encode_open`] and `Mux::open_ref`.
+    pub fn as_open(&self) -> OpenHead<'_, impl Iterator<Item = (&[u8], &[u8])> + Clone> {
+        OpenHead {
+            method: &self.method,
+            path: &self.path,
+            fields: self.headers.iter().map(|h| (h.name.as_slice(), h.value.as_slice())),
+            user: &self.identity.user,
+            groups: &self.identity.groups,
+            uid: self.identity.uid.as_deref(),
+            extra: &self.identity.extra,
+        }
+    }
+}
+
+/// Appends an `Open` frame from a borrowed head; `count` must be how many
+/// fields `head.fields` yields. Byte for byte identical to
+/// `encode(&Frame::Open { .. })` of the same head (postcard: the tag, the
+/// id, method and path length-prefixed, the field count and each name
+/// and value, then the identity: user, groups, uid as an `Option`, extra
+/// as a sequence of key and values).
+pub fn encode_open<'a, I>(
+    id: StreamId,
+    head: &OpenHead<'a, I>,
+    count: usize,
+    max: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+{
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_PREFIX]);
+    push_varint(out, OPEN_TAG);
+    push_varint(out, id.0);
+    push_bytes(out, head.method.as_bytes());
+    push_bytes(out, head.path.as_bytes());
+    push_varint(out, count as u32);
+    for (name, value) in head.fields.clone() {
+        push_bytes(out, name);
+        push_bytes(out, value);
+    }
+    push_bytes(out, head.user.as_bytes());
+    push_strings(out, head.groups);
+    match head.uid {
+        None => out.push(0),
+        Some(uid) => {
+            out.push(1);
+            push_bytes(out, uid.as_bytes());
+        }
+    }
+    push_varint(out, head.extra.len() as u32);
+    for (key, values) in head.extra {
+        push_bytes(out, key.as_bytes());
+        push_strings(out, values);
+    }
+    finish_prefix(out, start, max)
+}
+
+fn push_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    push_varint(out, b.len() as u32);
+    out.extend_from_slice(b);
+}
+
+fn push_strings(out: &mut Vec<u8>, v: &[String]) {
+    push_varint(out, v.len() as u32);
+    for s in v {
+        push_bytes(out, s.as_bytes());
+    }
+}
+
 /// The postcard variant indexes of the frames encoded or decoded by hand.
 const OPEN_TAG: u32 = 2;
 const HEAD_TAG: u32 = 3;

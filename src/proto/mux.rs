@@ -622,6 +622,33 @@ impl Mux {
         Ok(id)
     }
 
+    /// [`Mux::open`] from a borrowed head: the same checks, and the same
+    /// bytes ([`codec::encode_open`]), with no [`RequestHead`] built
+    /// first (the hub's proxied requests).
+    pub fn open_ref<'a, I>(&mut self, head: &codec::OpenHead<'a, I>) -> Result<StreamId, StreamError>
+    where
+        I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    {
+        self.can_open()?;
+        if head.groups.len() > MAX_IDENTITY_ITEMS || head.extra.len() > MAX_IDENTITY_ITEMS {
+            return Err(StreamError::Limits("too many identity groups or extras"));
+        }
+        let (count, bytes) = head.size();
+        check_field_limits(count, bytes).map_err(StreamError::Limits)?;
+        if self.next_local > u32::MAX - 2 {
+            // Ids are never reused; a session that used them all must end.
+            return Err(StreamError::GoingAway);
+        }
+        let id = StreamId(self.next_local);
+        self.next_local += 2;
+        if codec::encode_open(id, head, count, self.peer_max_frame, &mut self.ctrl).is_err() {
+            return Err(StreamError::Limits("request head larger than the peer's frame limit"));
+        }
+        self.streams.insert(id, self.new_stream());
+        self.local_open += 1;
+        Ok(id)
+    }
+
     /// Sends the response head on a stream the peer opened.
     pub fn send_head(&mut self, id: StreamId, head: ResponseHead) -> Result<(), StreamError> {
         let fields = head.headers.iter().map(|h| (h.name.as_slice(), h.value.as_slice()));

@@ -352,6 +352,31 @@ proptest! {
         prop_assert_eq!(enc(&end), postcard_bytes(&end));
     }
 
+    /// The borrowed `Open` encoder (the hub's proxied requests) writes
+    /// what postcard writes for the same head, and so does it with a
+    /// field added (a replica's cluster field).
+    #[test]
+    fn open_fast_path_matches_postcard(
+        id in any::<u32>(),
+        method in "[A-Z]{0,7}",
+        path in ".{0,20}",
+        headers in arb_headers(),
+        identity in arb_identity(),
+    ) {
+        let id = StreamId(id);
+        let head = RequestHead { method, path, headers, identity };
+        let mut fast = Vec::new();
+        codec::encode_open(id, &head.as_open(), head.headers.len(), MAX_FRAME_LEN, &mut fast).unwrap();
+        prop_assert_eq!(&fast, &enc(&Frame::Open { id, head: head.clone() }));
+        prop_assert_eq!(head.as_open().to_owned(), head.clone());
+        let mut more = head.clone();
+        more.headers.push(Header::new("uplink-peer-cluster", "c_1"));
+        let mut fast = Vec::new();
+        let with = head.as_open().with_field(b"uplink-peer-cluster", b"c_1");
+        codec::encode_open(id, &with, more.headers.len(), MAX_FRAME_LEN, &mut fast).unwrap();
+        prop_assert_eq!(&fast, &enc(&Frame::Open { id, head: more }));
+    }
+
     /// The hand-written decoder takes every request and answer frame as
     /// postcard writes it, and nothing else.
     #[test]

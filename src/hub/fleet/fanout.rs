@@ -177,7 +177,7 @@ pub async fn ask_one(hub: &Hub, ask: &Ask<'_>, cluster: &Cluster) -> Outcome {
 
 /// The request itself: stream, head, body up to [`MAX_ANSWER`].
 async fn request(hub: &Hub, cluster: &Cluster, head: RequestHead) -> Outcome {
-    let mut stream = match kube::open_stream(hub, &cluster.id, head).await {
+    let mut stream = match kube::open_stream(hub, &cluster.id, head.as_open()).await {
         Ok(s) => s,
         Err(None) => {
             return failed(

@@ -151,7 +151,7 @@ fn accept_for(table: bool) -> String {
 }
 
 fn impersonation_refused(req: &Request) -> Option<String> {
-    req.headers.iter().find(|(n, _)| n.len() >= 12 && n[..12].eq_ignore_ascii_case("impersonate-")).map(|(name, _)| {
+    req.headers.iter().find(|(n, _)| n.as_str().starts_with("impersonate-")).map(|(name, _)| {
         format!("uplink-hub refuses impersonation ({name} header): the fleet view asks every cluster as you; remove --as/--as-group")
     })
 }
@@ -161,7 +161,7 @@ fn impersonation_refused(req: &Request) -> Option<String> {
 /// (a closed HTTP/1.1 connection, a reset HTTP/2 stream), and with it
 /// the fan-out and its tunnel streams.
 pub async fn kube(hub: &Hub, req: &Request) -> Reply {
-    let rest = req.target.strip_prefix(KUBE_PREFIX).unwrap_or("");
+    let rest = req.target().strip_prefix(KUBE_PREFIX).unwrap_or("");
     let (pattern, rest) = rest.split_once('/').map_or((rest.split('?').next().unwrap_or(""), ""), |(p, r)| (p, r));
     // client-go escapes `*` in a server URL's path.
     let pattern = pattern.replace("%2A", "*").replace("%2a", "*");
@@ -420,7 +420,7 @@ pub async fn rest(hub: &Rc<Hub>, req: &Request) -> Reply {
     if req.method != "GET" {
         return Reply::Send(api::error(405, "method_not_allowed", READ_ONLY));
     }
-    let params = super::http::query_params(&req.target);
+    let params = super::http::query_params(req.target());
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let pattern = param("clusters").unwrap_or_else(|| "*".into());
     if !valid_pattern(&pattern) {
@@ -435,7 +435,7 @@ pub async fn rest(hub: &Rc<Hub>, req: &Request) -> Reply {
         Some(Ok(s)) if s > 0 && Duration::from_secs(s) <= MAX_TIMEOUT => Duration::from_secs(s),
         Some(_) => return Reply::Send(api::error(400, "bad_request", "fleetTimeout= is whole seconds, 1 to 60")),
     };
-    let rest = req.target.strip_prefix(REST_PREFIX).unwrap_or("");
+    let rest = req.target().strip_prefix(REST_PREFIX).unwrap_or("");
     let forward = match split_target(&format!("/k8s/clusters/fleet/{rest}")) {
         Ok((_, f)) => f,
         Err(why) => return Reply::Send(api::error(400, "bad_request", why)),

@@ -124,8 +124,8 @@ impl std::fmt::Display for SessionError {
 pub fn cookie<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
     req.headers
         .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
-        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .filter(|(n, _)| n == "cookie")
+        .filter_map(|(_, v)| std::str::from_utf8(v.as_bytes()).ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)
@@ -244,7 +244,7 @@ fn clear(name: &str, path: &str) -> String {
 }
 
 async fn finish(hub: &Hub, p: &Provider, req: &Request) -> Result<Response, (u16, String)> {
-    let q: HashMap<String, String> = query_params(&req.target).into_iter().collect();
+    let q: HashMap<String, String> = query_params(req.target()).into_iter().collect();
     let state = q.get("state").map(String::as_str).unwrap_or("");
     // Single use: taken out before anything else can fail.
     let pending = p.browser.pending.borrow_mut().remove(&sha256_hex(state));

@@ -384,7 +384,7 @@ impl Route {
     /// Opens a stream carrying `head` (on a peer session, naming the
     /// cluster for the other replica). A person's field of that name never
     /// reaches here: the kube front end's header policy drops it
-    /// (`kube::forward_headers`), and the other replica refuses a head
+    /// (`kube::forward_fields`), and the other replica refuses a head
     /// that names more than one cluster.
     /// Whether [`Route::open`] would take a stream now.
     pub fn can_open(&self) -> Result<(), StreamError> {
@@ -399,6 +399,22 @@ impl Route {
             Route::Peer { session, cluster_id } => {
                 head.headers.push(Header::new(CLUSTER_HEADER, cluster_id.as_str()));
                 session.open(head)
+            }
+        }
+    }
+}
+
+impl Route {
+    /// [`Route::open`] from a borrowed head, as the kube front end opens
+    /// its streams.
+    pub fn open_ref<'a, I>(&self, head: crate::proto::codec::OpenHead<'a, I>) -> Result<Stream, StreamError>
+    where
+        I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    {
+        match self {
+            Route::Local(s) => s.open_ref(&head),
+            Route::Peer { session, cluster_id } => {
+                session.open_ref(&head.with_field(CLUSTER_HEADER.as_bytes(), cluster_id.as_bytes()))
             }
         }
     }
