@@ -22,7 +22,8 @@
 //! Measured per round, paths interleaved, medians of the rounds reported
 //! as ratios to direct: warm latency of a 2.5 KB JSON answer (like a small
 //! `kubectl get`; c=1 p50, p99; all paths in turns of short runs, so a
-//! slow spell falls on each alike), request rate with 32 keep-alive clients,
+//! slow spell falls on each alike; then again with each path pinned to
+//! one CPU, see [`Pinning`]), request rate with 32 keep-alive clients,
 //! CPU ms per 10k of those requests on each side of the tunnel (utime +
 //! stime from /proc), bulk download of 64 MiB, small-request latency while
 //! a bulk download runs on another connection through the same tunnel,
@@ -34,6 +35,8 @@
 //! (default 3); `UPLINK_BENCH_AGENT=PATH` runs another agent binary for
 //! the uplink path (e.g. the shipped `--no-default-features` build);
 //! `UPLINK_BENCH_BORE=PATH` names bore when it is not on `PATH`.
+//! The one-CPU c=1 run needs `taskset` (util-linux); without it that
+//! column says `-`.
 //!
 //! Needs `nginx` on `PATH` or in /usr/sbin; without it the bench says so
 //! and exits 0.
@@ -749,12 +752,18 @@ struct Route {
     ep: Endpoint,
     /// The tunnel's two processes: (edge side, hub side).
     pids: Option<(u32, u32)>,
+    /// Every process on the way (nginx's master and workers, the
+    /// tunnel's two), pinned together for the one-CPU c=1 run.
+    procs: Vec<u32>,
 }
 
 /// One round's numbers for one route.
 #[derive(Clone, Copy, Default)]
 struct Sample {
     warm: Latency,
+    /// [`warm_latencies`] with the path pinned to one CPU; `None` without
+    /// `taskset`.
+    one_cpu: Option<Latency>,
     rate: f64,
     cpu_edge: f64,
     cpu_hub: f64,
@@ -790,7 +799,11 @@ fn cpu_per_10k(d: Duration, requests: u64) -> f64 {
 /// p50 hung on what ran just before (one build in a given slot was the
 /// slower one in six of seven runs, whichever build it was); in turns,
 /// a slow spell of the machine falls on every route alike.
-fn warm_latencies(routes: &[Route], n: usize) -> Vec<Latency> {
+///
+/// With `pin`, each route's turn runs with its processes and the
+/// calling (measuring) thread on one CPU, and everything is unpinned
+/// after the turn, so nothing stays pinned for the other phases.
+fn warm_latencies(routes: &[Route], n: usize, pin: Option<&Pinning>) -> Vec<Latency> {
     let mut conns: Vec<(Vec<u8>, Conn)> = routes
         .iter()
         .map(|r| {
@@ -808,10 +821,20 @@ fn warm_latencies(routes: &[Route], n: usize) -> Vec<Latency> {
         for k in 0..routes.len() {
             let i = (k + turn) % routes.len();
             let (req, c) = &mut conns[i];
+            if let Some(pin) = pin {
+                pin.pin(&routes[i].procs);
+                // The moved threads' first requests run on cold caches.
+                for _ in 0..PIN_SETTLE_REQUESTS {
+                    c.get(req);
+                }
+            }
             for _ in 0..per_turn.min(n - samples[i].len()) {
                 let t = Instant::now();
                 c.get(req);
                 samples[i].push(t.elapsed());
+            }
+            if let Some(pin) = pin {
+                pin.unpin(&routes[i].procs);
             }
         }
     }
@@ -820,8 +843,100 @@ fn warm_latencies(routes: &[Route], n: usize) -> Vec<Latency> {
 
 /// Turns of [`warm_latencies`].
 const LATENCY_TURNS: usize = 20;
+/// Requests not counted after a route is pinned.
+const PIN_SETTLE_REQUESTS: usize = 5;
 
-fn measure(route: &Route, plan: &Plan, warm: Latency) -> Sample {
+/// Pins processes to one CPU and back, with `taskset` (util-linux; the
+/// crate has no `libc`, and `rustix` here lacks its `thread` feature).
+///
+/// Why: on a 2-vCPU VM the c=1 latency hangs on where the scheduler
+/// puts the client, nginx and the tunnel's processes. A request that
+/// crosses cores pays a vCPU wake-up each time, so the same binaries'
+/// p50 moved between 196 and 373 µs, and which path happened to share a
+/// core with the client mattered more than its code. On one CPU the
+/// figure is the work the path does per request.
+///
+/// Not for the other phases: c=32, bulk and the edge link need both
+/// CPUs, and [`warm_latencies`] unpins after every turn.
+struct Pinning {
+    /// The CPU everything goes to: the first the bench may run on.
+    cpu: String,
+    /// The bench's affinity when it started (all CPUs, unless it was run
+    /// under `taskset` itself): what everything is given back.
+    all: String,
+}
+
+impl Pinning {
+    /// `None` (and a notice) when `taskset` cannot be run here. Call from
+    /// the thread that measures: [`Pinning::pin`] pins the main thread.
+    fn new() -> Option<Pinning> {
+        let me = std::process::id().to_string();
+        let out = match Command::new("taskset").args(["-c", "-p", &me]).output() {
+            Ok(out) if out.status.success() => out,
+            other => {
+                eprintln!("e2e bench: taskset (util-linux) does not run here ({other:?}); the one-CPU c=1 run skipped");
+                return None;
+            }
+        };
+        // "pid 123's current affinity list: 0,1"
+        let text = String::from_utf8_lossy(&out.stdout);
+        let all = text.trim().rsplit_once(": ").map(|(_, l)| l.to_string())?;
+        let cpu = all.split([',', '-']).next()?.to_string();
+        Some(Pinning { cpu, all })
+    }
+
+    fn pin(&self, procs: &[u32]) {
+        self.set(procs, &self.cpu);
+    }
+
+    fn unpin(&self, procs: &[u32]) {
+        self.set(procs, &self.all);
+    }
+
+    /// Every thread of `procs` (`-a`: all of /proc/PID/task), and this
+    /// process's main thread (its tid is the pid; without `-a` only it),
+    /// which runs the measurements. Threads the client spawns later
+    /// inherit the main thread's affinity, restored by then.
+    fn set(&self, procs: &[u32], cpus: &str) {
+        assert_eq!(std::thread::current().name(), Some("main"), "measure on the main thread");
+        let me = std::process::id();
+        for (pid, all_threads) in procs.iter().map(|&p| (p, true)).chain([(me, false)]) {
+            let mut cmd = Command::new("taskset");
+            if all_threads {
+                cmd.arg("-a");
+            }
+            cmd.args(["-p", "-c", cpus, &pid.to_string()]).stdout(Stdio::null());
+            // A thread that exits while taskset walks /proc/PID/task
+            // fails that call (a hub's blocking-pool thread may): again.
+            let mut last = None;
+            for _ in 0..3 {
+                match cmd.output() {
+                    Ok(out) if out.status.success() => {
+                        last = None;
+                        break;
+                    }
+                    other => last = Some(other),
+                }
+            }
+            assert!(last.is_none(), "taskset -p -c {cpus} {pid} failed: {last:?}");
+        }
+    }
+}
+
+/// The children of `pid` (nginx's workers), from each process's
+/// /proc/PID/stat: its parent is the field after the state.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            rest.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
+}
+
+fn measure(route: &Route, plan: &Plan, warm: Latency, one_cpu: Option<Latency>) -> Sample {
     let cpu0 = route.pids.map(|(e, h)| (cpu_time(e), cpu_time(h)));
     let (rate, n) = rate(&route.ep, plan.rate_secs);
     let (cpu_edge, cpu_hub) = match (route.pids, cpu0) {
@@ -831,7 +946,7 @@ fn measure(route: &Route, plan: &Plan, warm: Latency) -> Sample {
     let bulk = bulk(&route.ep);
     let busy = busy_latency(&route.ep, plan.busy_requests, Duration::from_millis(200));
     let fresh = fresh_latency(&route.ep, plan.fresh_requests);
-    Sample { warm, rate, cpu_edge, cpu_hub, bulk, busy, fresh }
+    Sample { warm, one_cpu, rate, cpu_edge, cpu_hub, bulk, busy, fresh }
 }
 
 fn measure_edge(ep: &Endpoint, plan: &Plan) -> EdgeSample {
@@ -868,7 +983,7 @@ fn main() {
     let trust = |pem: &str| uplink::tls::client_config(&uplink::tls::Trust::CaPem(pem.into()), None, &[b"http/1.1"]);
     let direct =
         Endpoint { addr: nginx.addr, tls: trust(&nginx.ca_pem).unwrap(), prefix: String::new(), token: String::new() };
-    let mut routes = vec![Route { name: "direct".into(), ep: direct.clone(), pids: None }];
+    let mut routes = vec![Route { name: "direct".into(), ep: direct.clone(), pids: None, procs: Vec::new() }];
     let mut edges: Vec<(String, Endpoint)> = Vec::new();
     // Kept alive until the end; dropped in reverse order.
     let mut procs: Vec<Proc> = Vec::new();
@@ -904,7 +1019,12 @@ fn main() {
             proc_status_kib(agent.pid(), "VmRSS:"),
             proc_status_kib(hub.proc.pid(), "VmRSS:"),
         ));
-        routes.push(Route { name: name.clone(), ep: near, pids: Some((agent.pid(), hub.proc.pid())) });
+        routes.push(Route {
+            name: name.clone(),
+            ep: near,
+            pids: Some((agent.pid(), hub.proc.pid())),
+            procs: Vec::new(),
+        });
         edges.push((name.clone(), far));
         eprintln!(
             "e2e bench: {name}: hub pid {}, agent pid {}, edge hub pid {}, edge agent pid {}",
@@ -925,6 +1045,7 @@ fn main() {
                     name: "bore".into(),
                     ep: Endpoint { addr, ..direct.clone() },
                     pids: Some((local.pid(), server.pid())),
+                    procs: Vec::new(),
                 });
                 procs.extend([local, server]);
             }
@@ -933,6 +1054,13 @@ fn main() {
     // The bench profile aborts on panic, so no Drop runs then: say what
     // to stop by hand if an assertion fails.
     eprintln!("e2e bench: nginx pid {}, data in {}", nginx.proc.pid(), dir.display());
+    // nginx's workers are up by now: every path but direct has sent a
+    // request through.
+    let nginx_pids: Vec<u32> = std::iter::once(nginx.proc.pid()).chain(children(nginx.proc.pid())).collect();
+    for r in &mut routes {
+        r.procs = nginx_pids.iter().copied().chain(r.pids.into_iter().flat_map(|(e, h)| [e, h])).collect();
+    }
+    let pinning = Pinning::new();
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); routes.len()];
     let mut edge_samples: Vec<Vec<EdgeSample>> = vec![Vec::new(); edges.len()];
@@ -941,11 +1069,20 @@ fn main() {
         // neighbour's burst does not always land on the same path.
         let n = routes.len();
         eprintln!("e2e bench: round {}/{}: c=1 latency, every path in turns", round + 1, plan.rounds);
-        let warm = warm_latencies(&routes, plan.latency_requests);
+        let warm = warm_latencies(&routes, plan.latency_requests, None);
+        let one_cpu = pinning.as_ref().map(|pin| {
+            eprintln!(
+                "e2e bench: round {}/{}: c=1 latency on CPU {}, every path in turns",
+                round + 1,
+                plan.rounds,
+                pin.cpu
+            );
+            warm_latencies(&routes, plan.latency_requests, Some(pin))
+        });
         for k in 0..n {
             let i = (k + round) % n;
             eprintln!("e2e bench: round {}/{}: {}", round + 1, plan.rounds, routes[i].name);
-            samples[i].push(measure(&routes[i], &plan, warm[i]));
+            samples[i].push(measure(&routes[i], &plan, warm[i], one_cpu.as_ref().map(|w| w[i])));
         }
         for k in 0..edges.len() {
             let i = (k + round) % edges.len();
@@ -954,7 +1091,7 @@ fn main() {
         }
     }
 
-    report(&routes, &samples, &edges, &edge_samples, &idle_rss, &plan);
+    report(&routes, &samples, &edges, &edge_samples, &idle_rss, &plan, pinning.as_ref());
     drop(procs);
     drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);
@@ -967,10 +1104,13 @@ fn report(
     edge_samples: &[Vec<EdgeSample>],
     idle_rss: &[(String, u64, u64)],
     plan: &Plan,
+    pinning: Option<&Pinning>,
 ) {
     let med = |i: usize, f: &dyn Fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
     let d = |f: &dyn Fn(&Sample) -> f64| med(0, f);
     let (d50, drate, dbulk, dfresh) = (d(&|s| ms(s.warm.p50)), d(&|s| s.rate), d(&|s| s.bulk), d(&|s| ms(s.fresh.p50)));
+    let one_cpu = |s: &Sample| s.one_cpu.map_or(f64::NAN, |l| ms(l.p50));
+    let d1 = d(&one_cpu);
     println!();
     println!(
         "uplink e2e: 2.5 KB JSON answers from nginx (TLS), {} CPUs, medians of {} rounds, paths interleaved",
@@ -979,14 +1119,20 @@ fn report(
     );
     println!();
     println!(
-        "| path | c=1 p50 | × direct | c=1 p99 | c=32 req/s | × direct | bulk MiB/s | × direct | fresh conn p50 × direct | small p50 during bulk × idle | p99 during bulk | edge CPU ms/10k req | hub CPU ms/10k req |"
+        "| path | c=1 p50 | × direct | c=1 p99 | c=1 p50, one CPU | × direct | c=32 req/s | × direct | bulk MiB/s | × direct | fresh conn p50 × direct | small p50 during bulk × idle | p99 during bulk | edge CPU ms/10k req | hub CPU ms/10k req |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, r) in routes.iter().enumerate() {
         let p50 = med(i, &|s| ms(s.warm.p50));
         let cpu = |x: f64| if x.is_nan() { "-".to_string() } else { format!("{x:.0}") };
+        let p50_one = med(i, &one_cpu);
+        let (p50_one, p50_one_x) = if p50_one.is_nan() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (format!("{p50_one:.3} ms"), format!("{:.2}", p50_one / d1))
+        };
         println!(
-            "| {} | {:.3} ms | {:.2} | {:.3} ms | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} ms | {} | {} |",
+            "| {} | {:.3} ms | {:.2} | {:.3} ms | {p50_one} | {p50_one_x} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} ms | {} | {} |",
             r.name,
             p50,
             p50 / d50,
@@ -1001,6 +1147,14 @@ fn report(
             cpu(med(i, &|s| s.cpu_edge)),
             cpu(med(i, &|s| s.cpu_hub)),
         );
+    }
+    println!();
+    match pinning {
+        Some(pin) => println!(
+            "c=1 p50, one CPU: the same c=1 runs in turns, each path's processes (nginx's master and workers, hub, agent, bore server and local; all their threads) and the bench's measuring thread pinned to CPU {} with taskset for its turn, then given back CPUs {}. Spread over the VM's CPUs, a request that crosses cores pays a vCPU wake-up, so the c=1 p50 above mixes each path's own work with where the scheduler happens to put its processes; on one CPU it is the work.",
+            pin.cpu, pin.all
+        ),
+        None => println!("c=1 p50, one CPU: not measured (taskset not found)"),
     }
     if !edges.is_empty() {
         let rtt = ms(EDGE_DELAY) * 2.0;
