@@ -503,10 +503,13 @@ fn a_black_holed_tunnel_is_noticed_at_the_deadline_and_back_when_the_path_return
     }
     let samples = probe.finish("black hole");
     // Requests caught in the outage failed with a Status naming the hop.
+    let failed: Vec<&Outcome> =
+        samples.iter().map(|s| &s.outcome).filter(|o| matches!(o, Outcome::Failed(..))).collect();
     assert!(
-        samples.iter().any(
-            |s| matches!(&s.outcome, Outcome::Failed(503, m) if m.contains("tunnel") || m.contains("not connected"))
-        )
+        failed
+            .iter()
+            .any(|o| matches!(o, Outcome::Failed(503, m) if m.contains("tunnel") || m.contains("not connected"))),
+        "no request caught in the outages failed with a 503 naming the tunnel; the failures: {failed:?}"
     );
     let n = report("dead tunnel noticed after the path went silent (dead-after 3s)", &noticed);
     let r = report("recovery after a black-holed path returns", &recovered);
