@@ -545,10 +545,19 @@ impl Decoder {
     /// hands it back with [`Decoder::filled`]. Meanwhile the decoder holds
     /// nothing (it is not fed from anywhere else).
     pub fn lend(&mut self) -> InputBuf {
-        self.make_room(READ_ROOM);
         if self.buf.len() < READ_HOME {
-            self.buf.resize(READ_HOME, 0);
+            // A zeroed allocation, not a resize: the allocator hands out
+            // fresh pages untouched (calloc), so an idle tunnel's buffer
+            // costs memory only as far as reads have filled it (the hub
+            // holds one per agent).
+            let held = self.end - self.start;
+            let mut home = vec![0u8; READ_HOME.max(held + READ_ROOM)];
+            home[..held].copy_from_slice(&self.buf[self.start..self.end]);
+            self.buf = home;
+            self.start = 0;
+            self.end = held;
         }
+        self.make_room(READ_ROOM);
         InputBuf { buf: std::mem::take(&mut self.buf), end: self.end }
     }
 
