@@ -704,7 +704,7 @@ fn a_hung_database_holds_requests_at_most_the_statement_timeout() {
 /// simulated agents, one cluster each, every one holding a tunnel to
 /// each of 3 replicas. Target: at most 100 KiB per tunnel.
 /// `UPLINK_HUB_BIN=PATH` measures another build, and then checks the
-/// target: the static release binary (cross/build.sh) measured 62 KiB;
+/// target: the static release binary (cross/build.sh) measured 51 KiB;
 /// the debug build, about 105 KiB, is only printed.
 #[test]
 #[ignore = "a figure, about a minute: cargo test --test hub_pg -- --ignored rss --nocapture"]
