@@ -1,6 +1,7 @@
 //! Hubs as real processes on a shared PostgreSQL (started by the test):
 //! replicas starting together, changes on one replica reaching another,
-//! durability under kill -9, and the database going away and coming back.
+//! durability under kill -9, and the database going away and coming back
+//! (cached answers keep working, uncached grant checks get a 503).
 //!
 //! Not here: agents tunnelling to several replicas (`tests/hub_replicas.rs`)
 //! and the hand-off between replicas (`tests/hub_handoff.rs`); an agent
@@ -574,6 +575,87 @@ fn the_store_going_away_and_coming_back() {
     assert_eq!(w.status, 201, "{}", w.text());
     assert_eq!(kube(), 200);
     assert!(hub.log().contains("store back"));
+}
+
+/// A grant check with nothing cached while PostgreSQL is away answers
+/// 503 (the store failed), never a 403 that would say "no grant" to a
+/// person who has one; a decision the cache holds answers as before; and
+/// once PostgreSQL is back the uncached check answers rightly again.
+///
+/// The grant list is cached whole (`CachedStore::grants`), so "nothing
+/// cached" means a replica whose grant list was never read since its
+/// cache was last emptied. Replica B is that: every write on A reaches B
+/// as a change notification that empties B's cache, and afterwards the
+/// people only asked B `whoami`, which reads (and caches) their token but
+/// not the grants. Their first kubectl request through B then needs the
+/// grant list from the store. Replica A answered kubectl requests for
+/// both people after the last write, so it holds the grant list.
+#[test]
+fn an_uncached_grant_check_while_the_store_is_away_is_a_503_not_a_403() {
+    let Some(pg) = Postgres::start("hub-cold") else { return };
+    let a = start(&pg, "cold-a");
+    let b = start(&pg, "cold-b");
+    let admin = a.admin_token.clone().unwrap();
+    let jane = add_user(&a, &admin, "jane@example.com", &[]);
+    let alice = add_user(&a, &admin, "arn:aws:iam::1234567890:user/Alice", &[]);
+    let g = a
+        .client(Some(&admin))
+        .post_json("/api/v1/grants", &json!({ "user": "jane@example.com", "clusters": "edge-1" }))
+        .unwrap();
+    assert_eq!(g.status, 201, "{}", g.text());
+    let credential = register_and_activate(&a, &admin, "edge-1");
+    let agents = SimAgents::start(a.addr, &a.ca_pem, &credential, 1);
+    assert!(wait_for(10, || agents.state.lock().unwrap().connected == 1));
+    // The tunnel's own writes (status, event) come back to both replicas
+    // as change notifications that empty their caches: let them land.
+    std::thread::sleep(Duration::from_millis(1500));
+    let kube = |hub: &HubProc, token: &str| hub.client(Some(token)).get("/k8s/clusters/edge-1/api/v1/pods").unwrap();
+    assert_eq!(kube(&a, &jane).status, 200, "warms A's cache");
+    assert_eq!(kube(&a, &alice).status, 403, "warms A's cache");
+    for token in [&jane, &alice] {
+        let w = b.client(Some(token)).get("/api/v1/whoami").unwrap();
+        assert_eq!(w.status, 200, "B caches the token, not the grants: {}", w.text());
+    }
+
+    assert!(pg.stop_server().status.success());
+    assert!(wait_for(10, || readyz(&b).0 == 503), "B sees the store away");
+    for (token, who) in [(&jane, "jane@example.com"), (&alice, "arn:aws:iam::1234567890:user/Alice")] {
+        let r = kube(&b, token);
+        let body = r.json();
+        assert_eq!(r.status, 503, "{who} on B: {}", r.text());
+        assert_eq!(body["reason"], "ServiceUnavailable", "{}", r.text());
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("store unavailable"), "{message}");
+        assert!(!message.contains("no grant"), "{message}");
+    }
+    // B's log says why, once for the outage (not once per refusal).
+    assert_eq!(b.log().matches("store away").count(), 1, "{}", b.log());
+    assert_eq!(kube(&a, &jane).status, 200, "A's cached grant still reaches the cluster");
+    let r = kube(&a, &alice);
+    assert_eq!(r.status, 403, "A's cached refusal stays a refusal: {}", r.text());
+    assert!(r.json()["message"].as_str().unwrap().contains("no grant"), "{}", r.text());
+
+    assert!(pg.start_server().status.success());
+    assert!(wait_for(15, || readyz(&b).0 == 200), "B recovers by itself");
+    let r = kube(&b, &alice);
+    assert_eq!(r.status, 403, "B reads the grants again: {}", r.text());
+    assert!(r.json()["message"].as_str().unwrap().contains("no grant"), "{}", r.text());
+    let r = kube(&b, &jane);
+    assert_eq!(r.status, 200, "B reads jane's grant and hands the request to A: {}", r.text());
+    // The refusals were made past authentication, by the grant check (a
+    // failed token lookup is not audited), and their audit entries, made
+    // while the store was away, reach it once it is back.
+    let id_b = replica_id(&b);
+    let refused = || {
+        pg.query(&format!(
+            "SELECT string_agg(user_name, ',' ORDER BY user_name) FROM audit WHERE replica = '{id_b}' AND status = 503"
+        ))
+    };
+    assert!(
+        wait_for(10, || refused() == "arn:aws:iam::1234567890:user/Alice,jane@example.com"),
+        "B's audit of the 503s: {:?}",
+        refused()
+    );
 }
 
 /// `uplink_hub_store_queries_total` by call, from the hub's `/metrics`.
