@@ -1,7 +1,8 @@
 //! The multiplexer: one tunnel session's state machine.
 //!
 //! Sans-IO in the manner of quinn-proto: bytes and `now` go in through
-//! [`Mux::handle_input`] and [`Mux::handle_timeout`]; bytes to send come
+//! [`Mux::handle_input`] (or read in place: [`Mux::input_buffer`] and
+//! [`Mux::handle_read`]) and [`Mux::handle_timeout`]; bytes to send come
 //! out of [`Mux::take_transmit`], events out of [`Mux::poll_event`], and
 //! the next deadline out of [`Mux::poll_timeout`]. It owns no socket,
 //! reads no clock and never blocks, so both the agent and the hub drive
