@@ -26,12 +26,11 @@
 //!
 //! A connection that goes idle between requests (the agent's pool of
 //! API-server connections) is watched instead ([`Socket::watch_idle`]):
-//! read interest is armed when it goes idle, so taking it out again
-//! needs no `peek` to see whether the server closed it (the reactor
-//! would have said so), and the first read of the next answer waits for
-//! its readiness event rather than finding the queue empty. Per reused
-//! connection that is one `epoll_ctl` where a `peek`, a failed `recv` and
-//! an `epoll_ctl` were.
+//! read interest is armed when it goes idle, so the first read of the
+//! next answer waits for its readiness event rather than finding the
+//! queue empty. Per reused connection that saves a failed `recv` and an
+//! `epoll_ctl`. (Whether the server closed it is still a `peek`: the
+//! reactor's silence is not proof, see `agent::net::Io::idle_alive`.)
 //!
 //! [`Prefixed`] puts bytes read past an upgrade's answer head back in
 //! front of the stream.
@@ -91,23 +90,14 @@ impl Socket {
     }
 
     /// For a connection going idle: arms read interest now (with a waker
-    /// that does nothing) and marks the queue empty, so that
-    /// [`Socket::quiet_since_idle`] can tell without a syscall whether
-    /// the peer sent anything since, and the first read after the next
-    /// request waits for the answer's readiness event, whose interest is
-    /// already armed, instead of a `recv` that would find nothing yet.
+    /// that does nothing) and marks the queue empty, so the first read
+    /// after the next request waits for the answer's readiness event,
+    /// whose interest is already armed, instead of a `recv` that would
+    /// find nothing yet.
     pub fn watch_idle(&mut self) {
         // Ready: the reactor already reported bytes or the end; the next
-        // read, or the check, finds out which.
+        // read finds out which.
         self.drained = self.io.poll_readable(&mut Context::from_waker(Waker::noop())).is_pending();
-    }
-
-    /// Since [`Socket::watch_idle`] the reactor has not reported the
-    /// socket readable: the peer has sent neither bytes nor its end (a
-    /// close or reset also makes it readable). False when it has, or when
-    /// the socket was not being watched; a caller then asks the kernel.
-    pub fn quiet_since_idle(&mut self) -> bool {
-        self.drained && self.io.poll_readable(&mut Context::from_waker(Waker::noop())).is_pending()
     }
 
     pub fn get_ref(&self) -> &TcpStream {

@@ -482,7 +482,7 @@ impl Pool {
 
     /// A warm idle connection (`true`) or a fresh one (`false`).
     pub async fn get(&self) -> io::Result<(Conn, bool)> {
-        while let Some(mut conn) = self.idle.borrow_mut().pop() {
+        while let Some(conn) = self.idle.borrow_mut().pop() {
             if conn.idle_since.elapsed() < self.idle_timeout && conn.io.idle_alive() {
                 return Ok((conn, true));
             }
@@ -521,8 +521,8 @@ impl Pool {
         }
         conn.reusable = false;
         conn.idle_since = Instant::now();
-        // Its read interest armed now, so taking it out again needs no
-        // `peek` and its next answer no `recv` that finds nothing yet.
+        // Its read interest armed now, so its next answer's first read
+        // waits for readiness instead of a `recv` that finds nothing yet.
         conn.io.watch_idle();
         let mut idle = self.idle.borrow_mut();
         if idle.len() >= self.max_idle {

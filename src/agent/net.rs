@@ -399,13 +399,12 @@ impl Io {
 
     /// Whether an idle connection can still carry a request: the server
     /// has neither closed it nor sent anything unasked (which, on an idle
-    /// HTTP/1.1 connection, is a close or an error). Without a syscall
-    /// when it was watched ([`Io::watch_idle`]) and the reactor has not
-    /// reported it readable; otherwise one non-blocking `peek`.
-    pub fn idle_alive(&mut self) -> bool {
-        if self.socket_mut().quiet_since_idle() {
-            return true;
-        }
+    /// HTTP/1.1 connection, is a close or an error). One non-blocking
+    /// `peek`, always: the reactor's word that nothing came is not proof
+    /// (an event delivered by another thread's reactor turn in the tick
+    /// the interest was armed is not reported as new; a unit test handed
+    /// out a closed connection that way).
+    pub fn idle_alive(&self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.tcp().peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
