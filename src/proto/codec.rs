@@ -98,8 +98,7 @@ pub fn encode_data(id: StreamId, data: &[u8], max: u32, out: &mut Vec<u8>) -> Re
     out.extend_from_slice(&[0; LEN_PREFIX]);
     push_varint(out, DATA_TAG);
     push_varint(out, id.0);
-    push_varint(out, data.len() as u32);
-    out.extend_from_slice(data);
+    push_bytes(out, data);
     finish_prefix(out, start, max)
 }
 
@@ -135,10 +134,8 @@ where
     push_varint(out, u32::from(status));
     push_varint(out, count as u32);
     for (name, value) in fields {
-        push_varint(out, name.len() as u32);
-        out.extend_from_slice(name);
-        push_varint(out, value.len() as u32);
-        out.extend_from_slice(value);
+        push_bytes(out, name);
+        push_bytes(out, value);
     }
     finish_prefix(out, start, max)
 }

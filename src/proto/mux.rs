@@ -606,21 +606,7 @@ impl Mux {
 
     /// Opens a stream carrying a request head.
     pub fn open(&mut self, head: RequestHead) -> Result<StreamId, StreamError> {
-        self.can_open()?;
-        check_head_limits(&head.headers, Some(&head.identity)).map_err(StreamError::Limits)?;
-        if self.next_local > u32::MAX - 2 {
-            // Ids are never reused; a session that used them all must end.
-            return Err(StreamError::GoingAway);
-        }
-        let id = StreamId(self.next_local);
-        self.next_local += 2;
-        let frame = Frame::Open { id, head };
-        if codec::encode(&frame, self.peer_max_frame, &mut self.ctrl).is_err() {
-            return Err(StreamError::Limits("request head larger than the peer's frame limit"));
-        }
-        self.streams.insert(id, self.new_stream());
-        self.local_open += 1;
-        Ok(id)
+        self.open_ref(&head.as_open())
     }
 
     /// [`Mux::open`] from a borrowed head: the same checks, and the same
