@@ -1013,3 +1013,38 @@ fn systemctl_restart_with_the_socket_unit_refuses_nothing() {
     report("systemctl restart: the longest a request waited", &waits);
     assert!(refused.is_empty(), "refused during the restart: {refused:?}");
 }
+
+/// The relay's black hole is exact: bytes sent after `pause(true)` has
+/// returned do not cross until `pause(false)`, even when a pump was
+/// already inside a read. The tests above (and `fleet`'s slow cluster)
+/// count on it; a pump that forwarded what its in-flight read brought
+/// once let a paused cluster answer.
+#[test]
+fn the_relay_holds_what_is_sent_after_a_pause() {
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = echo.accept().unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            if s.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    });
+    let relay = Relay::start(target);
+    let mut c = std::net::TcpStream::connect(relay.addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut one = [0u8; 1];
+    for round in 0..20u8 {
+        relay.pause(true);
+        c.write_all(&[round]).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(60))).unwrap();
+        let leaked = c.read(&mut one);
+        assert!(leaked.is_err(), "round {round}: a byte crossed the paused relay: {leaked:?}");
+        relay.pause(false);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.read_exact(&mut one).unwrap();
+        assert_eq!(one[0], round, "round {round}");
+    }
+}

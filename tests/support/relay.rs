@@ -18,8 +18,9 @@
 //!                               the client
 //! ```
 //!
-//! Blocking threads, two per connection, short read timeouts so a pause
-//! takes effect within a few milliseconds. Not a proxy of any protocol:
+//! Blocking threads, two per connection, short read timeouts. A pause is
+//! exact: a pump checks it again after every read, so bytes sent once
+//! `pause(true)` has returned are held until `pause(false)`. Not a proxy of any protocol:
 //! it never looks inside the bytes.
 
 use std::io::{ErrorKind, Read, Write};
@@ -220,6 +221,15 @@ fn pump(mut from: TcpStream, mut to: TcpStream, done: &AtomicBool, inner: &Inner
                 return;
             }
         };
+        // A read that began before a pause can return after it: what it
+        // brought is held, not forwarded, so that nothing sent after
+        // `pause(true)` returned crosses the relay until `pause(false)`.
+        while inner.paused.load(Ordering::SeqCst) {
+            if done.load(Ordering::SeqCst) || inner.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(TICK);
+        }
         if towards_client && inner.corrupt_next.swap(false, Ordering::SeqCst) {
             buf[n / 2] ^= 0x5a;
         }
