@@ -917,19 +917,38 @@ impl RawApiServer {
                             return;
                         }
                         let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                        let mut length = 0;
                         loop {
                             let mut h = String::new();
                             if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                                 break;
                             }
+                            if let Some((name, value)) = h.split_once(':') {
+                                if name.eq_ignore_ascii_case("content-length") {
+                                    length = value.trim().parse().unwrap();
+                                }
+                            }
+                        }
+                        let mut body = vec![0u8; length];
+                        if std::io::Read::read_exact(&mut r, &mut body).is_err() {
+                            return;
                         }
                         record.lock().unwrap()[i].push(path.clone());
+                        if path == "/silent" {
+                            // Takes the request and says nothing, until
+                            // the agent gives up on the connection.
+                            let _ = r.read_line(&mut line);
+                            return;
+                        }
                         let answer: &[u8] = match path.as_str() {
                             "/bad-length" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: +5\r\n\r\nhello",
                             "/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
                             _ => b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
                         };
-                        if w.write_all(answer).is_err() {
+                        if w.write_all(answer).is_err() || path == "/ok-then-close" {
+                            // That one closes its keep-alive connection
+                            // right after a complete answer, as a server
+                            // that restarts or trims idle connections does.
                             return;
                         }
                     }
@@ -970,6 +989,58 @@ fn bad_content_length_from_the_api_server_is_a_502_and_the_connection_is_dropped
         }
     }
     assert!(a.log().contains("malformed API-server response"), "{}", a.log());
+}
+
+/// The API server closes a keep-alive connection right after a complete
+/// answer. A bodiless request that meets it in the pool (taken without a
+/// liveness check when just used) is retried on a fresh connection; a
+/// request with a body is never sent on it (the pool's check sees the
+/// close); and a server that took a request and said nothing until the
+/// response deadline is not asked again.
+#[test]
+fn a_connection_the_api_server_closed_loses_no_request_and_silence_is_not_retried() {
+    let w = World::new("stale-pooled");
+    let api = RawApiServer::start();
+    let mut args = w.args();
+    let i = args.iter().position(|a| a == "--kube-url").unwrap();
+    args[i + 1] = api.url.clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let n = w.hub.tunnels();
+    let _a = Agent::spawn(&w.dir, &args, &[("UPLINK_RESPONSE_TIMEOUT", "1s")]);
+    w.hub.wait_connected(n + 1);
+    let jane = || ident("jane@example.com", &["system:authenticated"]);
+    for round in 0..5 {
+        assert_eq!(w.hub.get("/ok-then-close", jane()).0, 200, "round {round}");
+        let (status, body) = w.hub.get("/ok", jane());
+        assert_eq!(status, 200, "round {round}: {}", String::from_utf8_lossy(&body));
+    }
+    for round in 0..3 {
+        assert_eq!(w.hub.get("/ok-then-close", jane()).0, 200, "round {round}");
+        // The close has reached the agent before the next request.
+        std::thread::sleep(Duration::from_millis(50));
+        let s = w.hub.open(
+            "POST",
+            "/ok",
+            jane(),
+            &[("Content-Type", "application/json"), ("Content-Length", "2")],
+            b"{}",
+            true,
+        );
+        let (status, _) = s.head();
+        assert_eq!(status, 200, "round {round}: {}", String::from_utf8_lossy(&s.body()));
+    }
+    assert_eq!(w.hub.get("/ok", jane()).0, 200);
+    let (status, body) = w.hub.get("/silent", jane());
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, body["code"].as_u64()), (504, Some(504)), "{body}");
+    let conns = api.conns.lock().unwrap().clone();
+    let asked: usize = conns.iter().map(|c| c.iter().filter(|p| *p == "/silent").count()).sum();
+    assert_eq!(asked, 1, "the silent server was asked again: {conns:?}");
+    for c in &conns {
+        if let Some(i) = c.iter().position(|p| p == "/ok-then-close") {
+            assert_eq!(i + 1, c.len(), "a request reached a closed connection: {conns:?}");
+        }
+    }
 }
 
 /// A hub that sends a malformed `ReplicaSet` (a bad URL, too many

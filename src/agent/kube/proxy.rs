@@ -223,7 +223,10 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
             .send_head_fields(info.status, headers::response_fields(info.status, fields))
             .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))
     };
-    let (mut conn, mut reused) = pool.get().await.map_err(upstream)?;
+    // A bodiless request is retried below, so a just-used connection is
+    // taken without the liveness check.
+    let got = if body == ReqBody::None { pool.get_replayable().await } else { pool.get().await };
+    let (mut conn, mut reused) = got.map_err(upstream)?;
     let resp = loop {
         let attempt = async {
             conn.write_all(&wire_head).await.map_err(|e| (Failure::Upstream(e.to_string()), true))?;
