@@ -402,8 +402,14 @@ where
             Ok(up) => match up.downcast::<super::rt::Io<super::rt::Tls>>() {
                 Ok(parts) => {
                     let mut tls = parts.io.into_inner();
-                    // Raw bytes from here on, bulk as often as not.
-                    tls.get_mut().0.short_reads_drain(false);
+                    // Raw bytes from here on, bulk as often as not; but a
+                    // short read right after a wait took a whole burst (a
+                    // tunnel's batch of frames, a keystroke), and the
+                    // `recv` after it would find nothing: once per
+                    // request at one client on a tunnel, as on the agent.
+                    let socket = &mut tls.get_mut().0;
+                    socket.short_reads_drain(false);
+                    socket.short_reads_after_wait_drain(true);
                     then(Prefixed::new(parts.read_buf.into(), tls)).await
                 }
                 Err(_) => log::error!("an upgraded connection was not the hub's TLS stream"),
