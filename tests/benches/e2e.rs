@@ -25,9 +25,11 @@
 //! slow spell falls on each alike; then again with each path pinned to
 //! one CPU, see [`Pinning`]), request rate with 32 keep-alive clients,
 //! CPU ms per 10k of those requests on each side of the tunnel (utime +
-//! stime from /proc), bulk download of 64 MiB, small-request latency while
-//! a bulk download runs on another connection through the same tunnel,
-//! and a request on a fresh connection (full TLS handshake). On the edge
+//! stime from /proc), bulk download of 64 MiB, upload of 64 MiB (a `PUT`
+//! that nginx's WebDAV module stores, answering once all of it is in),
+//! small-request latency while a bulk download runs on another
+//! connection through the same tunnel, and a request on a fresh
+//! connection (full TLS handshake). On the edge
 //! link: small-request p50/p99 and the time to the first byte of a
 //! watch-like stream while a download runs. Agent RSS when idle.
 //!
@@ -122,6 +124,16 @@ impl Endpoint {
         .into_bytes()
     }
 
+    /// The head of a `PUT` of `len` bytes (nginx's WebDAV module stores
+    /// it, answering once the whole body is in).
+    fn put_head(&self, path: &str, len: usize) -> Vec<u8> {
+        format!(
+            "PUT {}{path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nUser-Agent: uplink-bench\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n",
+            self.prefix, self.addr, self.token
+        )
+        .into_bytes()
+    }
+
     fn connect(&self) -> Conn {
         let tcp = TcpStream::connect(self.addr).expect("connect");
         tcp.set_nodelay(true).unwrap();
@@ -190,6 +202,34 @@ impl Conn {
 }
 
 impl Conn {
+    /// Sends a `PUT` head and its body, and reads the answer: `201` or
+    /// `204` (created or replaced), with an empty or no body.
+    fn put(&mut self, head: &[u8], body: &[u8]) {
+        self.io.write_all(head).expect("write request head");
+        for piece in body.chunks(256 * 1024) {
+            self.io.write_all(piece).expect("write request body");
+        }
+        self.io.flush().unwrap();
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(n) = resp.parse(&self.buf[self.start..self.end]).expect("response head") {
+                let text = String::from_utf8_lossy(&self.buf[self.start..self.end]).into_owned();
+                assert!(matches!(resp.code, Some(201 | 204)), "{text}");
+                let len = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                    .unwrap_or(0);
+                assert_eq!(len, 0, "{text}");
+                self.start += n;
+                return;
+            }
+            self.fill();
+        }
+    }
+
     /// Sends a request for a stream (a watch) and returns once its head
     /// and the first body byte are in.
     fn first_body_byte(&mut self, request: &[u8]) {
@@ -303,6 +343,18 @@ fn bulk(ep: &Endpoint) -> f64 {
     let t = Instant::now();
     assert_eq!(c.get(&req), LARGE);
     LARGE as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// MiB/s of one upload of the large body on a warm connection: from the
+/// first byte of the `PUT` to its answer, which nginx sends once the
+/// whole body is stored.
+fn upload(ep: &Endpoint, body: &[u8]) -> f64 {
+    let head = ep.put_head("/up/large", body.len());
+    let mut c = ep.connect();
+    c.get(&ep.request(SMALL));
+    let t = Instant::now();
+    c.put(&head, body);
+    body.len() as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
 }
 
 /// Downloads the large file over and over on its own connection until
@@ -484,8 +536,13 @@ fn start_nginx(bin: &Path, dir: &Path) -> Nginx {
         .signed_by(&key, &ca, &ca_key)
         .unwrap();
     let www = dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
+    std::fs::create_dir_all(www.join("up")).unwrap();
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    // nginx's workers store uploads there, as whatever user they run as.
+    for d in [www.join("up"), dir.join("tmp")] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
     std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
     std::fs::write(www.join("small.json"), small_json()).unwrap();
@@ -519,6 +576,7 @@ http {{
         root {d}/www;
         location = /version {{ default_type application/json; }}
         location = /small.json {{ default_type application/json; }}
+        location /up/ {{ dav_methods PUT; client_max_body_size 128m; client_body_buffer_size 1m; }}
         location = /watch {{ default_type application/json; limit_rate 1k; }}
     }}
 }}
@@ -768,6 +826,8 @@ struct Sample {
     cpu_edge: f64,
     cpu_hub: f64,
     bulk: f64,
+    /// MiB/s of a 64 MiB upload ([`upload`]).
+    upload: f64,
     busy: Latency,
     fresh: Latency,
 }
@@ -936,7 +996,7 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn measure(route: &Route, plan: &Plan, warm: Latency, one_cpu: Option<Latency>) -> Sample {
+fn measure(route: &Route, plan: &Plan, warm: Latency, one_cpu: Option<Latency>, body: &[u8]) -> Sample {
     let cpu0 = route.pids.map(|(e, h)| (cpu_time(e), cpu_time(h)));
     let (rate, n) = rate(&route.ep, plan.rate_secs);
     let (cpu_edge, cpu_hub) = match (route.pids, cpu0) {
@@ -944,9 +1004,10 @@ fn measure(route: &Route, plan: &Plan, warm: Latency, one_cpu: Option<Latency>) 
         _ => (f64::NAN, f64::NAN),
     };
     let bulk = bulk(&route.ep);
+    let upload = upload(&route.ep, body);
     let busy = busy_latency(&route.ep, plan.busy_requests, Duration::from_millis(200));
     let fresh = fresh_latency(&route.ep, plan.fresh_requests);
-    Sample { warm, one_cpu, rate, cpu_edge, cpu_hub, bulk, busy, fresh }
+    Sample { warm, one_cpu, rate, cpu_edge, cpu_hub, bulk, upload, busy, fresh }
 }
 
 fn measure_edge(ep: &Endpoint, plan: &Plan) -> EdgeSample {
@@ -1064,6 +1125,8 @@ fn main() {
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); routes.len()];
     let mut edge_samples: Vec<Vec<EdgeSample>> = vec![Vec::new(); edges.len()];
+    // The upload's body: the download's bytes, made once.
+    let upload_body: Vec<u8> = (0..LARGE as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     for round in 0..plan.rounds {
         // Interleaved, and each round in another order, so a noisy
         // neighbour's burst does not always land on the same path.
@@ -1082,7 +1145,7 @@ fn main() {
         for k in 0..n {
             let i = (k + round) % n;
             eprintln!("e2e bench: round {}/{}: {}", round + 1, plan.rounds, routes[i].name);
-            samples[i].push(measure(&routes[i], &plan, warm[i], one_cpu.as_ref().map(|w| w[i])));
+            samples[i].push(measure(&routes[i], &plan, warm[i], one_cpu.as_ref().map(|w| w[i]), &upload_body));
         }
         for k in 0..edges.len() {
             let i = (k + round) % edges.len();
@@ -1109,6 +1172,7 @@ fn report(
     let med = |i: usize, f: &dyn Fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
     let d = |f: &dyn Fn(&Sample) -> f64| med(0, f);
     let (d50, drate, dbulk, dfresh) = (d(&|s| ms(s.warm.p50)), d(&|s| s.rate), d(&|s| s.bulk), d(&|s| ms(s.fresh.p50)));
+    let dup = d(&|s| s.upload);
     let one_cpu = |s: &Sample| s.one_cpu.map_or(f64::NAN, |l| ms(l.p50));
     let d1 = d(&one_cpu);
     println!();
@@ -1119,9 +1183,9 @@ fn report(
     );
     println!();
     println!(
-        "| path | c=1 p50 | × direct | c=1 p99 | c=1 p50, one CPU | × direct | c=32 req/s | × direct | bulk MiB/s | × direct | fresh conn p50 × direct | small p50 during bulk × idle | p99 during bulk | edge CPU ms/10k req | hub CPU ms/10k req |"
+        "| path | c=1 p50 | × direct | c=1 p99 | c=1 p50, one CPU | × direct | c=32 req/s | × direct | bulk MiB/s | × direct | upload MiB/s | × direct | fresh conn p50 × direct | small p50 during bulk × idle | p99 during bulk | edge CPU ms/10k req | hub CPU ms/10k req |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, r) in routes.iter().enumerate() {
         let p50 = med(i, &|s| ms(s.warm.p50));
         let cpu = |x: f64| if x.is_nan() { "-".to_string() } else { format!("{x:.0}") };
@@ -1132,7 +1196,7 @@ fn report(
             (format!("{p50_one:.3} ms"), format!("{:.2}", p50_one / d1))
         };
         println!(
-            "| {} | {:.3} ms | {:.2} | {:.3} ms | {p50_one} | {p50_one_x} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} ms | {} | {} |",
+            "| {} | {:.3} ms | {:.2} | {:.3} ms | {p50_one} | {p50_one_x} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} ms | {} | {} |",
             r.name,
             p50,
             p50 / d50,
@@ -1141,6 +1205,8 @@ fn report(
             med(i, &|s| s.rate) / drate,
             med(i, &|s| s.bulk),
             med(i, &|s| s.bulk) / dbulk,
+            med(i, &|s| s.upload),
+            med(i, &|s| s.upload) / dup,
             med(i, &|s| ms(s.fresh.p50)) / dfresh,
             med(i, &|s| ms(s.busy.p50) / ms(s.warm.p50)),
             med(i, &|s| ms(s.busy.p99)),
