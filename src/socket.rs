@@ -30,7 +30,10 @@
 //! next answer waits for its readiness event rather than finding the
 //! queue empty. Per reused connection that saves a failed `recv` and an
 //! `epoll_ctl`. (Whether the server closed it is still a `peek`: the
-//! reactor's silence is not proof, see `agent::net::Io::idle_alive`.)
+//! reactor's silence is not proof, see `agent::net::Io::idle_alive`;
+//! a bodiless request on a connection used within the second skips it
+//! and is retried on a fresh connection instead, see
+//! `agent::http1::Pool::get_replayable`.)
 //!
 //! [`Prefixed`] puts bytes read past an upgrade's answer head back in
 //! front of the stream.

@@ -934,6 +934,19 @@ impl RawApiServer {
                             return;
                         }
                         record.lock().unwrap()[i].push(path.clone());
+                        if path == "/stray" {
+                            // A faulty server: a body after its answer to
+                            // HEAD, a moment later.
+                            let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n";
+                            if w.write_all(head).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(30));
+                            if w.write_all(b"hello").is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         if path == "/silent" {
                             // Takes the request and says nothing, until
                             // the agent gives up on the connection.
@@ -995,8 +1008,9 @@ fn bad_content_length_from_the_api_server_is_a_502_and_the_connection_is_dropped
 /// answer. A bodiless request that meets it in the pool (taken without a
 /// liveness check when just used) is retried on a fresh connection; a
 /// request with a body is never sent on it (the pool's check sees the
-/// close); and a server that took a request and said nothing until the
-/// response deadline is not asked again.
+/// close); a faulty server's body after a HEAD answer is not taken for
+/// the next answer; and a server that took a request and said nothing
+/// until the response deadline is not asked again.
 #[test]
 fn a_connection_the_api_server_closed_loses_no_request_and_silence_is_not_retried() {
     let w = World::new("stale-pooled");
@@ -1029,6 +1043,15 @@ fn a_connection_the_api_server_closed_loses_no_request_and_silence_is_not_retrie
         let (status, _) = s.head();
         assert_eq!(status, 200, "round {round}: {}", String::from_utf8_lossy(&s.body()));
     }
+    // A stray body after a HEAD answer is not read as the next answer,
+    // though the next request is bodiless and comes at once.
+    for round in 0..3 {
+        let s = w.hub.open("HEAD", "/stray", jane(), &[], b"", true);
+        assert_eq!(s.head().0, 200, "round {round}");
+        std::thread::sleep(Duration::from_millis(100));
+        let (status, body) = w.hub.get("/ok", jane());
+        assert_eq!(status, 200, "round {round}: {}", String::from_utf8_lossy(&body));
+    }
     assert_eq!(w.hub.get("/ok", jane()).0, 200);
     let (status, body) = w.hub.get("/silent", jane());
     let body: Value = serde_json::from_slice(&body).unwrap();
@@ -1039,6 +1062,11 @@ fn a_connection_the_api_server_closed_loses_no_request_and_silence_is_not_retrie
     for c in &conns {
         if let Some(i) = c.iter().position(|p| p == "/ok-then-close") {
             assert_eq!(i + 1, c.len(), "a request reached a closed connection: {conns:?}");
+        }
+        // (Sent there, it would have read the stray body as its answer
+        // and been tried again elsewhere: a request made twice.)
+        if let Some(i) = c.iter().position(|p| p == "/stray") {
+            assert_eq!(i + 1, c.len(), "a request went where a stray body waited: {conns:?}");
         }
     }
 }

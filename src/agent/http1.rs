@@ -94,11 +94,24 @@ pub struct Conn {
     idle_since: Instant,
     /// The last read filled its buffer: more is probably waiting.
     big_reads: bool,
+    /// The last answer had no body by the rules (HEAD, 204, 304), which a
+    /// faulty server may send anyway: the next reuse checks for stray
+    /// bytes even when it could skip the check ([`Pool::get_replayable`]).
+    recheck: bool,
 }
 
 impl Conn {
     pub fn new(io: Io) -> Self {
-        Conn { io, buf: Vec::new(), pos: 0, end: 0, reusable: false, idle_since: Instant::now(), big_reads: false }
+        Conn {
+            io,
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            reusable: false,
+            idle_since: Instant::now(),
+            big_reads: false,
+            recheck: false,
+        }
     }
 
     /// Bytes read from the socket but not yet consumed.
@@ -499,7 +512,10 @@ impl Pool {
     /// without a body). A connection idle for less than [`UNCHECKED_IDLE`]
     /// is handed out without the `peek`, a syscall per request saved: a
     /// close within that moment costs the caller its retry, and no server
-    /// times a connection out (and says `408`) that quickly.
+    /// times a connection out (and says `408`) that quickly. Not after an
+    /// answer that had no body by the rules, where a faulty server's
+    /// stray body would be read as the next answer
+    /// ([`Conn::recheck_before_reuse`]).
     pub async fn get_replayable(&self) -> io::Result<(Conn, bool)> {
         self.get_checked(true).await
     }
@@ -507,7 +523,8 @@ impl Pool {
     async fn get_checked(&self, replayable: bool) -> io::Result<(Conn, bool)> {
         while let Some(conn) = self.idle.borrow_mut().pop() {
             let idle = conn.idle_since.elapsed();
-            if idle < self.idle_timeout && ((replayable && idle < UNCHECKED_IDLE) || conn.io.idle_alive()) {
+            let unchecked = replayable && idle < UNCHECKED_IDLE && !conn.recheck;
+            if idle < self.idle_timeout && (unchecked || conn.io.idle_alive()) {
                 return Ok((conn, true));
             }
         }
@@ -564,6 +581,12 @@ impl Conn {
     /// Marks the connection fit for reuse after a fully read response.
     pub fn mark_reusable(&mut self, yes: bool) {
         self.reusable = yes;
+    }
+
+    /// Whether its next reuse must look for stray bytes first (see
+    /// `recheck`): after an answer that had no body by the rules.
+    pub fn recheck_before_reuse(&mut self, yes: bool) {
+        self.recheck = yes;
     }
 }
 
@@ -720,10 +743,19 @@ mod tests {
             assert!(reused, "taken without the peek");
             unchecked.mark_reusable(true);
             pool.put(unchecked);
-            let accept = smol::spawn(async move { listener.accept().await.unwrap() });
-            let (_fresh, reused) = pool.get().await.unwrap();
+            // (The listener's backlog completes the new connections.)
+            let (mut fresh, reused) = pool.get().await.unwrap();
             assert!(!reused, "the checked get skipped the closed connection");
-            accept.await;
+            let (mut server_side, _) = listener.accept().await.unwrap();
+            // After a bodiless answer (HEAD, 204, 304) a replayable request
+            // checks too: stray bytes sent after it are seen.
+            fresh.mark_reusable(true);
+            fresh.recheck_before_reuse(true);
+            pool.put(fresh);
+            smol::io::AsyncWriteExt::write_all(&mut server_side, b"stray body").await.unwrap();
+            smol::Timer::after(Duration::from_millis(50)).await;
+            let (_other, reused) = pool.get_replayable().await.unwrap();
+            assert!(!reused, "the connection with stray bytes was skipped");
         });
     }
 

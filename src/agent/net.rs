@@ -403,7 +403,9 @@ impl Io {
     /// `peek`, always: the reactor's word that nothing came is not proof
     /// (an event delivered by another thread's reactor turn in the tick
     /// the interest was armed is not reported as new; a unit test handed
-    /// out a closed connection that way).
+    /// out a closed connection that way). The pool skips it only for a
+    /// request it can replay on a fresh connection
+    /// (`http1::Pool::get_replayable`).
     pub fn idle_alive(&self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.tcp().peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)

@@ -301,6 +301,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
     }
     stream.finish();
     conn.mark_reusable(reader.allows_reuse() && !resp.close && resp.body != BodyKind::Close);
+    conn.recheck_before_reuse(resp.body == BodyKind::None);
     pool.put(conn);
     if body == ReqBody::None {
         // Let the hub's End arrive so the stream closes cleanly instead of
