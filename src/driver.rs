@@ -702,7 +702,9 @@ impl Stream {
     /// no credit or the transmit buffer no room (wait with
     /// [`Stream::writable`]), so the wait for the reader and the wait for
     /// the tunnel can be told apart. A reset or the session's end while
-    /// the reader is quiet ends the wait with the stream's error.
+    /// the reader is quiet ends the wait with the stream's error. `max`
+    /// of 0 reads nothing: `Read(Ok(0))`, which otherwise means the
+    /// reader's end.
     pub async fn send_from<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
