@@ -99,6 +99,16 @@ impl From<StreamClosed> for io::Error {
     }
 }
 
+/// What one [`Stream::send_from`] did.
+#[derive(Debug)]
+pub enum Relayed {
+    /// The reader's result: bytes read and queued (0: the reader's end),
+    /// or its error.
+    Read(io::Result<usize>),
+    /// Nothing may be queued now: wait with [`Stream::writable`].
+    Full,
+}
+
 #[derive(Default)]
 struct Slot {
     head: Option<ResponseHead>,
@@ -683,6 +693,103 @@ impl Stream {
             Err(StreamError::AlreadyFinished) => Poll::Ready(Err(StreamClosed::Finished)),
             Err(e) => Poll::Ready(Err(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() })),
         }
+    }
+
+    /// Reads once from `reader` (at most `max` bytes) straight into this
+    /// stream's send queue ([`Mux::send_with`]): the bytes are queued
+    /// without the copy that [`Stream::write_all`] makes of a caller's
+    /// buffer. Returns at once with [`Relayed::Full`] when the stream has
+    /// no credit or the transmit buffer no room (wait with
+    /// [`Stream::writable`]), so the wait for the reader and the wait for
+    /// the tunnel can be told apart. A reset or the session's end while
+    /// the reader is quiet ends the wait with the stream's error. `max`
+    /// of 0 reads nothing: `Read(Ok(0))`, which otherwise means the
+    /// reader's end.
+    pub async fn send_from<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        max: usize,
+    ) -> Result<Relayed, StreamClosed> {
+        future::poll_fn(|cx| self.poll_send_from(cx, reader, max)).await
+    }
+
+    fn poll_send_from<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        max: usize,
+    ) -> Poll<Result<Relayed, StreamClosed>> {
+        let mut s = self.shared.borrow_mut();
+        let s = &mut *s;
+        let Some(slot) = s.slots.get_mut(&self.id) else {
+            return Poll::Ready(Err(StreamClosed::Session(s.session_error())));
+        };
+        if let Some((code, message)) = slot.reset.clone() {
+            return Poll::Ready(Err(StreamClosed::Reset { code, message }));
+        }
+        if let Some(e) = &s.closed {
+            return Poll::Ready(Err(StreamClosed::Session(e.clone())));
+        }
+        if max == 0 {
+            return Poll::Ready(Ok(Relayed::Read(Ok(0))));
+        }
+        // The read runs inside the borrow: it touches only `reader` and
+        // the lent room, and returns without waiting.
+        let mut read = Poll::Pending;
+        let queued = s.mux.send_with(self.id, max, |room| {
+            read = Pin::new(&mut *reader).poll_read(cx, room);
+            match read {
+                Poll::Ready(Ok(n)) => n,
+                _ => 0,
+            }
+        });
+        match queued {
+            Ok(None) => Poll::Ready(Ok(Relayed::Full)),
+            Ok(Some(_)) => match read {
+                Poll::Ready(Ok(n)) => {
+                    if n > 0 {
+                        wake(&mut s.driver_waker);
+                    }
+                    Poll::Ready(Ok(Relayed::Read(Ok(n))))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Ok(Relayed::Read(Err(e)))),
+                Poll::Pending => {
+                    // Woken by the reader, or by a reset or the session's
+                    // end (both wake the write waker).
+                    store(&mut slot.write_waker, cx);
+                    Poll::Pending
+                }
+            },
+            Err(StreamError::AlreadyFinished) => Poll::Ready(Err(StreamClosed::Finished)),
+            Err(e) => Poll::Ready(Err(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() })),
+        }
+    }
+
+    /// Waits until [`Stream::send_from`] may queue bytes again: credit
+    /// and room in the transmit buffer.
+    pub async fn writable(&mut self) -> Result<(), StreamClosed> {
+        future::poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            let s = &mut *s;
+            let Some(slot) = s.slots.get_mut(&self.id) else {
+                return Poll::Ready(Err(StreamClosed::Session(s.session_error())));
+            };
+            if let Some((code, message)) = slot.reset.clone() {
+                return Poll::Ready(Err(StreamClosed::Reset { code, message }));
+            }
+            if let Some(e) = &s.closed {
+                return Poll::Ready(Err(StreamClosed::Session(e.clone())));
+            }
+            if s.mux.send_capacity(self.id) > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Out of credit (woken by Writable) or the transmit buffer is
+            // full (woken when the writer drains it).
+            store(&mut slot.write_waker, cx);
+            s.room_wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// Writes all of `data`, waiting for credit as needed.

@@ -953,6 +953,16 @@ impl RawApiServer {
                             let _ = r.read_line(&mut line);
                             return;
                         }
+                        if let Some(kind) = path.strip_prefix("/big-") {
+                            // A body well past a read's worth, framed as
+                            // `kind` says, written in pieces of odd sizes
+                            // with pauses, so the agent finds its buffer
+                            // empty mid-body and mid-chunk.
+                            if write_big(&mut w, kind).is_err() || kind == "close" || kind == "cut" {
+                                return;
+                            }
+                            continue;
+                        }
                         let answer: &[u8] = match path.as_str() {
                             "/bad-length" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: +5\r\n\r\nhello",
                             "/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -970,6 +980,146 @@ impl RawApiServer {
         });
         RawApiServer { url, conns }
     }
+}
+
+/// The body [`RawApiServer`] sends for `/big-*`.
+fn big_body() -> Vec<u8> {
+    (0..3 * 1024 * 1024 + 333).map(|i: usize| (i * 7 % 251) as u8).collect()
+}
+
+/// Writes `/big-{kind}`'s answer: `length` (Content-Length), `chunked`
+/// (chunks of odd sizes, one with an extension, a trailer), `close` (to
+/// the connection's end), `cut` (a Content-Length it breaks off at half)
+/// or `silent` (part of a body, then nothing until the agent lets go).
+/// The head goes out with the first bytes of the body, as servers send
+/// it.
+fn write_big(w: &mut std::net::TcpStream, kind: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let body = big_body();
+    if kind == "silent" {
+        // Part of a 1 GiB body, then silence until the agent lets go.
+        w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n")?;
+        w.write_all(&body[..100_000])?;
+        let _ = std::io::Read::read(w, &mut [0; 1]);
+        return Err(std::io::ErrorKind::ConnectionAborted.into());
+    }
+    let mut wire = match kind {
+        "length" | "cut" => format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes(),
+        "chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+        _ => b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec(),
+    };
+    let mut at = 0;
+    let mut i = 0;
+    while at < body.len() {
+        let n = (1 + (i * 104_729) % 150_000).min(body.len() - at);
+        if kind == "chunked" {
+            let ext = if i == 3 { ";name=value" } else { "" };
+            wire.extend_from_slice(format!("{n:x}{ext}\r\n").as_bytes());
+            wire.extend_from_slice(&body[at..at + n]);
+            wire.extend_from_slice(b"\r\n");
+        } else {
+            wire.extend_from_slice(&body[at..at + n]);
+        }
+        at += n;
+        i += 1;
+    }
+    if kind == "chunked" {
+        wire.extend_from_slice(b"0\r\nX-Trailer: done\r\n\r\n");
+    }
+    // The head and the body's first bytes in one write, then pieces of
+    // odd sizes, some after a pause (the agent's buffer runs dry).
+    if kind == "cut" {
+        wire.truncate(wire.len() / 2);
+    }
+    let first = wire.len().min(5000);
+    w.write_all(&wire[..first])?;
+    let mut at = first;
+    let mut i = 0;
+    while at < wire.len() {
+        let n = (1 + (i * 7919) % 60_000).min(wire.len() - at);
+        w.write_all(&wire[at..at + n])?;
+        w.flush()?;
+        if i % 5 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        at += n;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Bodies the agent reads from the API server straight into the tunnel's
+/// send queue (Content-Length, chunked, to the close) arrive byte for
+/// byte, and a kept-alive connection serves its next answer intact: the
+/// relay read nothing past a body.
+#[test]
+fn bodies_read_in_place_arrive_intact_in_every_framing() {
+    let w = World::new("big-bodies");
+    let api = RawApiServer::start();
+    let mut args = w.args();
+    let i = args.iter().position(|a| a == "--kube-url").unwrap();
+    args[i + 1] = api.url.clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let n = w.hub.tunnels();
+    let _a = Agent::spawn(&w.dir, &args, &[]);
+    w.hub.wait_connected(n + 1);
+    let body = big_body();
+    for path in ["/big-length", "/big-chunked", "/big-close"] {
+        let (status, got) = w.hub.get(path, bob());
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(got.len(), body.len(), "{path}");
+        assert!(got == body, "{path}: bytes out of place");
+        assert_eq!(w.hub.get("/ok", bob()), (200, b"{}".to_vec()), "after {path}");
+    }
+    let conns = api.conns.lock().unwrap().clone();
+    for framed in ["/big-length", "/big-chunked"] {
+        let reused = conns.iter().any(|c| c.windows(2).any(|p| p[0] == framed && p[1] == "/ok"));
+        assert!(reused, "the connection that carried {framed} served the next request: {conns:?}");
+    }
+}
+
+/// A body the API server breaks off while the agent reads it in place
+/// resets the stream with the reason; a download the person abandons
+/// while the API server is silent is let go at once, and the agent
+/// serves on.
+#[test]
+fn a_body_read_in_place_that_breaks_off_or_is_abandoned_ends_its_stream() {
+    let w = World::new("big-cut");
+    let api = RawApiServer::start();
+    let mut args = w.args();
+    let i = args.iter().position(|a| a == "--kube-url").unwrap();
+    args[i + 1] = api.url.clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let n = w.hub.tunnels();
+    // The body's stall deadline past the test's patience: the download
+    // must end for the reset, not for the API server's silence.
+    let a = Agent::spawn(&w.dir, &args, &[("UPLINK_RESPONSE_TIMEOUT", "120s")]);
+    w.hub.wait_connected(n + 1);
+    let cut = w.hub.open("GET", "/big-cut", bob(), &[], b"", true);
+    assert_eq!(cut.head().0, 200);
+    let mut got = 0;
+    let why = loop {
+        match cut.events.recv_timeout(PATIENCE) {
+            Ok(agent_support::Ev::Data(d)) => got += d.len(),
+            Ok(agent_support::Ev::Reset(why)) => break why,
+            other => panic!("expected data, then a reset; got {other:?}"),
+        }
+    };
+    assert!(got < big_body().len(), "{got} bytes of a body cut at half");
+    assert!(why.contains("connection closed inside the body"), "{why}");
+    let silent = w.hub.open("GET", "/big-silent", bob(), &[], b"", true);
+    assert_eq!(silent.head().0, 200);
+    let mut got = 0;
+    while got < 100_000 {
+        got += silent.next(PATIENCE).unwrap().len();
+    }
+    // The agent now waits on the API server, reading in place.
+    silent.reset();
+    wait_for("the abandoned download to end", || a.metric("uplink_streams_active") == Some(0.0));
+    assert_eq!(w.hub.get("/ok", bob()), (200, b"{}".to_vec()));
+    let log = a.log();
+    assert!(log.contains("GET /big-cut: API server broke off"), "{log}");
+    assert!(log.contains("GET /big-silent: stream ended early: stream reset"), "{log}");
 }
 
 /// A malformed answer from the API server becomes a `502` Status for the

@@ -220,6 +220,7 @@ fn a_dropped_connection_fails_open_streams_with_a_reason() {
         let (agent_io, hub_io) = tcp_pair().await;
         let (agent, agent_task, hub, hub_task) = spawn_sessions(&ex, Config::default(), agent_io, hub_io);
         hub.connected().await.unwrap();
+        hub.connected().await.unwrap();
         let mut stream = hub.open(head("/watch")).unwrap();
         let (mut accepted, _) = agent.accept().await.unwrap();
         accepted.send_head(ResponseHead { status: 200, headers: vec![] }).unwrap();
@@ -413,5 +414,137 @@ fn a_silent_peer_is_dead_after_the_hubs_deadline() {
         assert_eq!(why, SessionError::Timeout);
         assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1500), "gave up after {took:?}");
         drop(hub_io);
+    }));
+}
+
+/// A pattern that shows any byte out of place.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Relays everything `reader` gives into `stream` with `send_from`
+/// (waiting with `writable` when the stream is full), then finishes it.
+/// Returns how many times it found the stream full.
+async fn relay<R: AsyncRead + Unpin>(
+    stream: &mut uplink::driver::Stream,
+    reader: &mut R,
+) -> Result<usize, StreamClosed> {
+    use uplink::driver::Relayed;
+    let mut full = 0;
+    loop {
+        match stream.send_from(reader, 32 * 1024).await? {
+            Relayed::Full => {
+                full += 1;
+                stream.writable().await?;
+            }
+            Relayed::Read(Ok(0)) => break,
+            Relayed::Read(Ok(_)) => {}
+            Relayed::Read(Err(e)) => panic!("source failed: {e}"),
+        }
+    }
+    stream.finish();
+    Ok(full)
+}
+
+/// Bytes read from a socket straight into a stream's send queue arrive
+/// intact and in order, through waits for credit (a window far below the
+/// body) and reads of odd sizes; a small answer opened meanwhile on the
+/// same session completes too.
+#[test]
+fn send_from_relays_a_socket_in_place_through_credit_waits() {
+    let ex = Rc::new(LocalExecutor::new());
+    smol::block_on(ex.run(async {
+        let config = Config { initial_window: 16 * 1024, ..Config::default() };
+        let (agent_io, hub_io) = tcp_pair().await;
+        let (agent, agent_task, hub, hub_task) = spawn_sessions(&ex, config, agent_io, hub_io);
+        let body = pattern(3 * 1024 * 1024 + 77);
+        let source = body.clone();
+        let full = ex.spawn(async move {
+            let (mut big, _) = agent.accept().await.unwrap();
+            big.send_head(ResponseHead { status: 200, headers: vec![] }).unwrap();
+            let (mut small, _) = agent.accept().await.unwrap();
+            small.send_head(ResponseHead { status: 200, headers: vec![] }).unwrap();
+            small.write_all(b"small answer").await.unwrap();
+            small.finish();
+            // The source writes in pieces of odd sizes.
+            let (mut w, mut r) = tcp_pair().await;
+            let writer = async move {
+                let mut at = 0;
+                let mut i = 0;
+                while at < source.len() {
+                    let n = (1 + (i * 7919) % 20000).min(source.len() - at);
+                    smol::io::AsyncWriteExt::write_all(&mut w, &source[at..at + n]).await.unwrap();
+                    at += n;
+                    i += 1;
+                }
+            };
+            let (_, full) = smol::future::zip(writer, relay(&mut big, &mut r)).await;
+            let full = full.unwrap();
+            // Keep the stream until the hub read it all (a drop resets).
+            while big.read_chunk().await.unwrap().is_some() {}
+            full
+        });
+        hub.connected().await.unwrap();
+        let mut big = hub.open(head("/big")).unwrap();
+        big.finish();
+        let mut small = hub.open(head("/small")).unwrap();
+        small.finish();
+        assert_eq!(small.response_head().await.unwrap().status, 200);
+        assert_eq!(small.read_chunk().await.unwrap().unwrap(), b"small answer");
+        assert_eq!(big.response_head().await.unwrap().status, 200);
+        let mut got = Vec::new();
+        while let Some(chunk) = big.read_chunk().await.unwrap() {
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got.len(), body.len());
+        assert!(got == body, "relayed bytes out of order");
+        drop(big);
+        let full = full.await;
+        assert!(full > 0, "the 16 KiB window made the relay wait for credit");
+        drop((agent_task, hub_task));
+    }));
+}
+
+/// A relay waiting on a silent source (an idle watch) learns at once
+/// that the hub reset the stream, and a stream that was never written
+/// to leaves nothing queued behind.
+#[test]
+fn a_reset_ends_a_send_from_that_waits_on_its_source() {
+    let ex = Rc::new(LocalExecutor::new());
+    smol::block_on(ex.run(async {
+        let (agent_io, hub_io) = tcp_pair().await;
+        let (agent, agent_task, hub, hub_task) = spawn_sessions(&ex, Config::default(), agent_io, hub_io);
+        let (waiting_tx, waiting_rx) = smol::channel::bounded(1);
+        let relayed = ex.spawn(async move {
+            let (mut stream, _) = agent.accept().await.unwrap();
+            stream.send_head(ResponseHead { status: 200, headers: vec![] }).unwrap();
+            let (_w, mut r) = tcp_pair().await;
+            waiting_tx.send(()).await.unwrap();
+            let ended = relay(&mut stream, &mut r).await;
+            (ended, agent)
+        });
+        hub.connected().await.unwrap();
+        let mut stream = hub.open(head("/watch")).unwrap();
+        assert_eq!(stream.response_head().await.unwrap().status, 200);
+        waiting_rx.recv().await.unwrap();
+        stream.reset(ResetCode::Cancel, "kubectl went away");
+        let (ended, agent) = relayed
+            .or(async {
+                Timer::after(Duration::from_secs(10)).await;
+                panic!("the relay did not notice the reset")
+            })
+            .await;
+        match ended {
+            Err(StreamClosed::Reset { code: ResetCode::Cancel, message }) => assert_eq!(message, "kubectl went away"),
+            other => panic!("expected the hub's reset, got {other:?}"),
+        }
+        // The session goes on.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while agent.stream_count() > 0 {
+            assert!(Instant::now() < deadline, "the reset stream stayed");
+            Timer::after(Duration::from_millis(5)).await;
+        }
+        assert!(agent.is_open() && hub.is_open());
+        drop((agent_task, hub_task));
     }));
 }

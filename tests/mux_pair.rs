@@ -1035,3 +1035,54 @@ fn a_reset_after_end_follows_the_queued_data() {
     assert!(data_for(&ev, id).is_empty());
     assert!(matches!(ev.last(), Some(Event::Reset { code: ResetCode::Internal, .. })));
 }
+
+/// `send_with` lends no more room than credit and the transmit buffer
+/// allow, queues what was written like `send_data`, keeps the head-first
+/// and end rules, and writes nothing without credit until `Window`.
+#[test]
+fn send_with_fills_in_place_within_credit_and_the_rules() {
+    let config = Config { initial_window: 16 * 1024, ..Config::default() };
+    let mut p = Pair::with(config);
+    let id = p.hub.open(head("/log")).unwrap();
+    p.hub.finish(id).unwrap();
+    p.run();
+    let fill = |room: &mut [u8]| {
+        room.fill(b'x');
+        room.len()
+    };
+    assert_eq!(p.agent.send_with(id, 100, fill), Err(StreamError::HeadOrder), "data before the head");
+    p.agent.send_head(id, ok_head()).unwrap();
+    // Credit caps the room: 16 KiB in two fills, then none.
+    let mut lent = Vec::new();
+    let first = p.agent.send_with(id, 10_000, |room| {
+        lent.push(room.len());
+        fill(room)
+    });
+    assert_eq!(first, Ok(Some(10_000)));
+    let second = p.agent.send_with(id, 1 << 20, |room| {
+        lent.push(room.len());
+        room[..100].fill(b'y');
+        100
+    });
+    assert_eq!(second, Ok(Some(100)), "only what was written is queued");
+    assert_eq!(lent, vec![10_000, 16 * 1024 - 10_000]);
+    let rest = p.agent.send_capacity(id);
+    assert_eq!(rest, 16 * 1024 - 10_100);
+    assert_eq!(p.agent.send_with(id, rest, fill), Ok(Some(rest)));
+    assert_eq!(p.agent.send_with(id, 1, |_| panic!("lent room without credit")), Ok(None));
+    // The hub reads, credit comes back, and the rest goes in.
+    p.run();
+    let got = data_for(&p.take_hub_events(), id);
+    assert_eq!(got.len(), 16 * 1024);
+    assert!(got[..10_000].iter().all(|&b| b == b'x') && got[10_000..10_100].iter().all(|&b| b == b'y'));
+    p.hub.consume(id, got.len());
+    p.run();
+    assert!(p.take_agent_events().contains(&Event::Writable { id }));
+    assert_eq!(p.agent.send_with(id, 5, fill), Ok(Some(5)));
+    p.agent.finish(id).unwrap();
+    assert_eq!(p.agent.send_with(id, 5, fill), Err(StreamError::Unknown(id)), "finished and gone");
+    p.run();
+    let events = p.take_hub_events();
+    assert_eq!(data_for(&events, id), b"xxxxx");
+    assert!(events.contains(&Event::End { id }));
+}

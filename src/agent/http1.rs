@@ -114,6 +114,13 @@ impl Conn {
         }
     }
 
+    /// The socket, for a body read straight to where it goes (see
+    /// [`BodyReader::raw_room`]); reading past the body through it would
+    /// lose the next answer's bytes.
+    pub fn io_mut(&mut self) -> &mut Io {
+        &mut self.io
+    }
+
     /// Bytes read from the socket but not yet consumed.
     pub fn buffered(&self) -> &[u8] {
         &self.buf[self.pos..self.end]
@@ -417,6 +424,54 @@ impl BodyReader {
                 }
             },
         }
+    }
+
+    /// How many body bytes the socket may be read for as they are, with
+    /// no framing among them, when the connection's buffer is empty: the
+    /// caller reads them from [`Conn::io_mut`] straight to where they go
+    /// (the kube proxy: the tunnel's send queue, a copy saved per byte)
+    /// and reports with [`BodyReader::raw_read`]. `None`: read on with
+    /// [`BodyReader::next`] (bytes are buffered, a chunk line comes next,
+    /// or the body is done). The head and the body's first bytes, read
+    /// together into the buffer, always go that way.
+    pub fn raw_room(&self, conn: &Conn) -> Option<usize> {
+        if self.done || conn.pos != conn.end {
+            return None;
+        }
+        let chunk = READ_CHUNK as u64;
+        match (self.kind, &self.chunk) {
+            (BodyKind::Length(_), _) | (BodyKind::Chunked, ChunkState::Data) => {
+                Some(self.remaining.min(chunk) as usize)
+            }
+            (BodyKind::Close, _) => Some(READ_CHUNK),
+            _ => None,
+        }
+    }
+
+    /// Counts `n` bytes read as [`BodyReader::raw_room`] allowed (0: the
+    /// server closed the connection). Errors as [`BodyReader::next`] does
+    /// for a body cut short.
+    pub fn raw_read(&mut self, conn: &mut Conn, n: usize) -> io::Result<()> {
+        conn.big_reads = n >= SMALL_READ;
+        match self.kind {
+            BodyKind::Close if n == 0 => self.done = true,
+            BodyKind::Close => {}
+            _ if n == 0 => {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside the body"));
+            }
+            BodyKind::Length(_) => {
+                self.remaining -= n as u64;
+                self.done = self.remaining == 0;
+            }
+            BodyKind::Chunked => {
+                self.remaining -= n as u64;
+                if self.remaining == 0 {
+                    self.chunk = ChunkState::DataEnd;
+                }
+            }
+            BodyKind::None => {}
+        }
+        Ok(())
     }
 
     /// True when the body was read to its end without relying on close.

@@ -535,6 +535,9 @@ impl Mux {
             self.ping = Some((self.ping_seq, now));
             self.queue(&Frame::Ping { nonce: self.ping_seq });
             self.next_ping = now + self.keepalive;
+            // Once per interval: a big send ring unused since the last
+            // tick is freed, so an idle session stays small.
+            self.sendq.trim();
         }
     }
 
@@ -695,6 +698,39 @@ impl Mux {
         s.send_credit -= n as u32;
         self.sendq.push(id, &data[..n]);
         Ok(n)
+    }
+
+    /// [`Mux::send_data`] with the bytes written in place: `write` gets
+    /// the free run at the end of the stream's send queue (at most `max`
+    /// bytes, within credit and the transmit buffer) and returns how many
+    /// bytes it put there, which are queued as `send_data` queues them.
+    /// Saves the copy from the caller's buffer: the agent reads an API
+    /// server's body straight into it. `Ok(None)`, without calling
+    /// `write`, when nothing may be queued now (as `send_data`'s `Ok(0)`).
+    pub fn send_with(
+        &mut self,
+        id: StreamId,
+        max: usize,
+        write: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<Option<usize>, StreamError> {
+        self.usable()?;
+        let side = self.side;
+        let room = self.queue_room(id);
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        if s.local_end {
+            return Err(StreamError::AlreadyFinished);
+        }
+        if id.opener() != side && !s.head {
+            return Err(StreamError::HeadOrder);
+        }
+        let max = max.min(s.send_credit as usize).min(room);
+        if max == 0 {
+            return Ok(None);
+        }
+        let n = self.sendq.fill(id, max, write);
+        debug_assert!(n <= max, "wrote past the room it was lent");
+        s.send_credit -= n.min(max) as u32;
+        Ok(Some(n))
     }
 
     /// Half-closes: this side sends no more data on the stream.

@@ -26,7 +26,7 @@ use super::super::AgentCtx;
 use super::super::http1::{self, BodyKind, BodyReader, Conn};
 use super::super::net;
 use super::headers::{self, Refusal};
-use crate::driver::{Stream, StreamClosed};
+use crate::driver::{Relayed, Stream, StreamClosed};
 use crate::proto::{Header, RequestHead, ResetCode, ResponseHead};
 use smol::future::FutureExt as _;
 use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -284,6 +284,27 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
                 stall = net::Expiry::at(last_piece.get() + stall_limit);
             }
         };
+        if let Some(max) = reader.raw_room(&conn) {
+            // Nothing buffered and no framing next: the API server's bytes
+            // are read straight into the stream's send queue, a copy of
+            // each saved (the head's read brought the first ones, which
+            // take the path below).
+            let relayed = async { stream.send_from(conn.io_mut(), max).await.map_err(Failure::Tunnel) }
+                .or(async { Err(stalled.await) })
+                .await?;
+            match relayed {
+                // Waiting for the tunnel, not the API server: outside the
+                // stall deadline, as `write_all` below.
+                Relayed::Full => stream.writable().await?,
+                Relayed::Read(Ok(n)) => {
+                    last_piece.set(std::time::Instant::now());
+                    reader.raw_read(&mut conn, n).map_err(|e| Failure::UpstreamAfterHead(e.to_string()))?;
+                    ctx.metrics.add_to_hub(n);
+                }
+                Relayed::Read(Err(e)) => return Err(Failure::UpstreamAfterHead(e.to_string())),
+            }
+            continue;
+        }
         let (r, c) = (&mut reader, &mut conn);
         let piece = async move { Ok(r.next(c).await) }
             .or(async { Err(Failure::Tunnel(stream.closed().await)) })
