@@ -222,6 +222,28 @@ impl Shared {
     fn session_error(&self) -> SessionError {
         self.closed.clone().unwrap_or_else(|| SessionError::ConnectionLost("session closed".into()))
     }
+
+    /// Why stream `id` can send no more: gone with its session, reset,
+    /// or the session ended. `None` while it can.
+    fn ended(&self, id: StreamId) -> Option<StreamClosed> {
+        let Some(slot) = self.slots.get(&id) else {
+            return Some(StreamClosed::Session(self.session_error()));
+        };
+        if let Some((code, message)) = slot.reset.clone() {
+            return Some(StreamClosed::Reset { code, message });
+        }
+        self.closed.clone().map(StreamClosed::Session)
+    }
+
+    /// Parks a sender of stream `id` until it may queue again: out of
+    /// credit (woken by `Writable`) or the transmit buffer full (woken
+    /// when the writer drains it).
+    fn wait_for_room(&mut self, id: StreamId, cx: &Context<'_>) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            store(&mut slot.write_waker, cx);
+        }
+        self.room_wakers.push(cx.waker().clone());
+    }
 }
 
 fn wake(slot: &mut Option<Waker>) {
@@ -666,24 +688,15 @@ impl Stream {
     fn poll_send(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<Result<usize, StreamClosed>> {
         let mut s = self.shared.borrow_mut();
         let s = &mut *s;
-        let Some(slot) = s.slots.get_mut(&self.id) else {
-            return Poll::Ready(Err(StreamClosed::Session(s.session_error())));
-        };
-        if let Some((code, message)) = slot.reset.clone() {
-            return Poll::Ready(Err(StreamClosed::Reset { code, message }));
-        }
-        if let Some(e) = &s.closed {
-            return Poll::Ready(Err(StreamClosed::Session(e.clone())));
+        if let Some(e) = s.ended(self.id) {
+            return Poll::Ready(Err(e));
         }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
         match s.mux.send_data(self.id, data) {
             Ok(0) => {
-                // Out of credit (woken by Writable) or the transmit buffer
-                // is full (woken when the writer drains it).
-                store(&mut slot.write_waker, cx);
-                s.room_wakers.push(cx.waker().clone());
+                s.wait_for_room(self.id, cx);
                 Poll::Pending
             }
             Ok(n) => {
@@ -721,14 +734,8 @@ impl Stream {
     ) -> Poll<Result<Relayed, StreamClosed>> {
         let mut s = self.shared.borrow_mut();
         let s = &mut *s;
-        let Some(slot) = s.slots.get_mut(&self.id) else {
-            return Poll::Ready(Err(StreamClosed::Session(s.session_error())));
-        };
-        if let Some((code, message)) = slot.reset.clone() {
-            return Poll::Ready(Err(StreamClosed::Reset { code, message }));
-        }
-        if let Some(e) = &s.closed {
-            return Poll::Ready(Err(StreamClosed::Session(e.clone())));
+        if let Some(e) = s.ended(self.id) {
+            return Poll::Ready(Err(e));
         }
         if max == 0 {
             return Poll::Ready(Ok(Relayed::Read(Ok(0))));
@@ -756,7 +763,9 @@ impl Stream {
                 Poll::Pending => {
                     // Woken by the reader, or by a reset or the session's
                     // end (both wake the write waker).
-                    store(&mut slot.write_waker, cx);
+                    if let Some(slot) = s.slots.get_mut(&self.id) {
+                        store(&mut slot.write_waker, cx);
+                    }
                     Poll::Pending
                 }
             },
@@ -771,22 +780,13 @@ impl Stream {
         future::poll_fn(|cx| {
             let mut s = self.shared.borrow_mut();
             let s = &mut *s;
-            let Some(slot) = s.slots.get_mut(&self.id) else {
-                return Poll::Ready(Err(StreamClosed::Session(s.session_error())));
-            };
-            if let Some((code, message)) = slot.reset.clone() {
-                return Poll::Ready(Err(StreamClosed::Reset { code, message }));
-            }
-            if let Some(e) = &s.closed {
-                return Poll::Ready(Err(StreamClosed::Session(e.clone())));
+            if let Some(e) = s.ended(self.id) {
+                return Poll::Ready(Err(e));
             }
             if s.mux.send_capacity(self.id) > 0 {
                 return Poll::Ready(Ok(()));
             }
-            // Out of credit (woken by Writable) or the transmit buffer is
-            // full (woken when the writer drains it).
-            store(&mut slot.write_waker, cx);
-            s.room_wakers.push(cx.waker().clone());
+            s.wait_for_room(self.id, cx);
             Poll::Pending
         })
         .await

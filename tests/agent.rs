@@ -1054,15 +1054,7 @@ fn write_big(w: &mut std::net::TcpStream, kind: &str) -> std::io::Result<()> {
 /// relay read nothing past a body.
 #[test]
 fn bodies_read_in_place_arrive_intact_in_every_framing() {
-    let w = World::new("big-bodies");
-    let api = RawApiServer::start();
-    let mut args = w.args();
-    let i = args.iter().position(|a| a == "--kube-url").unwrap();
-    args[i + 1] = api.url.clone();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let n = w.hub.tunnels();
-    let _a = Agent::spawn(&w.dir, &args, &[]);
-    w.hub.wait_connected(n + 1);
+    let (w, api, _a) = raw_world("big-bodies", &[]);
     let body = big_body();
     for path in ["/big-length", "/big-chunked", "/big-close"] {
         let (status, got) = w.hub.get(path, bob());
@@ -1084,17 +1076,9 @@ fn bodies_read_in_place_arrive_intact_in_every_framing() {
 /// serves on.
 #[test]
 fn a_body_read_in_place_that_breaks_off_or_is_abandoned_ends_its_stream() {
-    let w = World::new("big-cut");
-    let api = RawApiServer::start();
-    let mut args = w.args();
-    let i = args.iter().position(|a| a == "--kube-url").unwrap();
-    args[i + 1] = api.url.clone();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let n = w.hub.tunnels();
     // The body's stall deadline past the test's patience: the download
     // must end for the reset, not for the API server's silence.
-    let a = Agent::spawn(&w.dir, &args, &[("UPLINK_RESPONSE_TIMEOUT", "120s")]);
-    w.hub.wait_connected(n + 1);
+    let (w, _api, a) = raw_world("big-cut", &[("UPLINK_RESPONSE_TIMEOUT", "120s")]);
     let cut = w.hub.open("GET", "/big-cut", bob(), &[], b"", true);
     assert_eq!(cut.head().0, 200);
     let mut got = 0;
@@ -1122,19 +1106,26 @@ fn a_body_read_in_place_that_breaks_off_or_is_abandoned_ends_its_stream() {
     assert!(log.contains("GET /big-silent: stream ended early: stream reset"), "{log}");
 }
 
-/// A malformed answer from the API server becomes a `502` Status for the
-/// client, and the connection that carried it is dropped, not pooled.
-#[test]
-fn bad_content_length_from_the_api_server_is_a_502_and_the_connection_is_dropped() {
-    let w = World::new("bad-cl-response");
+/// A world whose agent's API server is a [`RawApiServer`]; `env` for the
+/// agent.
+fn raw_world(name: &str, env: &[(&str, &str)]) -> (World, RawApiServer, Agent) {
+    let w = World::new(name);
     let api = RawApiServer::start();
     let mut args = w.args();
     let i = args.iter().position(|a| a == "--kube-url").unwrap();
     args[i + 1] = api.url.clone();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let n = w.hub.tunnels();
-    let a = Agent::spawn(&w.dir, &args, &[]);
+    let a = Agent::spawn(&w.dir, &args, env);
     w.hub.wait_connected(n + 1);
+    (w, api, a)
+}
+
+/// A malformed answer from the API server becomes a `502` Status for the
+/// client, and the connection that carried it is dropped, not pooled.
+#[test]
+fn bad_content_length_from_the_api_server_is_a_502_and_the_connection_is_dropped() {
+    let (w, api, a) = raw_world("bad-cl-response", &[]);
     for (path, expect) in [("/bad-length", "digits only"), ("/both", "both Transfer-Encoding and Content-Length")] {
         // A good exchange first, so a warm connection sits in the pool.
         assert_eq!(w.hub.get("/ok", bob()).0, 200);
@@ -1163,15 +1154,7 @@ fn bad_content_length_from_the_api_server_is_a_502_and_the_connection_is_dropped
 /// until the response deadline is not asked again.
 #[test]
 fn a_connection_the_api_server_closed_loses_no_request_and_silence_is_not_retried() {
-    let w = World::new("stale-pooled");
-    let api = RawApiServer::start();
-    let mut args = w.args();
-    let i = args.iter().position(|a| a == "--kube-url").unwrap();
-    args[i + 1] = api.url.clone();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let n = w.hub.tunnels();
-    let _a = Agent::spawn(&w.dir, &args, &[("UPLINK_RESPONSE_TIMEOUT", "1s")]);
-    w.hub.wait_connected(n + 1);
+    let (w, api, _a) = raw_world("stale-pooled", &[("UPLINK_RESPONSE_TIMEOUT", "1s")]);
     let jane = || ident("jane@example.com", &["system:authenticated"]);
     for round in 0..5 {
         assert_eq!(w.hub.get("/ok-then-close", jane()).0, 200, "round {round}");

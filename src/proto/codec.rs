@@ -335,6 +335,19 @@ pub fn decode(buf: &[u8], max: u32) -> Result<Option<(Frame, usize)>, DecodeErro
     }
 }
 
+/// Every whole frame in `bytes`, for tests that look at what a queue or
+/// a mux wrote.
+#[cfg(test)]
+pub(crate) fn decode_all(bytes: &[u8]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while let Some((f, n)) = decode(&bytes[at..], MAX_FRAME_LEN).unwrap() {
+        frames.push(f);
+        at += n;
+    }
+    frames
+}
+
 /// Decodes the frames every request and answer carries (`Open`, `Head`,
 /// `Data`, `Window`, `End`) without serde, which at the crate's size
 /// optimisation cost the agent more than the allocations themselves.

@@ -684,19 +684,10 @@ impl Mux {
     /// returns how many bytes were taken (possibly 0: wait for
     /// [`Event::Writable`] or for the transmit buffer to drain).
     pub fn send_data(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
-        self.usable()?;
-        let side = self.side;
-        let room = self.queue_room(id);
-        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
-        if s.local_end {
-            return Err(StreamError::AlreadyFinished);
-        }
-        if id.opener() != side && !s.head {
-            return Err(StreamError::HeadOrder);
-        }
-        let n = data.len().min(s.send_credit as usize).min(room);
-        s.send_credit -= n as u32;
+        let credit = self.send_checks(id)?;
+        let n = data.len().min(credit).min(self.queue_room(id));
         self.sendq.push(id, &data[..n]);
+        self.take_credit(id, n);
         Ok(n)
     }
 
@@ -713,38 +704,45 @@ impl Mux {
         max: usize,
         write: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<Option<usize>, StreamError> {
-        self.usable()?;
-        let side = self.side;
-        let room = self.queue_room(id);
-        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
-        if s.local_end {
-            return Err(StreamError::AlreadyFinished);
-        }
-        if id.opener() != side && !s.head {
-            return Err(StreamError::HeadOrder);
-        }
-        let max = max.min(s.send_credit as usize).min(room);
+        let credit = self.send_checks(id)?;
+        let max = max.min(credit).min(self.queue_room(id));
         if max == 0 {
             return Ok(None);
         }
         let n = self.sendq.fill(id, max, write);
         debug_assert!(n <= max, "wrote past the room it was lent");
-        s.send_credit -= n.min(max) as u32;
+        self.take_credit(id, n.min(max));
         Ok(Some(n))
+    }
+
+    /// The checks every send and `finish` make: the session usable, the
+    /// stream known and not finished, and on the accepting side its head
+    /// sent first. Returns the stream's credit.
+    fn send_checks(&self, id: StreamId) -> Result<usize, StreamError> {
+        self.usable()?;
+        let s = self.streams.get(&id).ok_or(StreamError::Unknown(id))?;
+        if s.local_end {
+            return Err(StreamError::AlreadyFinished);
+        }
+        if id.opener() != self.side && !s.head {
+            return Err(StreamError::HeadOrder);
+        }
+        Ok(s.send_credit as usize)
+    }
+
+    /// Spends `n` bytes of a stream's credit, once they are queued.
+    fn take_credit(&mut self, id: StreamId, n: usize) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.send_credit -= n as u32;
+        }
     }
 
     /// Half-closes: this side sends no more data on the stream.
     pub fn finish(&mut self, id: StreamId) -> Result<(), StreamError> {
-        self.usable()?;
-        let side = self.side;
-        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
-        if s.local_end {
-            return Err(StreamError::AlreadyFinished);
+        self.send_checks(id)?;
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.local_end = true;
         }
-        if id.opener() != side && !s.head {
-            return Err(StreamError::HeadOrder);
-        }
-        s.local_end = true;
         // End follows the stream's queued data; with none queued it is a
         // control frame like any other.
         if !self.sendq.then(id, &Frame::End { id }) {

@@ -321,13 +321,12 @@ impl SendQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::frame::MAX_FRAME_LEN;
 
     /// Every turn until the queue is empty, decoded.
     fn drain(q: &mut SendQueue, chunk: usize) -> Vec<Frame> {
         let mut out = Vec::new();
         while q.poll(&mut out, chunk) {}
-        decode(&out)
+        codec::decode_all(&out)
     }
 
     fn bytes_of(frames: &[Frame], id: u32) -> Vec<u8> {
@@ -379,23 +378,13 @@ mod tests {
             for _ in 0..1 + rounds % 2 {
                 q.poll(&mut out, 1 + (rounds * 131) % 5000);
             }
-            got.extend(bytes_of(&decode(&out), 2));
+            got.extend(bytes_of(&codec::decode_all(&out), 2));
         }
         got.extend(bytes_of(&drain(&mut q, QUANTUM), 2));
         assert!(seen_short_run, "some fill met the wrap point");
         assert_eq!(got.len(), sent);
         assert!(got == pattern(0, sent), "bytes out of order");
         assert!(q.is_empty() && q.bytes() == 0);
-    }
-
-    fn decode(out: &[u8]) -> Vec<Frame> {
-        let mut frames = Vec::new();
-        let mut at = 0;
-        while let Some((f, n)) = codec::decode(&out[at..], MAX_FRAME_LEN).unwrap() {
-            frames.push(f);
-            at += n;
-        }
-        frames
     }
 
     /// A stream filled in place takes its turns like one pushed to: a

@@ -431,13 +431,7 @@ mod sched {
     fn turns(q: &mut SendQueue) -> Vec<Frame> {
         let mut out = Vec::new();
         while q.poll(&mut out, QUANTUM) {}
-        let mut frames = Vec::new();
-        let mut at = 0;
-        while let Some((f, n)) = codec::decode(&out[at..], MAX_FRAME_LEN).unwrap() {
-            frames.push(f);
-            at += n;
-        }
-        frames
+        codec::decode_all(&out)
     }
 
     fn data(id: u32, len: usize) -> Frame {
