@@ -31,7 +31,7 @@
 //! queue empty. Per reused connection that saves a failed `recv` and an
 //! `epoll_ctl`. (Whether the server closed it is still a `peek`: the
 //! reactor's silence is not proof, see `agent::net::Io::idle_alive`;
-//! a bodiless request on a connection used within the second skips it
+//! a bodiless GET on a connection used within the second skips it
 //! and is retried on a fresh connection instead, see
 //! `agent::http1::Pool::get_replayable`.)
 //!

@@ -947,6 +947,20 @@ impl RawApiServer {
                             }
                             continue;
                         }
+                        if path == "/extra" {
+                            // A faulty server: bytes past its answer's
+                            // length, a moment after it.
+                            let answer =
+                                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+                            if w.write_all(answer).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(30));
+                            if w.write_all(b"junk").is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         if path == "/silent" {
                             // Takes the request and says nothing, until
                             // the agent gives up on the connection.
@@ -1149,9 +1163,10 @@ fn bad_content_length_from_the_api_server_is_a_502_and_the_connection_is_dropped
 /// answer. A bodiless request that meets it in the pool (taken without a
 /// liveness check when just used) is retried on a fresh connection; a
 /// request with a body is never sent on it (the pool's check sees the
-/// close); a faulty server's body after a HEAD answer is not taken for
-/// the next answer; and a server that took a request and said nothing
-/// until the response deadline is not asked again.
+/// close); a faulty server's body after a HEAD answer, or bytes past an
+/// answer's length before a DELETE, are not taken for the next answer;
+/// and a server that took a request and said nothing until the response
+/// deadline is not asked again.
 #[test]
 fn a_connection_the_api_server_closed_loses_no_request_and_silence_is_not_retried() {
     let (w, api, _a) = raw_world("stale-pooled", &[("UPLINK_RESPONSE_TIMEOUT", "1s")]);
@@ -1185,6 +1200,15 @@ fn a_connection_the_api_server_closed_loses_no_request_and_silence_is_not_retrie
         let (status, body) = w.hub.get("/ok", jane());
         assert_eq!(status, 200, "round {round}: {}", String::from_utf8_lossy(&body));
     }
+    // Stray bytes past an answer's length: a DELETE that follows at once
+    // is not sent where they wait (read as its answer, it would be made
+    // again elsewhere: done twice, the second answered 404).
+    for round in 0..3 {
+        assert_eq!(w.hub.get("/extra", jane()).0, 200, "round {round}");
+        std::thread::sleep(Duration::from_millis(100));
+        let s = w.hub.open("DELETE", "/ok", jane(), &[], b"", true);
+        assert_eq!(s.head().0, 200, "round {round}: {}", String::from_utf8_lossy(&s.body()));
+    }
     assert_eq!(w.hub.get("/ok", jane()).0, 200);
     let (status, body) = w.hub.get("/silent", jane());
     let body: Value = serde_json::from_slice(&body).unwrap();
@@ -1198,8 +1222,8 @@ fn a_connection_the_api_server_closed_loses_no_request_and_silence_is_not_retrie
         }
         // (Sent there, it would have read the stray body as its answer
         // and been tried again elsewhere: a request made twice.)
-        if let Some(i) = c.iter().position(|p| p == "/stray") {
-            assert_eq!(i + 1, c.len(), "a request went where a stray body waited: {conns:?}");
+        if let Some(i) = c.iter().position(|p| p == "/stray" || p == "/extra") {
+            assert_eq!(i + 1, c.len(), "a request went where stray bytes waited: {conns:?}");
         }
     }
 }

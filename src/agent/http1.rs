@@ -563,8 +563,8 @@ impl Pool {
     }
 
     /// As [`Pool::get`], for a request the caller retries on a fresh
-    /// connection when a reused one fails before any answer byte (one
-    /// without a body). A connection idle for less than [`UNCHECKED_IDLE`]
+    /// connection when a reused one fails before any answer byte, and
+    /// may make twice (a GET, HEAD or OPTIONS without a body). A connection idle for less than [`UNCHECKED_IDLE`]
     /// is handed out without the `peek`, a syscall per request saved: a
     /// close within that moment costs the caller its retry, and no server
     /// times a connection out (and says `408`) that quickly. Not after an

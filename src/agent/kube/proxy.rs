@@ -223,9 +223,13 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
             .send_head_fields(info.status, headers::response_fields(info.status, fields))
             .map_err(|e| Failure::Tunnel(StreamClosed::Reset { code: ResetCode::Internal, message: e.to_string() }))
     };
-    // A bodiless request is retried below, so a just-used connection is
-    // taken without the liveness check.
-    let got = if body == ReqBody::None { pool.get_replayable().await } else { pool.get().await };
+    // A bodiless read is retried below if the connection turns out stale,
+    // so a just-used one is taken without the liveness check. Not a
+    // DELETE or a bodiless POST (an exec): a faulty server's stray bytes
+    // read as its answer would have it made twice, the first one done
+    // and the second answered 404.
+    let safe = matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS");
+    let got = if body == ReqBody::None && safe { pool.get_replayable().await } else { pool.get().await };
     let (mut conn, mut reused) = got.map_err(upstream)?;
     let resp = loop {
         let attempt = async {
