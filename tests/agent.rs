@@ -934,29 +934,26 @@ impl RawApiServer {
                             return;
                         }
                         record.lock().unwrap()[i].push(path.clone());
-                        if path == "/stray" {
-                            // A faulty server: a body after its answer to
-                            // HEAD, a moment later.
-                            let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n";
-                            if w.write_all(head).is_err() {
-                                return;
-                            }
-                            std::thread::sleep(std::time::Duration::from_millis(30));
-                            if w.write_all(b"hello").is_err() {
-                                return;
-                            }
-                            continue;
-                        }
-                        if path == "/extra" {
-                            // A faulty server: bytes past its answer's
-                            // length, a moment after it.
-                            let answer =
-                                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+                        // A faulty server: bytes past its answer, a moment
+                        // after it (a body after its answer to HEAD; more
+                        // than the answer's length).
+                        let faulty: Option<(&[u8], &[u8])> = match path.as_str() {
+                            "/stray" => Some((
+                                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n",
+                                b"hello",
+                            )),
+                            "/extra" => Some((
+                                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+                                b"junk",
+                            )),
+                            _ => None,
+                        };
+                        if let Some((answer, stray)) = faulty {
                             if w.write_all(answer).is_err() {
                                 return;
                             }
                             std::thread::sleep(std::time::Duration::from_millis(30));
-                            if w.write_all(b"junk").is_err() {
+                            if w.write_all(stray).is_err() {
                                 return;
                             }
                             continue;

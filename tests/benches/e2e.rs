@@ -523,6 +523,12 @@ fn small_json() -> Vec<u8> {
     body
 }
 
+/// The large file's bytes ([`LARGE`] of them, not compressible), served
+/// for the download and sent as the upload.
+fn large_body() -> Vec<u8> {
+    (0..LARGE as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect()
+}
+
 fn start_nginx(bin: &Path, dir: &Path) -> Nginx {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
@@ -547,7 +553,7 @@ fn start_nginx(bin: &Path, dir: &Path) -> Nginx {
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
     std::fs::write(www.join("small.json"), small_json()).unwrap();
     std::fs::write(www.join("watch"), vec![b'\n'; 1 << 20]).unwrap();
-    let large: Vec<u8> = (0..LARGE as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let large = large_body();
     std::fs::write(www.join("large"), large).unwrap();
     std::fs::write(www.join("version"), r#"{"gitVersion":"v1.32.0-nginx"}"#).unwrap();
 
@@ -1126,7 +1132,7 @@ fn main() {
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); routes.len()];
     let mut edge_samples: Vec<Vec<EdgeSample>> = vec![Vec::new(); edges.len()];
     // The upload's body: the download's bytes, made once.
-    let upload_body: Vec<u8> = (0..LARGE as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let upload_body = large_body();
     for round in 0..plan.rounds {
         // Interleaved, and each round in another order, so a noisy
         // neighbour's burst does not always land on the same path.
