@@ -212,16 +212,31 @@ impl Future for Expiry {
                 c.fanout.wake_all();
             }
             let next = c.pending.range((now, u64::MAX)..).next().map_or(this.at, |&(t, _)| t);
-            if c.armed.is_none_or(|a| next < a || a <= now) {
-                c.armed = Some(next);
-                c.timer.set_at(next);
-            }
-            // Registers the timer with the reactor under the fan-out waker
-            // (a no-op while it stays registered).
-            let waker = c.waker.clone();
-            let _ = Pin::new(&mut c.timer).poll(&mut Context::from_waker(&waker));
+            c.arm(next, now);
         });
         Poll::Pending
+    }
+}
+
+impl Clock {
+    /// Sets the timer to go off at `next`, unless it already goes off
+    /// earlier (and not yet by `now`), and registers it with the reactor
+    /// under the fan-out waker (a no-op while it stays registered).
+    fn arm(&mut self, next: Instant, now: Instant) {
+        if self.armed.is_none_or(|a| next < a || a <= now) {
+            self.armed = Some(next);
+            self.timer.set_at(next);
+        }
+        let waker = self.waker.clone();
+        if Pin::new(&mut self.timer).poll(&mut Context::from_waker(&waker)).is_ready() {
+            // The instant passed after `now` was read: the timer reads the
+            // clock again, and a poll that finds it due takes it out of
+            // the reactor, so it will never go off there. Nothing else
+            // wakes the waiting deadlines, so it is done here; each then
+            // looks at its own instant and arms the timer again.
+            self.armed = None;
+            self.fanout.wake_all();
+        }
     }
 }
 
@@ -696,6 +711,30 @@ mod tests {
             drop(long);
             assert!(CLOCK.with_borrow(|c| c.pending.is_empty()), "every deadline forgotten once dropped");
         });
+    }
+
+    /// The race that left a request waiting forever (a frozen API
+    /// server's TLS handshake, 1 run in 10 under load): a deadline armed
+    /// the timer for an instant that passed between its clock reading
+    /// and the timer's own, and that timer poll's `Ready` was dropped.
+    /// The clock reading is passed in here, so the race is not left to
+    /// chance: the instant is due for the timer, not yet for `now`.
+    #[test]
+    fn a_timer_due_while_it_is_armed_still_wakes_the_deadlines() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(Default::default()));
+        CLOCK.with_borrow_mut(|c| {
+            c.fanout.0.lock().unwrap().insert(u64::MAX, Waker::from(count.clone()));
+            let next = Instant::now();
+            c.arm(next, next - Duration::from_micros(1));
+            assert_eq!(c.armed, None, "a timer that went off is not counted as armed");
+        });
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1, "the waiting deadline was not woken");
     }
 
     #[test]
