@@ -974,6 +974,15 @@ impl RawApiServer {
                             }
                             continue;
                         }
+                        // Garbage where an answer should start: always,
+                        // or only the first time it is asked.
+                        let garbled = path == "/garbled"
+                            || (path == "/garbled-once"
+                                && record.lock().unwrap().iter().flatten().filter(|p| *p == &path).count() == 1);
+                        if garbled {
+                            let _ = w.write_all(b"hello, this is not HTTP\r\n\r\n");
+                            continue;
+                        }
                         let answer: &[u8] = match path.as_str() {
                             "/bad-length" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: +5\r\n\r\nhello",
                             "/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -1130,6 +1139,31 @@ fn raw_world(name: &str, env: &[(&str, &str)]) -> (World, RawApiServer, Agent) {
     let a = Agent::spawn(&w.dir, &args, env);
     w.hub.wait_connected(n + 1);
     (w, api, a)
+}
+
+/// Garbage where an answer should start, on a reused connection: it may
+/// be the stray tail of an earlier faulty answer, so a read is asked once
+/// more on a fresh connection, but a DELETE is not made twice: it gets a
+/// `502` that says what came back.
+#[test]
+fn garbage_for_an_answer_is_asked_again_only_for_a_read() {
+    let (w, api, a) = raw_world("garbled", &[]);
+    let jane = || ident("jane@example.com", &["system:authenticated"]);
+    // A good exchange first, so the next request meets a reused connection.
+    assert_eq!(w.hub.get("/ok", jane()).0, 200);
+    let s = w.hub.open("DELETE", "/garbled", jane(), &[], b"", true);
+    let (status, _) = s.head();
+    let body: Value = serde_json::from_slice(&s.body()).unwrap();
+    assert_eq!((status, body["code"].as_u64()), (502, Some(502)), "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("malformed response head"), "{message}");
+    assert_eq!(w.hub.get("/ok", jane()).0, 200);
+    let (status, body) = w.hub.get("/garbled-once", jane());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let conns = api.conns.lock().unwrap().clone();
+    let asked = |path: &str| conns.iter().flatten().filter(|p| *p == path).count();
+    assert_eq!((asked("/garbled"), asked("/garbled-once")), (1, 2), "{conns:?}");
+    assert!(a.log().contains("DELETE /garbled: malformed API-server response"), "{}", a.log());
 }
 
 /// A malformed answer from the API server becomes a `502` Status for the

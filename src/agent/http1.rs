@@ -235,10 +235,16 @@ impl Conn {
                         }
                     }
                     Ok(httparse::Status::Partial) => {}
-                    Err(e) => return Err(bad(format!("malformed response head: {e}"))),
+                    Err(e) => {
+                        let message = format!("malformed response head: {e}");
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            MalformedResponse { message, unreadable_start: true },
+                        ));
+                    }
                 }
                 if avail.len() > MAX_HEAD {
-                    return Err(bad("response head too large"));
+                    return Err(malformed("response head too large".into()));
                 }
             }
             if self.fill().await? == 0 {
@@ -286,11 +292,17 @@ impl Conn {
 /// [`is_malformed`]: it is the server's fault, retrying the same request
 /// elsewhere would not help, and the connection must not be reused.
 #[derive(Debug)]
-pub struct MalformedResponse(pub String);
+pub struct MalformedResponse {
+    pub message: String,
+    /// No HTTP head where the answer should start (not a bad field in
+    /// one): on a reused connection this may be the stray tail of an
+    /// earlier faulty answer rather than this answer ([`is_unreadable_start`]).
+    pub unreadable_start: bool,
+}
 
 impl std::fmt::Display for MalformedResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -301,8 +313,13 @@ pub fn is_malformed(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<MalformedResponse>())
 }
 
-fn malformed(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, MalformedResponse(msg))
+/// Whether `e` is a [`MalformedResponse`] with no readable head at all.
+pub fn is_unreadable_start(e: &io::Error) -> bool {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<MalformedResponse>()).is_some_and(|m| m.unreadable_start)
+}
+
+fn malformed(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, MalformedResponse { message, unreadable_start: false })
 }
 
 fn response_body_kind<F: Field>(status: u16, head_request: bool, headers: &[F]) -> io::Result<BodyKind> {

@@ -239,8 +239,17 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
             let read = conn.read_head_with(head_request, |info, fields| send_head(stream, info, fields));
             net::deadline(limit, || "waiting for the response head".into(), read).await.map_err(|e| {
                 // A malformed answer is not a stale pooled connection:
-                // no retry, and `conn` is dropped with it, never pooled.
-                if http1::is_malformed(&e) { (Failure::BadGateway(e.to_string()), false) } else { (upstream(e), true) }
+                // `conn` is dropped with it, never pooled, and it is
+                // asked again elsewhere only when it had no readable head
+                // and the request is a read. On a reused connection that
+                // garbage may be the stray tail of an earlier faulty
+                // answer; a read asked twice does no harm, where a DELETE
+                // would be done twice.
+                if http1::is_malformed(&e) {
+                    (Failure::BadGateway(e.to_string()), safe && http1::is_unreadable_start(&e))
+                } else {
+                    (upstream(e), true)
+                }
             })
         };
         match attempt.await {
@@ -248,7 +257,7 @@ async fn forward(ctx: &AgentCtx, stream: &mut Stream, head: &RequestHead) -> Res
                 sent?;
                 break info;
             }
-            Err((Failure::Upstream(e), true)) if reused && body == ReqBody::None => {
+            Err((Failure::Upstream(e) | Failure::BadGateway(e), true)) if reused && body == ReqBody::None => {
                 log::debug!("pooled API-server connection failed ({e}); retrying on a fresh one");
                 conn = pool.connect().await.map_err(upstream)?;
                 reused = false;
