@@ -54,7 +54,6 @@ CREATE TABLE IF NOT EXISTS audit(
   id INTEGER PRIMARY KEY AUTOINCREMENT, time INTEGER NOT NULL, user TEXT NOT NULL, groups TEXT NOT NULL,
   cluster TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL,
   bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL, duration_ms INTEGER NOT NULL, upgrade INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS audit_time ON audit(time);
 PRAGMA user_version = 1;
 ";
 
@@ -148,6 +147,11 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
     if !has_oidc {
         db.execute_batch("ALTER TABLE users ADD COLUMN oidc INTEGER NOT NULL DEFAULT 0")?;
     }
+    // The index on `audit(time)` of the first schema: no query used it
+    // (the audit query's optional bounds, `?3 IS NULL OR time >= ?3`, and
+    // its newest-first order walk the rowid), and every audited request
+    // paid a second B-tree insert for it.
+    db.execute_batch("DROP INDEX IF EXISTS audit_time")?;
     Ok(())
 }
 
@@ -876,7 +880,8 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
     }
 
-    /// A database from before `replaced_at` gains the column on open.
+    /// A database from before `replaced_at` gains the column on open, and
+    /// loses the unused index on the audit log's times.
     #[test]
     fn old_databases_are_migrated() {
         let (s, dir) = store();
@@ -884,8 +889,19 @@ mod tests {
         let path = dir.join("old.db");
         let db = Connection::open(&path).unwrap();
         db.execute_batch(&SCHEMA.replace(", replaced_at INTEGER", "")).unwrap();
+        db.execute_batch("CREATE INDEX audit_time ON audit(time)").unwrap();
         drop(db);
         let s = SqliteStore::open(&path).unwrap();
+        // The first schema's unused index on the audit log is gone: the
+        // audit query walks the rowid with or without it.
+        let indexes: Vec<String> =
+            s.db.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit'")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+        assert!(indexes.is_empty(), "{indexes:?}");
         s.register_cluster(
             &NewCluster { id: "c_1", name: "edge-1", users: &[], groups: &[], now: 1 },
             &NewActivation { id: "act_1", code_hash: "h", expires_at: 5 },
