@@ -714,7 +714,8 @@ mod tests {
     }
 
     /// The race that left a request waiting forever (a frozen API
-    /// server's TLS handshake, 1 run in 10 under load): a deadline armed
+    /// server's TLS handshake, 2 runs in 29 of the faults test under
+    /// load, none in 50 after): a deadline armed
     /// the timer for an instant that passed between its clock reading
     /// and the timer's own, and that timer poll's `Ready` was dropped.
     /// The clock reading is passed in here, so the race is not left to
