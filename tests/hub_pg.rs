@@ -640,6 +640,13 @@ fn an_uncached_grant_check_while_the_store_is_away_is_a_503_not_a_403() {
     let r = kube(&b, &alice);
     assert_eq!(r.status, 403, "B reads the grants again: {}", r.text());
     assert!(r.json()["message"].as_str().unwrap().contains("no grant"), "{}", r.text());
+    // B sees A's tunnel again. An outage longer than the replicas'
+    // deadline (10 s) has the first replica to beat afterwards drop the
+    // other's row and sessions; A's next beat writes both again (its
+    // tunnels unchanged: once left out, B showed edge-1 DISCONNECTED
+    // for good).
+    let shown = || b.client(Some(&admin)).get("/api/v1/clusters/edge-1").unwrap().json();
+    assert!(wait_for(10, || shown()["status"] == "ACTIVE"), "{}", shown());
     let r = kube(&b, &jane);
     assert_eq!(r.status, 200, "B reads jane's grant and hands the request to A: {}", r.text());
     // The refusals were made past authentication, by the grant check (a

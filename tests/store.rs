@@ -55,24 +55,35 @@ fn replicas(st: &dyn Store, shared: bool) {
         since: 100,
         facts: f.clone(),
     };
-    st.replica_heartbeat(&a, Some(&[sess(&a, 1), sess(&a, 2)]), 106, 10).unwrap();
-    let seen_by_b = st.replica_heartbeat(&b, Some(&[]), 107, 10).unwrap();
+    st.replica_heartbeat(&a, &[sess(&a, 1), sess(&a, 2)], true, 106, 10).unwrap();
+    let seen_by_b = st.replica_heartbeat(&b, &[], true, 107, 10).unwrap();
     let live = st.live_replicas(107, 10).unwrap();
     // Later: a stops beating; past the deadline b no longer sees it.
-    let after = st.replica_heartbeat(&b, None, 120, 10).unwrap();
+    let after = st.replica_heartbeat(&b, &[], false, 120, 10).unwrap();
     let live_after = st.live_replicas(120, 10).unwrap();
+    // a beats again (a store outage ended, a pause passed): its tunnels
+    // did not change, but its row and sessions are gone, so they are
+    // written again and b sees them at its next beat.
+    st.replica_heartbeat(&a, &[sess(&a, 1), sess(&a, 2)], false, 121, 10).unwrap();
+    let back = st.replica_heartbeat(&b, &[], false, 122, 10).unwrap();
+    // Unchanged sessions on a live row are not written again: a's
+    // heartbeat with none listed leaves the two rows.
+    st.replica_heartbeat(&a, &[], false, 123, 10).unwrap();
+    let kept = st.replica_heartbeat(&b, &[], false, 124, 10).unwrap();
     st.leave_replica("r_b").unwrap();
     if shared {
         assert!(matches!(clash, Err(StoreError::Conflict(m)) if m.contains("https://a:1")));
         assert_eq!(seen_by_b, [sess(&a, 1), sess(&a, 2)]);
         assert!(after.is_empty(), "{after:?}");
+        assert_eq!(back, [sess(&a, 1), sess(&a, 2)], "a's sessions after its row expired");
+        assert_eq!(kept, [sess(&a, 1), sess(&a, 2)]);
         // Where the hand-off dials: every live replica's URL.
         assert_eq!(live, [a.clone(), b.clone()]);
         assert_eq!(live_after, std::slice::from_ref(&b));
         // The URL of a replica that expired may be taken again.
-        st.join_replica(&r("r_d", "https://a:1"), 130, 10).unwrap();
+        st.join_replica(&r("r_d", "https://a:1"), 140, 10).unwrap();
     } else {
-        assert!(clash.is_ok() && seen_by_b.is_empty() && after.is_empty());
+        assert!(clash.is_ok() && seen_by_b.is_empty() && after.is_empty() && back.is_empty() && kept.is_empty());
         assert!(live.is_empty() && live_after.is_empty());
     }
 }

@@ -5,8 +5,9 @@
 //! replica holds a tunnel to it.
 //!
 //! ```text
-//!  every HEARTBEAT: replica_heartbeat(me, our sessions if they changed)
-//!                     ├ our heartbeat_at = now (row re-made if it expired)
+//!  every HEARTBEAT: replica_heartbeat(me, our sessions, whether they changed)
+//!                     ├ our heartbeat_at = now (row re-made if it expired,
+//!                     │ and then our sessions written again too)
 //!                     ├ replicas silent past DEADLINE: deleted, sessions too
 //!                     ├ → the sessions the other live replicas hold
 //!                     └ live_replicas → the set; changed? ReplicaSet to every
@@ -146,7 +147,7 @@ impl Replicas {
         let keys: Vec<(String, u64)> = ours.iter().map(|s| (s.cluster_id.clone(), s.session_id)).collect();
         let changed = self.written.borrow().as_ref() != Some(&keys);
         let deadline = DEADLINE.as_millis() as i64;
-        match hub.store.replica_heartbeat(me, changed.then_some(&ours[..]), now_ms(), deadline) {
+        match hub.store.replica_heartbeat(me, &ours, changed, now_ms(), deadline) {
             Ok(others) => {
                 let ids: Vec<&str> = others.iter().map(|s| s.replica_id.as_str()).collect();
                 self.peers.learn(hub, &ids);

@@ -267,11 +267,12 @@ impl<S: Store> Store for CachedStore<S> {
     fn replica_heartbeat(
         &self,
         replica: &Replica,
-        sessions: Option<&[AgentSession]>,
+        sessions: &[AgentSession],
+        changed: bool,
         now: Millis,
         deadline: Millis,
     ) -> Result<Vec<AgentSession>> {
-        self.inner.replica_heartbeat(replica, sessions, now, deadline)
+        self.inner.replica_heartbeat(replica, sessions, changed, now, deadline)
     }
     fn leave_replica(&self, id: &str) -> Result<()> {
         self.inner.leave_replica(id)

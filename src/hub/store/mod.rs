@@ -348,13 +348,17 @@ pub trait Store {
         Ok(())
     }
     /// Refreshes this replica's heartbeat (re-creating its row if it had
-    /// expired), replaces its agent-session rows with `sessions` when
-    /// given, forgets replicas silent past `deadline` (and their
-    /// sessions), and returns the sessions the *other* live replicas hold.
+    /// expired), replaces its agent-session rows with `sessions` when they
+    /// `changed` or when the row had to be made again (another replica
+    /// found it expired, after a store outage or a long pause, and its
+    /// sessions went with it), forgets replicas silent past `deadline`
+    /// (and their sessions), and returns the sessions the *other* live
+    /// replicas hold.
     fn replica_heartbeat(
         &self,
         _replica: &Replica,
-        _sessions: Option<&[AgentSession]>,
+        _sessions: &[AgentSession],
+        _changed: bool,
         _now: Millis,
         _deadline: Millis,
     ) -> Result<Vec<AgentSession>> {

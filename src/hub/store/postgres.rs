@@ -1303,7 +1303,8 @@ impl Store for PostgresStore {
     fn replica_heartbeat(
         &self,
         r: &Replica,
-        sessions: Option<&[AgentSession]>,
+        sessions: &[AgentSession],
+        changed: bool,
         now: Millis,
         deadline: Millis,
     ) -> Result<Vec<AgentSession>> {
@@ -1311,8 +1312,16 @@ impl Store for PostgresStore {
             let mut tx = c.client.transaction().map_err(backend)?;
             tx.execute("DELETE FROM replicas WHERE heartbeat_at <= $1 AND id <> $2", &[&(now - deadline), &r.id])
                 .map_err(backend)?;
-            upsert_replica(&mut tx, r, now)?;
-            if let Some(sessions) = sessions {
+            // Our row gone means another replica found it expired, and
+            // its sessions went with it (ON DELETE CASCADE): they are
+            // written again though they did not change, or the other
+            // replicas would not see our tunnels until one came or went.
+            let beat =
+                tx.execute("UPDATE replicas SET heartbeat_at = $2 WHERE id = $1", &[&r.id, &now]).map_err(backend)?;
+            if beat == 0 {
+                upsert_replica(&mut tx, r, now)?;
+            }
+            if changed || beat == 0 {
                 tx.execute("DELETE FROM agent_sessions WHERE replica_id = $1", &[&r.id]).map_err(backend)?;
                 let st = tx
                     .prepare(
