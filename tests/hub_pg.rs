@@ -34,6 +34,11 @@ fn readyz(hub: &HubProc) -> (u16, String) {
     (r.status, r.text())
 }
 
+/// Cluster edge-1 as `hub` shows it to the admin.
+fn edge_1(hub: &HubProc, admin: &str) -> Value {
+    hub.client(Some(admin)).get("/api/v1/clusters/edge-1").unwrap().json()
+}
+
 #[test]
 fn three_replicas_starting_at_once_migrate_once_and_share_one_identity() {
     let Some(pg) = Postgres::start("hub-three") else { return };
@@ -319,7 +324,7 @@ fn changes_on_one_replica_take_effect_on_another_within_a_second() {
     assert!(on_b != 401 && on_b != 403, "alice is known and granted on B: {on_b}");
 
     // B shows the cluster ACTIVE: A holds its tunnel (session rows).
-    let shown = |hub: &HubProc| hub.client(Some(&admin)).get("/api/v1/clusters/edge-1").unwrap().json();
+    let shown = |hub: &HubProc| edge_1(hub, &admin);
     assert!(wait_for(10, || shown(&b)["status"] == "ACTIVE"), "{}", shown(&b));
     assert_eq!((shown(&b)["agents"].as_u64(), shown(&b)["node_count"].as_u64()), (Some(1), Some(3)));
     let cli = std::process::Command::new(env!("CARGO_BIN_EXE_uplink-hub"))
@@ -399,7 +404,7 @@ fn a_killed_replicas_sessions_expire() {
     let credential = register_and_activate(&a, &admin, "edge-1");
     let agents = SimAgents::start(a.addr, &a.ca_pem, &credential, 1);
     assert!(wait_for(10, || agents.state.lock().unwrap().connected == 1));
-    let status = || b.client(Some(&admin)).get("/api/v1/clusters/edge-1").unwrap().json()["status"].clone();
+    let status = || edge_1(&b, &admin)["status"].clone();
     let since = b.client(Some(&admin)).get("/api/v1/events").unwrap().json()["next"].as_u64().unwrap();
     assert!(wait_for(10, || status() == "ACTIVE"));
     // B's console hears of the tunnel A holds.
@@ -645,8 +650,7 @@ fn an_uncached_grant_check_while_the_store_is_away_is_a_503_not_a_403() {
     // other's row and sessions; A's next beat writes both again (its
     // tunnels unchanged: once left out, B showed edge-1 DISCONNECTED
     // for good).
-    let shown = || b.client(Some(&admin)).get("/api/v1/clusters/edge-1").unwrap().json();
-    assert!(wait_for(10, || shown()["status"] == "ACTIVE"), "{}", shown());
+    assert!(wait_for(10, || edge_1(&b, &admin)["status"] == "ACTIVE"), "{}", edge_1(&b, &admin));
     let r = kube(&b, &jane);
     assert_eq!(r.status, 200, "B reads jane's grant and hands the request to A: {}", r.text());
     // The refusals were made past authentication, by the grant check (a

@@ -235,13 +235,7 @@ impl Conn {
                         }
                     }
                     Ok(httparse::Status::Partial) => {}
-                    Err(e) => {
-                        let message = format!("malformed response head: {e}");
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            MalformedResponse { message, unreadable_start: true },
-                        ));
-                    }
+                    Err(e) => return Err(unreadable(format!("malformed response head: {e}"))),
                 }
                 if avail.len() > MAX_HEAD {
                     return Err(malformed("response head too large".into()));
@@ -320,6 +314,11 @@ pub fn is_unreadable_start(e: &io::Error) -> bool {
 
 fn malformed(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, MalformedResponse { message, unreadable_start: false })
+}
+
+/// A [`MalformedResponse`] with no readable head at all.
+fn unreadable(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, MalformedResponse { message, unreadable_start: true })
 }
 
 fn response_body_kind<F: Field>(status: u16, head_request: bool, headers: &[F]) -> io::Result<BodyKind> {

@@ -1316,12 +1316,13 @@ impl Store for PostgresStore {
             // its sessions went with it (ON DELETE CASCADE): they are
             // written again though they did not change, or the other
             // replicas would not see our tunnels until one came or went.
-            let beat =
-                tx.execute("UPDATE replicas SET heartbeat_at = $2 WHERE id = $1", &[&r.id, &now]).map_err(backend)?;
-            if beat == 0 {
+            let remade =
+                tx.execute("UPDATE replicas SET heartbeat_at = $2 WHERE id = $1", &[&r.id, &now]).map_err(backend)?
+                    == 0;
+            if remade {
                 upsert_replica(&mut tx, r, now)?;
             }
-            if changed || beat == 0 {
+            if changed || remade {
                 tx.execute("DELETE FROM agent_sessions WHERE replica_id = $1", &[&r.id]).map_err(backend)?;
                 let st = tx
                     .prepare(
